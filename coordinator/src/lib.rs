@@ -1,0 +1,1 @@
+//! Coordinator: control channel, shard placement, readiness and the inference router (later issue).

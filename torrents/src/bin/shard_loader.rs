@@ -1,0 +1,415 @@
+//! `shard_loader`: cut models into stage shards, map split sets, validate shard directories,
+//! and make or inspect `.torrent` files. A thin layer over the `torrents` library.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use torrents::gguf::GgufModel;
+use torrents::manifest::Manifest;
+use torrents::map::{find_split_set, gguf_source, map_gguf_split, map_safetensors, SplitSet};
+use torrents::metainfo::{self, CreateOptions, Metainfo};
+use torrents::split::split_model;
+use torrents::validate::validate;
+
+#[derive(Parser)]
+#[command(
+    name = "shard_loader",
+    version,
+    about = "Cut GGUF models into pipeline-stage shards and make BitTorrent files for them",
+    long_about = "Cut GGUF models into pipeline-stage shards (shard-0.gguf … shard-N.gguf, each a model \
+llama.cpp opens on its own), map sets split by other tools, validate shard directories, and make or \
+inspect standard BitTorrent v1 .torrent files.\n\nTypical use:\n  shard_loader split --model M.gguf \
+--shards 4 --target-dir shards\n  shard_loader validate --target-dir shards --expected-shards 4\n  \
+shard_loader torrent create shards/shard-0.gguf --announce http://HOST:51821/announce"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Cut a GGUF model into N contiguous layer ranges, one stage file each, plus shards.json.
+    Split {
+        /// The whole model (GGUF).
+        #[arg(long)]
+        model: PathBuf,
+        /// Number of shards, from 1 to the model's layer count.
+        #[arg(long, default_value_t = 4)]
+        shards: usize,
+        /// Directory for shard-K.gguf and shards.json (created if missing).
+        #[arg(long)]
+        target_dir: PathBuf,
+    },
+    /// Turn a set split by another tool into shard-K files: gguf-split parts
+    /// (NAME-00001-of-0000N.gguf) or Hugging Face safetensors parts (model-00001-of-0000N.safetensors).
+    Map {
+        /// Directory with model.safetensors.index.json (safetensors sets; default: the source dir).
+        #[arg(long)]
+        metadata_dir: Option<PathBuf>,
+        /// Directory with the parts (gguf-split or safetensors).
+        #[arg(long = "safetensors-dir", visible_alias = "source-dir")]
+        source_dir: PathBuf,
+        /// Directory for the shard-K files and shards.json.
+        #[arg(long)]
+        target_dir: PathBuf,
+        /// Stage shards to cut gguf-split input into (default: as many as there are parts).
+        #[arg(long)]
+        shards: Option<usize>,
+    },
+    /// Check a shard directory: count, headers, sizes, sha256s and layer ranges. Exits 0 only
+    /// when all hold; otherwise lists every problem with the file at fault.
+    Validate {
+        #[arg(long)]
+        target_dir: PathBuf,
+        #[arg(long)]
+        expected_shards: usize,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make or inspect .torrent files.
+    #[command(subcommand)]
+    Torrent(TorrentCommand),
+    /// Print a GGUF file's metadata and tensor summary (no weights are read).
+    Inspect {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum TorrentCommand {
+    /// Hash a file (on every core) and write a standard v1 .torrent for it.
+    Create(CreateArgs),
+    /// Show what a .torrent holds: name, info hash, size, pieces, trackers, web seeds, magnet.
+    Show {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct CreateArgs {
+    /// The file to share (one file per torrent).
+    path: PathBuf,
+    /// Tracker announce URL (repeat for more; each becomes its own tier).
+    #[arg(short, long = "announce")]
+    announce: Vec<String>,
+    /// Web seed URL, BEP 19 url-list (repeat for more).
+    #[arg(short, long = "web-seed")]
+    web_seed: Vec<String>,
+    /// Mark the torrent private (BEP 27): clients use only its trackers.
+    #[arg(short, long)]
+    private: bool,
+    /// Piece length in bytes (power of two, 16K..256M; suffixes K and M allowed).
+    /// Default: the power of two giving 1000-2000 pieces.
+    #[arg(short = 'l', long, value_parser = parse_size)]
+    piece_length: Option<u64>,
+    #[arg(short, long)]
+    comment: Option<String>,
+    /// Name in the torrent (default: the file's name).
+    #[arg(short, long)]
+    name: Option<String>,
+    /// Leave out the creation date, so the same input always gives the same file.
+    #[arg(long)]
+    no_date: bool,
+    /// Hashing threads (default: one per core).
+    #[arg(short, long, default_value_t = 0)]
+    threads: usize,
+    /// Output file (default: PATH.torrent).
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+}
+
+/// `1048576`, `1024K`, `1M`, `1MiB` → bytes.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.trim_end_matches("iB").trim_end_matches('B') {
+        x if x.ends_with(['k', 'K']) => (&x[..x.len() - 1], 1u64 << 10),
+        x if x.ends_with(['m', 'M']) => (&x[..x.len() - 1], 1 << 20),
+        x => (x, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("{s:?} is not a size in bytes (e.g. 262144, 256K, 1M)"))
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .init();
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn log(line: &str) {
+    eprintln!("  {line}");
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Split {
+            model,
+            shards,
+            target_dir,
+        } => {
+            let m = GgufModel::open(&model)?;
+            eprintln!(
+                "splitting {} ({} layers, {} tensors) into {shards} shards in {}",
+                model.display(),
+                m.block_count()?,
+                m.tensors.len(),
+                target_dir.display()
+            );
+            let source = gguf_source(&m)?;
+            let manifest = split_model(&m, shards, &target_dir, source, &log)?;
+            print_manifest_summary(&manifest, &target_dir);
+        }
+        Command::Map {
+            metadata_dir,
+            source_dir,
+            target_dir,
+            shards,
+        } => {
+            let manifest = match find_split_set(&source_dir)? {
+                SplitSet::Gguf(parts) => {
+                    eprintln!(
+                        "mapping {} gguf-split parts from {}",
+                        parts.len(),
+                        source_dir.display()
+                    );
+                    map_gguf_split(&parts, shards, &target_dir, &log)?
+                }
+                SplitSet::Safetensors(parts) => {
+                    if shards.is_some_and(|n| n != parts.len()) {
+                        bail!(
+                            "safetensors parts map one to one: --shards must be {} or left out",
+                            parts.len()
+                        );
+                    }
+                    eprintln!(
+                        "mapping {} safetensors parts from {}",
+                        parts.len(),
+                        source_dir.display()
+                    );
+                    let meta = metadata_dir.unwrap_or_else(|| source_dir.clone());
+                    map_safetensors(&parts, &meta, &target_dir, &log)?
+                }
+            };
+            print_manifest_summary(&manifest, &target_dir);
+        }
+        Command::Validate {
+            target_dir,
+            expected_shards,
+            json,
+        } => {
+            let report = validate(&target_dir, expected_shards)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else if report.ok {
+                println!(
+                    "OK: {} shards in {} (split {})",
+                    report.shards_ok,
+                    report.target_dir,
+                    report.split_id.as_deref().unwrap_or("-")
+                );
+            } else {
+                println!(
+                    "INVALID: {} problem(s) in {}",
+                    report.problems.len(),
+                    report.target_dir
+                );
+                for p in &report.problems {
+                    match &p.file {
+                        Some(f) => println!("  {f}: {}", p.message),
+                        None => println!("  {}", p.message),
+                    }
+                }
+            }
+            return Ok(if report.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
+        Command::Torrent(TorrentCommand::Create(args)) => create_torrent(args)?,
+        Command::Torrent(TorrentCommand::Show { file, json }) => {
+            let m = metainfo::read_file(&file)?;
+            if json {
+                let mut v = serde_json::to_value(&m)?;
+                v["magnet"] = m.magnet().into();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print_metainfo(&m);
+            }
+        }
+        Command::Inspect { file, json } => inspect(&file, json)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_manifest_summary(m: &Manifest, dir: &Path) {
+    for s in &m.shards {
+        let layers = s
+            .layers
+            .map_or("-".to_string(), |r| format!("{}-{}", r.first, r.last));
+        println!(
+            "{:<22} layers {:<7} {:>12} bytes  sha256 {}",
+            s.file, layers, s.size, s.sha256
+        );
+    }
+    println!(
+        "wrote {} shards and {} (split {})",
+        m.shards.len(),
+        dir.join("shards.json").display(),
+        m.split_id
+    );
+}
+
+fn create_torrent(args: CreateArgs) -> Result<()> {
+    let output = args.output.clone().unwrap_or_else(|| {
+        let mut o = args.path.clone().into_os_string();
+        o.push(".torrent");
+        PathBuf::from(o)
+    });
+    let opts = CreateOptions {
+        announce: args.announce,
+        web_seeds: args.web_seed,
+        private: args.private,
+        piece_length: args.piece_length,
+        comment: args.comment,
+        name: args.name,
+        creation_date: (!args.no_date).then(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64)
+        }),
+        threads: args.threads,
+    };
+    let total = std::fs::metadata(&args.path)
+        .with_context(|| format!("{}", args.path.display()))?
+        .len();
+    let tty = std::io::stderr().is_terminal();
+    let progress = move |done: u64| {
+        if tty && total > 0 {
+            eprint!("\r  hashing {:>3}%", done * 100 / total);
+        }
+    };
+    let started = std::time::Instant::now();
+    let (bytes, m) = metainfo::create(&args.path, &opts, &progress)?;
+    if tty {
+        eprintln!();
+    }
+    let secs = started.elapsed().as_secs_f64();
+    torrents::manifest::write_atomically(&output, &bytes)?;
+    eprintln!(
+        "hashed {} bytes in {:.2} s ({:.0} MiB/s), wrote {}",
+        m.length,
+        secs,
+        m.length as f64 / (1 << 20) as f64 / secs.max(1e-9),
+        output.display()
+    );
+    print_metainfo(&m);
+    Ok(())
+}
+
+fn print_metainfo(m: &Metainfo) {
+    println!("name:         {}", m.name);
+    println!("info hash:    {}", m.info_hash_hex());
+    println!("size:         {} bytes", m.length);
+    println!("piece length: {} bytes", m.piece_length);
+    println!("pieces:       {}", m.piece_count);
+    println!("private:      {}", if m.private { "yes" } else { "no" });
+    for f in &m.files {
+        println!("file:         {} ({} bytes)", f.path.join("/"), f.length);
+    }
+    for (i, tier) in m.trackers.iter().enumerate() {
+        println!("tracker:      tier {i}: {}", tier.join(" "));
+    }
+    for ws in &m.web_seeds {
+        println!("web seed:     {ws}");
+    }
+    if let Some(c) = &m.comment {
+        println!("comment:      {c}");
+    }
+    println!("magnet:       {}", m.magnet());
+}
+
+fn inspect(file: &Path, json: bool) -> Result<()> {
+    let m = GgufModel::open(file)?;
+    let data: u64 = m.tensors.iter().map(|t| t.size).sum();
+    let layers = m.block_count().ok();
+    let keys: Vec<serde_json::Value> = m
+        .kvs
+        .iter()
+        .map(|(k, v)| {
+            let shown = match v {
+                torrents::gguf::Value::Array(_, items) => format!("[{} items]", items.len()),
+                torrents::gguf::Value::String(s) => {
+                    let s = String::from_utf8_lossy(s);
+                    if s.len() > 60 {
+                        format!("{:?}…", &s[..s.floor_char_boundary(60)])
+                    } else {
+                        format!("{s:?}")
+                    }
+                }
+                other => format!("{other:?}")
+                    .split(['(', ')'])
+                    .nth(1)
+                    .unwrap_or_default()
+                    .to_owned(),
+            };
+            serde_json::json!({ "key": k, "value": shown })
+        })
+        .collect();
+    if json {
+        let tensors: Vec<_> = m
+            .tensors
+            .iter()
+            .map(|t| serde_json::json!({"name": t.name, "dims": t.dims, "type": t.ggml_type, "bytes": t.size}))
+            .collect();
+        let out = serde_json::json!({
+            "file": file.display().to_string(), "version": m.version,
+            "architecture": m.architecture().ok(), "layers": layers,
+            "tensor_count": m.tensors.len(), "tensor_bytes": data, "alignment": m.alignment,
+            "metadata": keys, "tensors": tensors,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!("file:         {}", file.display());
+        println!(
+            "architecture: {}",
+            m.architecture().unwrap_or_else(|_| "-".into())
+        );
+        println!(
+            "layers:       {}",
+            layers.map_or("-".into(), |l| l.to_string())
+        );
+        println!("tensors:      {} ({} bytes)", m.tensors.len(), data);
+        for k in keys {
+            println!(
+                "  {} = {}",
+                k["key"].as_str().unwrap_or(""),
+                k["value"].as_str().unwrap_or("")
+            );
+        }
+    }
+    Ok(())
+}

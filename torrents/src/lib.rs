@@ -1,0 +1,16 @@
+//! Shards and torrents: reading GGUF files, cutting them into layer-range stage shards, the shard
+//! manifest (`shards.json`), validation, and BitTorrent v1 metainfo. No networking: the seeder,
+//! coordinator and nodes build on this crate.
+
+pub mod bencode;
+pub mod error;
+pub mod gguf;
+pub mod hashing;
+pub mod manifest;
+pub mod map;
+pub mod metainfo;
+pub mod safetensors;
+pub mod split;
+pub mod validate;
+
+pub use error::{Error, Result};

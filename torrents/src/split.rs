@@ -1,0 +1,436 @@
+//! Cutting a GGUF model into pipeline-stage shards.
+//!
+//! Each `shard-K.gguf` is a model llama.cpp opens on its own (design.md, "Shards"): it keeps the
+//! source metadata with `<arch>.block_count` set to its own layers and its blocks renamed from
+//! `blk.0`. The first stage keeps the tokenizer and `token_embd`; the last keeps the tokenizer,
+//! `output_norm` and `output` (or the tied `token_embd`); every stage needs `token_embd.weight`,
+//! `output_norm.weight` and `tokenizer.ggml.model` to load, so middle stages get a 1-row F32
+//! `token_embd` stub, `tokenizer.ggml.model = "none"` and `<arch>.vocab_size = 1`.
+//!
+//! Output is deterministic: metadata and tensors keep the source order, nothing time- or
+//! host-dependent is written, so the same input and N give byte-identical shards (and therefore
+//! the same info hashes on every machine).
+
+use std::fs::File;
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::gguf::{align_up, copy_range, GgufModel, TensorInfo, Value};
+use crate::hashing::HashingWriter;
+use crate::manifest::{LayerRange, Manifest, ShardEntry, SourceModel, FORMAT_VERSION};
+
+/// Metadata keys we add to each stage file, so a stage can be checked without its manifest.
+pub const KEY_STAGE_INDEX: &str = "shardswarm.stage.index";
+pub const KEY_STAGE_COUNT: &str = "shardswarm.stage.count";
+pub const KEY_FIRST_LAYER: &str = "shardswarm.stage.first_layer";
+pub const KEY_LAST_LAYER: &str = "shardswarm.stage.last_layer";
+pub const KEY_SOURCE_LAYERS: &str = "shardswarm.source.block_count";
+
+/// Name of stage file K.
+pub fn shard_file_name(index: usize, extension: &str) -> String {
+    format!("shard-{index}.{extension}")
+}
+
+/// `blk.N.rest` → (N, rest).
+pub fn parse_block_name(name: &str) -> Option<(u64, &str)> {
+    let rest = name.strip_prefix("blk.")?;
+    let (n, tail) = rest.split_once('.')?;
+    Some((n.parse().ok()?, tail))
+}
+
+/// Bytes of each layer's tensors, indexed by layer. Refuses tensors of layers beyond
+/// `block_count`.
+pub fn layer_bytes(model: &GgufModel) -> Result<Vec<u64>> {
+    let n = model.block_count()?;
+    if n == 0 || n > 100_000 {
+        return Err(Error::Split(format!(
+            "block_count {n} is not a usable layer count"
+        )));
+    }
+    let mut bytes = vec![0u64; n as usize];
+    for t in &model.tensors {
+        if let Some((layer, _)) = parse_block_name(&t.name) {
+            let slot = bytes.get_mut(layer as usize).ok_or_else(|| {
+                Error::Split(format!("tensor {} is past block_count {n}", t.name))
+            })?;
+            *slot += t.size;
+        }
+    }
+    if let Some(empty) = bytes.iter().position(|&b| b == 0) {
+        return Err(Error::Split(format!("layer {empty} has no tensors")));
+    }
+    Ok(bytes)
+}
+
+/// Cut layers into `n` contiguous ranges balanced by the bytes of their layers' tensors: first
+/// the smallest possible largest stage, then, among cuts that reach it, the smallest sum of
+/// squares (so no stage is needlessly small), earlier stages taking the larger share on ties.
+///
+/// Embeddings and the output head are left out of the balance on purpose: they are a fixed cost
+/// of the first/last stage that no cut can move, while layer bytes track each stage's compute.
+pub fn plan_stages(layer_bytes: &[u64], n: usize) -> Result<Vec<LayerRange>> {
+    let layers = layer_bytes.len();
+    if n == 0 || n > layers {
+        return Err(Error::Split(format!(
+            "asked for {n} shards, but the model has {layers} layers (use 1..={layers})"
+        )));
+    }
+    let mut prefix = vec![0u128; layers + 1];
+    for (i, b) in layer_bytes.iter().enumerate() {
+        prefix[i + 1] = prefix[i] + u128::from(*b);
+    }
+    let cost = |a: usize, b: usize| prefix[b] - prefix[a]; // layers a..b (exclusive)
+    const INF: u128 = u128::MAX;
+    // Phase 1: minimal largest stage. best[k][i] = min over cuts of layers i.. into k stages.
+    let mut best = vec![vec![INF; layers + 1]; n + 1];
+    best[0][layers] = 0;
+    for k in 1..=n {
+        for i in (0..layers).rev() {
+            for j in i + 1..=layers {
+                if best[k - 1][j] != INF {
+                    let v = cost(i, j).max(best[k - 1][j]);
+                    best[k][i] = best[k][i].min(v);
+                }
+            }
+        }
+    }
+    let cap = best[n][0];
+    // Phase 2: smallest sum of squares with every stage <= cap.
+    let mut sq = vec![vec![INF; layers + 1]; n + 1];
+    sq[0][layers] = 0;
+    for k in 1..=n {
+        for i in (0..layers).rev() {
+            for j in i + 1..=layers {
+                let c = cost(i, j);
+                if c > cap {
+                    break;
+                }
+                if sq[k - 1][j] != INF {
+                    sq[k][i] = sq[k][i].min(c * c + sq[k - 1][j]);
+                }
+            }
+        }
+    }
+    // Walk from the front, each stage taking the longest range that keeps the optimum.
+    let mut ranges = Vec::with_capacity(n);
+    let mut i = 0;
+    for k in (1..=n).rev() {
+        let j = (i + 1..=layers)
+            .rev()
+            .find(|&j| {
+                let c = cost(i, j);
+                c <= cap && sq[k - 1][j] != INF && c * c + sq[k - 1][j] == sq[k][i]
+            })
+            .expect("an optimal cut exists");
+        ranges.push(LayerRange {
+            first: i as u64,
+            last: j as u64 - 1,
+        });
+        i = j;
+    }
+    Ok(ranges)
+}
+
+/// Where a stage tensor's bytes come from.
+#[derive(Debug, Clone)]
+enum TensorData {
+    /// Bytes of a source tensor.
+    Source { file: usize, offset: u64 },
+    /// All zeros (the middle stages' 1-row embedding stub).
+    Zeros,
+}
+
+/// A stage file's contents before writing.
+struct StagePlan {
+    kvs: Vec<(String, Value)>,
+    tensors: Vec<(TensorInfo, TensorData)>,
+}
+
+/// An integer of the same GGUF type as `like`, so rewritten counts keep their on-disk type.
+fn same_int_type(like: &Value, v: u64) -> Value {
+    match like {
+        Value::U8(_) => Value::U8(v as u8),
+        Value::U16(_) => Value::U16(v as u16),
+        Value::I32(_) => Value::I32(v as i32),
+        Value::U64(_) => Value::U64(v),
+        Value::I64(_) => Value::I64(v as i64),
+        _ => Value::U32(v as u32),
+    }
+}
+
+fn plan_stage(model: &GgufModel, index: usize, ranges: &[LayerRange]) -> Result<StagePlan> {
+    let range = ranges[index];
+    let count = ranges.len();
+    let (first, last) = (index == 0, index + 1 == count);
+    let middle = !first && !last;
+    let arch = model.architecture()?;
+    let source_layers = model.block_count()?;
+    let block_key = format!("{arch}.block_count");
+    let vocab_key = format!("{arch}.vocab_size");
+    let arch_prefix = format!("{arch}.");
+
+    let mut kvs = Vec::with_capacity(model.kvs.len() + 5);
+    let mut saw_tokenizer_model = false;
+    let mut saw_vocab = false;
+    for (k, v) in &model.kvs {
+        if k.starts_with("split.") {
+            continue; // gguf-split bookkeeping, meaningless in a stage file
+        }
+        if *k == block_key {
+            kvs.push((k.clone(), same_int_type(v, range.len())));
+        } else if middle && k.starts_with("tokenizer.") {
+            if k == "tokenizer.ggml.model" {
+                saw_tokenizer_model = true;
+                kvs.push((k.clone(), Value::string("none")));
+            }
+        } else if middle && *k == vocab_key {
+            saw_vocab = true;
+            kvs.push((k.clone(), same_int_type(v, 1)));
+        } else if let (true, Value::Array(ty, items)) = (k.starts_with(&arch_prefix), v) {
+            // Per-layer hyperparameters (one entry per block) follow the layers they describe.
+            if source_layers > 1 && items.len() as u64 == source_layers {
+                let slice = items[range.first as usize..=range.last as usize].to_vec();
+                kvs.push((k.clone(), Value::Array(*ty, slice)));
+            } else {
+                kvs.push((k.clone(), v.clone()));
+            }
+        } else {
+            kvs.push((k.clone(), v.clone()));
+        }
+    }
+    if middle && !saw_tokenizer_model {
+        kvs.push(("tokenizer.ggml.model".into(), Value::string("none")));
+    }
+    if middle && !saw_vocab {
+        kvs.push((vocab_key, Value::U32(1)));
+    }
+    kvs.push((KEY_STAGE_INDEX.into(), Value::U32(index as u32)));
+    kvs.push((KEY_STAGE_COUNT.into(), Value::U32(count as u32)));
+    kvs.push((KEY_FIRST_LAYER.into(), Value::U32(range.first as u32)));
+    kvs.push((KEY_LAST_LAYER.into(), Value::U32(range.last as u32)));
+    kvs.push((KEY_SOURCE_LAYERS.into(), Value::U32(source_layers as u32)));
+
+    let mut tensors = Vec::new();
+    let source = |t: &TensorInfo| TensorData::Source {
+        file: t.file,
+        offset: t.offset,
+    };
+    for t in &model.tensors {
+        if let Some((layer, rest)) = parse_block_name(&t.name) {
+            if (range.first..=range.last).contains(&layer) {
+                let renamed = TensorInfo {
+                    name: format!("blk.{}.{rest}", layer - range.first),
+                    ..t.clone()
+                };
+                tensors.push((renamed, source(t)));
+            }
+        } else if t.name == "token_embd.weight" {
+            if first || last {
+                tensors.push((t.clone(), source(t)));
+            } else {
+                let n_embd = model.embedding_length()?;
+                let stub = TensorInfo {
+                    name: t.name.clone(),
+                    dims: vec![n_embd, 1],
+                    ggml_type: 0,
+                    size: n_embd * 4,
+                    file: usize::MAX,
+                    offset: 0,
+                };
+                tensors.push((stub, TensorData::Zeros));
+            }
+        } else if t.name.starts_with("output.") {
+            if last {
+                tensors.push((t.clone(), source(t)));
+            }
+        } else {
+            // output_norm and global tensors (rope_freqs, ...) are small and every stage needs them.
+            tensors.push((t.clone(), source(t)));
+        }
+    }
+    Ok(StagePlan { kvs, tensors })
+}
+
+/// Write one stage to `out`, returning (bytes, sha256).
+fn write_stage(
+    model: &GgufModel,
+    plan: &StagePlan,
+    sources: &mut [File],
+    out: &mut impl Write,
+) -> std::io::Result<(u64, String)> {
+    let infos: Vec<TensorInfo> = plan.tensors.iter().map(|(t, _)| t.clone()).collect();
+    let (header, offsets) =
+        GgufModel::encode_header(model.version, &plan.kvs, &infos, model.alignment);
+    let mut w = HashingWriter::new(BufWriter::with_capacity(4 << 20, out));
+    w.write_all(&header)?;
+    let mut pos = 0u64;
+    let zeros = vec![0u8; model.alignment as usize];
+    for ((info, data), rel) in plan.tensors.iter().zip(offsets) {
+        w.write_all(&zeros[..(rel - pos) as usize])?; // alignment padding
+        match data {
+            TensorData::Source { file, offset } => {
+                copy_range(&mut sources[*file], *offset, info.size, &mut w)?
+            }
+            TensorData::Zeros => {
+                std::io::copy(&mut std::io::repeat(0).take(info.size), &mut w)?;
+            }
+        }
+        pos = rel + info.size;
+    }
+    let end = align_up(pos, model.alignment);
+    w.write_all(&zeros[..(end - pos) as usize])?;
+    let (mut buf, written, sha) = w.finish();
+    buf.flush()?;
+    Ok((written, sha))
+}
+
+/// Cut `model` into `n` stage files in `target_dir` and write `shards.json`.
+///
+/// All shards are written to temp files first and renamed into place only when every one is
+/// complete, so a failure leaves the directory as it was. Shard files of a previous, larger
+/// split listed in the old manifest are removed, so the directory holds one consistent set.
+pub fn split_model(
+    model: &GgufModel,
+    n: usize,
+    target_dir: &Path,
+    source: SourceModel,
+    progress: &dyn Fn(&str),
+) -> Result<Manifest> {
+    let ranges = plan_stages(&layer_bytes(model)?, n)?;
+    std::fs::create_dir_all(target_dir).map_err(|e| Error::io(target_dir, e))?;
+    let mut sources = model
+        .files
+        .iter()
+        .map(|p| File::open(p).map_err(|e| Error::io(p, e)))
+        .collect::<Result<Vec<_>>>()?;
+    let mut written = Vec::with_capacity(n);
+    let mut entries = Vec::with_capacity(n);
+    for (index, range) in ranges.iter().enumerate() {
+        let plan = plan_stage(model, index, &ranges)?;
+        let name = shard_file_name(index, "gguf");
+        let mut tmp = crate::manifest::temp_file_builder()
+            .prefix(&format!(".{name}."))
+            .suffix(".tmp")
+            .tempfile_in(target_dir)
+            .map_err(|e| Error::io(target_dir, e))?;
+        let (size, sha256) = write_stage(model, &plan, &mut sources, tmp.as_file_mut())
+            .map_err(|e| Error::io(&target_dir.join(&name), e))?;
+        tmp.as_file()
+            .sync_all()
+            .map_err(|e| Error::io(tmp.path(), e))?;
+        progress(&format!(
+            "{name}: layers {}-{} ({} tensors, {size} bytes)",
+            range.first,
+            range.last,
+            plan.tensors.len()
+        ));
+        entries.push(ShardEntry {
+            shard_id: index as u32,
+            file: name.clone(),
+            size,
+            sha256,
+            layers: Some(*range),
+            tensor_count: plan.tensors.len() as u64,
+            info_hash: None,
+        });
+        written.push((tmp, target_dir.join(name)));
+    }
+    let old = Manifest::load(target_dir).ok();
+    for (tmp, path) in written {
+        tmp.persist(&path).map_err(|e| Error::io(&path, e.error))?;
+    }
+    remove_stale_shards(target_dir, old.as_ref(), &entries);
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        split_id: Manifest::compute_split_id(&entries),
+        source,
+        shards: entries,
+    };
+    manifest.store(target_dir)?;
+    Ok(manifest)
+}
+
+/// Remove shard files an older manifest listed that the new set does not have.
+pub(crate) fn remove_stale_shards(dir: &Path, old: Option<&Manifest>, new: &[ShardEntry]) {
+    let Some(old) = old else { return };
+    for entry in &old.shards {
+        if !new.iter().any(|e| e.file == entry.file) && is_shard_file_name(&entry.file) {
+            let path: PathBuf = dir.join(&entry.file);
+            if std::fs::remove_file(&path).is_ok() {
+                tracing::info!("removed {} left from the previous split", path.display());
+            }
+        }
+    }
+}
+
+/// `shard-K.gguf` / `shard-K.safetensors` → (K, extension).
+pub fn parse_shard_file_name(name: &str) -> Option<(u32, &str)> {
+    let rest = name.strip_prefix("shard-")?;
+    let (k, ext) = rest.split_once('.')?;
+    if !matches!(ext, "gguf" | "safetensors") || k.is_empty() || (k.len() > 1 && k.starts_with('0'))
+    {
+        return None;
+    }
+    Some((k.parse().ok()?, ext))
+}
+
+fn is_shard_file_name(name: &str) -> bool {
+    parse_shard_file_name(name).is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sizes(r: &[LayerRange]) -> Vec<u64> {
+        r.iter().map(LayerRange::len).collect()
+    }
+
+    #[test]
+    fn uniform_layers_give_larger_early_stages() {
+        let r = plan_stages(&[10; 30], 4).unwrap();
+        assert_eq!(sizes(&r), [8, 8, 7, 7]);
+        assert_eq!(r[0].first, 0);
+        assert_eq!(r[3].last, 29);
+    }
+
+    #[test]
+    fn heavy_layers_get_their_own_stage() {
+        let r = plan_stages(&[1, 1, 1, 10, 1, 1, 1], 3).unwrap();
+        assert_eq!(sizes(&r), [3, 1, 3]);
+    }
+
+    #[test]
+    fn every_count_from_one_to_layers() {
+        for n in 1..=12 {
+            let r = plan_stages(&[5; 12], n).unwrap();
+            assert_eq!(r.len(), n);
+            assert!(r.windows(2).all(|w| w[1].first == w[0].last + 1));
+            assert_eq!(r.last().unwrap().last, 11);
+        }
+    }
+
+    #[test]
+    fn bad_counts_are_refused_with_the_range() {
+        let e = plan_stages(&[5; 12], 0).unwrap_err().to_string();
+        assert!(e.contains("1..=12"), "{e}");
+        assert!(plan_stages(&[5; 12], 13).is_err());
+    }
+
+    #[test]
+    fn shard_names() {
+        assert_eq!(parse_shard_file_name("shard-12.gguf"), Some((12, "gguf")));
+        assert_eq!(
+            parse_shard_file_name("shard-0.safetensors"),
+            Some((0, "safetensors"))
+        );
+        assert_eq!(parse_shard_file_name("shard-01.gguf"), None);
+        assert_eq!(parse_shard_file_name("shard-1.gguf.torrent"), None);
+        assert_eq!(
+            parse_block_name("blk.12.attn_q.weight"),
+            Some((12, "attn_q.weight"))
+        );
+        assert_eq!(parse_block_name("output.weight"), None);
+    }
+}
