@@ -3,6 +3,7 @@
 //! coordinator and nodes build on this crate.
 
 pub mod bencode;
+pub mod default_model;
 pub mod error;
 pub mod gguf;
 pub mod hashing;

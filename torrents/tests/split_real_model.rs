@@ -1,0 +1,182 @@
+//! Splitting the real model: byte-for-byte fidelity, determinism, validation.
+
+mod common;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use torrents::gguf::{GgufModel, TensorInfo, Value};
+use torrents::manifest::Manifest;
+use torrents::split::parse_block_name;
+
+fn bytes_of(model: &GgufModel, t: &TensorInfo) -> Vec<u8> {
+    let f = File::open(&model.files[t.file]).unwrap();
+    let mut b = vec![0u8; t.size as usize];
+    f.read_exact_at(&mut b, t.offset).unwrap();
+    b
+}
+
+fn split(n: usize, dir: &Path) -> Manifest {
+    let out = common::shard_loader([
+        "split".as_ref(),
+        "--model".as_ref(),
+        common::model().as_os_str(),
+        "--shards".as_ref(),
+        n.to_string().as_ref(),
+        "--target-dir".as_ref(),
+        dir.as_os_str(),
+    ]);
+    assert!(out.status.success(), "split {n}: {}", common::stderr(&out));
+    Manifest::load(dir).unwrap()
+}
+
+/// Every source tensor appears in exactly one shard byte for byte (blocks renamed), apart from
+/// the copies every stage needs; every shard tensor is a source tensor or a documented stub.
+fn check_union_equals_source(dir: &Path, manifest: &Manifest) {
+    let source = GgufModel::open(&common::model()).unwrap();
+    let src: HashMap<&str, &TensorInfo> = source
+        .tensors
+        .iter()
+        .map(|t| (t.name.as_str(), t))
+        .collect();
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let n = manifest.shards.len();
+    for entry in &manifest.shards {
+        let shard = GgufModel::open(&dir.join(&entry.file)).unwrap();
+        let range = entry.layers.unwrap();
+        let k = entry.shard_id as usize;
+        let middle = k > 0 && k + 1 < n;
+        for t in &shard.tensors {
+            let source_name = match parse_block_name(&t.name) {
+                Some((l, rest)) => {
+                    assert!(
+                        l < range.len(),
+                        "{}: {} beyond its layers",
+                        entry.file,
+                        t.name
+                    );
+                    format!("blk.{}.{rest}", l + range.first)
+                }
+                None => t.name.clone(),
+            };
+            if middle && t.name == "token_embd.weight" {
+                assert_eq!(t.dims, [576, 1], "middle-stage embedding stub");
+                assert!(bytes_of(&shard, t).iter().all(|&b| b == 0));
+                continue;
+            }
+            let s = src
+                .get(source_name.as_str())
+                .unwrap_or_else(|| panic!("{} not in source", t.name));
+            assert_eq!((&t.dims, t.ggml_type), (&s.dims, s.ggml_type), "{}", t.name);
+            assert!(
+                bytes_of(&shard, t) == bytes_of(&source, s),
+                "{}: {} differs",
+                entry.file,
+                t.name
+            );
+            *seen.entry(source_name).or_default() += 1;
+        }
+        let tok = shard
+            .get("tokenizer.ggml.model")
+            .and_then(Value::as_str)
+            .unwrap();
+        assert_eq!(tok == "none", middle, "{}: tokenizer {tok}", entry.file);
+        assert_eq!(shard.block_count().unwrap(), range.len());
+    }
+    for t in &source.tensors {
+        let count = seen.get(&t.name).copied().unwrap_or(0);
+        // output_norm goes to every stage; the tied embedding to the first and the last.
+        let expected = match t.name.as_str() {
+            "output_norm.weight" => n,
+            "token_embd.weight" => n.min(2),
+            _ => 1,
+        };
+        assert_eq!(count, expected, "{} appears in {count} shards", t.name);
+    }
+}
+
+#[test]
+fn split_into_4_is_faithful_deterministic_and_valid() {
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    let m = split(4, a.path());
+    let ranges: Vec<(u64, u64)> = m
+        .shards
+        .iter()
+        .map(|s| s.layers.map(|r| (r.first, r.last)).unwrap())
+        .collect();
+    assert_eq!(ranges, [(0, 7), (8, 15), (16, 22), (23, 29)]);
+    assert_eq!(
+        m.source.sha256.as_deref(),
+        Some(torrents::default_model::SHA256)
+    );
+    check_union_equals_source(a.path(), &m);
+    let m2 = split(4, b.path());
+    assert_eq!(m, m2, "manifests differ between two splits");
+    for s in &m.shards {
+        let x = std::fs::read(a.path().join(&s.file)).unwrap();
+        let y = std::fs::read(b.path().join(&s.file)).unwrap();
+        assert!(x == y, "{} differs between two splits", s.file);
+    }
+    let out = common::shard_loader([
+        "validate",
+        "--target-dir",
+        a.path().to_str().unwrap(),
+        "--expected-shards",
+        "4",
+    ]);
+    assert!(out.status.success(), "{}", common::stdout(&out));
+    assert_eq!(
+        common::list_dir(a.path()),
+        [
+            "shard-0.gguf",
+            "shard-1.gguf",
+            "shard-2.gguf",
+            "shard-3.gguf",
+            "shards.json"
+        ]
+    );
+}
+
+#[test]
+fn split_into_1_3_and_every_layer() {
+    for n in [1usize, 3, 30] {
+        let dir = tempfile::tempdir().unwrap();
+        let m = split(n, dir.path());
+        assert_eq!(m.shards.len(), n);
+        check_union_equals_source(dir.path(), &m);
+        let out = common::shard_loader([
+            "validate",
+            "--target-dir",
+            dir.path().to_str().unwrap(),
+            "--expected-shards",
+            &n.to_string(),
+            "--json",
+        ]);
+        assert!(out.status.success(), "{}", common::stdout(&out));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report["ok"], true);
+        assert_eq!(report["shards_ok"], n);
+    }
+}
+
+#[test]
+fn resplitting_with_fewer_shards_removes_the_old_extra_files() {
+    let dir = tempfile::tempdir().unwrap();
+    split(6, dir.path());
+    split(2, dir.path());
+    assert_eq!(
+        common::list_dir(dir.path()),
+        ["shard-0.gguf", "shard-1.gguf", "shards.json"]
+    );
+    let out = common::shard_loader([
+        "validate",
+        "--target-dir",
+        dir.path().to_str().unwrap(),
+        "--expected-shards",
+        "2",
+    ]);
+    assert!(out.status.success(), "{}", common::stdout(&out));
+}
