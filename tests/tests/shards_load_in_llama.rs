@@ -20,7 +20,12 @@ fn every_shard_loads_with_its_layer_count() {
             let info = node::llm::inspect_model(&dir.path().join(&shard.file))
                 .unwrap_or_else(|e| panic!("{n} shards: {e}"));
             let range = shard.layers.unwrap();
-            assert_eq!(u64::from(info.n_layer), range.len(), "{n} shards: {}", shard.file);
+            assert_eq!(
+                u64::from(info.n_layer),
+                range.len(),
+                "{n} shards: {}",
+                shard.file
+            );
             assert_eq!(info.n_embd, whole.n_embd);
             assert_eq!(info.architecture, "llama");
             let k = shard.shard_id as usize;

@@ -374,7 +374,7 @@ pub fn tensor_bytes(ggml_type: u32, dims: &[u64]) -> std::result::Result<u64, St
     if dims.contains(&0) {
         return Err("a dimension is zero".into());
     }
-    if dims[0] % block != 0 {
+    if !dims[0].is_multiple_of(block) {
         return Err(format!(
             "row of {} elements is not a whole number of blocks",
             dims[0]

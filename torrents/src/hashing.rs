@@ -73,6 +73,8 @@ impl<W: std::io::Write> std::io::Write for HashingWriter<W> {
 
 /// Pieces hashed per unit of work: large enough for sequential reads, small enough to balance.
 const BLOCK_BYTES: u64 = 8 << 20;
+/// Bytes read per `pread`: small enough that hashing finds them still in cache.
+const READ_CHUNK: u64 = 128 << 10;
 
 /// SHA-1 of every `piece_length` piece of the file (the last may be short), concatenated as in
 /// a metainfo `pieces` string. `threads` = 0 means one per core. `progress` is called with the
@@ -108,25 +110,37 @@ pub fn piece_hashes(
     std::thread::scope(|s| {
         for _ in 0..threads {
             s.spawn(|| {
-                let mut buf = vec![0u8; (pieces_per_block * piece_length).min(len.max(1)) as usize];
+                // Read in small chunks and hash each right away, while it is still in L2:
+                // copying a whole block first and hashing it after costs ~6% of throughput.
+                let mut buf = vec![0u8; READ_CHUNK.min(piece_length) as usize];
                 loop {
                     let block = next.fetch_add(1, Ordering::Relaxed);
                     if block >= n_blocks || failure.lock().unwrap().is_some() {
                         return;
                     }
-                    let start = block * pieces_per_block * piece_length;
-                    let end = (start + pieces_per_block * piece_length).min(len);
-                    let data = &mut buf[..(end - start) as usize];
-                    if let Err(e) = file.read_exact_at(data, start) {
-                        *failure.lock().unwrap() = Some(Error::io(path, e));
-                        return;
-                    }
+                    let first_piece = block * pieces_per_block;
+                    let last_piece = (first_piece + pieces_per_block).min(n_pieces);
                     let mut chunk = chunks[block as usize].lock().unwrap();
-                    for (i, piece) in data.chunks(piece_length as usize).enumerate() {
-                        chunk[i * 20..(i + 1) * 20].copy_from_slice(&Sha1::digest(piece));
+                    let mut hashed = 0;
+                    for piece in first_piece..last_piece {
+                        let start = piece * piece_length;
+                        let end = (start + piece_length).min(len);
+                        let mut hasher = Sha1::new();
+                        let mut at = start;
+                        while at < end {
+                            let n = (end - at).min(buf.len() as u64) as usize;
+                            if let Err(e) = file.read_exact_at(&mut buf[..n], at) {
+                                *failure.lock().unwrap() = Some(Error::io(path, e));
+                                return;
+                            }
+                            hasher.update(&buf[..n]);
+                            at += n as u64;
+                        }
+                        let i = (piece - first_piece) as usize;
+                        chunk[i * 20..(i + 1) * 20].copy_from_slice(&hasher.finalize());
+                        hashed += end - start;
                     }
-                    let total = done.fetch_add(end - start, Ordering::Relaxed) + (end - start);
-                    progress(total);
+                    progress(done.fetch_add(hashed, Ordering::Relaxed) + hashed);
                 }
             });
         }

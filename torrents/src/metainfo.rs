@@ -390,7 +390,7 @@ pub fn parse(bytes: &[u8]) -> Result<Metainfo> {
     let web_seeds = match root.get("url-list") {
         None => Vec::new(),
         Some(n) => match (n.as_str(), n.as_list()) {
-            (Some(s), _) if s.is_empty() => Vec::new(),
+            (Some(""), _) => Vec::new(),
             (Some(s), _) => vec![s.to_owned()],
             (_, Some(l)) => l
                 .iter()

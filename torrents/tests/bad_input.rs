@@ -14,7 +14,10 @@ fn fails_with(out: &Output, want: &str) {
         "succeeded, expected failure with {want:?}"
     );
     // 1 for errors, 2 for command-line usage errors (clap); 101 would be a panic.
-    assert!(matches!(out.status.code(), Some(1 | 2)), "exit code for {want:?}: {err}");
+    assert!(
+        matches!(out.status.code(), Some(1 | 2)),
+        "exit code for {want:?}: {err}"
+    );
     assert!(!err.contains("panicked"), "panic: {err}");
     assert!(err.contains(want), "message lacks {want:?}: {err}");
 }
