@@ -208,6 +208,12 @@ pub fn create(
             .to_owned(),
     };
     check_name(&name).map_err(Error::Argument)?;
+    check_urls(opts)?;
+    let (length, pieces) = piece_hashes(path, piece_length, opts.threads, progress)?;
+    encode(&name, length, piece_length, pieces, opts)
+}
+
+fn check_urls(opts: &CreateOptions) -> Result<()> {
     for url in opts.announce.iter().chain(&opts.web_seeds) {
         if url.trim().is_empty() || url.contains(char::is_whitespace) {
             return Err(Error::Argument(format!(
@@ -215,11 +221,41 @@ pub fn create(
             )));
         }
     }
-    let (length, pieces) = piece_hashes(path, piece_length, opts.threads, progress)?;
+    Ok(())
+}
 
+/// The same torrent with other trackers, web seeds, comment or date: the info dictionary, and
+/// so the info hash, stay as they are and nothing is hashed again.
+pub fn rewrap(existing: &Metainfo, opts: &CreateOptions) -> Result<(Vec<u8>, Metainfo)> {
+    check_urls(opts)?;
+    if !existing.files.is_empty() {
+        return Err(Error::Argument(
+            "only single-file torrents can be rewrapped".into(),
+        ));
+    }
+    let opts = CreateOptions {
+        private: existing.private,
+        ..opts.clone()
+    };
+    encode(
+        &existing.name,
+        existing.length,
+        existing.piece_length,
+        existing.pieces.clone(),
+        &opts,
+    )
+}
+
+fn encode(
+    name: &str,
+    length: u64,
+    piece_length: u64,
+    pieces: Vec<u8>,
+    opts: &CreateOptions,
+) -> Result<(Vec<u8>, Metainfo)> {
     let mut info: HashMap<String, BencodeElem> = HashMap::new();
     info.insert("length".into(), BencodeElem::Integer(length as i64));
-    info.insert("name".into(), BencodeElem::String(name));
+    info.insert("name".into(), BencodeElem::String(name.to_owned()));
     info.insert(
         "piece length".into(),
         BencodeElem::Integer(piece_length as i64),

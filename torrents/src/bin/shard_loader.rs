@@ -142,6 +142,10 @@ fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 fn main() -> ExitCode {
+    // Exit quietly when stdout is closed early (`shard_loader torrent show X | head`), as
+    // other command-line tools do, instead of panicking on a broken pipe.
+    // SAFETY: setting a signal disposition at start-up, before any thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

@@ -1,0 +1,450 @@
+//! HTTP endpoints: tracker, web seed, LIST_FILES / REQUEST_METADATA / REQUEST_PIECE, manifest,
+//! metrics and health. Files are looked up by exact name in the catalog snapshot, never by
+//! joining a request path onto the seed dir, so nothing outside it can be served.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Path, RawQuery, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use futures::StreamExt;
+use serde_json::json;
+use sha1::{Digest, Sha1};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+use crate::catalog::{url_path_encode, SeedFile};
+use crate::service::{HttpCounters, Seeder};
+use crate::tracker;
+
+type AppState = Arc<Seeder>;
+
+/// All routes.
+pub fn router(seeder: Arc<Seeder>) -> Router {
+    Router::new()
+        .route("/announce", get(announce))
+        .route("/scrape", get(scrape))
+        .route("/files", get(list_files))
+        .route("/manifest", get(manifest))
+        .route("/torrents/{name}", get(torrent_file))
+        .route("/metadata/{info_hash}", get(metadata))
+        .route("/pieces/{info_hash}/{index}", get(piece))
+        .route("/seed/{name}", get(web_seed).head(web_seed))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .with_state(seeder)
+}
+
+/// `{"error":{"code","message"}}` with `status`.
+pub fn error(status: StatusCode, code: &str, message: &str) -> Response {
+    (
+        status,
+        Json(json!({"error": {"code": code, "message": message}})),
+    )
+        .into_response()
+}
+
+fn bencoded(status: StatusCode, body: Vec<u8>) -> Response {
+    (status, [(header::CONTENT_TYPE, "text/plain")], body).into_response()
+}
+
+async fn announce(
+    State(s): State<AppState>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    RawQuery(q): RawQuery,
+) -> Response {
+    match tracker::parse_announce(q.as_deref().unwrap_or("")) {
+        Ok(req) => bencoded(
+            StatusCode::OK,
+            s.tracker.announce(&req, tracker::canonical(remote.ip())),
+        ),
+        Err(e) => bencoded(
+            StatusCode::BAD_REQUEST,
+            tracker::failure(&format!("bad announce: {e}")),
+        ),
+    }
+}
+
+async fn scrape(State(s): State<AppState>, RawQuery(q): RawQuery) -> Response {
+    match tracker::parse_scrape(q.as_deref().unwrap_or("")) {
+        Ok(hashes) => bencoded(StatusCode::OK, s.tracker.scrape(&hashes)),
+        Err(e) => bencoded(
+            StatusCode::BAD_REQUEST,
+            tracker::failure(&format!("bad scrape: {e}")),
+        ),
+    }
+}
+
+fn file_json(s: &Seeder, f: &SeedFile) -> serde_json::Value {
+    json!({
+        "name": f.name,
+        "size": f.size,
+        "sha256": f.sha256,
+        "info_hash": f.info_hash_hex(),
+        "magnet": f.torrent.magnet(),
+        "torrent_url": format!("{}/torrents/{}.torrent", s.bound.public_url, url_path_encode(&f.name)),
+        "shard": f.shard,
+    })
+}
+
+/// LIST_FILES.
+async fn list_files(State(s): State<AppState>) -> Response {
+    let snap = s.snapshot();
+    let files: Vec<_> = snap.by_name.values().map(|f| file_json(&s, f)).collect();
+    Json(json!({ "files": files })).into_response()
+}
+
+/// The seed dir's shards.json with each shard's info hash.
+async fn manifest(State(s): State<AppState>) -> Response {
+    let dir = s.config.seed_dir.clone();
+    let manifest = match torrents::manifest::Manifest::load(&dir) {
+        Ok(m) => m,
+        Err(torrents::Error::Io { .. }) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "no_manifest",
+                "the seed dir has no shards.json",
+            )
+        }
+        Err(e) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "bad_manifest",
+                &e.to_string(),
+            )
+        }
+    };
+    let snap = s.snapshot();
+    let mut manifest = manifest;
+    for shard in &mut manifest.shards {
+        shard.info_hash = snap.by_name.get(&shard.file).map(SeedFile::info_hash_hex);
+    }
+    Json(manifest).into_response()
+}
+
+async fn torrent_file(State(s): State<AppState>, Path(name): Path<String>) -> Response {
+    let snap = s.snapshot();
+    match name
+        .strip_suffix(".torrent")
+        .and_then(|n| snap.by_name.get(n))
+    {
+        Some(f) => (
+            [(header::CONTENT_TYPE, "application/x-bittorrent")],
+            f.torrent_bytes.as_ref().clone(),
+        )
+            .into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            "unknown_file",
+            &format!("no torrent named {name}"),
+        ),
+    }
+}
+
+fn parse_hash(hex_hash: &str) -> Result<[u8; 20], Response> {
+    let mut h = [0u8; 20];
+    hex::decode_to_slice(hex_hash, &mut h).map_err(|_| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "bad_info_hash",
+            "an info hash is 40 hex digits",
+        )
+    })?;
+    Ok(h)
+}
+
+/// REQUEST_METADATA: the info dictionary as JSON, or bencoded with `?format=bencode`.
+async fn metadata(
+    State(s): State<AppState>,
+    Path(hash): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Response {
+    let h = match parse_hash(&hash) {
+        Ok(h) => h,
+        Err(r) => return r,
+    };
+    let snap = s.snapshot();
+    let Some(f) = snap.by_hash(&h) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "unknown_info_hash",
+            "no torrent with that info hash",
+        );
+    };
+    let t = &f.torrent;
+    match q.as_deref() {
+        None | Some("") | Some("format=json") => Json(json!({
+            "info_hash": t.info_hash_hex(),
+            "name": t.name,
+            "length": t.length,
+            "piece length": t.piece_length,
+            "piece_count": t.piece_count,
+            "private": t.private,
+            "pieces": t.pieces.chunks(20).map(hex::encode).collect::<Vec<_>>(),
+        }))
+        .into_response(),
+        Some("format=bencode") => (
+            [(header::CONTENT_TYPE, "application/x-bittorrent")],
+            t.info_bytes.clone(),
+        )
+            .into_response(),
+        Some(other) => error(
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+            &format!("unknown query {other:?}: use format=json or format=bencode"),
+        ),
+    }
+}
+
+/// REQUEST_PIECE: one piece's bytes, checked against its SHA-1 before they are sent.
+async fn piece(State(s): State<AppState>, Path((hash, index)): Path<(String, String)>) -> Response {
+    let h = match parse_hash(&hash) {
+        Ok(h) => h,
+        Err(r) => return r,
+    };
+    let Ok(index) = index.parse::<u64>() else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_piece_index",
+            "the piece index is a whole number",
+        );
+    };
+    let snap = s.snapshot();
+    let Some(f) = snap.by_hash(&h).cloned() else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "unknown_info_hash",
+            "no torrent with that info hash",
+        );
+    };
+    let Some(size) = f.torrent.piece_size(index) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "unknown_piece",
+            &format!("the torrent has {} pieces", f.torrent.piece_count),
+        );
+    };
+    let offset = index * f.torrent.piece_length;
+    let read = tokio::task::spawn_blocking(move || {
+        let file = std::fs::File::open(&f.path)?;
+        let mut buf = vec![0u8; size as usize];
+        file.read_exact_at(&mut buf, offset)?;
+        let ok = f.torrent.piece_hash(index) == Some(Sha1::digest(&buf).as_slice());
+        Ok::<_, std::io::Error>((buf, ok))
+    })
+    .await;
+    match read {
+        Ok(Ok((buf, true))) => {
+            HttpCounters::counter(&s.counters.piece_api, h)
+                .fetch_add(buf.len() as u64, Ordering::Relaxed);
+            ([(header::CONTENT_TYPE, "application/octet-stream")], buf).into_response()
+        }
+        Ok(Ok((_, false))) => {
+            let _ = s.rescan_tx.try_send(());
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "file_changed",
+                "the file no longer matches its torrent; rescanning",
+            )
+        }
+        _ => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "read_failed",
+            "could not read the piece",
+        ),
+    }
+}
+
+/// A parsed `Range: bytes=…` header (one range; a list is answered with its first).
+fn parse_range(value: &str, len: u64) -> Option<(u64, u64)> {
+    let spec = value.strip_prefix("bytes=")?.split(',').next()?.trim();
+    let (a, b) = spec.split_once('-')?;
+    let (start, end) = match (a.trim(), b.trim()) {
+        ("", n) => {
+            let n: u64 = n.parse().ok()?;
+            if n == 0 {
+                return None;
+            }
+            (len.saturating_sub(n), len - 1)
+        }
+        (a, "") => (a.parse().ok()?, len.checked_sub(1)?),
+        (a, b) => (
+            a.parse().ok()?,
+            b.parse::<u64>().ok()?.min(len.checked_sub(1)?),
+        ),
+    };
+    (start <= end && start < len).then_some((start, end))
+}
+
+/// BEP 19 web seed: the file with HTTP Range support.
+async fn web_seed(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    method: axum::http::Method,
+    headers: HeaderMap,
+) -> Response {
+    let snap = s.snapshot();
+    let Some(f) = snap.by_name.get(&name).cloned() else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "unknown_file",
+            &format!("no file named {name:?} is served"),
+        );
+    };
+    let len = f.size;
+    let (status, start, end) = match headers.get(header::RANGE).map(|v| v.to_str().unwrap_or("")) {
+        None => (StatusCode::OK, 0, len - 1),
+        Some(r) => match parse_range(r, len) {
+            Some((a, b)) => (StatusCode::PARTIAL_CONTENT, a, b),
+            None => {
+                let mut resp = error(
+                    StatusCode::RANGE_NOT_SATISFIABLE,
+                    "bad_range",
+                    &format!("range {r:?} is not within 0..{len}"),
+                );
+                resp.headers_mut().insert(
+                    header::CONTENT_RANGE,
+                    HeaderValue::from_str(&format!("bytes */{len}")).unwrap(),
+                );
+                return resp;
+            }
+        },
+    };
+    let count = end - start + 1;
+    let mut builder = Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(header::CONTENT_LENGTH, count);
+    if status == StatusCode::PARTIAL_CONTENT {
+        builder = builder.header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{len}"));
+    }
+    if method == axum::http::Method::HEAD {
+        return builder.body(Body::empty()).unwrap();
+    }
+    let mut file = match tokio::fs::File::open(&f.path).await {
+        Ok(file) => file,
+        Err(e) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "read_failed",
+                &e.to_string(),
+            )
+        }
+    };
+    if let Err(e) = file.seek(std::io::SeekFrom::Start(start)).await {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "read_failed",
+            &e.to_string(),
+        );
+    }
+    let counter = HttpCounters::counter(&s.counters.webseed, f.torrent.info_hash);
+    let stream = tokio_util::io::ReaderStream::with_capacity(file.take(count), 256 << 10).map(
+        move |chunk| {
+            if let Ok(c) = &chunk {
+                counter.fetch_add(c.len() as u64, Ordering::Relaxed);
+            }
+            chunk
+        },
+    );
+    builder.body(Body::from_stream(stream)).unwrap()
+}
+
+async fn healthz(State(s): State<AppState>) -> Response {
+    Json(json!({"status": "ok", "files": s.snapshot().by_name.len()})).into_response()
+}
+
+/// Prometheus text exposition.
+async fn metrics(State(s): State<AppState>) -> Response {
+    use std::fmt::Write;
+    let snap = s.snapshot();
+    let mut out = String::new();
+    let sum = |m: &std::sync::RwLock<HashMap<[u8; 20], Arc<std::sync::atomic::AtomicU64>>>,
+               h: &[u8; 20]| {
+        m.read()
+            .unwrap()
+            .get(h)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    };
+    out.push_str("# HELP shardswarm_seeder_uploaded_bytes_total Bytes sent, by file and source (bittorrent: peer wire; webseed: /seed; piece_api: /pieces).\n");
+    out.push_str("# TYPE shardswarm_seeder_uploaded_bytes_total counter\n");
+    let mut peers = String::new();
+    let mut tracker_peers = String::new();
+    for f in snap.by_name.values() {
+        let h = f.torrent.info_hash;
+        let labels = format!(
+            "file=\"{}\",info_hash=\"{}\"",
+            f.name.replace('"', "'"),
+            f.info_hash_hex()
+        );
+        let stats = s
+            .session
+            .get(librqbit::dht::Id20::new(h).into())
+            .map(|t| t.stats());
+        let bt = stats.as_ref().map_or(0, |st| st.uploaded_bytes);
+        let live = stats
+            .as_ref()
+            .and_then(|st| st.live.as_ref())
+            .map_or(0, |l| l.snapshot.peer_stats.live);
+        let _ = writeln!(
+            out,
+            "shardswarm_seeder_uploaded_bytes_total{{{labels},source=\"bittorrent\"}} {bt}"
+        );
+        let _ = writeln!(
+            out,
+            "shardswarm_seeder_uploaded_bytes_total{{{labels},source=\"webseed\"}} {}",
+            sum(&s.counters.webseed, &h)
+        );
+        let _ = writeln!(
+            out,
+            "shardswarm_seeder_uploaded_bytes_total{{{labels},source=\"piece_api\"}} {}",
+            sum(&s.counters.piece_api, &h)
+        );
+        let _ = writeln!(peers, "shardswarm_seeder_peers{{{labels}}} {live}");
+        if let Some(c) = s.tracker.counts(&h) {
+            let _ = writeln!(
+                tracker_peers,
+                "shardswarm_tracker_peers{{{labels},state=\"seeder\"}} {}",
+                c.complete
+            );
+            let _ = writeln!(
+                tracker_peers,
+                "shardswarm_tracker_peers{{{labels},state=\"leecher\"}} {}",
+                c.incomplete
+            );
+        }
+    }
+    out.push_str("# HELP shardswarm_seeder_peers Peers connected to the seeder over the peer wire.\n# TYPE shardswarm_seeder_peers gauge\n");
+    out.push_str(&peers);
+    out.push_str("# HELP shardswarm_tracker_peers Peers in the tracker's swarms (the seeder included).\n# TYPE shardswarm_tracker_peers gauge\n");
+    out.push_str(&tracker_peers);
+    let _ = writeln!(out, "# HELP shardswarm_tracker_announces_total Announces answered.\n# TYPE shardswarm_tracker_announces_total counter\nshardswarm_tracker_announces_total {}", s.tracker.announces.load(Ordering::Relaxed));
+    let _ = writeln!(out, "# HELP shardswarm_tracker_scrapes_total Scrapes answered.\n# TYPE shardswarm_tracker_scrapes_total counter\nshardswarm_tracker_scrapes_total {}", s.tracker.scrapes.load(Ordering::Relaxed));
+    let _ = writeln!(out, "# HELP shardswarm_seeder_files Files served.\n# TYPE shardswarm_seeder_files gauge\nshardswarm_seeder_files {}", snap.by_name.len());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_range;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("bytes=0-9", 100), Some((0, 9)));
+        assert_eq!(parse_range("bytes=90-", 100), Some((90, 99)));
+        assert_eq!(parse_range("bytes=-10", 100), Some((90, 99)));
+        assert_eq!(parse_range("bytes=50-500", 100), Some((50, 99)));
+        assert_eq!(parse_range("bytes=100-", 100), None);
+        assert_eq!(parse_range("bytes=9-3", 100), None);
+        assert_eq!(parse_range("items=0-1", 100), None);
+        assert_eq!(parse_range("bytes=-0", 100), None);
+    }
+}

@@ -1,0 +1,373 @@
+//! The running seeder: start-up order, the librqbit session, rescans, shutdown.
+//!
+//! Start-up order matters to clients: the catalog is scanned and every torrent added to
+//! librqbit and listed in the tracker (with the seeder as a seed at its public address)
+//! *before* the HTTP listener serves anything, so no client ever fetches a `.torrent` whose
+//! first announce returns an empty peer list.
+//!
+//! Tasks: the axum server and the rescan loop. The catalog itself is owned by the rescan loop
+//! (behind a tokio mutex, held across the blocking scan only); readers use [`Snapshot`]s.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, RwLock};
+
+use anyhow::Context;
+use librqbit::dht::Id20;
+use librqbit::storage::StorageFactoryExt;
+use librqbit::{
+    AddTorrent, AddTorrentOptions, ListenerMode, ListenerOptions, Session, SessionOptions,
+};
+use tokio::sync::{mpsc, Mutex};
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog::{Catalog, ScanDiff, SeedFile};
+use crate::storage::{FileRegistry, ReadOnlyStorageFactory};
+use crate::tracker::Tracker;
+use crate::{Bound, Config, Transport};
+
+/// The served files at one moment.
+#[derive(Default)]
+pub struct Snapshot {
+    pub by_name: BTreeMap<String, SeedFile>,
+    pub by_hash: HashMap<[u8; 20], String>,
+}
+
+impl Snapshot {
+    fn new(files: &BTreeMap<String, SeedFile>) -> Snapshot {
+        Snapshot {
+            by_name: files.clone(),
+            by_hash: files
+                .values()
+                .map(|f| (f.torrent.info_hash, f.name.clone()))
+                .collect(),
+        }
+    }
+
+    /// A served file by info hash.
+    pub fn by_hash(&self, h: &[u8; 20]) -> Option<&SeedFile> {
+        self.by_hash.get(h).and_then(|n| self.by_name.get(n))
+    }
+}
+
+/// Bytes sent other than over the peer wire, per info hash.
+#[derive(Default)]
+pub struct HttpCounters {
+    pub webseed: RwLock<HashMap<[u8; 20], Arc<AtomicU64>>>,
+    pub piece_api: RwLock<HashMap<[u8; 20], Arc<AtomicU64>>>,
+}
+
+impl HttpCounters {
+    /// The counter for `h` in `map`, created on first use.
+    pub fn counter(map: &RwLock<HashMap<[u8; 20], Arc<AtomicU64>>>, h: [u8; 20]) -> Arc<AtomicU64> {
+        if let Some(c) = map.read().unwrap().get(&h) {
+            return c.clone();
+        }
+        map.write().unwrap().entry(h).or_default().clone()
+    }
+}
+
+/// Shared state of a running seeder.
+pub struct Seeder {
+    pub config: Config,
+    pub bound: Bound,
+    pub session: Arc<Session>,
+    pub tracker: Tracker,
+    pub snapshot: RwLock<Arc<Snapshot>>,
+    pub counters: HttpCounters,
+    /// Where the seeder lists itself in its tracker.
+    pub self_peer: SocketAddr,
+    catalog: Mutex<Catalog>,
+    registry: FileRegistry,
+    /// Ask the rescan loop for a scan now.
+    pub rescan_tx: mpsc::Sender<()>,
+}
+
+impl Seeder {
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.read().unwrap().clone()
+    }
+
+    /// Rescan the seed dir and apply the changes to librqbit, the tracker and the snapshot.
+    pub async fn rescan(self: &Arc<Self>) -> anyhow::Result<ScanDiff> {
+        let mut catalog = self.catalog.lock().await;
+        let diff = tokio::task::block_in_place(|| catalog.scan())?;
+        if diff.is_empty() {
+            return Ok(diff);
+        }
+        for old in diff
+            .removed
+            .iter()
+            .chain(diff.changed.iter().map(|(old, _)| old))
+        {
+            let h = old.torrent.info_hash;
+            self.tracker.remove_torrent(&h);
+            if let Err(e) = self.session.delete(Id20::new(h).into(), false).await {
+                tracing::warn!("removing {} from the session: {e:#}", old.name);
+            }
+            self.registry.remove(&Id20::new(h));
+            tracing::info!(
+                "[TORRENT] no longer serving {} ({})",
+                old.name,
+                old.info_hash_hex()
+            );
+        }
+        for new in diff
+            .added
+            .iter()
+            .chain(diff.changed.iter().map(|(_, new)| new))
+        {
+            if let Err(e) = self.add(new).await {
+                tracing::warn!("cannot seed {}: {e:#}", new.name);
+            }
+        }
+        *self.snapshot.write().unwrap() = Arc::new(Snapshot::new(catalog.files()));
+        println!(
+            "[TORRENT] Loaded {} file(s) for sharing",
+            catalog.files().len()
+        );
+        Ok(diff)
+    }
+
+    /// Seed one file and list the seeder for it in the tracker.
+    async fn add(&self, file: &SeedFile) -> anyhow::Result<()> {
+        let h = file.torrent.info_hash;
+        self.registry.insert(Id20::new(h), file.path.clone());
+        let opts = AddTorrentOptions {
+            overwrite: true,
+            output_folder: Some(
+                file.path
+                    .parent()
+                    .unwrap_or(self.config.seed_dir.as_path())
+                    .display()
+                    .to_string(),
+            ),
+            ..Default::default()
+        };
+        let handle = self
+            .session
+            .add_torrent(
+                AddTorrent::from_bytes(file.torrent_bytes.as_ref().clone()),
+                Some(opts),
+            )
+            .await?
+            .into_handle()
+            .context("librqbit did not add the torrent")?;
+        handle.wait_until_initialized().await?;
+        let stats = handle.stats();
+        if !stats.finished {
+            anyhow::bail!(
+                "{}: only {} of {} bytes match the torrent (changed while hashing?)",
+                file.name,
+                stats.progress_bytes,
+                stats.total_bytes
+            );
+        }
+        self.tracker.add_torrent(h, self.self_peer);
+        tracing::info!(
+            "[TORRENT] Found file: {} ({} bytes, info hash {})",
+            file.name,
+            file.size,
+            file.info_hash_hex()
+        );
+        Ok(())
+    }
+
+    pub fn bound(&self) -> &Bound {
+        &self.bound
+    }
+}
+
+/// A started seeder: its state and how to stop it.
+pub struct Running {
+    pub seeder: Arc<Seeder>,
+    cancel: CancellationToken,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    pub fn bound(&self) -> &Bound {
+        &self.seeder.bound
+    }
+
+    /// Wait for SIGINT or SIGTERM.
+    pub async fn wait_for_shutdown_signal(&self) {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+            _ = self.cancel.cancelled() => {}
+        }
+    }
+
+    /// Stop serving and close the session.
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        let _ = self.server.await;
+        self.seeder.session.stop().await;
+    }
+}
+
+/// Scan, seed, list in the tracker, then serve HTTP: see the module doc for why in that order.
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    config.check()?;
+    if config.transport == Transport::Quic {
+        tracing::warn!("--transport quic: BitTorrent has no QUIC transport; using TCP and uTP");
+    }
+    let state_dir = config.state_dir()?;
+    let http_listener = tokio::net::TcpListener::bind((config.listen_addr, config.http_port()))
+        .await
+        .with_context(|| {
+            format!(
+                "binding HTTP on {}:{}",
+                config.listen_addr,
+                config.http_port()
+            )
+        })?;
+    let http_addr = http_listener.local_addr()?;
+    let host = crate::net::advertised_host(config.listen_addr);
+    let public_url = config
+        .public_url
+        .clone()
+        .unwrap_or_else(|| crate::net::http_url(host, http_addr.port()))
+        .trim_end_matches('/')
+        .to_owned();
+    tracing::info!("public URL {public_url}");
+
+    let mut catalog = Catalog::new(&config.seed_dir, &state_dir, &public_url)?;
+    let registry = FileRegistry::default();
+    let initial = tokio::task::block_in_place(|| catalog.scan())?;
+    for f in &initial.added {
+        registry.insert(Id20::new(f.torrent.info_hash), f.path.clone());
+    }
+
+    let mode = match config.transport {
+        Transport::Tcp => ListenerMode::TcpOnly,
+        Transport::Utp => ListenerMode::UtpOnly,
+        Transport::Both | Transport::Quic => ListenerMode::TcpAndUtp,
+    };
+    let session_dir = state_dir.join("session");
+    std::fs::create_dir_all(&session_dir)?;
+    let session = Session::new_with_opts(
+        config.seed_dir.clone(),
+        SessionOptions {
+            dht: if config.dht {
+                Some(Default::default())
+            } else {
+                None
+            },
+            disable_trackers: true, // we are the tracker, and list ourselves in it
+            disable_local_service_discovery: !config.dht,
+            fastresume: true,
+            persistence: Some(librqbit::SessionPersistenceConfig::Json {
+                folder: Some(session_dir),
+            }),
+            listen: Some(ListenerOptions {
+                mode,
+                listen_addr: SocketAddr::new(config.listen_addr, config.port),
+                ipv4_only: config.listen_addr.is_ipv4(),
+                ..Default::default()
+            }),
+            default_storage_factory: Some(
+                ReadOnlyStorageFactory {
+                    files: registry.clone(),
+                }
+                .boxed(),
+            ),
+            ratelimits: librqbit::limits::LimitsConfig {
+                upload_bps: config.upload_limit.and_then(std::num::NonZeroU32::new),
+                download_bps: None,
+            },
+            ..Default::default()
+        },
+    )
+    .await
+    .context("starting the BitTorrent session")?;
+    let peer_addr = session.listen_addr().context("librqbit is not listening")?;
+    let self_ip = crate::net::public_url_ip(&public_url).await.unwrap_or(host);
+    let self_peer = SocketAddr::new(crate::tracker::canonical(self_ip), peer_addr.port());
+
+    // Drop torrents librqbit restored from its state that are no longer in the directory.
+    let stale: Vec<Id20> = session.with_torrents(|ts| {
+        ts.map(|(_, t)| t.info_hash())
+            .filter(|h| !catalog.files().values().any(|f| f.torrent.info_hash == h.0))
+            .collect()
+    });
+    for h in stale {
+        let _ = session.delete(h.into(), false).await;
+    }
+
+    let (rescan_tx, rescan_rx) = mpsc::channel(4);
+    let seeder = Arc::new(Seeder {
+        bound: Bound {
+            http: http_addr,
+            peer: SocketAddr::new(config.listen_addr, peer_addr.port()),
+            public_url,
+        },
+        config: config.clone(),
+        session,
+        tracker: Tracker::new(config.open_tracker),
+        snapshot: RwLock::new(Arc::new(Snapshot::default())),
+        counters: HttpCounters::default(),
+        self_peer,
+        catalog: Mutex::new(catalog),
+        registry,
+        rescan_tx,
+    });
+    let mut loaded = BTreeMap::new();
+    for f in &initial.added {
+        match seeder.add(f).await {
+            Ok(()) => {
+                loaded.insert(f.name.clone(), f.clone());
+            }
+            Err(e) => tracing::warn!("cannot seed {}: {e:#}", f.name),
+        }
+    }
+    *seeder.snapshot.write().unwrap() = Arc::new(Snapshot::new(&loaded));
+    println!("[TORRENT] Loaded {} file(s) for sharing", loaded.len());
+
+    let cancel = CancellationToken::new();
+    tokio::spawn(rescan_loop(seeder.clone(), rescan_rx, cancel.clone()));
+    let app = crate::api::router(seeder.clone());
+    let shutdown = cancel.clone();
+    let server = tokio::spawn(async move {
+        let serve = axum::serve(
+            http_listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { shutdown.cancelled().await });
+        if let Err(e) = serve.await {
+            tracing::error!("HTTP server: {e}");
+        }
+    });
+    Ok(Running {
+        seeder,
+        cancel,
+        server,
+    })
+}
+
+/// Rescan on a timer, on SIGHUP and on request.
+async fn rescan_loop(
+    seeder: Arc<Seeder>,
+    mut requests: mpsc::Receiver<()>,
+    cancel: CancellationToken,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+    let mut timer = tokio::time::interval(crate::rescan_period(&seeder.config));
+    timer.tick().await;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = timer.tick() => {}
+            _ = hup.recv() => tracing::info!("SIGHUP: rescanning"),
+            Some(()) = requests.recv() => {}
+        }
+        if let Err(e) = seeder.rescan().await {
+            tracing::warn!("rescan failed: {e:#}");
+        }
+    }
+}
