@@ -42,14 +42,31 @@ pub fn router(seeder: Arc<Seeder>) -> Router {
         .with_state(seeder)
 }
 
-/// `{"error":{"code","message"}}` with `status`.
-pub fn error(status: StatusCode, code: &str, message: &str) -> Response {
-    (
-        status,
-        Json(json!({"error": {"code": code, "message": message}})),
-    )
-        .into_response()
+/// An API error: rendered as `{"error":{"code","message"}}` with its status.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
 }
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"code": self.code, "message": self.message}});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+/// An [`ApiError`].
+pub fn error(status: StatusCode, code: &'static str, message: &str) -> ApiError {
+    ApiError {
+        status,
+        code,
+        message: message.to_owned(),
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
 
 fn bencoded(status: StatusCode, body: Vec<u8>) -> Response {
     (status, [(header::CONTENT_TYPE, "text/plain")], body).into_response()
@@ -102,53 +119,51 @@ async fn list_files(State(s): State<AppState>) -> Response {
 }
 
 /// The seed dir's shards.json with each shard's info hash.
-async fn manifest(State(s): State<AppState>) -> Response {
-    let dir = s.config.seed_dir.clone();
-    let manifest = match torrents::manifest::Manifest::load(&dir) {
+async fn manifest(State(s): State<AppState>) -> ApiResult {
+    let mut manifest = match torrents::manifest::Manifest::load(&s.config.seed_dir) {
         Ok(m) => m,
         Err(torrents::Error::Io { .. }) => {
-            return error(
+            return Err(error(
                 StatusCode::NOT_FOUND,
                 "no_manifest",
                 "the seed dir has no shards.json",
-            )
+            ))
         }
         Err(e) => {
-            return error(
+            return Err(error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "bad_manifest",
                 &e.to_string(),
-            )
+            ))
         }
     };
     let snap = s.snapshot();
-    let mut manifest = manifest;
     for shard in &mut manifest.shards {
         shard.info_hash = snap.by_name.get(&shard.file).map(SeedFile::info_hash_hex);
     }
-    Json(manifest).into_response()
+    Ok(Json(manifest).into_response())
 }
 
-async fn torrent_file(State(s): State<AppState>, Path(name): Path<String>) -> Response {
+async fn torrent_file(State(s): State<AppState>, Path(name): Path<String>) -> ApiResult {
     let snap = s.snapshot();
-    match name
+    let f = name
         .strip_suffix(".torrent")
         .and_then(|n| snap.by_name.get(n))
-    {
-        Some(f) => (
-            [(header::CONTENT_TYPE, "application/x-bittorrent")],
-            f.torrent_bytes.as_ref().clone(),
-        )
-            .into_response(),
-        None => error(
-            StatusCode::NOT_FOUND,
-            "unknown_file",
-            &format!("no torrent named {name}"),
-        ),
-    }
+        .ok_or_else(|| {
+            error(
+                StatusCode::NOT_FOUND,
+                "unknown_file",
+                &format!("no torrent named {name}"),
+            )
+        })?;
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-bittorrent")],
+        f.torrent_bytes.as_ref().clone(),
+    )
+        .into_response())
 }
 
-fn parse_hash(hex_hash: &str) -> Result<[u8; 20], Response> {
+fn parse_hash(hex_hash: &str) -> Result<[u8; 20], ApiError> {
     let mut h = [0u8; 20];
     hex::decode_to_slice(hex_hash, &mut h).map_err(|_| {
         error(
@@ -160,27 +175,27 @@ fn parse_hash(hex_hash: &str) -> Result<[u8; 20], Response> {
     Ok(h)
 }
 
+/// A served file by info hash.
+fn file_by_hash(s: &Seeder, h: &[u8; 20]) -> Result<SeedFile, ApiError> {
+    s.snapshot().by_hash(h).cloned().ok_or_else(|| {
+        error(
+            StatusCode::NOT_FOUND,
+            "unknown_info_hash",
+            "no torrent with that info hash",
+        )
+    })
+}
+
 /// REQUEST_METADATA: the info dictionary as JSON, or bencoded with `?format=bencode`.
 async fn metadata(
     State(s): State<AppState>,
     Path(hash): Path<String>,
     RawQuery(q): RawQuery,
-) -> Response {
-    let h = match parse_hash(&hash) {
-        Ok(h) => h,
-        Err(r) => return r,
-    };
-    let snap = s.snapshot();
-    let Some(f) = snap.by_hash(&h) else {
-        return error(
-            StatusCode::NOT_FOUND,
-            "unknown_info_hash",
-            "no torrent with that info hash",
-        );
-    };
+) -> ApiResult {
+    let f = file_by_hash(&s, &parse_hash(&hash)?)?;
     let t = &f.torrent;
     match q.as_deref() {
-        None | Some("") | Some("format=json") => Json(json!({
+        None | Some("") | Some("format=json") => Ok(Json(json!({
             "info_hash": t.info_hash_hex(),
             "name": t.name,
             "length": t.length,
@@ -189,48 +204,41 @@ async fn metadata(
             "private": t.private,
             "pieces": t.pieces.chunks(20).map(hex::encode).collect::<Vec<_>>(),
         }))
-        .into_response(),
-        Some("format=bencode") => (
+        .into_response()),
+        Some("format=bencode") => Ok((
             [(header::CONTENT_TYPE, "application/x-bittorrent")],
             t.info_bytes.clone(),
         )
-            .into_response(),
-        Some(other) => error(
+            .into_response()),
+        Some(other) => Err(error(
             StatusCode::BAD_REQUEST,
             "bad_query",
             &format!("unknown query {other:?}: use format=json or format=bencode"),
-        ),
+        )),
     }
 }
 
 /// REQUEST_PIECE: one piece's bytes, checked against its SHA-1 before they are sent.
-async fn piece(State(s): State<AppState>, Path((hash, index)): Path<(String, String)>) -> Response {
-    let h = match parse_hash(&hash) {
-        Ok(h) => h,
-        Err(r) => return r,
-    };
-    let Ok(index) = index.parse::<u64>() else {
-        return error(
+async fn piece(
+    State(s): State<AppState>,
+    Path((hash, index)): Path<(String, String)>,
+) -> ApiResult {
+    let h = parse_hash(&hash)?;
+    let index: u64 = index.parse().map_err(|_| {
+        error(
             StatusCode::BAD_REQUEST,
             "bad_piece_index",
             "the piece index is a whole number",
-        );
-    };
-    let snap = s.snapshot();
-    let Some(f) = snap.by_hash(&h).cloned() else {
-        return error(
-            StatusCode::NOT_FOUND,
-            "unknown_info_hash",
-            "no torrent with that info hash",
-        );
-    };
-    let Some(size) = f.torrent.piece_size(index) else {
-        return error(
+        )
+    })?;
+    let f = file_by_hash(&s, &h)?;
+    let size = f.torrent.piece_size(index).ok_or_else(|| {
+        error(
             StatusCode::NOT_FOUND,
             "unknown_piece",
             &format!("the torrent has {} pieces", f.torrent.piece_count),
-        );
-    };
+        )
+    })?;
     let offset = index * f.torrent.piece_length;
     let read = tokio::task::spawn_blocking(move || {
         let file = std::fs::File::open(&f.path)?;
@@ -244,21 +252,21 @@ async fn piece(State(s): State<AppState>, Path((hash, index)): Path<(String, Str
         Ok(Ok((buf, true))) => {
             HttpCounters::counter(&s.counters.piece_api, h)
                 .fetch_add(buf.len() as u64, Ordering::Relaxed);
-            ([(header::CONTENT_TYPE, "application/octet-stream")], buf).into_response()
+            Ok(([(header::CONTENT_TYPE, "application/octet-stream")], buf).into_response())
         }
         Ok(Ok((_, false))) => {
             let _ = s.rescan_tx.try_send(());
-            error(
+            Err(error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "file_changed",
                 "the file no longer matches its torrent; rescanning",
-            )
+            ))
         }
-        _ => error(
+        _ => Err(error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "read_failed",
             "could not read the piece",
-        ),
+        )),
     }
 }
 
@@ -289,15 +297,14 @@ async fn web_seed(
     Path(name): Path<String>,
     method: axum::http::Method,
     headers: HeaderMap,
-) -> Response {
-    let snap = s.snapshot();
-    let Some(f) = snap.by_name.get(&name).cloned() else {
-        return error(
+) -> ApiResult {
+    let f = s.snapshot().by_name.get(&name).cloned().ok_or_else(|| {
+        error(
             StatusCode::NOT_FOUND,
             "unknown_file",
             &format!("no file named {name:?} is served"),
-        );
-    };
+        )
+    })?;
     let len = f.size;
     let (status, start, end) = match headers.get(header::RANGE).map(|v| v.to_str().unwrap_or("")) {
         None => (StatusCode::OK, 0, len - 1),
@@ -308,12 +315,11 @@ async fn web_seed(
                     StatusCode::RANGE_NOT_SATISFIABLE,
                     "bad_range",
                     &format!("range {r:?} is not within 0..{len}"),
-                );
-                resp.headers_mut().insert(
-                    header::CONTENT_RANGE,
-                    HeaderValue::from_str(&format!("bytes */{len}")).unwrap(),
-                );
-                return resp;
+                )
+                .into_response();
+                let all = HeaderValue::from_str(&format!("bytes */{len}")).expect("ASCII header");
+                resp.headers_mut().insert(header::CONTENT_RANGE, all);
+                return Ok(resp);
             }
         },
     };
@@ -327,25 +333,19 @@ async fn web_seed(
         builder = builder.header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{len}"));
     }
     if method == axum::http::Method::HEAD {
-        return builder.body(Body::empty()).unwrap();
+        return Ok(builder.body(Body::empty()).expect("valid response"));
     }
-    let mut file = match tokio::fs::File::open(&f.path).await {
-        Ok(file) => file,
-        Err(e) => {
-            return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "read_failed",
-                &e.to_string(),
-            )
-        }
-    };
-    if let Err(e) = file.seek(std::io::SeekFrom::Start(start)).await {
-        return error(
+    let read_failed = |e: std::io::Error| {
+        error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "read_failed",
             &e.to_string(),
-        );
-    }
+        )
+    };
+    let mut file = tokio::fs::File::open(&f.path).await.map_err(read_failed)?;
+    file.seek(std::io::SeekFrom::Start(start))
+        .await
+        .map_err(read_failed)?;
     let counter = HttpCounters::counter(&s.counters.webseed, f.torrent.info_hash);
     let stream = tokio_util::io::ReaderStream::with_capacity(file.take(count), 256 << 10).map(
         move |chunk| {
@@ -355,7 +355,9 @@ async fn web_seed(
             chunk
         },
     );
-    builder.body(Body::from_stream(stream)).unwrap()
+    Ok(builder
+        .body(Body::from_stream(stream))
+        .expect("valid response"))
 }
 
 async fn healthz(State(s): State<AppState>) -> Response {

@@ -403,7 +403,7 @@ mod tests {
         );
         for bad in [
             "peer_id=-AR0001-abcdefghijkl&port=1",
-            &format!("info_hash=abc&peer_id=-AR0001-abcdefghijkl&port=1"),
+            "info_hash=abc&peer_id=-AR0001-abcdefghijkl&port=1",
             &format!("info_hash={HASH}&peer_id=-AR0001-abcdefghijkl&port=99999"),
             &format!("info_hash={HASH}&peer_id=-AR0001-abcdefghijkl&port=1&event=bogus"),
             &format!("info_hash={HASH}&peer_id=-AR0001-abcdefghijkl&port=1&left=-3"),

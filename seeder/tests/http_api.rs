@@ -24,11 +24,20 @@ fn files_manifest_torrents_metadata_and_pieces_agree() {
         let hash = f["info_hash"].as_str().unwrap();
         assert_eq!(f["shard"], k);
         assert_eq!(manifest["shards"][k]["file"], name);
-        assert_eq!(manifest["shards"][k]["info_hash"], hash, "manifest and /files disagree");
+        assert_eq!(
+            manifest["shards"][k]["info_hash"], hash,
+            "manifest and /files disagree"
+        );
         assert_eq!(manifest["shards"][k]["sha256"], f["sha256"]);
         let torrent_url = f["torrent_url"].as_str().unwrap();
-        assert_eq!(torrent_url, server.url(&format!("/torrents/{name}.torrent")));
-        let bytes = reqwest::blocking::get(torrent_url).unwrap().bytes().unwrap();
+        assert_eq!(
+            torrent_url,
+            server.url(&format!("/torrents/{name}.torrent"))
+        );
+        let bytes = reqwest::blocking::get(torrent_url)
+            .unwrap()
+            .bytes()
+            .unwrap();
         let path = work.path().join(format!("{name}.torrent"));
         std::fs::write(&path, &bytes).unwrap();
         let shown = tool("transmission-show", &[path.to_str().unwrap()]);
@@ -44,22 +53,37 @@ fn files_manifest_torrents_metadata_and_pieces_agree() {
         assert_eq!(meta["piece_count"], m.piece_count);
         let (status, info) = server.get(&format!("/metadata/{hash}?format=bencode"));
         assert_eq!(status, 200);
-        assert_eq!(hex::encode(Sha1::digest(&info)), hash, "bencoded info does not hash to the info hash");
+        assert_eq!(
+            hex::encode(Sha1::digest(&info)),
+            hash,
+            "bencoded info does not hash to the info hash"
+        );
 
         // REQUEST_PIECE: first, last, and a middle piece hash to their SHA-1s.
         for index in [0, m.piece_count / 2, m.piece_count - 1] {
             let (status, piece) = server.get(&format!("/pieces/{hash}/{index}"));
             assert_eq!(status, 200);
             assert_eq!(piece.len() as u64, m.piece_size(index).unwrap());
-            assert_eq!(Sha1::digest(&piece).as_slice(), m.piece_hash(index).unwrap());
+            assert_eq!(
+                Sha1::digest(&piece).as_slice(),
+                m.piece_hash(index).unwrap()
+            );
         }
         let (status, body) = server.get(&format!("/pieces/{hash}/{}", m.piece_count));
         assert_eq!(status, 404, "{}", String::from_utf8_lossy(&body));
     }
     for (path, status, code) in [
         ("/pieces/zz/0", 400, "bad_info_hash"),
-        (&format!("/pieces/{}/x", "ab".repeat(20)), 400, "bad_piece_index"),
-        (&format!("/metadata/{}", "ab".repeat(20)), 404, "unknown_info_hash"),
+        (
+            &format!("/pieces/{}/x", "ab".repeat(20)),
+            400,
+            "bad_piece_index",
+        ),
+        (
+            &format!("/metadata/{}", "ab".repeat(20)),
+            404,
+            "unknown_info_hash",
+        ),
         ("/torrents/nope.gguf.torrent", 404, "unknown_file"),
         ("/nowhere", 404, "not_found"),
     ] {
@@ -78,17 +102,34 @@ fn web_seed_ranges_and_no_path_traversal() {
     std::fs::write(seed.path().join("notes.txt"), "not served").unwrap();
     let outside = tempfile::tempdir().unwrap();
     std::fs::write(outside.path().join("secret.gguf"), "secret").unwrap();
-    std::os::unix::fs::symlink(outside.path().join("secret.gguf"), seed.path().join("escape.gguf")).unwrap();
+    std::os::unix::fs::symlink(
+        outside.path().join("secret.gguf"),
+        seed.path().join("escape.gguf"),
+    )
+    .unwrap();
     let state = tempfile::tempdir().unwrap();
     let server = Server::start(seed.path(), state.path(), &[]);
     let data = std::fs::read(seed.path().join("shard-0.gguf")).unwrap();
     let client = reqwest::blocking::Client::new();
     let range = |r: &str| {
-        let resp = client.get(server.url("/seed/shard-0.gguf")).header("Range", r).send().unwrap();
-        (resp.status().as_u16(), resp.headers().get("content-range").map(|v| v.to_str().unwrap().to_owned()), resp.bytes().unwrap())
+        let resp = client
+            .get(server.url("/seed/shard-0.gguf"))
+            .header("Range", r)
+            .send()
+            .unwrap();
+        (
+            resp.status().as_u16(),
+            resp.headers()
+                .get("content-range")
+                .map(|v| v.to_str().unwrap().to_owned()),
+            resp.bytes().unwrap(),
+        )
     };
     let (s, cr, b) = range("bytes=100-199");
-    assert_eq!((s, cr.as_deref()), (206, Some(format!("bytes 100-199/{}", data.len()).as_str())));
+    assert_eq!(
+        (s, cr.as_deref()),
+        (206, Some(format!("bytes 100-199/{}", data.len()).as_str()))
+    );
     assert_eq!(&b[..], &data[100..200]);
     let (s, _, b) = range("bytes=-10");
     assert_eq!((s, &b[..]), (206, &data[data.len() - 10..]));
@@ -120,8 +161,22 @@ fn web_seed_ranges_and_no_path_traversal() {
         .iter()
         .map(|f| f["name"].as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(names, ["shard-0.gguf", "shard-1.gguf", "shard-2.gguf", "shard-3.gguf"]);
-    assert!(server.stderr_text().contains("escape.gguf: symlink points outside the seed dir"), "{}", server.stderr_text());
+    assert_eq!(
+        names,
+        [
+            "shard-0.gguf",
+            "shard-1.gguf",
+            "shard-2.gguf",
+            "shard-3.gguf"
+        ]
+    );
+    assert!(
+        server
+            .stderr_text()
+            .contains("escape.gguf: symlink points outside the seed dir"),
+        "{}",
+        server.stderr_text()
+    );
 }
 
 #[test]
@@ -129,7 +184,10 @@ fn tracker_announce_and_scrape_by_hand() {
     let seed = real_shards();
     let state = tempfile::tempdir().unwrap();
     let server = Server::start(seed.path(), state.path(), &[]);
-    let hash = server.get_json("/files")["files"][0]["info_hash"].as_str().unwrap().to_owned();
+    let hash = server.get_json("/files")["files"][0]["info_hash"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let raw = hex::decode(&hash).unwrap();
     let announce = |hash: &[u8], extra: &str| {
         let (status, body) = server.get(&format!(
@@ -145,10 +203,18 @@ fn tracker_announce_and_scrape_by_hand() {
     let peers = root.get("peers").unwrap().as_bytes().unwrap();
     let mut want = vec![127, 0, 0, 1];
     want.extend_from_slice(&server.peer.port().to_be_bytes());
-    assert_eq!(peers, want.as_slice(), "the seeder must be listed at 127.0.0.1:{}", server.peer.port());
+    assert_eq!(
+        peers,
+        want.as_slice(),
+        "the seeder must be listed at 127.0.0.1:{}",
+        server.peer.port()
+    );
     assert_eq!(root.get("complete").unwrap().as_int(), Some(1));
     assert_eq!(root.get("incomplete").unwrap().as_int(), Some(1));
-    assert!(root.get("interval").unwrap().as_int().unwrap() <= 15, "short interval while a swarm forms");
+    assert!(
+        root.get("interval").unwrap().as_int().unwrap() <= 15,
+        "short interval while a swarm forms"
+    );
 
     // Non-compact, from a second peer: both others listed with ip, port and peer id.
     let (_, body) = server.get(&format!(
@@ -158,9 +224,14 @@ fn tracker_announce_and_scrape_by_hand() {
     let root = torrents::bencode::decode(&body).unwrap();
     let list = root.get("peers").unwrap().as_list().unwrap();
     assert_eq!(list.len(), 2);
-    let ports: Vec<i64> = list.iter().map(|p| p.get("port").unwrap().as_int().unwrap()).collect();
+    let ports: Vec<i64> = list
+        .iter()
+        .map(|p| p.get("port").unwrap().as_int().unwrap())
+        .collect();
     assert!(ports.contains(&6999) && ports.contains(&i64::from(server.peer.port())));
-    assert!(list.iter().all(|p| p.get("ip").is_some() && p.get("peer id").is_some()));
+    assert!(list
+        .iter()
+        .all(|p| p.get("ip").is_some() && p.get("peer id").is_some()));
 
     // Scrape one and all.
     let (status, body) = server.get(&format!("/scrape?info_hash={}", url_encode_bytes(&raw)));
@@ -173,10 +244,22 @@ fn tracker_announce_and_scrape_by_hand() {
     };
     assert_eq!(bencode_files.len(), 1);
     assert_eq!(bencode_files[0].0, raw.as_slice());
-    assert_eq!(bencode_files[0].1.get("complete").unwrap().as_int(), Some(2));
-    assert_eq!(bencode_files[0].1.get("incomplete").unwrap().as_int(), Some(1));
+    assert_eq!(
+        bencode_files[0].1.get("complete").unwrap().as_int(),
+        Some(2)
+    );
+    assert_eq!(
+        bencode_files[0].1.get("incomplete").unwrap().as_int(),
+        Some(1)
+    );
     let (_, body) = server.get("/scrape");
-    match torrents::bencode::decode(&body).unwrap().get("files").unwrap().value.clone() {
+    match torrents::bencode::decode(&body)
+        .unwrap()
+        .get("files")
+        .unwrap()
+        .value
+        .clone()
+    {
         torrents::bencode::Bencode::Dict(items) => assert_eq!(items.len(), 4),
         _ => panic!(),
     }
@@ -184,20 +267,34 @@ fn tracker_announce_and_scrape_by_hand() {
     // Stopped removes the peer.
     announce(&raw, "&event=stopped");
     let (_, body) = server.get(&format!("/scrape?info_hash={}", url_encode_bytes(&raw)));
-    assert!(String::from_utf8_lossy(&body).contains("10:incompletei0e"), "{}", String::from_utf8_lossy(&body));
+    assert!(
+        String::from_utf8_lossy(&body).contains("10:incompletei0e"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
 
     // Unknown info hash refused; malformed queries answered with a failure reason.
     let (status, body) = announce(&[7u8; 20], "");
     assert_eq!(status, 200);
     assert!(String::from_utf8_lossy(&body).contains("failure reason"));
-    for bad in ["/announce", "/announce?info_hash=abc&peer_id=x&port=1", "/announce?info_hash=%01&port=notaport"] {
+    for bad in [
+        "/announce",
+        "/announce?info_hash=abc&peer_id=x&port=1",
+        "/announce?info_hash=%01&port=notaport",
+    ] {
         let (status, body) = server.get(bad);
         assert_eq!(status, 400, "{bad}");
-        assert!(String::from_utf8_lossy(&body).contains("failure reason"), "{bad}");
+        assert!(
+            String::from_utf8_lossy(&body).contains("failure reason"),
+            "{bad}"
+        );
     }
     let metrics = String::from_utf8(server.get("/metrics").1).unwrap();
     assert!(metrics.contains("shardswarm_tracker_announces_total"));
-    assert!(metrics.contains("shardswarm_tracker_scrapes_total 3"), "{metrics}");
+    assert!(
+        metrics.contains("shardswarm_tracker_scrapes_total 3"),
+        "{metrics}"
+    );
 }
 
 #[test]
@@ -211,6 +308,10 @@ fn open_tracker_accepts_any_info_hash() {
     ));
     assert_eq!(status, 200);
     let root = torrents::bencode::decode(&body).unwrap();
-    assert!(root.get("failure reason").is_none(), "{}", String::from_utf8_lossy(&body));
+    assert!(
+        root.get("failure reason").is_none(),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
     assert_eq!(root.get("incomplete").unwrap().as_int(), Some(1));
 }

@@ -41,13 +41,20 @@ impl Server {
     }
 
     pub fn start_with(seed_dir: &Path, state_dir: &Path, base: &[&str], extra: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_server"))
-            .args(base)
+        let mut all = base.to_vec();
+        all.extend_from_slice(extra);
+        Self::start_via(env!("CARGO_BIN_EXE_server"), seed_dir, state_dir, &all)
+    }
+
+    /// Start `program args… --seed-dir … --state-dir …` (`program` is the server, or a wrapper
+    /// such as setpriv that runs it).
+    pub fn start_via(program: &str, seed_dir: &Path, state_dir: &Path, args: &[&str]) -> Server {
+        let mut child = Command::new(program)
+            .args(args)
             .arg("--seed-dir")
             .arg(seed_dir)
             .arg("--state-dir")
             .arg(state_dir)
-            .args(extra)
             .env("RUST_LOG", "info,librqbit=warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
