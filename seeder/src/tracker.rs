@@ -424,7 +424,7 @@ mod tests {
         let root = torrents::bencode::decode(&body).unwrap();
         assert_eq!(
             root.get("peers").unwrap().as_bytes().unwrap(),
-            [198, 18, 0, 1, 0xc9, 0x2c]
+            [198, 18, 0, 1, 0xca, 0x6c] // port 51820
         );
         assert_eq!(root.get("incomplete").unwrap().as_int(), Some(1));
         assert_eq!(root.get("interval").unwrap().as_int(), Some(15));
