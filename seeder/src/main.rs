@@ -2,7 +2,11 @@
 
 use clap::Parser;
 
-#[tokio::main]
+// One async thread: librqbit then reads each 16 KiB block it uploads inline (a page-cache
+// read) instead of through `block_in_place`, which on a multi-thread runtime hands the worker
+// off for every block and doubled the seeder's CPU per GiB (bench/seed.py: 2.02 -> 0.58
+// CPU-s/GiB). Hashing and other blocking work go to tokio's blocking pool.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -20,6 +20,9 @@ use librqbit::{
     AddTorrent, AddTorrentOptions, ListenerMode, ListenerOptions, Session, SessionOptions,
 };
 use tokio::sync::{mpsc, Mutex};
+
+/// The catalog, shared with the blocking tasks that scan it.
+type SharedCatalog = Arc<std::sync::Mutex<Catalog>>;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{Catalog, ScanDiff, SeedFile};
@@ -78,7 +81,9 @@ pub struct Seeder {
     pub counters: HttpCounters,
     /// Where the seeder lists itself in its tracker.
     pub self_peer: SocketAddr,
-    catalog: Mutex<Catalog>,
+    catalog: SharedCatalog,
+    /// One rescan at a time.
+    rescan_lock: Mutex<()>,
     registry: FileRegistry,
     /// Ask the rescan loop for a scan now.
     pub rescan_tx: mpsc::Sender<()>,
@@ -91,8 +96,9 @@ impl Seeder {
 
     /// Rescan the seed dir and apply the changes to librqbit, the tracker and the snapshot.
     pub async fn rescan(self: &Arc<Self>) -> anyhow::Result<ScanDiff> {
-        let mut catalog = self.catalog.lock().await;
-        let diff = tokio::task::block_in_place(|| catalog.scan())?;
+        let _one_at_a_time = self.rescan_lock.lock().await;
+        let catalog = self.catalog.clone();
+        let diff = tokio::task::spawn_blocking(move || catalog.lock().unwrap().scan()).await??;
         if diff.is_empty() {
             return Ok(diff);
         }
@@ -122,11 +128,12 @@ impl Seeder {
                 tracing::warn!("cannot seed {}: {e:#}", new.name);
             }
         }
-        *self.snapshot.write().unwrap() = Arc::new(Snapshot::new(catalog.files()));
+        let snapshot = Snapshot::new(self.catalog.lock().unwrap().files());
         println!(
             "[TORRENT] Loaded {} file(s) for sharing",
-            catalog.files().len()
+            snapshot.by_name.len()
         );
+        *self.snapshot.write().unwrap() = Arc::new(snapshot);
         Ok(diff)
     }
 
@@ -238,7 +245,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 
     let mut catalog = Catalog::new(&config.seed_dir, &state_dir, &public_url)?;
     let registry = FileRegistry::default();
-    let initial = tokio::task::block_in_place(|| catalog.scan())?;
+    // Hashing is blocking work: off the async threads.
+    let (catalog, initial) = tokio::task::spawn_blocking(move || {
+        let diff = catalog.scan();
+        (catalog, diff)
+    })
+    .await?;
+    let initial = initial?;
     for f in &initial.added {
         registry.insert(Id20::new(f.torrent.info_hash), f.path.clone());
     }
@@ -312,7 +325,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         snapshot: RwLock::new(Arc::new(Snapshot::default())),
         counters: HttpCounters::default(),
         self_peer,
-        catalog: Mutex::new(catalog),
+        catalog: Arc::new(std::sync::Mutex::new(catalog)),
+        rescan_lock: Mutex::new(()),
         registry,
         rescan_tx,
     });

@@ -180,3 +180,45 @@ fn real_shards_match_mktorrent_and_every_tool_reads_them() {
         );
     }
 }
+
+#[test]
+fn edit_replaces_trackers_and_web_seeds_but_keeps_the_info_hash() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("data.bin");
+    std::fs::write(&file, vec![3u8; 100_000]).unwrap();
+    let t = dir.path().join("a.torrent");
+    let e = dir.path().join("b.torrent");
+    let o = common::shard_loader([
+        "torrent",
+        "create",
+        file.to_str().unwrap(),
+        "-a",
+        "http://127.0.0.1:9/announce",
+        "-w",
+        "http://127.0.0.1:9/seed/data.bin",
+        "-o",
+        t.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let o = common::shard_loader([
+        "torrent",
+        "edit",
+        t.to_str().unwrap(),
+        "-a",
+        "http://127.0.0.2:7/announce",
+        "-o",
+        e.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let (a, b) = (
+        metainfo::read_file(&t).unwrap(),
+        metainfo::read_file(&e).unwrap(),
+    );
+    assert_eq!(a.info_hash, b.info_hash);
+    assert_eq!(
+        b.trackers,
+        vec![vec!["http://127.0.0.2:7/announce".to_string()]]
+    );
+    assert!(b.web_seeds.is_empty());
+    third_party_tools_agree(&e, &b.info_hash_hex());
+}

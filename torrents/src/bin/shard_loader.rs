@@ -86,6 +86,23 @@ enum Command {
 enum TorrentCommand {
     /// Hash a file (on every core) and write a standard v1 .torrent for it.
     Create(CreateArgs),
+    /// Rewrite a .torrent's trackers and web seeds without hashing again: the info
+    /// dictionary, and so the info hash, stay as they are. The given lists replace the old
+    /// ones (none given: none kept).
+    Edit {
+        file: PathBuf,
+        /// Tracker announce URL (repeat for more).
+        #[arg(short, long = "announce")]
+        announce: Vec<String>,
+        /// Web seed URL (repeat for more).
+        #[arg(short, long = "web-seed")]
+        web_seed: Vec<String>,
+        #[arg(short, long)]
+        comment: Option<String>,
+        /// Output file (default: overwrite FILE).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
     /// Show what a .torrent holds: name, info hash, size, pieces, trackers, web seeds, magnet.
     Show {
         file: PathBuf,
@@ -254,6 +271,26 @@ fn run(cli: Cli) -> Result<ExitCode> {
             });
         }
         Command::Torrent(TorrentCommand::Create(args)) => create_torrent(args)?,
+        Command::Torrent(TorrentCommand::Edit {
+            file,
+            announce,
+            web_seed,
+            comment,
+            output,
+        }) => {
+            let old = metainfo::read_file(&file)?;
+            let opts = CreateOptions {
+                announce,
+                web_seeds: web_seed,
+                comment,
+                ..Default::default()
+            };
+            let (bytes, m) = metainfo::rewrap(&old, &opts)?;
+            let output = output.unwrap_or(file);
+            torrents::manifest::write_atomically(&output, &bytes)?;
+            eprintln!("wrote {}", output.display());
+            print_metainfo(&m);
+        }
         Command::Torrent(TorrentCommand::Show { file, json }) => {
             let m = metainfo::read_file(&file)?;
             if json {
