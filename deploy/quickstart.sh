@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command from a fresh clone to the furthest the project runs today: install what is
-# missing, build, fetch the real model, split it into 4 stage shards, validate them, and make and
-# show a .torrent for each. Output in target/quickstart/.
+# missing, build, fetch the real model, split it into 4 stage shards, validate them, seed them
+# with the seeder (tracker + web seed on loopback), download every shard back with aria2c from
+# its magnet link, and validate the downloaded set. Output in target/quickstart/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=target/quickstart
@@ -12,6 +13,8 @@ command -v cmake >/dev/null || need+=(cmake)
 command -v clang >/dev/null || need+=(clang)
 [ -e /usr/lib/llvm-14/lib/libclang.so ] || ls /usr/lib/llvm-*/lib/libclang*.so >/dev/null 2>&1 || need+=(libclang-dev)
 python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
+command -v aria2c >/dev/null || need+=(aria2)
+command -v curl >/dev/null || need+=(curl)
 if [ ${#need[@]} -gt 0 ]; then
     echo "== installing ${need[*]}"
     sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
@@ -37,13 +40,25 @@ for k in $(seq 0 $((shards - 1))); do
     target/release/node model-info --model "$out/shards/shard-$k.gguf" --json | tr -d '\n ' ; echo
 done
 
-echo "== making torrents"
-mkdir -p "$out/torrents"
-for k in $(seq 0 $((shards - 1))); do
-    target/release/shard_loader torrent create "$out/shards/shard-$k.gguf" --no-date \
-        --announce http://127.0.0.1:51821/announce --web-seed "http://127.0.0.1:51821/seed/shard-$k.gguf" \
-        -o "$out/torrents/shard-$k.gguf.torrent" >/dev/null
-    echo "-- shard-$k.gguf.torrent"
-    target/release/shard_loader torrent show "$out/torrents/shard-$k.gguf.torrent"
+echo "== seeding with the seeder (loopback)"
+rm -rf "$out/state" "$out/downloaded"
+mkdir -p "$out/downloaded"
+target/release/server --listen-addr 127.0.0.1 --port 0 --http-port 0 --seed-dir "$out/shards" \
+    --state-dir "$out/state" >"$out/server.out" 2>"$out/server.log" &
+server=$!
+trap 'kill $server 2>/dev/null' EXIT
+for _ in $(seq 600); do grep -q '^\[READY\]' "$out/server.out" 2>/dev/null && break; sleep 0.1; done
+grep '^\[' "$out/server.out" || { cat "$out/server.log"; exit 1; }
+http=$(sed -n 's/^\[READY\] http=\([^ ]*\).*/\1/p' "$out/server.out")
+curl -sf "http://$http/files" | python3 -m json.tool
+
+echo "== downloading every shard back with aria2c, from its magnet link"
+for magnet in $(curl -sf "http://$http/files" | python3 -c 'import json,sys; [print(f["magnet"]) for f in json.load(sys.stdin)["files"]]'); do
+    aria2c -d "$out/downloaded" --enable-dht=false --enable-dht6=false --bt-enable-lpd=false \
+        --enable-peer-exchange=false --seed-time=0 --bt-stop-timeout=120 --file-allocation=none \
+        --console-log-level=warn --summary-interval=0 --allow-overwrite=true \
+        --show-console-readout=false --download-result=hide "$magnet"
 done
-echo "== done: shards in $out/shards, torrents in $out/torrents"
+curl -sf "http://$http/manifest" >"$out/downloaded/shards.json"
+target/release/shard_loader validate --target-dir "$out/downloaded" --expected-shards "$shards"
+echo "== done: shards in $out/shards, downloaded copies in $out/downloaded, seeder log in $out/server.log"
