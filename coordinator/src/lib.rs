@@ -1,1 +1,85 @@
-//! Coordinator: control channel, shard placement, readiness and the inference router (later issue).
+//! The coordinator: nodes register over a WebSocket control channel (`/control`, JSON
+//! commands); it learns the shards from the seeder, places them, sends `LOAD_SHARD`, tracks
+//! progress and broadcasts `SWARM_READY` once enough nodes are up and every shard is loaded.
+//!
+//! Tasks: the axum server (one task per connection, each with an outbound channel), and a
+//! heartbeat sweeper. State: one [`swarm::Swarm`] behind a std mutex, held only for the
+//! non-blocking bookkeeping of one event; the messages an event produces are sent after the
+//! lock is released.
+
+pub mod seeder_client;
+pub mod server;
+pub mod swarm;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Coordinator configuration (flags, or `SHARDSWARM_COORDINATOR_*` environment variables).
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "coordinator",
+    version,
+    about = "shardswarm coordinator: places shards on nodes and reports when the swarm is ready",
+    long_about = "Nodes connect to ws://ADDR/control and REGISTER; the coordinator learns the shards \
+from the seeder's /manifest and /files, places every shard on at least one node (extra nodes get \
+replicas, fetched from the first holder rather than the seeder), sends LOAD_SHARD, and broadcasts \
+SWARM_READY once --min-nodes nodes are registered and every shard is loaded.\n\nHTTP: GET /status \
+(JSON), GET /healthz. Prints `[READY] http=ADDR` once serving."
+)]
+pub struct Config {
+    /// Address to listen on (port 0: any free port).
+    #[arg(
+        long,
+        default_value = "0.0.0.0:51830",
+        env = "SHARDSWARM_COORDINATOR_LISTEN"
+    )]
+    pub listen: SocketAddr,
+    /// The seeder's HTTP base URL (e.g. http://127.0.0.1:51821).
+    #[arg(long, env = "SHARDSWARM_COORDINATOR_SEEDER")]
+    pub seeder: String,
+    /// Nodes that must be registered for the swarm to be ready.
+    #[arg(long, default_value_t = 4)]
+    pub min_nodes: usize,
+    /// Shared secret nodes must present (params.token or `Authorization: Bearer`).
+    #[arg(long, env = "SHARDSWARM_TOKEN")]
+    pub token: Option<String>,
+    /// Seconds between node heartbeats.
+    #[arg(long, default_value_t = 2)]
+    pub heartbeat_interval: u64,
+    /// Seconds of silence after which a node is dropped and its shards re-placed.
+    #[arg(long, default_value_t = 10)]
+    pub heartbeat_timeout: u64,
+}
+
+impl Config {
+    pub fn check(&self) -> anyhow::Result<()> {
+        if self.min_nodes == 0 {
+            anyhow::bail!("--min-nodes must be at least 1");
+        }
+        if self.heartbeat_interval == 0 || self.heartbeat_timeout <= self.heartbeat_interval {
+            anyhow::bail!("--heartbeat-timeout must be longer than --heartbeat-interval (>= 1 s)");
+        }
+        if !(self.seeder.starts_with("http://") || self.seeder.starts_with("https://")) {
+            anyhow::bail!("--seeder {} is not an http:// URL", self.seeder);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn heartbeat(&self) -> (Duration, Duration) {
+        (
+            Duration::from_secs(self.heartbeat_interval),
+            Duration::from_secs(self.heartbeat_timeout),
+        )
+    }
+}
+
+/// Run until SIGINT/SIGTERM.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let running = server::start(config).await?;
+    println!("[READY] http={}", running.http);
+    running.wait_for_shutdown_signal().await;
+    tracing::info!("shutting down");
+    Ok(())
+}

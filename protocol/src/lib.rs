@@ -1,9 +1,50 @@
-//! Message types shared by the coordinator and nodes. No IO here: only shapes and their codecs.
+//! The control channel between the coordinator and nodes: message shapes and their JSON
+//! codec. No IO here.
+//!
+//! Every message is the seed system's envelope `{command, request_id, from, to, timestamp,
+//! params}` sent as one WebSocket text frame; a reply reuses its request's `request_id`. The
+//! typed `*Params` structs below are the `params` of each command.
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-/// The envelope of every control-channel message, kept from the seed system:
-/// `{command, request_id, from, to, timestamp, params}`. A reply reuses the request's `request_id`.
+/// Bumped when a message changes meaning; a node and coordinator must agree on it.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Sender/receiver id of the coordinator.
+pub const COORDINATOR: &str = "coordinator";
+/// Receiver id of a broadcast.
+pub const BROADCAST: &str = "*";
+
+/// Command names.
+pub mod cmd {
+    pub const REGISTER: &str = "REGISTER";
+    pub const REGISTERED: &str = "REGISTERED";
+    pub const HEARTBEAT: &str = "HEARTBEAT";
+    pub const LIST_FILES: &str = "LIST_FILES";
+    pub const LOAD_SHARD: &str = "LOAD_SHARD";
+    pub const SHARD_PROGRESS: &str = "SHARD_PROGRESS";
+    pub const SHARD_LOADED: &str = "SHARD_LOADED";
+    pub const SHARD_FAILED: &str = "SHARD_FAILED";
+    pub const UNLOAD_SHARD: &str = "UNLOAD_SHARD";
+    pub const SWARM_READY: &str = "SWARM_READY";
+    pub const SWARM_NOT_READY: &str = "SWARM_NOT_READY";
+    pub const ERROR: &str = "ERROR";
+}
+
+/// Error codes in `ERROR` params.
+pub mod code {
+    pub const BAD_JSON: &str = "bad_json";
+    pub const BAD_PARAMS: &str = "bad_params";
+    pub const UNKNOWN_COMMAND: &str = "unknown_command";
+    pub const UNAUTHORIZED: &str = "unauthorized";
+    pub const NOT_REGISTERED: &str = "not_registered";
+    pub const PROTOCOL_VERSION: &str = "protocol_version";
+    pub const FOREIGN_SHARDS: &str = "foreign_shards";
+    pub const SEEDER_UNAVAILABLE: &str = "seeder_unavailable";
+}
+
+/// The envelope of every control-channel message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Command {
     /// Upper-case command name, e.g. `LOAD_SHARD`.
@@ -21,6 +62,206 @@ pub struct Command {
     pub params: serde_json::Value,
 }
 
+/// Why a frame is not a usable message.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("not a JSON command envelope: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("bad params for {command}: {source}")]
+    Params {
+        command: String,
+        source: serde_json::Error,
+    },
+}
+
+/// Now as RFC 3339 UTC.
+pub fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("formatting the current time")
+}
+
+impl Command {
+    /// A new request with a fresh `request_id`.
+    pub fn new(command: &str, from: &str, to: &str, params: impl Serialize) -> Command {
+        Self::reply_to(&uuid::Uuid::new_v4().to_string(), command, from, to, params)
+    }
+
+    /// A reply carrying `request_id`.
+    pub fn reply_to(
+        request_id: &str,
+        command: &str,
+        from: &str,
+        to: &str,
+        params: impl Serialize,
+    ) -> Command {
+        Command {
+            command: command.to_owned(),
+            request_id: request_id.to_owned(),
+            from: from.to_owned(),
+            to: to.to_owned(),
+            timestamp: now_rfc3339(),
+            params: serde_json::to_value(params).expect("params serialise"),
+        }
+    }
+
+    /// An `ERROR` reply to `request_id`.
+    pub fn error(request_id: &str, from: &str, to: &str, code: &str, message: &str) -> Command {
+        Self::reply_to(
+            request_id,
+            cmd::ERROR,
+            from,
+            to,
+            ErrorParams {
+                code: code.into(),
+                message: message.into(),
+            },
+        )
+    }
+
+    /// Parse one frame.
+    pub fn decode(text: &str) -> Result<Command, DecodeError> {
+        Ok(serde_json::from_str(text)?)
+    }
+
+    /// The frame's text.
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).expect("command serialises")
+    }
+
+    /// The params as `T`.
+    pub fn params<T: DeserializeOwned>(&self) -> Result<T, DecodeError> {
+        serde_json::from_value(self.params.clone()).map_err(|source| DecodeError::Params {
+            command: self.command.clone(),
+            source,
+        })
+    }
+}
+
+/// A shard a node holds and has verified.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldShard {
+    pub shard_id: u32,
+    pub sha256: String,
+}
+
+/// What a node can take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Capacity {
+    pub ram_bytes: u64,
+    pub disk_free_bytes: u64,
+    pub threads: u32,
+}
+
+/// `REGISTER`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegisterParams {
+    /// Generated once, persisted in the node's data dir.
+    pub node_id: String,
+    pub protocol_version: u32,
+    pub name: String,
+    /// BitTorrent port other nodes reach this node's shards on.
+    pub peer_port: u16,
+    /// Inference data channel address (null until the node serves one).
+    pub data_addr: Option<String>,
+    pub shards: Vec<HeldShard>,
+    pub capacity: Capacity,
+    /// Shared secret (or the HTTP `Authorization: Bearer` header).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+/// `REGISTERED`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisteredParams {
+    /// sha256 of the source model (or the split id when it came in parts).
+    pub model_sha256: String,
+    pub split_id: String,
+    /// Seconds between heartbeats the coordinator expects.
+    pub heartbeat_interval_secs: u64,
+}
+
+/// `LOAD_SHARD`: fetch and verify a shard, then keep seeding it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadShardParams {
+    pub shard_id: u32,
+    /// File name (`shard-K.gguf`).
+    pub file: String,
+    pub size: u64,
+    pub info_hash: String,
+    pub magnet: String,
+    pub torrent_url: String,
+    pub sha256: String,
+    /// Nodes (ip:port) that hold or are fetching this shard: connect to them first.
+    #[serde(default)]
+    pub peers: Vec<String>,
+    /// Use the seeder's tracker too. False makes a replica fetch from `peers` only, so the
+    /// seeder sends the shard once; the coordinator turns it back on if those peers go away.
+    #[serde(default = "yes")]
+    pub use_tracker: bool,
+    /// The seeder's own peer address, to count bytes from it apart from bytes from nodes.
+    #[serde(default)]
+    pub seeder_peer: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `SHARD_PROGRESS`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardProgressParams {
+    pub shard_id: u32,
+    /// Bytes of the shard verified so far.
+    pub bytes: u64,
+    pub total: u64,
+    /// Bytes fetched this session from the seeder and from other nodes.
+    pub from_seeder: u64,
+    pub from_peers: u64,
+}
+
+/// `SHARD_LOADED`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardLoadedParams {
+    pub shard_id: u32,
+    pub sha256: String,
+    pub from_seeder: u64,
+    pub from_peers: u64,
+}
+
+/// `SHARD_FAILED`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardFailedParams {
+    pub shard_id: u32,
+    pub code: String,
+    pub message: String,
+}
+
+/// `UNLOAD_SHARD`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnloadShardParams {
+    pub shard_id: u32,
+    /// Delete the file too (default: keep it).
+    #[serde(default)]
+    pub delete: bool,
+}
+
+/// `SWARM_READY` / `SWARM_NOT_READY`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwarmStateParams {
+    pub nodes: usize,
+    pub min_nodes: usize,
+    pub shards_loaded: usize,
+    pub shards: usize,
+}
+
+/// `ERROR`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorParams {
+    pub code: String,
+    pub message: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -28,11 +269,37 @@ mod tests {
     #[test]
     fn envelope_round_trips_with_seed_field_names() {
         let text = r#"{"command":"LOAD_SHARD","request_id":"r1","from":"coordinator","to":"n1","timestamp":"2026-01-01T00:00:00Z","params":{"shard_id":0}}"#;
-        let cmd: Command = serde_json::from_str(text).unwrap();
+        let cmd = Command::decode(text).unwrap();
         assert_eq!(cmd.command, "LOAD_SHARD");
         assert_eq!(cmd.params["shard_id"], 0);
-        let back: serde_json::Value = serde_json::to_value(&cmd).unwrap();
+        let back: serde_json::Value = serde_json::from_str(&cmd.encode()).unwrap();
         let orig: serde_json::Value = serde_json::from_str(text).unwrap();
         assert_eq!(back, orig);
+    }
+
+    #[test]
+    fn replies_keep_the_request_id_and_errors_have_code_and_message() {
+        let req = Command::new(cmd::HEARTBEAT, "n1", COORDINATOR, serde_json::json!({}));
+        let err = Command::error(&req.request_id, COORDINATOR, "n1", code::BAD_PARAMS, "no");
+        assert_eq!(err.request_id, req.request_id);
+        let p: ErrorParams = err.params().unwrap();
+        assert_eq!(p.code, "bad_params");
+        assert!(time::OffsetDateTime::parse(
+            &err.timestamp,
+            &time::format_description::well_known::Rfc3339
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn load_shard_defaults_to_using_the_tracker() {
+        let p: LoadShardParams = serde_json::from_value(serde_json::json!({
+            "shard_id": 1, "file": "shard-1.gguf", "size": 5, "info_hash": "ab", "magnet": "m",
+            "torrent_url": "u", "sha256": "s"
+        }))
+        .unwrap();
+        assert!(p.use_tracker);
+        assert!(p.peers.is_empty());
+        assert!(Command::decode("{not json").is_err());
     }
 }

@@ -361,7 +361,8 @@ async fn web_seed(
 }
 
 async fn healthz(State(s): State<AppState>) -> Response {
-    Json(json!({"status": "ok", "files": s.snapshot().by_name.len()})).into_response()
+    let files = s.snapshot().by_name.len();
+    Json(json!({"status": "ok", "files": files, "peer": s.self_peer.to_string()})).into_response()
 }
 
 /// Prometheus text exposition.

@@ -1,0 +1,776 @@
+//! The swarm's state and its rules: who is registered, who holds or fetches which shard,
+//! where shards go, and when the swarm is ready. No IO: every event returns the messages to
+//! send, so the rules are tested without sockets.
+//!
+//! Placement: a node keeps the verified shards it registers with; every shard without a holder
+//! goes to a node with room that holds nothing, else to one holding only replicas, else (once
+//! `min_nodes` are registered, so no more are awaited) to the least loaded; a node holding
+//! nothing gets a replica of the least-covered shard. A replica first
+//! fetches from the nodes already holding or fetching its shard and not from the seeder's
+//! tracker, so the seeder sends each shard about once; if those nodes go away it is told to use
+//! the tracker again.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use protocol::{
+    cmd, code, Capacity, Command, LoadShardParams, RegisterParams, RegisteredParams,
+    ShardFailedParams, ShardLoadedParams, ShardProgressParams, SwarmStateParams, BROADCAST,
+    COORDINATOR, PROTOCOL_VERSION,
+};
+use serde::Serialize;
+
+/// One shard of the served split, as the seeder lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ShardSpec {
+    pub shard_id: u32,
+    pub file: String,
+    pub size: u64,
+    pub sha256: String,
+    pub info_hash: String,
+    pub magnet: String,
+    pub torrent_url: String,
+}
+
+/// A node's relation to one shard.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum Holding {
+    Fetching {
+        bytes: u64,
+        total: u64,
+        from_seeder: u64,
+        from_peers: u64,
+        use_tracker: bool,
+    },
+    Loaded {
+        from_seeder: u64,
+        from_peers: u64,
+    },
+    Failed {
+        code: String,
+        message: String,
+    },
+}
+
+impl Holding {
+    fn counts(&self) -> bool {
+        matches!(self, Holding::Fetching { .. } | Holding::Loaded { .. })
+    }
+
+    fn bytes(&self) -> (u64, u64) {
+        match *self {
+            Holding::Fetching {
+                from_seeder,
+                from_peers,
+                ..
+            }
+            | Holding::Loaded {
+                from_seeder,
+                from_peers,
+            } => (from_seeder, from_peers),
+            Holding::Failed { .. } => (0, 0),
+        }
+    }
+}
+
+/// A registered node.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeState {
+    pub node_id: String,
+    pub name: String,
+    /// Where other nodes reach its shards over BitTorrent.
+    pub peer_addr: SocketAddr,
+    pub data_addr: Option<String>,
+    pub capacity: Capacity,
+    pub shards: BTreeMap<u32, Holding>,
+    /// Which connection it registered on (a reconnect replaces it).
+    #[serde(skip)]
+    pub conn: u64,
+    #[serde(skip)]
+    pub last_seen: Instant,
+}
+
+impl NodeState {
+    fn assigned_bytes(&self, shards: &[ShardSpec]) -> u64 {
+        self.shards
+            .iter()
+            .filter(|(_, h)| h.counts())
+            .map(|(id, _)| shards[*id as usize].size)
+            .sum()
+    }
+
+    fn has_room_for(&self, shard: &ShardSpec, shards: &[ShardSpec]) -> bool {
+        let used = self.assigned_bytes(shards);
+        let disk_ok = self.capacity.disk_free_bytes >= used + shard.size;
+        // A stage is mapped into memory when it is served: it must fit in RAM too.
+        let ram_ok = self.capacity.ram_bytes == 0 || self.capacity.ram_bytes >= used + shard.size;
+        disk_ok && ram_ok
+    }
+}
+
+/// Messages to send: to one node id, or to [`BROADCAST`].
+pub type Outbox = Vec<(String, Command)>;
+
+/// The swarm.
+pub struct Swarm {
+    pub shards: Vec<ShardSpec>,
+    pub nodes: BTreeMap<String, NodeState>,
+    pub min_nodes: usize,
+    pub ready: bool,
+    pub model_sha256: String,
+    pub split_id: String,
+    pub seeder_peer: Option<String>,
+    pub token: Option<String>,
+    pub heartbeat_interval: Duration,
+    pub heartbeat_timeout: Duration,
+}
+
+/// Why a registration is refused: (error code, message).
+pub type Refusal = (&'static str, String);
+
+impl Swarm {
+    fn load_shard(&self, node: &str, shard_id: u32, use_tracker: bool) -> (String, Command) {
+        let s = &self.shards[shard_id as usize];
+        let peers = self
+            .nodes
+            .values()
+            .filter(|n| n.node_id != node && n.shards.get(&shard_id).is_some_and(Holding::counts))
+            .map(|n| n.peer_addr.to_string())
+            .collect();
+        let params = LoadShardParams {
+            shard_id,
+            file: s.file.clone(),
+            size: s.size,
+            info_hash: s.info_hash.clone(),
+            magnet: s.magnet.clone(),
+            torrent_url: s.torrent_url.clone(),
+            sha256: s.sha256.clone(),
+            peers,
+            use_tracker,
+            seeder_peer: self.seeder_peer.clone(),
+        };
+        (
+            node.to_owned(),
+            Command::new(cmd::LOAD_SHARD, COORDINATOR, node, params),
+        )
+    }
+
+    /// Handle `REGISTER` from a connection at `ip`. On success the node is (re)admitted with
+    /// the shards it holds, and the reply and any new placements are returned.
+    pub fn register(
+        &mut self,
+        req: &Command,
+        p: &RegisterParams,
+        ip: IpAddr,
+        conn: u64,
+        header_token: Option<&str>,
+    ) -> Result<Outbox, Refusal> {
+        if let Some(want) = &self.token {
+            if p.token.as_deref().or(header_token) != Some(want.as_str()) {
+                return Err((code::UNAUTHORIZED, "wrong or missing token".into()));
+            }
+        }
+        if p.protocol_version != PROTOCOL_VERSION {
+            return Err((
+                code::PROTOCOL_VERSION,
+                format!(
+                    "this coordinator speaks protocol {PROTOCOL_VERSION}, the node {}",
+                    p.protocol_version
+                ),
+            ));
+        }
+        if p.node_id.is_empty() || p.node_id.len() > 128 || p.peer_port == 0 {
+            return Err((
+                code::BAD_PARAMS,
+                "node_id must be 1-128 characters and peer_port non-zero".into(),
+            ));
+        }
+        let mut held = BTreeMap::new();
+        for h in &p.shards {
+            match self.shards.get(h.shard_id as usize) {
+                Some(s) if s.sha256 == h.sha256 => {
+                    held.insert(h.shard_id, Holding::Loaded { from_seeder: 0, from_peers: 0 });
+                }
+                _ => {
+                    return Err((
+                        code::FOREIGN_SHARDS,
+                        format!(
+                            "shard {} (sha256 {}) is not part of split {} of this model: clear the node's data dir",
+                            h.shard_id, h.sha256, self.split_id
+                        ),
+                    ))
+                }
+            }
+        }
+        let node = NodeState {
+            node_id: p.node_id.clone(),
+            name: p.name.clone(),
+            peer_addr: SocketAddr::new(ip, p.peer_port),
+            data_addr: p.data_addr.clone(),
+            capacity: p.capacity,
+            shards: held,
+            conn,
+            last_seen: Instant::now(),
+        };
+        tracing::info!(
+            "node {} ({}) registered from {} with {} shard(s)",
+            node.name,
+            node.node_id,
+            node.peer_addr,
+            node.shards.len()
+        );
+        self.nodes.insert(p.node_id.clone(), node);
+        let reply = RegisteredParams {
+            model_sha256: self.model_sha256.clone(),
+            split_id: self.split_id.clone(),
+            heartbeat_interval_secs: self.heartbeat_interval.as_secs().max(1),
+        };
+        let mut out = vec![(
+            p.node_id.clone(),
+            Command::reply_to(
+                &req.request_id,
+                cmd::REGISTERED,
+                COORDINATOR,
+                &p.node_id,
+                reply,
+            ),
+        )];
+        out.extend(self.place());
+        Ok(out)
+    }
+
+    /// A heartbeat (or any message) from a node.
+    pub fn seen(&mut self, node: &str) {
+        if let Some(n) = self.nodes.get_mut(node) {
+            n.last_seen = Instant::now();
+        }
+    }
+
+    pub fn progress(&mut self, node: &str, p: &ShardProgressParams) -> Outbox {
+        if let Some(Holding::Fetching {
+            bytes,
+            total,
+            from_seeder,
+            from_peers,
+            ..
+        }) = self
+            .nodes
+            .get_mut(node)
+            .and_then(|n| n.shards.get_mut(&p.shard_id))
+        {
+            (*bytes, *total, *from_seeder, *from_peers) =
+                (p.bytes, p.total, p.from_seeder, p.from_peers);
+        }
+        Vec::new()
+    }
+
+    pub fn loaded(&mut self, node: &str, p: &ShardLoadedParams) -> Outbox {
+        let Some(n) = self.nodes.get_mut(node) else {
+            return Vec::new();
+        };
+        match self.shards.get(p.shard_id as usize) {
+            Some(s) if s.sha256 == p.sha256 => {
+                tracing::info!(
+                    "node {} loaded shard {} ({} bytes from the seeder, {} from peers)",
+                    n.name,
+                    p.shard_id,
+                    p.from_seeder,
+                    p.from_peers
+                );
+                n.shards.insert(
+                    p.shard_id,
+                    Holding::Loaded {
+                        from_seeder: p.from_seeder,
+                        from_peers: p.from_peers,
+                    },
+                );
+            }
+            _ => {
+                n.shards.insert(
+                    p.shard_id,
+                    Holding::Failed {
+                        code: "wrong_sha256".into(),
+                        message: "loaded shard does not match the manifest".into(),
+                    },
+                );
+            }
+        }
+        self.place()
+    }
+
+    pub fn failed(&mut self, node: &str, p: &ShardFailedParams) -> Outbox {
+        if let Some(n) = self.nodes.get_mut(node) {
+            tracing::warn!(
+                "node {} failed shard {}: {} ({})",
+                n.name,
+                p.shard_id,
+                p.message,
+                p.code
+            );
+            n.shards.insert(
+                p.shard_id,
+                Holding::Failed {
+                    code: p.code.clone(),
+                    message: p.message.clone(),
+                },
+            );
+        }
+        self.place()
+    }
+
+    /// A connection closed: its node is gone (unless it already re-registered elsewhere).
+    pub fn disconnected(&mut self, node: &str, conn: u64) -> Outbox {
+        if self.nodes.get(node).is_some_and(|n| n.conn == conn) {
+            tracing::warn!("node {node} disconnected: dropping it and re-placing its shards");
+            self.nodes.remove(node);
+            return self.place();
+        }
+        Vec::new()
+    }
+
+    /// Drop nodes silent for longer than the heartbeat timeout. Returns the messages and the
+    /// dropped node ids (whose connections should be closed).
+    pub fn expire(&mut self, now: Instant) -> (Outbox, Vec<String>) {
+        let dead: Vec<String> = self
+            .nodes
+            .values()
+            .filter(|n| now.duration_since(n.last_seen) > self.heartbeat_timeout)
+            .map(|n| n.node_id.clone())
+            .collect();
+        if dead.is_empty() {
+            return (Vec::new(), dead);
+        }
+        for id in &dead {
+            tracing::warn!(
+                "node {id} missed its heartbeats: dropping it and re-placing its shards"
+            );
+            self.nodes.remove(id);
+        }
+        (self.place(), dead)
+    }
+
+    fn coverage(&self, shard_id: u32) -> usize {
+        self.nodes
+            .values()
+            .filter(|n| n.shards.get(&shard_id).is_some_and(Holding::counts))
+            .count()
+    }
+
+    /// Place uncovered shards and replicas, fix stranded replicas, and update readiness.
+    pub fn place(&mut self) -> Outbox {
+        let mut out = Vec::new();
+        // Every shard on at least one node.
+        for shard_id in 0..self.shards.len() as u32 {
+            if self.coverage(shard_id) > 0 {
+                continue;
+            }
+            let spec = self.shards[shard_id as usize].clone();
+            // Nodes holding nothing first, then nodes holding only replicas; a node that holds
+            // a shard nobody else has takes a second one only once no more nodes are awaited.
+            let enough_nodes = self.nodes.len() >= self.min_nodes;
+            let candidate = self
+                .nodes
+                .values()
+                .filter(|n| {
+                    !n.shards.get(&shard_id).is_some_and(Holding::counts)
+                        && n.has_room_for(&spec, &self.shards)
+                })
+                .map(|n| {
+                    let counted: Vec<u32> = n
+                        .shards
+                        .iter()
+                        .filter(|(_, h)| h.counts())
+                        .map(|(id, _)| *id)
+                        .collect();
+                    let rank = if counted.is_empty() {
+                        0
+                    } else if counted.iter().all(|id| self.coverage(*id) >= 2) {
+                        1
+                    } else {
+                        2
+                    };
+                    (rank, counted.len(), n.node_id.clone())
+                })
+                .filter(|(rank, _, _)| *rank < 2 || enough_nodes)
+                .min()
+                .map(|(_, _, id)| id);
+            match candidate {
+                Some(node) => out.push(self.assign(&node, shard_id)),
+                None => tracing::warn!(
+                    "no node has room for shard {shard_id} ({} bytes)",
+                    spec.size
+                ),
+            }
+        }
+        // Nodes holding nothing get a replica of the least-covered shard.
+        let idle: Vec<String> = self
+            .nodes
+            .values()
+            .filter(|n| !n.shards.values().any(Holding::counts))
+            .map(|n| n.node_id.clone())
+            .collect();
+        for node in idle {
+            let best = (0..self.shards.len() as u32)
+                .filter(|id| {
+                    let n = &self.nodes[&node];
+                    !matches!(n.shards.get(id), Some(Holding::Failed { .. }))
+                        && n.has_room_for(&self.shards[*id as usize], &self.shards)
+                })
+                .min_by_key(|id| (self.coverage(*id), *id));
+            if let Some(shard_id) = best {
+                out.push(self.assign(&node, shard_id));
+            }
+        }
+        // A replica fetching from peers only, whose peers are all gone, goes back to the tracker.
+        let stranded: Vec<(String, u32)> = self
+            .nodes
+            .values()
+            .flat_map(|n| {
+                n.shards.iter().filter_map(move |(id, h)| match h {
+                    Holding::Fetching {
+                        use_tracker: false, ..
+                    } => Some((n.node_id.clone(), *id)),
+                    _ => None,
+                })
+            })
+            .filter(|(_, id)| self.coverage(*id) < 2)
+            .collect();
+        for (node, shard_id) in stranded {
+            if let Some(Holding::Fetching { use_tracker, .. }) = self
+                .nodes
+                .get_mut(&node)
+                .and_then(|n| n.shards.get_mut(&shard_id))
+            {
+                *use_tracker = true;
+            }
+            out.push(self.load_shard(&node, shard_id, true));
+        }
+        out.extend(self.update_ready());
+        out
+    }
+
+    /// Mark `node` as fetching `shard_id` and make its LOAD_SHARD. A replica of a shard that
+    /// some other node holds or fetches is fetched from those nodes only.
+    fn assign(&mut self, node: &str, shard_id: u32) -> (String, Command) {
+        let use_tracker = self.coverage(shard_id) == 0;
+        let total = self.shards[shard_id as usize].size;
+        self.nodes
+            .get_mut(node)
+            .expect("assigning to a known node")
+            .shards
+            .insert(
+                shard_id,
+                Holding::Fetching {
+                    bytes: 0,
+                    total,
+                    from_seeder: 0,
+                    from_peers: 0,
+                    use_tracker,
+                },
+            );
+        tracing::info!(
+            "placing shard {shard_id} on node {node}{}",
+            if use_tracker {
+                ""
+            } else {
+                " (replica, from peers)"
+            }
+        );
+        self.load_shard(node, shard_id, use_tracker)
+    }
+
+    fn loaded_count(&self) -> usize {
+        (0..self.shards.len() as u32)
+            .filter(|id| {
+                self.nodes
+                    .values()
+                    .any(|n| matches!(n.shards.get(id), Some(Holding::Loaded { .. })))
+            })
+            .count()
+    }
+
+    fn update_ready(&mut self) -> Outbox {
+        let loaded = self.loaded_count();
+        let ready = self.nodes.len() >= self.min_nodes
+            && loaded == self.shards.len()
+            && !self.shards.is_empty();
+        if ready == self.ready {
+            return Vec::new();
+        }
+        self.ready = ready;
+        let params = SwarmStateParams {
+            nodes: self.nodes.len(),
+            min_nodes: self.min_nodes,
+            shards_loaded: loaded,
+            shards: self.shards.len(),
+        };
+        let command = if ready {
+            cmd::SWARM_READY
+        } else {
+            cmd::SWARM_NOT_READY
+        };
+        tracing::info!(
+            "{command}: {} node(s), {loaded}/{} shards loaded",
+            self.nodes.len(),
+            self.shards.len()
+        );
+        println!(
+            "[{command}] nodes={} shards={}/{}",
+            self.nodes.len(),
+            loaded,
+            self.shards.len()
+        );
+        vec![(
+            BROADCAST.to_owned(),
+            Command::new(command, COORDINATOR, BROADCAST, params),
+        )]
+    }
+
+    /// The `/status` document.
+    pub fn status(&self) -> serde_json::Value {
+        let placement: BTreeMap<u32, Vec<&str>> = (0..self.shards.len() as u32)
+            .map(|id| {
+                let holders = self
+                    .nodes
+                    .values()
+                    .filter(|n| n.shards.get(&id).is_some_and(Holding::counts))
+                    .map(|n| n.node_id.as_str())
+                    .collect();
+                (id, holders)
+            })
+            .collect();
+        let (mut from_seeder, mut from_peers) = (0, 0);
+        for h in self.nodes.values().flat_map(|n| n.shards.values()) {
+            let (s, p) = h.bytes();
+            from_seeder += s;
+            from_peers += p;
+        }
+        let now = Instant::now();
+        let nodes: Vec<serde_json::Value> = self
+            .nodes
+            .values()
+            .map(|n| {
+                let mut v = serde_json::to_value(n).expect("node serialises");
+                v["last_heartbeat_secs_ago"] = now.duration_since(n.last_seen).as_secs_f64().into();
+                v
+            })
+            .collect();
+        serde_json::json!({
+            "ready": self.ready,
+            "min_nodes": self.min_nodes,
+            "model_sha256": self.model_sha256,
+            "split_id": self.split_id,
+            "shards": self.shards,
+            "shards_loaded": self.loaded_count(),
+            "nodes": nodes,
+            "placement": placement,
+            "bytes": {"from_seeder": from_seeder, "from_peers": from_peers},
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn swarm(shards: u32, min_nodes: usize) -> Swarm {
+        Swarm {
+            shards: (0..shards)
+                .map(|i| ShardSpec {
+                    shard_id: i,
+                    file: format!("shard-{i}.gguf"),
+                    size: 100,
+                    sha256: format!("sha{i}"),
+                    info_hash: format!("ih{i}"),
+                    magnet: String::new(),
+                    torrent_url: String::new(),
+                })
+                .collect(),
+            nodes: BTreeMap::new(),
+            min_nodes,
+            ready: false,
+            model_sha256: "m".into(),
+            split_id: "s".into(),
+            seeder_peer: None,
+            token: Some("t".into()),
+            heartbeat_interval: Duration::from_secs(2),
+            heartbeat_timeout: Duration::from_secs(10),
+        }
+    }
+
+    fn register(s: &mut Swarm, id: &str, held: &[u32]) -> Result<Outbox, Refusal> {
+        let p = RegisterParams {
+            node_id: id.into(),
+            protocol_version: PROTOCOL_VERSION,
+            name: id.into(),
+            peer_port: 7000,
+            data_addr: None,
+            shards: held
+                .iter()
+                .map(|i| protocol::HeldShard {
+                    shard_id: *i,
+                    sha256: format!("sha{i}"),
+                })
+                .collect(),
+            capacity: Capacity {
+                ram_bytes: 1000,
+                disk_free_bytes: 1000,
+                threads: 1,
+            },
+            token: Some("t".into()),
+        };
+        let req = Command::new(cmd::REGISTER, id, COORDINATOR, &p);
+        s.register(&req, &p, "127.0.0.1".parse().unwrap(), 1, None)
+    }
+
+    fn loads(out: &Outbox) -> Vec<(String, LoadShardParams)> {
+        out.iter()
+            .filter(|(_, c)| c.command == cmd::LOAD_SHARD)
+            .map(|(n, c)| (n.clone(), c.params().unwrap()))
+            .collect()
+    }
+
+    fn load_all(s: &mut Swarm, out: &Outbox) -> Outbox {
+        let mut next = Vec::new();
+        for (node, p) in loads(out) {
+            next.extend(s.loaded(
+                &node,
+                &ShardLoadedParams {
+                    shard_id: p.shard_id,
+                    sha256: p.sha256.clone(),
+                    from_seeder: 0,
+                    from_peers: 0,
+                },
+            ));
+        }
+        next
+    }
+
+    #[test]
+    fn four_nodes_one_shard_each_then_ready() {
+        let mut s = swarm(4, 4);
+        let mut out = Vec::new();
+        for id in ["a", "b", "c", "d"] {
+            out.extend(register(&mut s, id, &[]).unwrap());
+        }
+        let l = loads(&out);
+        let placed: Vec<u32> = l.iter().map(|(_, p)| p.shard_id).collect();
+        assert_eq!(placed, [0, 1, 2, 3]);
+        assert!(l.iter().all(|(_, p)| p.use_tracker));
+        let out = load_all(&mut s, &out);
+        assert!(s.ready);
+        assert!(out
+            .iter()
+            .any(|(to, c)| to == BROADCAST && c.command == cmd::SWARM_READY));
+    }
+
+    #[test]
+    fn replicas_fetch_from_the_first_holder_and_fall_back_to_the_tracker() {
+        let mut s = swarm(2, 2);
+        let out: Outbox = ["a", "b", "c", "d"]
+            .iter()
+            .flat_map(|id| register(&mut s, id, &[]).unwrap())
+            .collect();
+        let l = loads(&out);
+        assert_eq!(l.len(), 4);
+        let replicas: Vec<&LoadShardParams> = l
+            .iter()
+            .filter(|(n, _)| n == "c" || n == "d")
+            .map(|(_, p)| p)
+            .collect();
+        assert!(replicas
+            .iter()
+            .all(|p| !p.use_tracker && p.peers == ["127.0.0.1:7000"]));
+        // The primary of shard 0 goes away: its replica is told to use the tracker.
+        let out = s.disconnected("a", 1);
+        let l = loads(&out);
+        assert!(
+            l.iter()
+                .any(|(n, p)| n == "c" && p.shard_id == 0 && p.use_tracker),
+            "{l:?}"
+        );
+    }
+
+    #[test]
+    fn a_dropped_holder_is_replaced_by_the_spare() {
+        let mut s = swarm(4, 4);
+        let out: Outbox = ["a", "b", "c", "d", "e"]
+            .iter()
+            .flat_map(|id| register(&mut s, id, &[]).unwrap())
+            .collect();
+        load_all(&mut s, &out);
+        assert!(s.ready);
+        let out = s.disconnected("c", 1);
+        assert!(!s.ready, "a lost shard makes the swarm not ready");
+        assert!(out.iter().any(|(_, c)| c.command == cmd::SWARM_NOT_READY));
+        let l = loads(&out);
+        assert_eq!(l.len(), 1);
+        assert_eq!(l[0].1.shard_id, 2);
+        assert!(
+            ["a", "e"].contains(&l[0].0.as_str()),
+            "a node whose shard has a replica takes it: {}",
+            l[0].0
+        );
+        load_all(&mut s, &out);
+        assert!(s.ready);
+    }
+
+    #[test]
+    fn held_shards_are_kept_and_refusals_are_named() {
+        let mut s = swarm(2, 2);
+        let out = register(&mut s, "a", &[1]).unwrap();
+        assert!(
+            loads(&out).is_empty(),
+            "a keeps shard 1 and waits for a second node for shard 0"
+        );
+        let out = register(&mut s, "b", &[0]).unwrap();
+        assert!(loads(&out).is_empty());
+        assert!(
+            s.ready,
+            "two nodes holding both shards are ready without any fetch"
+        );
+        let mut bad = swarm(2, 2);
+        let p = RegisterParams {
+            node_id: "x".into(),
+            protocol_version: PROTOCOL_VERSION,
+            name: "x".into(),
+            peer_port: 1,
+            data_addr: None,
+            shards: vec![protocol::HeldShard {
+                shard_id: 0,
+                sha256: "other".into(),
+            }],
+            capacity: Capacity::default(),
+            token: Some("t".into()),
+        };
+        let req = Command::new(cmd::REGISTER, "x", COORDINATOR, &p);
+        assert_eq!(
+            bad.register(&req, &p, "127.0.0.1".parse().unwrap(), 1, None)
+                .unwrap_err()
+                .0,
+            code::FOREIGN_SHARDS
+        );
+        let wrong = RegisterParams {
+            token: Some("no".into()),
+            shards: vec![],
+            ..p
+        };
+        assert_eq!(
+            bad.register(&req, &wrong, "127.0.0.1".parse().unwrap(), 1, None)
+                .unwrap_err()
+                .0,
+            code::UNAUTHORIZED
+        );
+        assert!(bad.nodes.is_empty());
+    }
+
+    #[test]
+    fn nodes_without_room_get_nothing() {
+        let mut s = swarm(1, 1);
+        s.shards[0].size = 5000;
+        let out = register(&mut s, "a", &[]).unwrap();
+        assert!(loads(&out).is_empty());
+    }
+}
