@@ -37,6 +37,8 @@ pub struct ShardSpec {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum Holding {
+    /// A replica waiting for a node to finish the shard, to fetch it from that node.
+    Waiting,
     Fetching {
         bytes: u64,
         total: u64,
@@ -56,7 +58,10 @@ pub enum Holding {
 
 impl Holding {
     fn counts(&self) -> bool {
-        matches!(self, Holding::Fetching { .. } | Holding::Loaded { .. })
+        matches!(
+            self,
+            Holding::Waiting | Holding::Fetching { .. } | Holding::Loaded { .. }
+        )
     }
 
     fn bytes(&self) -> (u64, u64) {
@@ -70,7 +75,7 @@ impl Holding {
                 from_seeder,
                 from_peers,
             } => (from_seeder, from_peers),
-            Holding::Failed { .. } => (0, 0),
+            Holding::Failed { .. } | Holding::Waiting => (0, 0),
         }
     }
 }
@@ -136,7 +141,12 @@ impl Swarm {
         let peers = self
             .nodes
             .values()
-            .filter(|n| n.node_id != node && n.shards.get(&shard_id).is_some_and(Holding::counts))
+            .filter(|n| n.node_id != node)
+            .filter(|n| match n.shards.get(&shard_id) {
+                Some(Holding::Loaded { .. }) => true,
+                Some(Holding::Fetching { .. }) => use_tracker,
+                _ => false,
+            })
             .map(|n| n.peer_addr.to_string())
             .collect();
         let params = LoadShardParams {
@@ -397,7 +407,10 @@ impl Swarm {
                 .min()
                 .map(|(_, _, id)| id);
             match candidate {
-                Some(node) => out.push(self.assign(&node, shard_id)),
+                Some(node) => {
+                    self.assign(&node, shard_id);
+                    out.push(self.load_shard(&node, shard_id, true));
+                }
                 None => tracing::warn!(
                     "no node has room for shard {shard_id} ({} bytes)",
                     spec.size
@@ -420,65 +433,86 @@ impl Swarm {
                 })
                 .min_by_key(|id| (self.coverage(*id), *id));
             if let Some(shard_id) = best {
-                out.push(self.assign(&node, shard_id));
+                self.assign(&node, shard_id);
             }
         }
-        // A replica fetching from peers only, whose peers are all gone, goes back to the tracker.
-        let stranded: Vec<(String, u32)> = self
+        // Replicas: a waiting one starts once another node has the whole shard, fetching from
+        // that node only; one whose sources are all gone falls back to the seeder's tracker.
+        let replicas: Vec<(String, u32, bool)> = self
             .nodes
             .values()
             .flat_map(|n| {
                 n.shards.iter().filter_map(move |(id, h)| match h {
+                    Holding::Waiting => Some((n.node_id.clone(), *id, true)),
                     Holding::Fetching {
                         use_tracker: false, ..
-                    } => Some((n.node_id.clone(), *id)),
+                    } => Some((n.node_id.clone(), *id, false)),
                     _ => None,
                 })
             })
-            .filter(|(_, id)| self.coverage(*id) < 2)
             .collect();
-        for (node, shard_id) in stranded {
-            if let Some(Holding::Fetching { use_tracker, .. }) = self
-                .nodes
+        for (node, shard_id, waiting) in replicas {
+            let others = |pred: fn(&Holding) -> bool| {
+                self.nodes
+                    .values()
+                    .any(|n| n.node_id != node && n.shards.get(&shard_id).is_some_and(pred))
+            };
+            let loaded_elsewhere = others(|h| matches!(h, Holding::Loaded { .. }));
+            let fetched_elsewhere = others(|h| matches!(h, Holding::Fetching { .. }));
+            let use_tracker = match (waiting, loaded_elsewhere, fetched_elsewhere) {
+                (true, true, _) => false,
+                (_, false, false) => true,
+                _ => continue,
+            };
+            let total = self.shards[shard_id as usize].size;
+            self.nodes
                 .get_mut(&node)
-                .and_then(|n| n.shards.get_mut(&shard_id))
-            {
-                *use_tracker = true;
-            }
-            out.push(self.load_shard(&node, shard_id, true));
+                .expect("known node")
+                .shards
+                .insert(
+                    shard_id,
+                    Holding::Fetching {
+                        bytes: 0,
+                        total,
+                        from_seeder: 0,
+                        from_peers: 0,
+                        use_tracker,
+                    },
+                );
+            out.push(self.load_shard(&node, shard_id, use_tracker));
         }
         out.extend(self.update_ready());
         out
     }
 
-    /// Mark `node` as fetching `shard_id` and make its LOAD_SHARD. A replica of a shard that
-    /// some other node holds or fetches is fetched from those nodes only.
-    fn assign(&mut self, node: &str, shard_id: u32) -> (String, Command) {
-        let use_tracker = self.coverage(shard_id) == 0;
+    /// Give `shard_id` to `node`. The first holder fetches it through the seeder's tracker at
+    /// once; a replica waits (see [`Swarm::place`]) and then copies it from a node that has it
+    /// all, so the seeder sends each shard about once. (Fetching alongside a node that is
+    /// itself still fetching does not work with librqbit: the replica drops a peer that has
+    /// nothing it needs yet, and peer exchange leads it to the seeder.)
+    fn assign(&mut self, node: &str, shard_id: u32) {
+        let primary = self.coverage(shard_id) == 0;
         let total = self.shards[shard_id as usize].size;
+        let holding = if primary {
+            Holding::Fetching {
+                bytes: 0,
+                total,
+                from_seeder: 0,
+                from_peers: 0,
+                use_tracker: true,
+            }
+        } else {
+            Holding::Waiting
+        };
         self.nodes
             .get_mut(node)
             .expect("assigning to a known node")
             .shards
-            .insert(
-                shard_id,
-                Holding::Fetching {
-                    bytes: 0,
-                    total,
-                    from_seeder: 0,
-                    from_peers: 0,
-                    use_tracker,
-                },
-            );
+            .insert(shard_id, holding);
         tracing::info!(
             "placing shard {shard_id} on node {node}{}",
-            if use_tracker {
-                ""
-            } else {
-                " (replica, from peers)"
-            }
+            if primary { "" } else { " (replica)" }
         );
-        self.load_shard(node, shard_id, use_tracker)
     }
 
     fn loaded_count(&self) -> usize {
@@ -674,18 +708,21 @@ mod tests {
             .flat_map(|id| register(&mut s, id, &[]).unwrap())
             .collect();
         let l = loads(&out);
-        assert_eq!(l.len(), 4);
-        let replicas: Vec<&LoadShardParams> = l
-            .iter()
-            .filter(|(n, _)| n == "c" || n == "d")
-            .map(|(_, p)| p)
-            .collect();
-        assert!(replicas
-            .iter()
-            .all(|p| !p.use_tracker && p.peers == ["127.0.0.1:7000"]));
-        // The primary of shard 0 goes away: its replica is told to use the tracker.
-        let out = s.disconnected("a", 1);
-        let l = loads(&out);
+        assert_eq!(l.len(), 2, "replicas wait for a complete copy: {l:?}");
+        // b finishes shard 1: its replica d starts, from b only.
+        let done = ShardLoadedParams {
+            shard_id: 1,
+            sha256: "sha1".into(),
+            from_seeder: 100,
+            from_peers: 0,
+        };
+        let l = loads(&s.loaded("b", &done));
+        assert_eq!(l.len(), 1);
+        assert_eq!(l[0].0, "d");
+        assert!(!l[0].1.use_tracker);
+        assert_eq!(l[0].1.peers, ["127.0.0.1:7000"]);
+        // The primary of shard 0 goes away before finishing: its replica fetches via the tracker.
+        let l = loads(&s.disconnected("a", 1));
         assert!(
             l.iter()
                 .any(|(n, p)| n == "c" && p.shard_id == 0 && p.use_tracker),

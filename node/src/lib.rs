@@ -1,4 +1,8 @@
-//! Swarm node library. For now it holds the llama.cpp side: opening a (stage) GGUF file and
-//! reporting what llama.cpp made of it; the control-channel client comes with the swarm issue.
+//! Swarm node: registers with the coordinator, fetches its shards with an embedded librqbit
+//! client (from the seeder and from other nodes), verifies them, keeps seeding them, and
+//! (llm) opens them with llama.cpp.
 
+pub mod agent;
+pub mod fetch;
 pub mod llm;
+pub mod store;

@@ -1,4 +1,4 @@
-//! `node`: a swarm node. Today: `node model-info` (what llama.cpp makes of a GGUF file).
+//! `node`: a swarm node (`node --coordinator URL --data-dir D`), plus `node model-info`.
 
 use std::path::PathBuf;
 
@@ -9,11 +9,18 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "node",
     version,
-    about = "shardswarm node: holds shards and runs pipeline stages"
+    about = "shardswarm node: fetches and seeds its shards, and runs pipeline stages",
+    long_about = "Run a node: `node --coordinator http://HOST:PORT --data-dir DIR`. It registers \
+with the coordinator, fetches the shards it is given over BitTorrent (from the seeder and other \
+nodes), verifies them, keeps seeding them, and reconnects with backoff if the coordinator goes \
+away.",
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
+    #[command(flatten)]
+    node: node::agent::NodeConfig,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand)]
@@ -29,21 +36,45 @@ enum Command {
     },
 }
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
-    match cli.command {
-        Command::ModelInfo { model, json } => {
-            let info = node::llm::inspect_model(&model)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&info)?);
-            } else {
-                println!("architecture: {}", info.architecture);
-                println!("layers:       {}", info.n_layer);
-                println!("embedding:    {}", info.n_embd);
-                println!("vocabulary:   {}", info.n_vocab);
-                println!("parameters:   {}", info.n_params);
-            }
-        }
+fn model_info(model: PathBuf, json: bool) -> Result<()> {
+    let info = node::llm::inspect_model(&model)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+    } else {
+        println!("architecture: {}", info.architecture);
+        println!("layers:       {}", info.n_layer);
+        println!("embedding:    {}", info.n_embd);
+        println!("vocabulary:   {}", info.n_vocab);
+        println!("parameters:   {}", info.n_params);
     }
     Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,librqbit=warn,librqbit_dht=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::ModelInfo { model, json }) => model_info(model, json),
+        // One async thread: librqbit then writes and reads blocks inline rather than through
+        // block_in_place (see the seeder's main.rs for the measured cost).
+        None => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(node::agent::run(cli.node))),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

@@ -1,0 +1,337 @@
+//! The node's control-channel client: connect to the coordinator, REGISTER with the verified
+//! shards held, obey LOAD_SHARD / UNLOAD_SHARD, heartbeat, and reconnect with backoff when the
+//! coordinator goes away (re-registering with what is held, so nothing is fetched again).
+//!
+//! Tasks: one connection loop (frames in and out, heartbeats, fetch events forwarded), and one
+//! task per shard being fetched. Fetch tasks outlive connections: their events queue in a
+//! channel and are sent once connected again.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use futures::{SinkExt, StreamExt};
+use protocol::{
+    cmd, code, Capacity, Command, ErrorParams, HeldShard, LoadShardParams, RegisterParams,
+    RegisteredParams, UnloadShardParams, COORDINATOR, PROTOCOL_VERSION,
+};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::fetch::{FetchEvent, Fetcher};
+use crate::store::DataDir;
+
+/// Node configuration (flags, or `SHARDSWARM_NODE_*` environment variables).
+#[derive(Debug, Clone, clap::Args)]
+pub struct NodeConfig {
+    /// The coordinator (http://HOST:PORT or ws://HOST:PORT/control).
+    #[arg(long, env = "SHARDSWARM_NODE_COORDINATOR")]
+    pub coordinator: Option<String>,
+    /// Where shards, the node id and resume state are kept (locked while the node runs).
+    #[arg(long, env = "SHARDSWARM_NODE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// A name for logs and /status (default: the host name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Shared secret of the swarm.
+    #[arg(long, env = "SHARDSWARM_TOKEN")]
+    pub token: Option<String>,
+    /// BitTorrent port other nodes fetch shards from (0: any free port).
+    #[arg(long, default_value_t = 0)]
+    pub peer_port: u16,
+    /// Address the BitTorrent port listens on.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub listen_addr: IpAddr,
+    /// CPU threads this node offers for inference.
+    #[arg(long)]
+    pub threads: Option<u32>,
+}
+
+/// Fetch tasks by shard id.
+type Tasks = std::collections::HashMap<u32, tokio::task::AbortHandle>;
+
+/// Why the node stops.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    #[error("the coordinator refused this node ({code}): {message}")]
+    Registration { code: String, message: String },
+}
+
+fn control_url(coordinator: &str) -> String {
+    let base = coordinator.trim_end_matches('/');
+    let ws = if let Some(rest) = base.strip_prefix("http://") {
+        format!("ws://{rest}")
+    } else if let Some(rest) = base.strip_prefix("https://") {
+        format!("wss://{rest}")
+    } else {
+        base.to_owned()
+    };
+    if ws.ends_with("/control") {
+        ws
+    } else {
+        format!("{ws}/control")
+    }
+}
+
+/// Run the node until a signal, or until the coordinator refuses it.
+pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
+    let coordinator = config
+        .coordinator
+        .clone()
+        .context("--coordinator is required")?;
+    let data_dir = config.data_dir.clone().context("--data-dir is required")?;
+    let data = Arc::new(DataDir::open(&data_dir)?);
+    let fetcher = Arc::new(
+        Fetcher::start(
+            data.clone(),
+            SocketAddr::new(config.listen_addr, config.peer_port),
+        )
+        .await?,
+    );
+    let name = config.name.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "node".into())
+    });
+    tracing::info!(
+        "node {} ({name}) peer port {}, data dir {}",
+        data.node_id,
+        fetcher.peer_port(),
+        data_dir.display()
+    );
+    println!(
+        "[READY] node={} peer_port={}",
+        data.node_id,
+        fetcher.peer_port()
+    );
+    let (events_tx, mut events_rx) = mpsc::unbounded_channel::<FetchEvent>();
+    let mut tasks = Tasks::default();
+    let url = control_url(&coordinator);
+    let mut backoff = Duration::from_millis(250);
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        let session = session(
+            &config,
+            &name,
+            &url,
+            &data,
+            &fetcher,
+            (&events_tx, &mut events_rx),
+            &mut tasks,
+        );
+        tokio::select! {
+            _ = &mut shutdown => {
+                tracing::info!("shutting down");
+                fetcher.session.stop().await;
+                return Ok(());
+            }
+            result = session => match result {
+                Ok(()) => backoff = Duration::from_millis(250),
+                Err(e) => {
+                    if let Some(refused) = e.downcast_ref::<Refused>() {
+                        fetcher.session.stop().await;
+                        bail!("{refused}");
+                    }
+                    tracing::warn!("control channel: {e:#}; reconnecting in {:.1} s", backoff.as_secs_f64());
+                }
+            }
+        }
+        tokio::select! {
+            _ = &mut shutdown => {
+                fetcher.session.stop().await;
+                return Ok(());
+            }
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// One connection to the coordinator, from REGISTER until it closes.
+async fn session(
+    config: &NodeConfig,
+    name: &str,
+    url: &str,
+    data: &Arc<DataDir>,
+    fetcher: &Arc<Fetcher>,
+    (events_tx, events_rx): (
+        &mpsc::UnboundedSender<FetchEvent>,
+        &mut mpsc::UnboundedReceiver<FetchEvent>,
+    ),
+    tasks: &mut Tasks,
+) -> anyhow::Result<()> {
+    let mut request = url.into_client_request()?;
+    if let Some(t) = &config.token {
+        request
+            .headers_mut()
+            .insert("Authorization", format!("Bearer {t}").parse()?);
+    }
+    let (ws, _) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::connect_async(request),
+    )
+    .await
+    .context("connecting timed out")?
+    .with_context(|| format!("connecting to {url}"))?;
+    let (mut sink, mut stream) = ws.split();
+    let me = data.node_id.clone();
+    let held: Vec<HeldShard> = data
+        .verified()
+        .into_iter()
+        .filter_map(|(file, sha256)| {
+            torrents::split::parse_shard_file_name(&file).map(|(k, _)| HeldShard {
+                shard_id: k,
+                sha256,
+            })
+        })
+        .collect();
+    let register = RegisterParams {
+        node_id: me.clone(),
+        protocol_version: PROTOCOL_VERSION,
+        name: name.to_owned(),
+        peer_port: fetcher.peer_port(),
+        data_addr: None,
+        shards: held,
+        capacity: Capacity {
+            ram_bytes: crate::store::ram_available(),
+            disk_free_bytes: data.disk_free(),
+            threads: config.threads.unwrap_or_else(|| {
+                std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
+            }),
+        },
+        token: config.token.clone(),
+    };
+    let send = |c: Command| Message::Text(c.encode().into());
+    sink.send(send(Command::new(
+        cmd::REGISTER,
+        &me,
+        COORDINATOR,
+        &register,
+    )))
+    .await?;
+    let mut heartbeat = tokio::time::interval(Duration::from_secs(2));
+    let mut last_heard = tokio::time::Instant::now();
+    let mut registered = false;
+    loop {
+        tokio::select! {
+            frame = stream.next() => {
+                let text = match frame {
+                    Some(Ok(Message::Text(t))) => t.to_string(),
+                    Some(Ok(Message::Close(_))) | None => bail!("the coordinator closed the connection"),
+                    Some(Err(e)) => bail!("the connection failed: {e}"),
+                    Some(Ok(_)) => continue,
+                };
+                last_heard = tokio::time::Instant::now();
+                let msg = match Command::decode(&text) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::warn!("unreadable message from the coordinator: {e}");
+                        continue;
+                    }
+                };
+                match msg.command.as_str() {
+                    cmd::REGISTERED => {
+                        let p: RegisteredParams = msg.params()?;
+                        registered = true;
+                        heartbeat = tokio::time::interval(Duration::from_secs(p.heartbeat_interval_secs.max(1)));
+                        tracing::info!("registered: split {} of model {}", p.split_id, p.model_sha256);
+                    }
+                    cmd::LOAD_SHARD => {
+                        let p: LoadShardParams = msg.params()?;
+                        tracing::info!("LOAD_SHARD {} ({}){}", p.shard_id, p.file, if p.use_tracker { "" } else { " from peers" });
+                        let shard_id = p.shard_id;
+                        let task = tokio::spawn(fetcher.clone().load(p, events_tx.clone()));
+                        // A new LOAD_SHARD for a shard replaces the fetch already running.
+                        if let Some(old) = tasks.insert(shard_id, task.abort_handle()) {
+                            old.abort();
+                        }
+                    }
+                    cmd::UNLOAD_SHARD => {
+                        let p: UnloadShardParams = msg.params()?;
+                        if let Some(task) = tasks.remove(&p.shard_id) {
+                            task.abort();
+                        }
+                        unload(fetcher, data, p).await;
+                    }
+                    cmd::SWARM_READY | cmd::SWARM_NOT_READY => tracing::info!("{}: {}", msg.command, msg.params),
+                    cmd::ERROR => {
+                        let e: ErrorParams = msg.params()?;
+                        if !registered && [code::UNAUTHORIZED, code::FOREIGN_SHARDS, code::PROTOCOL_VERSION].contains(&e.code.as_str()) {
+                            return Err(Refused::Registration { code: e.code, message: e.message }.into());
+                        }
+                        tracing::warn!("coordinator error {}: {}", e.code, e.message);
+                    }
+                    _ => {}
+                }
+            }
+            Some(event) = events_rx.recv(), if registered => {
+                let c = match event {
+                    FetchEvent::Progress(p) => Command::new(cmd::SHARD_PROGRESS, &me, COORDINATOR, p),
+                    FetchEvent::Loaded(p) => Command::new(cmd::SHARD_LOADED, &me, COORDINATOR, p),
+                    FetchEvent::Failed(p) => Command::new(cmd::SHARD_FAILED, &me, COORDINATOR, p),
+                };
+                sink.send(send(c)).await?;
+            }
+            _ = heartbeat.tick() => {
+                if last_heard.elapsed() > Duration::from_secs(30) {
+                    bail!("nothing heard from the coordinator for 30 s");
+                }
+                if registered {
+                    sink.send(send(Command::new(cmd::HEARTBEAT, &me, COORDINATOR, serde_json::json!({})))).await?;
+                }
+            }
+        }
+    }
+}
+
+async fn unload(fetcher: &Fetcher, data: &DataDir, p: UnloadShardParams) {
+    let Some((file, _)) = data.verified().into_iter().find(|(f, _)| {
+        torrents::split::parse_shard_file_name(f).is_some_and(|(k, _)| k == p.shard_id)
+    }) else {
+        return;
+    };
+    let handles: Vec<_> = fetcher.session.with_torrents(|ts| {
+        ts.filter(|(_, t)| t.name().as_deref() == Some(file.as_str()))
+            .map(|(id, _)| id)
+            .collect()
+    });
+    for id in handles {
+        let _ = fetcher.session.delete(id.into(), false).await;
+    }
+    if let Err(e) = data.forget(&file, p.delete) {
+        tracing::warn!("unloading {file}: {e:#}");
+    }
+    tracing::info!(
+        "unloaded shard {} ({file}){}",
+        p.shard_id,
+        if p.delete { ", deleted" } else { "" }
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::control_url;
+
+    #[test]
+    fn control_urls() {
+        assert_eq!(
+            control_url("http://127.0.0.1:5/"),
+            "ws://127.0.0.1:5/control"
+        );
+        assert_eq!(control_url("ws://h:1/control"), "ws://h:1/control");
+        assert_eq!(control_url("https://h"), "wss://h/control");
+    }
+}

@@ -1,0 +1,274 @@
+//! Fetching shards with an embedded librqbit client and seeding them on.
+//!
+//! One librqbit session per node, listening on the node's peer port so other nodes can fetch
+//! from it, with fast resume in the data dir so a restarted node continues a download without
+//! fetching verified pieces again. A fetch reports progress at most once a second, then checks
+//! the sha256 and the GGUF header before the shard counts as loaded.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use librqbit::dht::Id20;
+use librqbit::{
+    AddTorrent, AddTorrentOptions, ListenerMode, ListenerOptions, Session, SessionOptions,
+};
+use protocol::{LoadShardParams, ShardFailedParams, ShardLoadedParams, ShardProgressParams};
+use tokio::sync::mpsc;
+
+use crate::store::DataDir;
+
+/// What a fetch reports to the control channel.
+#[derive(Debug)]
+pub enum FetchEvent {
+    Progress(ShardProgressParams),
+    Loaded(ShardLoadedParams),
+    Failed(ShardFailedParams),
+}
+
+/// The node's BitTorrent side.
+pub struct Fetcher {
+    pub session: Arc<Session>,
+    pub data: Arc<DataDir>,
+    /// Info hash → whether this process added it with the tracker on.
+    modes: Mutex<HashMap<[u8; 20], bool>>,
+}
+
+impl Fetcher {
+    /// Start the session listening on `listen`.
+    pub async fn start(data: Arc<DataDir>, listen: SocketAddr) -> anyhow::Result<Fetcher> {
+        std::fs::create_dir_all(data.session_dir())?;
+        let session = Session::new_with_opts(
+            data.shards_dir(),
+            SessionOptions {
+                dht: None,
+                disable_local_service_discovery: true,
+                fastresume: true,
+                persistence: Some(librqbit::SessionPersistenceConfig::Json {
+                    folder: Some(data.session_dir()),
+                }),
+                listen: Some(ListenerOptions {
+                    mode: ListenerMode::TcpAndUtp,
+                    listen_addr: listen,
+                    ipv4_only: listen.is_ipv4(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        )
+        .await
+        .context("starting the BitTorrent session")?;
+        Ok(Fetcher {
+            session,
+            data,
+            modes: Mutex::default(),
+        })
+    }
+
+    /// The BitTorrent port other nodes reach us on.
+    pub fn peer_port(&self) -> u16 {
+        self.session.listen_addr().map_or(0, |a| a.port())
+    }
+
+    /// Fetch, verify and keep seeding one shard, reporting through `events`.
+    pub async fn load(
+        self: Arc<Self>,
+        p: LoadShardParams,
+        events: mpsc::UnboundedSender<FetchEvent>,
+    ) {
+        let shard_id = p.shard_id;
+        let result = self.load_inner(&p, &events).await;
+        let event = match result {
+            Ok(loaded) => FetchEvent::Loaded(loaded),
+            Err((code, e)) => {
+                tracing::warn!("shard {shard_id}: {e:#}");
+                FetchEvent::Failed(ShardFailedParams {
+                    shard_id,
+                    code: code.into(),
+                    message: format!("{e:#}"),
+                })
+            }
+        };
+        let _ = events.send(event);
+    }
+
+    async fn load_inner(
+        &self,
+        p: &LoadShardParams,
+        events: &mpsc::UnboundedSender<FetchEvent>,
+    ) -> Result<ShardLoadedParams, (&'static str, anyhow::Error)> {
+        if torrents::split::parse_shard_file_name(&p.file).is_none() {
+            return Err((
+                "bad_params",
+                anyhow::anyhow!("{:?} is not a shard file name", p.file),
+            ));
+        }
+        if let Some((_, sha)) = self.data.verified().into_iter().find(|(n, _)| *n == p.file) {
+            if sha == p.sha256 {
+                self.seed_existing(p).await.map_err(|e| ("torrent", e))?;
+                tracing::info!("[TORRENT] Found file: {} (already verified)", p.file);
+                return Ok(ShardLoadedParams {
+                    shard_id: p.shard_id,
+                    sha256: sha,
+                    from_seeder: 0,
+                    from_peers: 0,
+                });
+            }
+        }
+        let have = std::fs::metadata(self.data.shards_dir().join(&p.file)).map_or(0, |m| m.len());
+        let free = self.data.disk_free();
+        if free + have < p.size {
+            return Err((
+                "no_space",
+                anyhow::anyhow!("{} needs {} bytes, {free} free", p.file, p.size),
+            ));
+        }
+        let handle = self.add(p).await.map_err(|e| ("torrent", e))?;
+        let seeder: Option<String> = p.seeder_peer.clone();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let (mut from_seeder, mut from_peers);
+        loop {
+            tick.tick().await;
+            let stats = handle.stats();
+            (from_seeder, from_peers) = split_by_source(&handle, seeder.as_deref());
+            if let Some(e) = stats.error {
+                return Err(("torrent", anyhow::anyhow!(e)));
+            }
+            let _ = events.send(FetchEvent::Progress(ShardProgressParams {
+                shard_id: p.shard_id,
+                bytes: stats.progress_bytes,
+                total: stats.total_bytes,
+                from_seeder,
+                from_peers,
+            }));
+            if stats.finished {
+                break;
+            }
+        }
+        let path = self.data.shards_dir().join(&p.file);
+        let check = path.clone();
+        let sha = tokio::task::spawn_blocking(move || torrents::hashing::sha256_file(&check))
+            .await
+            .map_err(|e| ("verify", anyhow::anyhow!(e)))?
+            .map_err(|e| ("verify", anyhow::anyhow!(e)))?;
+        if sha != p.sha256 {
+            return Err((
+                "sha256_mismatch",
+                anyhow::anyhow!("{} has sha256 {sha}, expected {}", p.file, p.sha256),
+            ));
+        }
+        if p.file.ends_with(".gguf") {
+            let header = path.clone();
+            tokio::task::spawn_blocking(move || torrents::gguf::GgufModel::open(&header))
+                .await
+                .map_err(|e| ("bad_header", anyhow::anyhow!(e)))?
+                .map_err(|e| ("bad_header", anyhow::anyhow!(e)))?;
+        }
+        self.data
+            .record_verified(&p.file, &sha)
+            .map_err(|e| ("store", e))?;
+        tracing::info!("[TORRENT] Found file: {} ({from_seeder} bytes from the seeder, {from_peers} from peers)", p.file);
+        Ok(ShardLoadedParams {
+            shard_id: p.shard_id,
+            sha256: sha,
+            from_seeder,
+            from_peers,
+        })
+    }
+
+    /// The torrent of a shard we hold, verified and complete: make sure it is seeded.
+    async fn seed_existing(&self, p: &LoadShardParams) -> anyhow::Result<()> {
+        let h = info_hash(&p.info_hash)?;
+        if self.session.get(Id20::new(h).into()).is_none() {
+            self.add(p).await?;
+        }
+        Ok(())
+    }
+
+    /// Add (or re-add, when its sources changed) the shard's torrent.
+    async fn add(&self, p: &LoadShardParams) -> anyhow::Result<Arc<librqbit::ManagedTorrent>> {
+        let h = info_hash(&p.info_hash)?;
+        let id = Id20::new(h);
+        let known_mode = self.modes.lock().unwrap().get(&h).copied();
+        if let Some(existing) = self.session.get(id.into()) {
+            if known_mode == Some(p.use_tracker) {
+                return Ok(existing);
+            }
+            // Restored from fast resume, or its sources changed: add it again with the new
+            // peers and tracker setting; the data on disk is kept and checked, not fetched.
+            self.session.delete(id.into(), false).await?;
+        }
+        let bytes = reqwest::get(&p.torrent_url)
+            .await
+            .and_then(|r| r.error_for_status())
+            .with_context(|| format!("GET {}", p.torrent_url))?
+            .bytes()
+            .await?;
+        let meta = torrents::metainfo::parse(&bytes)?;
+        if meta.info_hash != h || meta.name != p.file || meta.length != p.size {
+            bail!(
+                "{} is not the torrent of {} ({})",
+                p.torrent_url,
+                p.file,
+                p.info_hash
+            );
+        }
+        let mut peers: Vec<SocketAddr> = p.peers.iter().filter_map(|a| a.parse().ok()).collect();
+        if p.use_tracker {
+            peers.extend(
+                p.seeder_peer
+                    .as_deref()
+                    .and_then(|a| a.parse::<SocketAddr>().ok()),
+            );
+        }
+        // A replica talks to the nodes it was given and no one else: without the cap, peer
+        // exchange (always on in librqbit) would hand it the seeder's address and it would pull
+        // half the shard from there, which is what replicas are for avoiding.
+        let peer_limit = (!p.use_tracker && !peers.is_empty()).then_some(peers.len());
+        let opts = AddTorrentOptions {
+            overwrite: true,
+            output_folder: Some(self.data.shards_dir().display().to_string()),
+            disable_trackers: !p.use_tracker,
+            initial_peers: Some(peers),
+            peer_limit,
+            ..Default::default()
+        };
+        let handle = self
+            .session
+            .add_torrent(AddTorrent::from_bytes(bytes), Some(opts))
+            .await?
+            .into_handle()
+            .context("librqbit did not add the torrent")?;
+        self.modes.lock().unwrap().insert(h, p.use_tracker);
+        Ok(handle)
+    }
+}
+
+/// Bytes fetched this session from the seeder's address and from everyone else.
+fn split_by_source(handle: &librqbit::ManagedTorrent, seeder: Option<&str>) -> (u64, u64) {
+    let Some(live) = handle.live() else {
+        return (0, 0);
+    };
+    // PeerStatsFilter is not nameable outside librqbit; it deserialises from {"state":"all"}.
+    let Ok(filter) = serde_json::from_value(serde_json::json!({"state": "all"})) else {
+        return (0, 0);
+    };
+    let snapshot = live.per_peer_stats_snapshot(filter);
+    let (mut s, mut p) = (0, 0);
+    for (addr, stats) in &snapshot.peers {
+        if Some(addr.as_str()) == seeder {
+            s += stats.counters.fetched_bytes;
+        } else {
+            p += stats.counters.fetched_bytes;
+        }
+    }
+    (s, p)
+}
+
+fn info_hash(hex_hash: &str) -> anyhow::Result<[u8; 20]> {
+    let mut h = [0u8; 20];
+    hex::decode_to_slice(hex_hash, &mut h).with_context(|| format!("info hash {hex_hash:?}"))?;
+    Ok(h)
+}
