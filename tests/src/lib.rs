@@ -1,1 +1,257 @@
-//! Whole-system tests live in `tests/tests/`; this library holds what they share.
+//! What the whole-system tests share: our binaries as real processes (waiting for their
+//! `[READY]` lines, never sleeping), the real model split into shards, and bounded polling.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Whole-swarm tests run one at a time (two cores): each holds this while it runs.
+pub fn swarm_lock() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The path of one of our binaries, building it if this test run has not.
+pub fn bin(package: &str, name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps");
+    let path = dir.join(name);
+    if !path.exists() {
+        let profile = dir
+            .file_name()
+            .and_then(|p| p.to_str())
+            .unwrap_or("release");
+        let mut build = Command::new(env!("CARGO"));
+        build
+            .args(["build", "-p", package, "--bin", name])
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if profile == "release" {
+            build.arg("--release");
+        }
+        assert!(
+            build.status().expect("cargo build").success(),
+            "building {name}"
+        );
+    }
+    path
+}
+
+/// A running process of ours, killed on drop.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+    /// The `[READY] …` line's `key=value` words.
+    pub ready: Vec<(String, String)>,
+    stdout: Arc<Mutex<Vec<String>>>,
+    stderr: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    /// Start `program args` and wait (bounded) for a stdout line starting with `[READY]`.
+    pub fn start(name: &str, program: &Path, args: &[String]) -> Proc {
+        let mut child = Command::new(program)
+            .args(args)
+            .env("RUST_LOG", "info,librqbit=warn,librqbit_dht=warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", program.display()));
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        let lines = stdout.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if line.starts_with("[READY]") {
+                    let _ = tx.send(line.clone());
+                }
+                lines.lock().unwrap().push(line);
+            }
+        });
+        let err = child.stderr.take().unwrap();
+        let lines = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(line);
+            }
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "{name} never printed [READY]; stderr:\n{}",
+                    stderr.lock().unwrap().join("\n")
+                );
+            }
+        };
+        let ready = line
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|w| w.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+            .collect();
+        Proc {
+            child,
+            name: name.to_owned(),
+            ready,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// A `[READY]` field.
+    pub fn field(&self, key: &str) -> &str {
+        &self
+            .ready
+            .iter()
+            .find(|(k, _)| k == key)
+            .unwrap_or_else(|| panic!("{} has no {key}", self.name))
+            .1
+    }
+
+    pub fn stdout_lines(&self) -> Vec<String> {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    pub fn stderr_text(&self) -> String {
+        self.stderr.lock().unwrap().join("\n")
+    }
+
+    /// Kill at once (SIGKILL), as a crash would.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait (bounded) for the exit.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        panic!("{} did not stop within 15 s of SIGTERM", self.name);
+    }
+
+    /// Wait (bounded) for the process to exit on its own.
+    pub fn wait_exit(mut self, limit: Duration) -> (std::process::ExitStatus, String) {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                std::thread::sleep(Duration::from_millis(100)); // let the readers drain
+                return (s, self.stderr_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("{} did not exit within {limit:?}", self.name);
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Poll `f` every 200 ms until it returns `Some`, at most `limit`.
+pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// GET a JSON document.
+pub fn get_json(url: &str) -> serde_json::Value {
+    reqwest::blocking::get(url)
+        .and_then(|r| r.json())
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+}
+
+/// The real model split into `n` shards in a fresh directory.
+pub fn real_shards(n: usize) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let model_path = torrents::default_model::require().unwrap_or_else(|e| panic!("{e}"));
+    let model = torrents::gguf::GgufModel::open(&model_path).unwrap();
+    let source = torrents::map::gguf_source(&model).unwrap();
+    torrents::split::split_model(&model, n, dir.path(), source, &|_| {}).unwrap();
+    dir
+}
+
+/// A seeder on loopback serving `seed_dir`, with extra flags.
+pub fn seeder(seed_dir: &Path, state_dir: &Path, extra: &[&str]) -> Proc {
+    let mut args: Vec<String> = [
+        "--listen-addr",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--http-port",
+        "0",
+        "--seed-dir",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.push(seed_dir.display().to_string());
+    args.push("--state-dir".into());
+    args.push(state_dir.display().to_string());
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Proc::start("seeder", &bin("seeder", "server"), &args)
+}
+
+/// A coordinator for `seeder_http` listening on `listen` (e.g. 127.0.0.1:0).
+pub fn coordinator(listen: &str, seeder_http: &str, extra: &[&str]) -> Proc {
+    let mut args = vec![
+        "--listen".to_string(),
+        listen.to_owned(),
+        "--seeder".into(),
+        format!("http://{seeder_http}"),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Proc::start("coordinator", &bin("coordinator", "coordinator"), &args)
+}
+
+/// A node with one thread on loopback.
+pub fn node(name: &str, coordinator_http: &str, data_dir: &Path, extra: &[&str]) -> Proc {
+    let mut args: Vec<String> = vec![
+        "--coordinator".into(),
+        format!("http://{coordinator_http}"),
+        "--data-dir".into(),
+        data_dir.display().to_string(),
+        "--name".into(),
+        name.into(),
+        "--listen-addr".into(),
+        "127.0.0.1".into(),
+        "--threads".into(),
+        "1".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Proc::start(name, &bin("node", "node"), &args)
+}
+
+/// Sum of a Prometheus counter's samples whose line contains `filter`.
+pub fn metric_sum(text: &str, name: &str, filter: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(filter))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}

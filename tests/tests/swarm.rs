@@ -1,0 +1,307 @@
+//! The control plane end to end, as processes on loopback: seeder + coordinator + nodes with
+//! the real model split into 4. Nodes run with one thread; these tests run one at a time.
+
+use std::path::Path;
+use std::time::Duration;
+
+use tests::{
+    coordinator, get_json, metric_sum, node, real_shards, seeder, swarm_lock, wait_for, Proc,
+};
+
+const READY_WITHIN: Duration = Duration::from_secs(180);
+
+fn status(c: &Proc) -> serde_json::Value {
+    get_json(&format!("http://{}/status", c.field("http")))
+}
+
+fn wait_ready(c: &Proc, want: bool) -> serde_json::Value {
+    wait_for(
+        if want { "SWARM_READY" } else { "not ready" },
+        READY_WITHIN,
+        || {
+            let s = status(c);
+            (s["ready"] == want).then_some(s)
+        },
+    )
+}
+
+/// Every node's loaded shards equal the source files.
+fn check_node_files(
+    status: &serde_json::Value,
+    seed: &Path,
+    data_dirs: &[(String, std::path::PathBuf)],
+) {
+    for n in status["nodes"].as_array().unwrap() {
+        let name = n["name"].as_str().unwrap();
+        let dir = &data_dirs.iter().find(|(d, _)| d == name).unwrap().1;
+        for (id, h) in n["shards"].as_object().unwrap() {
+            assert_eq!(h["state"], "loaded", "{name} shard {id}: {h}");
+            let file = format!("shard-{id}.gguf");
+            assert_eq!(
+                torrents::hashing::sha256_file(&dir.join("shards").join(&file)).unwrap(),
+                torrents::hashing::sha256_file(&seed.join(&file)).unwrap(),
+                "{name}'s {file}"
+            );
+        }
+    }
+}
+
+#[test]
+fn four_empty_nodes_fetch_every_shard_and_the_swarm_is_ready() {
+    let _one = swarm_lock();
+    let seed = real_shards(4);
+    let work = tempfile::tempdir().unwrap();
+    let s = seeder(seed.path(), &work.path().join("seeder"), &[]);
+    let c = coordinator("127.0.0.1:0", s.field("http"), &["--min-nodes", "4"]);
+    let dirs: Vec<(String, std::path::PathBuf)> = (0..4)
+        .map(|i| (format!("n{i}"), work.path().join(format!("n{i}"))))
+        .collect();
+    let nodes: Vec<Proc> = dirs
+        .iter()
+        .map(|(n, d)| node(n, c.field("http"), d, &[]))
+        .collect();
+    let st = wait_ready(&c, true);
+    assert_eq!(st["nodes"].as_array().unwrap().len(), 4);
+    assert_eq!(st["shards_loaded"], 4);
+    for (shard, holders) in st["placement"].as_object().unwrap() {
+        assert_eq!(
+            holders.as_array().unwrap().len(),
+            1,
+            "shard {shard}: {holders}"
+        );
+    }
+    check_node_files(&st, seed.path(), &dirs);
+    assert!(c
+        .stdout_lines()
+        .iter()
+        .any(|l| l.starts_with("[SWARM_READY]")));
+    for n in &nodes {
+        assert!(
+            n.stderr_text().contains("[TORRENT] Found file: shard-"),
+            "{}",
+            n.stderr_text()
+        );
+    }
+}
+
+#[test]
+fn eight_nodes_hold_two_replicas_and_the_seeder_sends_each_shard_about_once() {
+    let _one = swarm_lock();
+    let seed = real_shards(4);
+    let work = tempfile::tempdir().unwrap();
+    // 24 MB/s: the seeder is the bottleneck, as on a real uplink.
+    let s = seeder(
+        seed.path(),
+        &work.path().join("seeder"),
+        &["--upload-limit", "25000000"],
+    );
+    let c = coordinator("127.0.0.1:0", s.field("http"), &["--min-nodes", "4"]);
+    let dirs: Vec<(String, std::path::PathBuf)> = (0..8)
+        .map(|i| (format!("n{i}"), work.path().join(format!("n{i}"))))
+        .collect();
+    let _nodes: Vec<Proc> = dirs
+        .iter()
+        .map(|(n, d)| node(n, c.field("http"), d, &[]))
+        .collect();
+    let st = wait_for("8 nodes with every shard twice", READY_WITHIN, || {
+        let st = status(&c);
+        let full = st["placement"]
+            .as_object()
+            .unwrap()
+            .values()
+            .all(|h| h.as_array().unwrap().len() == 2);
+        let all_loaded = st["nodes"].as_array().unwrap().iter().all(|n| {
+            n["shards"]
+                .as_object()
+                .unwrap()
+                .values()
+                .all(|h| h["state"] == "loaded")
+        });
+        (st["ready"] == true && full && all_loaded && st["nodes"].as_array().unwrap().len() == 8)
+            .then_some(st)
+    });
+    check_node_files(&st, seed.path(), &dirs);
+    let received: u64 = st["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| 2 * s["size"].as_u64().unwrap())
+        .sum();
+    let metrics = reqwest::blocking::get(format!("http://{}/metrics", s.field("http")))
+        .unwrap()
+        .text()
+        .unwrap();
+    let sent = metric_sum(
+        &metrics,
+        "shardswarm_seeder_uploaded_bytes_total",
+        "source=\"bittorrent\"",
+    );
+    assert!(
+        (sent as f64) <= 0.75 * received as f64,
+        "the seeder sent {sent} bytes for {received} received by nodes (> 0.75x)"
+    );
+    assert!(st["bytes"]["from_peers"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn a_node_killed_mid_download_resumes_without_fetching_everything_again() {
+    let _one = swarm_lock();
+    let seed = real_shards(4);
+    let work = tempfile::tempdir().unwrap();
+    // 4 MB/s: the 47-50 MB shards take over ten seconds.
+    let s = seeder(
+        seed.path(),
+        &work.path().join("seeder"),
+        &["--upload-limit", "4000000"],
+    );
+    let c = coordinator("127.0.0.1:0", s.field("http"), &["--min-nodes", "4"]);
+    let dirs: Vec<(String, std::path::PathBuf)> = (0..4)
+        .map(|i| (format!("n{i}"), work.path().join(format!("n{i}"))))
+        .collect();
+    let mut nodes: Vec<Option<Proc>> = dirs
+        .iter()
+        .map(|(n, d)| Some(node(n, c.field("http"), d, &[])))
+        .collect();
+    // A node holding shard 0 or 3 (the large ones) with a fifth of it verified.
+    let (victim, shard, size) =
+        wait_for("a large shard part-way", Duration::from_secs(120), || {
+            status(&c)["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find_map(|n| {
+                    n["shards"].as_object().unwrap().iter().find_map(|(id, h)| {
+                        let (bytes, total) = (h["bytes"].as_u64()?, h["total"].as_u64()?);
+                        (h["state"] == "fetching"
+                            && total > 40_000_000
+                            && bytes > total / 5
+                            && bytes < total * 3 / 5)
+                            .then(|| (n["name"].as_str().unwrap().to_owned(), id.clone(), total))
+                    })
+                })
+        });
+    let k: usize = victim[1..].parse().unwrap();
+    nodes[k].take().unwrap().kill();
+    nodes[k] = Some(node(&victim, c.field("http"), &dirs[k].1, &[]));
+    let st = wait_ready(&c, true);
+    let n = st["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == victim.as_str())
+        .unwrap();
+    let h = &n["shards"][&shard];
+    assert_eq!(h["state"], "loaded", "{h}");
+    let fetched = h["from_seeder"].as_u64().unwrap() + h["from_peers"].as_u64().unwrap();
+    assert!(
+        fetched < size,
+        "after the restart {victim} fetched {fetched} bytes of the {size}-byte shard {shard}"
+    );
+    check_node_files(&st, seed.path(), &dirs);
+}
+
+#[test]
+fn a_lost_holder_is_replaced_and_a_restarted_coordinator_needs_no_download() {
+    let _one = swarm_lock();
+    let seed = real_shards(4);
+    let work = tempfile::tempdir().unwrap();
+    let s = seeder(seed.path(), &work.path().join("seeder"), &[]);
+    let flags = [
+        "--min-nodes",
+        "4",
+        "--heartbeat-interval",
+        "1",
+        "--heartbeat-timeout",
+        "4",
+    ];
+    let c = coordinator("127.0.0.1:0", s.field("http"), &flags);
+    let addr = c.field("http").to_owned();
+    let dirs: Vec<(String, std::path::PathBuf)> = (0..5)
+        .map(|i| (format!("n{i}"), work.path().join(format!("n{i}"))))
+        .collect();
+    let mut nodes: Vec<Option<Proc>> = dirs
+        .iter()
+        .map(|(n, d)| Some(node(n, &addr, d, &[])))
+        .collect();
+    let st = wait_for("ready with 5 nodes and a replica", READY_WITHIN, || {
+        let st = status(&c);
+        let loaded = st["nodes"].as_array().unwrap().iter().all(|n| {
+            n["shards"]
+                .as_object()
+                .unwrap()
+                .values()
+                .all(|h| h["state"] == "loaded")
+        });
+        (st["ready"] == true && st["nodes"].as_array().unwrap().len() == 5 && loaded).then_some(st)
+    });
+    // Kill the only holder of a shard.
+    let (victim, shard) = st["placement"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .find(|(_, h)| h.as_array().unwrap().len() == 1)
+        .map(|(id, h)| {
+            let node_id = h[0].as_str().unwrap();
+            let n = st["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|n| n["node_id"] == node_id)
+                .unwrap();
+            (n["name"].as_str().unwrap().to_owned(), id.clone())
+        })
+        .unwrap();
+    let k: usize = victim[1..].parse().unwrap();
+    nodes[k].take().unwrap().kill();
+    wait_ready(&c, false);
+    let st = wait_ready(&c, true);
+    let holders = st["placement"][&shard].as_array().unwrap();
+    assert!(
+        !holders.is_empty()
+            && holders.iter().all(|h| st["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| &n["node_id"] == h))
+    );
+    assert_eq!(st["nodes"].as_array().unwrap().len(), 4);
+
+    // Restart the coordinator on the same address: the nodes come back with what they hold.
+    let metrics_url = format!("http://{}/metrics", s.field("http"));
+    let sent_before = metric_sum(
+        &reqwest::blocking::get(&metrics_url)
+            .unwrap()
+            .text()
+            .unwrap(),
+        "shardswarm_seeder_uploaded_bytes_total",
+        "",
+    );
+    assert!(c.terminate().success());
+    let c2 = coordinator(&addr, s.field("http"), &flags);
+    let st = wait_ready(&c2, true);
+    for n in st["nodes"].as_array().unwrap() {
+        for h in n["shards"].as_object().unwrap().values() {
+            assert_eq!(
+                (
+                    h["state"].as_str(),
+                    h["from_seeder"].as_u64(),
+                    h["from_peers"].as_u64()
+                ),
+                (Some("loaded"), Some(0), Some(0)),
+                "{n}"
+            );
+        }
+    }
+    let sent_after = metric_sum(
+        &reqwest::blocking::get(&metrics_url)
+            .unwrap()
+            .text()
+            .unwrap(),
+        "shardswarm_seeder_uploaded_bytes_total",
+        "",
+    );
+    assert_eq!(
+        sent_after, sent_before,
+        "nothing is downloaded again after a coordinator restart"
+    );
+}
