@@ -804,6 +804,23 @@ mod tests {
     }
 
     #[test]
+    fn silent_nodes_are_dropped_after_the_heartbeat_timeout() {
+        let mut s = swarm(1, 1);
+        let out = register(&mut s, "a", &[]).unwrap();
+        load_all(&mut s, &out);
+        assert!(s.ready);
+        let (out, dead) = s.expire(Instant::now() + Duration::from_secs(5));
+        assert!(
+            dead.is_empty() && out.is_empty(),
+            "5 s of silence is within the 10 s timeout"
+        );
+        let (out, dead) = s.expire(Instant::now() + Duration::from_secs(11));
+        assert_eq!(dead, ["a"]);
+        assert!(!s.ready);
+        assert!(out.iter().any(|(_, c)| c.command == cmd::SWARM_NOT_READY));
+    }
+
+    #[test]
     fn nodes_without_room_get_nothing() {
         let mut s = swarm(1, 1);
         s.shards[0].size = 5000;

@@ -1,0 +1,228 @@
+//! The control channel refuses what it must and survives bad input: wrong tokens, malformed
+//! JSON, unknown commands, commands before REGISTER, and a node holding another split's shard.
+
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use protocol::{cmd, code, Capacity, Command, ErrorParams, RegisterParams, PROTOCOL_VERSION};
+use tests::{coordinator, node, real_shards, seeder, swarm_lock};
+use tokio_tungstenite::tungstenite::Message;
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn connect(addr: &str) -> Ws {
+    tokio_tungstenite::connect_async(format!("ws://{addr}/control"))
+        .await
+        .expect("connect")
+        .0
+}
+
+/// The next command frame (bounded wait), or None when the server closed the connection.
+async fn next(ws: &mut Ws) -> Option<Command> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("a reply within 10 s")
+        {
+            Some(Ok(Message::Text(t))) => {
+                return Some(Command::decode(&t).expect("the coordinator sends valid commands"))
+            }
+            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return None,
+            Some(Ok(_)) => continue,
+        }
+    }
+}
+
+fn register(token: &str) -> Command {
+    let p = RegisterParams {
+        node_id: "test-node".into(),
+        protocol_version: PROTOCOL_VERSION,
+        name: "test".into(),
+        peer_port: 9,
+        data_addr: None,
+        shards: vec![],
+        // No disk: it registers, but is given nothing to fetch.
+        capacity: Capacity {
+            ram_bytes: 1,
+            disk_free_bytes: 0,
+            threads: 1,
+        },
+        token: Some(token.into()),
+    };
+    Command::new(cmd::REGISTER, "test-node", protocol::COORDINATOR, &p)
+}
+
+fn error_code(c: &Command) -> String {
+    assert_eq!(c.command, cmd::ERROR, "{c:?}");
+    c.params::<ErrorParams>().unwrap().code
+}
+
+#[test]
+fn bad_messages_get_errors_and_the_connection_stays_usable() {
+    let _one = swarm_lock();
+    let seed = real_shards(2);
+    let work = tempfile::tempdir().unwrap();
+    let s = seeder(seed.path(), &work.path().join("seeder"), &[]);
+    let c = coordinator(
+        "127.0.0.1:0",
+        s.field("http"),
+        &["--min-nodes", "1", "--token", "sesame"],
+    );
+    let addr = c.field("http").to_owned();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        // Wrong token: refused, and the connection is closed.
+        let mut ws = connect(&addr).await;
+        let req = register("wrong");
+        ws.send(Message::Text(req.encode().into())).await.unwrap();
+        let reply = next(&mut ws).await.unwrap();
+        assert_eq!(error_code(&reply), code::UNAUTHORIZED);
+        assert_eq!(
+            reply.request_id, req.request_id,
+            "a reply reuses the request id"
+        );
+        assert!(
+            next(&mut ws).await.is_none(),
+            "a refused node is disconnected"
+        );
+
+        // Malformed JSON, commands before REGISTER, unknown commands: an ERROR each, and the
+        // same connection then registers fine.
+        let mut ws = connect(&addr).await;
+        ws.send(Message::Text("{this is not json".into()))
+            .await
+            .unwrap();
+        assert_eq!(error_code(&next(&mut ws).await.unwrap()), code::BAD_JSON);
+        let hb = Command::new(
+            cmd::HEARTBEAT,
+            "test-node",
+            protocol::COORDINATOR,
+            serde_json::json!({}),
+        );
+        ws.send(Message::Text(hb.encode().into())).await.unwrap();
+        assert_eq!(
+            error_code(&next(&mut ws).await.unwrap()),
+            code::NOT_REGISTERED
+        );
+        let bad_params = Command::new(
+            cmd::REGISTER,
+            "x",
+            protocol::COORDINATOR,
+            serde_json::json!({"node_id": 5}),
+        );
+        ws.send(Message::Text(bad_params.encode().into()))
+            .await
+            .unwrap();
+        assert_eq!(error_code(&next(&mut ws).await.unwrap()), code::BAD_PARAMS);
+        ws.send(Message::Text(register("sesame").encode().into()))
+            .await
+            .unwrap();
+        let reply = next(&mut ws).await.unwrap();
+        assert_eq!(reply.command, cmd::REGISTERED, "{reply:?}");
+        let bogus = Command::new(
+            "FLY_TO_MOON",
+            "test-node",
+            protocol::COORDINATOR,
+            serde_json::json!({}),
+        );
+        ws.send(Message::Text(bogus.encode().into())).await.unwrap();
+        let mut saw_unknown = false;
+        for _ in 0..5 {
+            let m = next(&mut ws).await.unwrap();
+            if m.command == cmd::ERROR && m.request_id == bogus.request_id {
+                assert_eq!(error_code(&m), code::UNKNOWN_COMMAND);
+                saw_unknown = true;
+                break;
+            }
+        }
+        assert!(saw_unknown);
+        // LIST_FILES is answered with the seeder's list.
+        let list = Command::new(
+            cmd::LIST_FILES,
+            "test-node",
+            protocol::COORDINATOR,
+            serde_json::json!({}),
+        );
+        ws.send(Message::Text(list.encode().into())).await.unwrap();
+        let mut files = None;
+        for _ in 0..5 {
+            let m = next(&mut ws).await.unwrap();
+            if m.request_id == list.request_id {
+                files = Some(m);
+                break;
+            }
+        }
+        let files = files.expect("a LIST_FILES reply");
+        assert_eq!(
+            files.params["files"].as_array().unwrap().len(),
+            2,
+            "{files:?}"
+        );
+        let hb = Command::new(
+            cmd::HEARTBEAT,
+            "test-node",
+            protocol::COORDINATOR,
+            serde_json::json!({}),
+        );
+        ws.send(Message::Text(hb.encode().into())).await.unwrap();
+    });
+    let st = tests::get_json(&format!("http://{}/status", c.field("http")));
+    assert_eq!(
+        st["nodes"].as_array().unwrap().len(),
+        0,
+        "the test client left: {st}"
+    );
+}
+
+#[test]
+fn a_node_holding_another_splits_shard_is_refused_and_says_why() {
+    let _one = swarm_lock();
+    let seed = real_shards(4);
+    let other = real_shards(3); // shard-0 of a 3-way split differs from shard-0 of a 4-way one
+    let work = tempfile::tempdir().unwrap();
+    let s = seeder(seed.path(), &work.path().join("seeder"), &[]);
+    let c = coordinator("127.0.0.1:0", s.field("http"), &["--min-nodes", "1"]);
+    let data = work.path().join("foreign");
+    std::fs::create_dir_all(data.join("shards")).unwrap();
+    std::fs::copy(
+        other.path().join("shard-0.gguf"),
+        data.join("shards/shard-0.gguf"),
+    )
+    .unwrap();
+    {
+        // Let the node verify it the way it verifies its own downloads.
+        let d = node::store::DataDir::open(&data).unwrap();
+        let sha = torrents::hashing::sha256_file(&data.join("shards/shard-0.gguf")).unwrap();
+        d.record_verified("shard-0.gguf", &sha).unwrap();
+    }
+    let n = node("foreign", c.field("http"), &data, &[]);
+    let (status, stderr) = n.wait_exit(Duration::from_secs(30));
+    assert!(!status.success());
+    assert!(
+        stderr.contains("foreign_shards") && stderr.contains("not part of split"),
+        "{stderr}"
+    );
+    let st = tests::get_json(&format!("http://{}/status", c.field("http")));
+    assert_eq!(
+        st["nodes"].as_array().unwrap().len(),
+        0,
+        "a refused node is never used"
+    );
+
+    // A node with the wrong token stops with a clear message too.
+    let c2 = coordinator(
+        "127.0.0.1:0",
+        s.field("http"),
+        &["--min-nodes", "1", "--token", "right"],
+    );
+    let n = node(
+        "intruder",
+        c2.field("http"),
+        &work.path().join("intruder"),
+        &["--token", "wrong"],
+    );
+    let (status, stderr) = n.wait_exit(Duration::from_secs(30));
+    assert!(!status.success());
+    assert!(stderr.contains("unauthorized"), "{stderr}");
+}
