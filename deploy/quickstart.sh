@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
 # One command from a fresh clone to the furthest the project runs today: install what is
-# missing, build, fetch the real model, split it into 4 stage shards, validate them, seed them
-# with the seeder (tracker + web seed on loopback), download every shard back with aria2c from
-# its magnet link, and validate the downloaded set. Output in target/quickstart/.
+# missing, build, fetch the real model, split it into 4 stage shards and validate them, then run
+# the swarm on this machine: the seeder (tracker + web seed), the coordinator and 4 empty nodes,
+# which fetch their shards by BitTorrent until the swarm is ready. Output in target/quickstart/.
+#
+#   deploy/quickstart.sh [--keep-running]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=target/quickstart
 shards=4
+nodes=4
+keep=false
+[ "${1:-}" = "--keep-running" ] && keep=true
 
 need=()
 command -v cmake >/dev/null || need+=(cmake)
 command -v clang >/dev/null || need+=(clang)
-[ -e /usr/lib/llvm-14/lib/libclang.so ] || ls /usr/lib/llvm-*/lib/libclang*.so >/dev/null 2>&1 || need+=(libclang-dev)
+ls /usr/lib/llvm-*/lib/libclang*.so >/dev/null 2>&1 || need+=(libclang-dev)
 python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
-command -v aria2c >/dev/null || need+=(aria2)
 command -v curl >/dev/null || need+=(curl)
 if [ ${#need[@]} -gt 0 ]; then
     echo "== installing ${need[*]}"
@@ -30,35 +34,62 @@ model=$(deploy/fetch-model.sh)
 
 echo "== splitting into $shards shards"
 target/release/shard_loader split --model "$model" --shards "$shards" --target-dir "$out/shards"
-
-echo "== validating"
 target/release/shard_loader validate --target-dir "$out/shards" --expected-shards "$shards"
 
-echo "== loading each shard with llama.cpp"
-for k in $(seq 0 $((shards - 1))); do
-    printf 'shard-%d.gguf: ' "$k"
-    target/release/node model-info --model "$out/shards/shard-$k.gguf" --json | tr -d '\n ' ; echo
-done
+echo "== starting the swarm: seeder, coordinator, $nodes nodes (logs in $out/logs)"
+rm -rf "$out/state" "$out/nodes" "$out/logs"
+mkdir -p "$out/logs"
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
 
-echo "== seeding with the seeder (loopback)"
-rm -rf "$out/state" "$out/downloaded"
-mkdir -p "$out/downloaded"
+# Wait (bounded) for a "[READY] http=…" line in a log, and print the address.
+ready_addr() {
+    for _ in $(seq 1200); do
+        addr=$(sed -n 's/^\[READY\] http=\([^ ]*\).*/\1/p' "$1" 2>/dev/null | head -1)
+        [ -n "$addr" ] && { echo "$addr"; return 0; }
+        sleep 0.1
+    done
+    echo "no [READY] in $1" >&2
+    return 1
+}
+
 target/release/server --listen-addr 127.0.0.1 --port 0 --http-port 0 --seed-dir "$out/shards" \
-    --state-dir "$out/state" >"$out/server.out" 2>"$out/server.log" &
-server=$!
-trap 'kill $server 2>/dev/null' EXIT
-for _ in $(seq 600); do grep -q '^\[READY\]' "$out/server.out" 2>/dev/null && break; sleep 0.1; done
-grep '^\[' "$out/server.out" || { cat "$out/server.log"; exit 1; }
-http=$(sed -n 's/^\[READY\] http=\([^ ]*\).*/\1/p' "$out/server.out")
-curl -sf "http://$http/files" | python3 -m json.tool
+    --state-dir "$out/state" >"$out/logs/seeder.out" 2>"$out/logs/seeder.log" &
+pids+=($!)
+seeder=$(ready_addr "$out/logs/seeder.out")
+grep '^\[TORRENT\]' "$out/logs/seeder.out"
+echo "seeder:      http://$seeder"
 
-echo "== downloading every shard back with aria2c, from its magnet link"
-for magnet in $(curl -sf "http://$http/files" | python3 -c 'import json,sys; [print(f["magnet"]) for f in json.load(sys.stdin)["files"]]'); do
-    aria2c -d "$out/downloaded" --enable-dht=false --enable-dht6=false --bt-enable-lpd=false \
-        --enable-peer-exchange=false --seed-time=0 --bt-stop-timeout=120 --file-allocation=none \
-        --console-log-level=warn --summary-interval=0 --allow-overwrite=true \
-        --show-console-readout=false --download-result=hide "$magnet"
+target/release/coordinator --listen 127.0.0.1:0 --seeder "http://$seeder" --min-nodes "$nodes" \
+    >"$out/logs/coordinator.out" 2>"$out/logs/coordinator.log" &
+pids+=($!)
+coordinator=$(ready_addr "$out/logs/coordinator.out")
+echo "coordinator: http://$coordinator"
+
+for i in $(seq 1 "$nodes"); do
+    target/release/node --coordinator "http://$coordinator" --data-dir "$out/nodes/node-$i" --name "node-$i" \
+        --listen-addr 127.0.0.1 --threads 1 >"$out/logs/node-$i.out" 2>"$out/logs/node-$i.log" &
+    pids+=($!)
 done
-curl -sf "http://$http/manifest" >"$out/downloaded/shards.json"
-target/release/shard_loader validate --target-dir "$out/downloaded" --expected-shards "$shards"
-echo "== done: shards in $out/shards, downloaded copies in $out/downloaded, seeder log in $out/server.log"
+
+echo "== waiting for SWARM_READY"
+for _ in $(seq 1800); do
+    grep -q '^\[SWARM_READY\]' "$out/logs/coordinator.out" && break
+    sleep 0.1
+done
+grep '^\[SWARM_READY\]' "$out/logs/coordinator.out" || { tail -20 "$out/logs/coordinator.log"; exit 1; }
+curl -sf "http://$coordinator/status" | python3 -c "
+import json, sys
+s = json.load(sys.stdin)
+print('ready:', s['ready'], ' split:', s['split_id'][:16], ' nodes:', len(s['nodes']))
+for n in s['nodes']:
+    for shard, h in n['shards'].items():
+        print('  %-8s shard-%s.gguf  %-8s %10d B from the seeder %10d B from nodes'
+              % (n['name'], shard, h['state'], h.get('from_seeder', 0), h.get('from_peers', 0)))
+"
+if $keep; then
+    echo "== running; stop with Ctrl-C (status: curl http://$coordinator/status)"
+    wait
+fi
+echo "== done (the swarm stops now; run with --keep-running to keep it)"
