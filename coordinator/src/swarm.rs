@@ -487,9 +487,11 @@ impl Swarm {
 
     /// Give `shard_id` to `node`. The first holder fetches it through the seeder's tracker at
     /// once; a replica waits (see [`Swarm::place`]) and then copies it from a node that has it
-    /// all, so the seeder sends each shard about once. (Fetching alongside a node that is
-    /// itself still fetching does not work with librqbit: the replica drops a peer that has
-    /// nothing it needs yet, and peer exchange leads it to the seeder.)
+    /// all, so the seeder sends each shard once. Trailing a node that is itself still fetching
+    /// was measured and is worse with librqbit (bench/swarm.py, N=8: the seeder sent 1.77
+    /// copies instead of 1.01, and the makespan grew): once the replica catches up it drops
+    /// the source as having nothing it needs, and peer exchange (always on) leads it to the
+    /// seeder.
     fn assign(&mut self, node: &str, shard_id: u32) {
         let primary = self.coverage(shard_id) == 0;
         let total = self.shards[shard_id as usize].size;

@@ -110,7 +110,7 @@ fn restart_does_not_rehash_and_shutdown_is_clean() {
     let first = Server::start(seed.path(), state.path(), &[]);
     let hashes = first.get_json("/files");
     assert!(first.stderr_text().contains("hashing shard-0.gguf"));
-    let read_first = rchar(first.child.id());
+    let read_first = rchar(first.pid());
     assert!(
         read_first > total,
         "the first start hashes everything ({read_first} of {total} bytes read)"
@@ -138,7 +138,7 @@ fn restart_does_not_rehash_and_shutdown_is_clean() {
         "{}",
         second.stderr_text()
     );
-    let read_second = rchar(second.child.id());
+    let read_second = rchar(second.pid());
     assert!(
         read_second < total / 4,
         "the restart read {read_second} bytes of {total}: it re-hashed"

@@ -3,23 +3,15 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::process::{Command, Output};
 
-/// A running `server` process, stopped (SIGTERM) on drop.
+/// A running `server` process (killed on drop), with its addresses.
 pub struct Server {
-    pub child: Child,
+    pub proc: tests::Proc,
     pub http: SocketAddr,
     pub peer: SocketAddr,
-    /// stdout lines seen so far (for `[TORRENT] Loaded …`).
-    pub stdout: Arc<Mutex<Vec<String>>>,
-    /// stderr lines seen so far.
-    pub stderr: Arc<Mutex<Vec<String>>>,
 }
 
 impl Server {
@@ -49,62 +41,23 @@ impl Server {
     /// Start `program args… --seed-dir … --state-dir …` (`program` is the server, or a wrapper
     /// such as setpriv that runs it).
     pub fn start_via(program: &str, seed_dir: &Path, state_dir: &Path, args: &[&str]) -> Server {
-        let mut child = Command::new(program)
-            .args(args)
-            .arg("--seed-dir")
-            .arg(seed_dir)
-            .arg("--state-dir")
-            .arg(state_dir)
-            .env("RUST_LOG", "info,librqbit=warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start server");
-        let stdout = Arc::new(Mutex::new(Vec::new()));
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
-        let out = child.stdout.take().unwrap();
-        let lines = stdout.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if line.starts_with("[READY]") {
-                    let _ = tx.send(line.clone());
-                }
-                lines.lock().unwrap().push(line);
-            }
-        });
-        let err = child.stderr.take().unwrap();
-        let lines = stderr.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                lines.lock().unwrap().push(line);
-            }
-        });
-        let ready = match rx.recv_timeout(Duration::from_secs(120)) {
-            Ok(line) => line,
-            Err(_) => {
-                let _ = child.kill();
-                panic!(
-                    "server never printed [READY]; stderr:\n{}",
-                    stderr.lock().unwrap().join("\n")
-                );
-            }
-        };
-        let field = |k: &str| -> SocketAddr {
-            ready
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix(k))
-                .unwrap()
-                .parse()
-                .unwrap()
-        };
-        Server {
-            http: field("http="),
-            peer: field("peer="),
-            child,
-            stdout,
-            stderr,
-        }
+        let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        all.extend([
+            "--seed-dir".into(),
+            seed_dir.display().to_string(),
+            "--state-dir".into(),
+            state_dir.display().to_string(),
+        ]);
+        let proc = tests::Proc::start("server", Path::new(program), &all);
+        let (http, peer) = (
+            proc.field("http").parse().unwrap(),
+            proc.field("peer").parse().unwrap(),
+        );
+        Server { proc, http, peer }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.child.id()
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -126,46 +79,26 @@ impl Server {
     /// Send a signal to the server.
     pub fn signal(&self, sig: i32) {
         // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, sig) };
+        unsafe { libc::kill(self.pid() as i32, sig) };
     }
 
-    /// Stop with SIGTERM and wait (bounded) for a clean exit; returns the exit status.
-    pub fn stop(mut self) -> std::process::ExitStatus {
-        self.signal(libc::SIGTERM);
-        for _ in 0..200 {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        panic!("server did not stop within 10 s of SIGTERM");
+    /// Stop with SIGTERM and wait (bounded) for the exit.
+    pub fn stop(self) -> std::process::ExitStatus {
+        self.proc.terminate()
     }
 
     pub fn stderr_text(&self) -> String {
-        self.stderr.lock().unwrap().join("\n")
+        self.proc.stderr_text()
     }
 
     pub fn stdout_lines(&self) -> Vec<String> {
-        self.stdout.lock().unwrap().clone()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.proc.stdout_lines()
     }
 }
 
 /// The real model split into 4 shards in a fresh directory (the seed dir of most tests).
 pub fn real_shards() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let model_path = torrents::default_model::require().unwrap_or_else(|e| panic!("{e}"));
-    let model = torrents::gguf::GgufModel::open(&model_path).unwrap();
-    let source = torrents::map::gguf_source(&model).unwrap();
-    torrents::split::split_model(&model, 4, dir.path(), source, &|_| {}).unwrap();
-    dir
+    tests::real_shards(4)
 }
 
 /// Run a tool, failing clearly when it is missing.
