@@ -1,0 +1,221 @@
+//! The swarm rules, event by event.
+use super::*;
+
+fn swarm(shards: u32, min_nodes: usize) -> Swarm {
+    Swarm {
+        shards: (0..shards)
+            .map(|i| ShardSpec {
+                shard_id: i,
+                file: format!("shard-{i}.gguf"),
+                size: 100,
+                sha256: format!("sha{i}"),
+                info_hash: format!("ih{i}"),
+                magnet: String::new(),
+                torrent_url: String::new(),
+            })
+            .collect(),
+        nodes: BTreeMap::new(),
+        min_nodes,
+        ready: false,
+        model_sha256: "m".into(),
+        split_id: "s".into(),
+        seeder_peer: None,
+        token: Some("t".into()),
+        heartbeat_interval: Duration::from_secs(2),
+        heartbeat_timeout: Duration::from_secs(10),
+    }
+}
+
+fn register(s: &mut Swarm, id: &str, held: &[u32]) -> Result<Outbox, Refusal> {
+    let p = RegisterParams {
+        node_id: id.into(),
+        protocol_version: PROTOCOL_VERSION,
+        name: id.into(),
+        peer_port: 7000,
+        data_addr: None,
+        shards: held
+            .iter()
+            .map(|i| protocol::HeldShard {
+                shard_id: *i,
+                sha256: format!("sha{i}"),
+            })
+            .collect(),
+        capacity: Capacity {
+            ram_bytes: 1000,
+            disk_free_bytes: 1000,
+            threads: 1,
+        },
+        token: Some("t".into()),
+    };
+    let req = Command::new(cmd::REGISTER, id, COORDINATOR, &p);
+    s.register(&req, &p, "127.0.0.1".parse().unwrap(), 1, None)
+}
+
+fn loads(out: &Outbox) -> Vec<(String, LoadShardParams)> {
+    out.iter()
+        .filter(|(_, c)| c.command == cmd::LOAD_SHARD)
+        .map(|(n, c)| (n.clone(), c.params().unwrap()))
+        .collect()
+}
+
+fn load_all(s: &mut Swarm, out: &Outbox) -> Outbox {
+    let mut next = Vec::new();
+    for (node, p) in loads(out) {
+        next.extend(s.loaded(
+            &node,
+            &ShardLoadedParams {
+                shard_id: p.shard_id,
+                sha256: p.sha256.clone(),
+                from_seeder: 0,
+                from_peers: 0,
+            },
+        ));
+    }
+    next
+}
+
+#[test]
+fn four_nodes_one_shard_each_then_ready() {
+    let mut s = swarm(4, 4);
+    let mut out = Vec::new();
+    for id in ["a", "b", "c", "d"] {
+        out.extend(register(&mut s, id, &[]).unwrap());
+    }
+    let l = loads(&out);
+    let placed: Vec<u32> = l.iter().map(|(_, p)| p.shard_id).collect();
+    assert_eq!(placed, [0, 1, 2, 3]);
+    assert!(l.iter().all(|(_, p)| p.use_tracker));
+    let out = load_all(&mut s, &out);
+    assert!(s.ready);
+    assert!(out
+        .iter()
+        .any(|(to, c)| to == BROADCAST && c.command == cmd::SWARM_READY));
+}
+
+#[test]
+fn replicas_fetch_from_the_first_holder_and_fall_back_to_the_tracker() {
+    let mut s = swarm(2, 2);
+    let out: Outbox = ["a", "b", "c", "d"]
+        .iter()
+        .flat_map(|id| register(&mut s, id, &[]).unwrap())
+        .collect();
+    let l = loads(&out);
+    assert_eq!(l.len(), 2, "replicas wait for a complete copy: {l:?}");
+    // b finishes shard 1: its replica d starts, from b only.
+    let done = ShardLoadedParams {
+        shard_id: 1,
+        sha256: "sha1".into(),
+        from_seeder: 100,
+        from_peers: 0,
+    };
+    let l = loads(&s.loaded("b", &done));
+    assert_eq!(l.len(), 1);
+    assert_eq!(l[0].0, "d");
+    assert!(!l[0].1.use_tracker);
+    assert_eq!(l[0].1.peers, ["127.0.0.1:7000"]);
+    // The primary of shard 0 goes away before finishing: its replica fetches via the tracker.
+    let l = loads(&s.disconnected("a", 1));
+    assert!(
+        l.iter()
+            .any(|(n, p)| n == "c" && p.shard_id == 0 && p.use_tracker),
+        "{l:?}"
+    );
+}
+
+#[test]
+fn a_dropped_holder_is_replaced_by_the_spare() {
+    let mut s = swarm(4, 4);
+    let out: Outbox = ["a", "b", "c", "d", "e"]
+        .iter()
+        .flat_map(|id| register(&mut s, id, &[]).unwrap())
+        .collect();
+    load_all(&mut s, &out);
+    assert!(s.ready);
+    let out = s.disconnected("c", 1);
+    assert!(!s.ready, "a lost shard makes the swarm not ready");
+    assert!(out.iter().any(|(_, c)| c.command == cmd::SWARM_NOT_READY));
+    let l = loads(&out);
+    assert_eq!(l.len(), 1);
+    assert_eq!(l[0].1.shard_id, 2);
+    assert!(
+        ["a", "e"].contains(&l[0].0.as_str()),
+        "a node whose shard has a replica takes it: {}",
+        l[0].0
+    );
+    load_all(&mut s, &out);
+    assert!(s.ready);
+}
+
+#[test]
+fn held_shards_are_kept_and_refusals_are_named() {
+    let mut s = swarm(2, 2);
+    let out = register(&mut s, "a", &[1]).unwrap();
+    assert!(
+        loads(&out).is_empty(),
+        "a keeps shard 1 and waits for a second node for shard 0"
+    );
+    let out = register(&mut s, "b", &[0]).unwrap();
+    assert!(loads(&out).is_empty());
+    assert!(
+        s.ready,
+        "two nodes holding both shards are ready without any fetch"
+    );
+    let mut bad = swarm(2, 2);
+    let p = RegisterParams {
+        node_id: "x".into(),
+        protocol_version: PROTOCOL_VERSION,
+        name: "x".into(),
+        peer_port: 1,
+        data_addr: None,
+        shards: vec![protocol::HeldShard {
+            shard_id: 0,
+            sha256: "other".into(),
+        }],
+        capacity: Capacity::default(),
+        token: Some("t".into()),
+    };
+    let req = Command::new(cmd::REGISTER, "x", COORDINATOR, &p);
+    assert_eq!(
+        bad.register(&req, &p, "127.0.0.1".parse().unwrap(), 1, None)
+            .unwrap_err()
+            .0,
+        code::FOREIGN_SHARDS
+    );
+    let wrong = RegisterParams {
+        token: Some("no".into()),
+        shards: vec![],
+        ..p
+    };
+    assert_eq!(
+        bad.register(&req, &wrong, "127.0.0.1".parse().unwrap(), 1, None)
+            .unwrap_err()
+            .0,
+        code::UNAUTHORIZED
+    );
+    assert!(bad.nodes.is_empty());
+}
+
+#[test]
+fn silent_nodes_are_dropped_after_the_heartbeat_timeout() {
+    let mut s = swarm(1, 1);
+    let out = register(&mut s, "a", &[]).unwrap();
+    load_all(&mut s, &out);
+    assert!(s.ready);
+    let (out, dead) = s.expire(Instant::now() + Duration::from_secs(5));
+    assert!(
+        dead.is_empty() && out.is_empty(),
+        "5 s of silence is within the 10 s timeout"
+    );
+    let (out, dead) = s.expire(Instant::now() + Duration::from_secs(11));
+    assert_eq!(dead, ["a"]);
+    assert!(!s.ready);
+    assert!(out.iter().any(|(_, c)| c.command == cmd::SWARM_NOT_READY));
+}
+
+#[test]
+fn nodes_without_room_get_nothing() {
+    let mut s = swarm(1, 1);
+    s.shards[0].size = 5000;
+    let out = register(&mut s, "a", &[]).unwrap();
+    assert!(loads(&out).is_empty());
+}
