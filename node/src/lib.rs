@@ -1,8 +1,9 @@
 //! Swarm node: registers with the coordinator, fetches its shards with an embedded librqbit
-//! client (from the seeder and from other nodes), verifies them, keeps seeding them, and
-//! (llm) opens them with llama.cpp.
+//! client (from the seeder and from other nodes), verifies them, keeps seeding them, opens
+//! them with llama.cpp (llm), and runs them as pipeline stages (stage).
 
 pub mod agent;
 pub mod fetch;
 pub mod llm;
+pub mod stage;
 pub mod store;

@@ -18,6 +18,8 @@ pub enum LlmError {
     Backend(String),
     #[error("{path}: llama.cpp refused to load it: {message}")]
     Load { path: String, message: String },
+    #[error("llama.cpp could not run the batch: {0}")]
+    Decode(String),
 }
 
 static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
@@ -66,5 +68,84 @@ pub fn inspect_model(path: &Path) -> Result<ModelInfo, LlmError> {
         architecture: model
             .meta_val_str("general.architecture")
             .unwrap_or_default(),
+    })
+}
+
+/// A completion by one llama.cpp process with the whole model: the reference a pipeline of
+/// stages must equal token for token.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Completion {
+    pub text: String,
+    /// The prompt's token ids.
+    pub prompt_ids: Vec<i32>,
+    /// The generated token ids (an end-of-generation token stops before it is added).
+    pub token_ids: Vec<i32>,
+}
+
+/// Greedy completion of `prompt` with the whole model at `path`, through llama-cpp-2's safe
+/// API only (independent of [`crate::stage`], which it checks).
+pub fn reference_completion(
+    path: &Path,
+    prompt: &str,
+    max_tokens: usize,
+    threads: i32,
+) -> Result<Completion, LlmError> {
+    use llama_cpp_2::context::params::LlamaContextParams;
+    use llama_cpp_2::llama_batch::LlamaBatch;
+    use llama_cpp_2::token::LlamaToken;
+    let backend = backend()?;
+    let load_err = |message: String| LlmError::Load {
+        path: path.display().to_string(),
+        message,
+    };
+    let model = LlamaModel::load_from_file(
+        backend,
+        path,
+        &LlamaModelParams::default().with_n_gpu_layers(0),
+    )
+    .map_err(|e| load_err(e.to_string()))?;
+    let vocab = model.vocab();
+    let prompt_tokens = vocab.tokenize(prompt.as_bytes(), vocab.should_add_bos(), true);
+    if prompt_tokens.is_empty() {
+        return Err(LlmError::Decode("the prompt has no tokens".into()));
+    }
+    let n_ctx = (prompt_tokens.len() + max_tokens + 8).next_power_of_two() as u32;
+    let params = LlamaContextParams::default()
+        .with_n_ctx(std::num::NonZeroU32::new(n_ctx))
+        .with_n_batch(n_ctx)
+        .with_n_ubatch(n_ctx)
+        .with_n_threads(threads)
+        .with_n_threads_batch(threads);
+    let mut ctx = model
+        .new_context(backend, params)
+        .map_err(|e| load_err(e.to_string()))?;
+    let decode_err = |e: &dyn std::fmt::Display| LlmError::Decode(e.to_string());
+    let mut batch = LlamaBatch::new(n_ctx as usize, 1);
+    for (i, t) in prompt_tokens.iter().enumerate() {
+        batch
+            .add(*t, i as i32, &[0], i + 1 == prompt_tokens.len())
+            .map_err(|e| decode_err(&e))?;
+    }
+    ctx.decode(&mut batch).map_err(|e| decode_err(&e))?;
+    let mut out = Vec::new();
+    for pos in (prompt_tokens.len() as i32..).take(max_tokens) {
+        let next = crate::stage::argmax(ctx.get_logits_ith(batch.n_tokens() - 1));
+        if vocab.is_eog(LlamaToken(next)) {
+            break;
+        }
+        out.push(next);
+        batch.clear();
+        batch
+            .add(LlamaToken(next), pos, &[0], true)
+            .map_err(|e| decode_err(&e))?;
+        pos += 1;
+        ctx.decode(&mut batch).map_err(|e| decode_err(&e))?;
+    }
+    let tokens: Vec<LlamaToken> = out.iter().map(|t| LlamaToken(*t)).collect();
+    let text = String::from_utf8_lossy(&vocab.detokenize(&tokens, false, false)).into_owned();
+    Ok(Completion {
+        text,
+        prompt_ids: prompt_tokens.iter().map(|t| t.0).collect(),
+        token_ids: out,
     })
 }

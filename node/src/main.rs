@@ -25,6 +25,23 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Complete a prompt with the whole model in one llama.cpp process (greedy): the reference
+    /// the swarm's pipeline must equal token for token.
+    Reference {
+        /// The whole model (GGUF).
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 32)]
+        max_tokens: usize,
+        /// CPU threads.
+        #[arg(long, default_value_t = 1)]
+        threads: i32,
+        /// Print {"text", "token_ids", "prompt_ids"}.
+        #[arg(long)]
+        json: bool,
+    },
     /// Load a GGUF file (a whole model or one stage shard) with llama.cpp and print what it holds.
     ModelInfo {
         /// The GGUF file.
@@ -62,6 +79,22 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::ModelInfo { model, json }) => model_info(model, json),
+        Some(Command::Reference {
+            model,
+            prompt,
+            max_tokens,
+            threads,
+            json,
+        }) => node::llm::reference_completion(&model, &prompt, max_tokens, threads)
+            .map_err(anyhow::Error::from)
+            .and_then(|c| {
+                if json {
+                    println!("{}", serde_json::to_string(&c)?);
+                } else {
+                    println!("{}", c.text);
+                }
+                Ok(())
+            }),
         // One async thread: librqbit then writes and reads blocks inline rather than through
         // block_in_place (see the seeder's main.rs for the measured cost).
         None => tokio::runtime::Builder::new_current_thread()

@@ -1,0 +1,247 @@
+//! One pipeline stage in llama.cpp: a stage shard that takes tokens (the first stage) or the
+//! previous stage's hidden states, runs its layers, and gives its own hidden states (or, on the
+//! last stage, logits).
+//!
+//! The safe llama-cpp-2 API cannot do this (its batches take only tokens, and it has no
+//! `cb_eval` setter), so this is a small safe wrapper over llama-cpp-sys-2 (design.md,
+//! Inference): hidden states go in through `llama_batch.embd`; a non-final stage captures
+//! `l_out-<last layer>` (before `output_norm`) in the scheduler's eval callback, copies it out
+//! there, and stops the graph, so it never computes an output head it does not need. Every
+//! token of a non-final stage's batch is marked as an output, or the last layer would keep
+//! only the output rows.
+
+use std::ffi::{c_void, CString};
+use std::path::Path;
+use std::ptr::NonNull;
+
+use llama_cpp_sys_2 as sys;
+
+use crate::llm::{backend, LlmError};
+
+/// What the eval callback is after, and what it found.
+struct Capture {
+    /// `l_out-<k>` with k the stage's last local layer.
+    name: CString,
+    /// f32 [n_tokens, n_embd] row-major, appended per micro-batch.
+    data: Vec<f32>,
+}
+
+/// The scheduler's eval callback: ask for `l_out-<last>`, copy it, stop the graph.
+unsafe extern "C" fn capture_last_layer(
+    t: *mut sys::ggml_tensor,
+    ask: bool,
+    user: *mut c_void,
+) -> bool {
+    // SAFETY: llama.cpp passes the user data we registered (a live `Capture`) and a valid tensor.
+    let capture = unsafe { &mut *(user as *mut Capture) };
+    let name = unsafe { std::ffi::CStr::from_ptr(sys::ggml_get_name(t)) };
+    let wanted = name == capture.name.as_c_str();
+    if ask {
+        return wanted;
+    }
+    if wanted {
+        // SAFETY: the tensor is computed (ask == false) and holds nbytes of f32.
+        unsafe {
+            let bytes = sys::ggml_nbytes(t);
+            let start = capture.data.len();
+            capture.data.resize(start + bytes / 4, 0.0);
+            sys::ggml_backend_tensor_get(t, capture.data[start..].as_mut_ptr().cast(), 0, bytes);
+        }
+        return false; // nothing after this layer is needed on a non-final stage
+    }
+    true
+}
+
+/// A loaded stage with its own context (and so its own KV cache).
+pub struct Stage {
+    model: NonNull<sys::llama_model>,
+    ctx: NonNull<sys::llama_context>,
+    /// Boxed so the pointer given to llama.cpp stays put.
+    capture: Option<Box<Capture>>,
+    n_embd: usize,
+    n_vocab: usize,
+    /// Whether this stage outputs logits (the last stage) rather than hidden states.
+    pub is_last: bool,
+}
+
+// SAFETY: a Stage is used from one thread at a time (&mut self for every call); llama.cpp
+// models and contexts may move between threads.
+unsafe impl Send for Stage {}
+
+/// Output of one forward pass.
+pub enum StageOutput {
+    /// Hidden states, [n_tokens, n_embd] row-major.
+    Hidden(Vec<f32>),
+    /// Logits of the last token.
+    Logits(Vec<f32>),
+}
+
+impl Stage {
+    /// Load `path` as a stage. `is_last` stages give logits; others capture their last layer.
+    pub fn load(path: &Path, is_last: bool, n_ctx: u32, threads: i32) -> Result<Stage, LlmError> {
+        backend()?;
+        let err = |message: String| LlmError::Load {
+            path: path.display().to_string(),
+            message,
+        };
+        let c_path =
+            CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| err(e.to_string()))?;
+        // SAFETY: plain FFI calls with valid arguments; results are checked for null.
+        unsafe {
+            let mut mp = sys::llama_model_default_params();
+            mp.n_gpu_layers = 0;
+            let model = NonNull::new(sys::llama_model_load_from_file(c_path.as_ptr(), mp))
+                .ok_or_else(|| err("llama_model_load_from_file failed".into()))?;
+            let n_layer = sys::llama_model_n_layer(model.as_ptr());
+            let n_embd = sys::llama_model_n_embd(model.as_ptr()) as usize;
+            let vocab = sys::llama_model_get_vocab(model.as_ptr());
+            let n_vocab = sys::llama_vocab_n_tokens(vocab) as usize;
+            let mut capture = (!is_last).then(|| {
+                Box::new(Capture {
+                    name: CString::new(format!("l_out-{}", n_layer - 1)).unwrap(),
+                    data: Vec::new(),
+                })
+            });
+            let mut cp = sys::llama_context_default_params();
+            cp.n_ctx = n_ctx;
+            cp.n_batch = n_ctx;
+            cp.n_ubatch = n_ctx;
+            cp.n_threads = threads;
+            cp.n_threads_batch = threads;
+            if let Some(c) = capture.as_mut() {
+                cp.cb_eval = Some(capture_last_layer);
+                cp.cb_eval_user_data = (c.as_mut() as *mut Capture).cast();
+            }
+            let Some(ctx) = NonNull::new(sys::llama_init_from_model(model.as_ptr(), cp)) else {
+                sys::llama_model_free(model.as_ptr());
+                return Err(err("llama_init_from_model failed".into()));
+            };
+            Ok(Stage {
+                model,
+                ctx,
+                capture,
+                n_embd,
+                n_vocab,
+                is_last,
+            })
+        }
+    }
+
+    pub fn n_embd(&self) -> usize {
+        self.n_embd
+    }
+
+    /// Run tokens (first stage) at positions `pos0..`.
+    pub fn forward_tokens(&mut self, tokens: &[i32], pos0: i32) -> Result<StageOutput, LlmError> {
+        self.forward(Input::Tokens(tokens), pos0)
+    }
+
+    /// Run hidden states from the previous stage ([n_tokens, n_embd]) at positions `pos0..`.
+    pub fn forward_hidden(&mut self, hidden: &[f32], pos0: i32) -> Result<StageOutput, LlmError> {
+        if hidden.is_empty() || !hidden.len().is_multiple_of(self.n_embd) {
+            return Err(LlmError::Decode(format!(
+                "{} floats is not a whole number of {}-wide rows",
+                hidden.len(),
+                self.n_embd
+            )));
+        }
+        self.forward(Input::Hidden(hidden), pos0)
+    }
+
+    /// Forget the KV cache (a new session).
+    pub fn clear(&mut self) {
+        // SAFETY: a valid context.
+        unsafe { sys::llama_memory_clear(sys::llama_get_memory(self.ctx.as_ptr()), true) };
+    }
+
+    fn forward(&mut self, input: Input<'_>, pos0: i32) -> Result<StageOutput, LlmError> {
+        let n = match input {
+            Input::Tokens(t) => t.len(),
+            Input::Hidden(h) => h.len() / self.n_embd,
+        };
+        if n == 0 {
+            return Err(LlmError::Decode("empty batch".into()));
+        }
+        let embd = if matches!(input, Input::Hidden(_)) {
+            self.n_embd as i32
+        } else {
+            0
+        };
+        if let Some(c) = self.capture.as_mut() {
+            c.data.clear();
+        }
+        // SAFETY: the batch is allocated for n tokens (and n * n_embd floats when embd > 0),
+        // filled within those bounds, decoded, and freed.
+        let ret = unsafe {
+            let mut batch = sys::llama_batch_init(n as i32, embd, 1);
+            batch.n_tokens = n as i32;
+            match input {
+                Input::Tokens(t) => std::ptr::copy_nonoverlapping(t.as_ptr(), batch.token, n),
+                Input::Hidden(h) => std::ptr::copy_nonoverlapping(h.as_ptr(), batch.embd, h.len()),
+            }
+            for i in 0..n {
+                *batch.pos.add(i) = pos0 + i as i32;
+                *batch.n_seq_id.add(i) = 1;
+                **batch.seq_id.add(i) = 0;
+                // Non-final stages output every token's state; the last only the final logits.
+                *batch.logits.add(i) = i8::from(!self.is_last || i + 1 == n);
+            }
+            let ret = sys::llama_decode(self.ctx.as_ptr(), batch);
+            sys::llama_batch_free(batch);
+            ret
+        };
+        match &mut self.capture {
+            Some(c) => {
+                if c.data.len() != n * self.n_embd {
+                    return Err(LlmError::Decode(format!(
+                        "captured {} floats of {} for {n} tokens (llama_decode returned {ret})",
+                        c.data.len(),
+                        c.name.to_string_lossy()
+                    )));
+                }
+                Ok(StageOutput::Hidden(std::mem::take(&mut c.data)))
+            }
+            None => {
+                if ret != 0 {
+                    return Err(LlmError::Decode(format!("llama_decode returned {ret}")));
+                }
+                // SAFETY: logits of the last batch position, n_vocab floats.
+                let logits = unsafe {
+                    let p = sys::llama_get_logits_ith(self.ctx.as_ptr(), n as i32 - 1);
+                    if p.is_null() {
+                        return Err(LlmError::Decode("no logits".into()));
+                    }
+                    std::slice::from_raw_parts(p, self.n_vocab).to_vec()
+                };
+                Ok(StageOutput::Logits(logits))
+            }
+        }
+    }
+}
+
+enum Input<'a> {
+    Tokens(&'a [i32]),
+    Hidden(&'a [f32]),
+}
+
+impl Drop for Stage {
+    fn drop(&mut self) {
+        // SAFETY: freeing what load() created, context first.
+        unsafe {
+            sys::llama_free(self.ctx.as_ptr());
+            sys::llama_model_free(self.model.as_ptr());
+        }
+    }
+}
+
+/// The index of the largest logit (greedy sampling); ties go to the lowest index, as
+/// llama.cpp's greedy sampler does.
+pub fn argmax(logits: &[f32]) -> i32 {
+    let mut best = 0;
+    for (i, v) in logits.iter().enumerate() {
+        if *v > logits[best] {
+            best = i;
+        }
+    }
+    best as i32
+}

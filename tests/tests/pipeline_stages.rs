@@ -1,0 +1,119 @@
+//! Stage shards run as a pipeline in one process (llama.cpp, one thread each) give exactly the
+//! tokens of one llama.cpp process with the whole model: the foundation of distributed
+//! inference. The reference runs through llama-cpp-2's safe API, the stages through our own
+//! wrapper over llama-cpp-sys-2.
+
+use node::stage::{argmax, Stage, StageOutput};
+
+/// Greedy generation through `stages` from the prompt's token ids.
+fn pipeline_greedy(
+    stages: &mut [Stage],
+    prompt: &[i32],
+    max_tokens: usize,
+    eos: &[i32],
+) -> Vec<i32> {
+    let mut out = Vec::new();
+    let mut input = prompt.to_vec();
+    let mut pos = 0i32;
+    for _ in 0..max_tokens {
+        let mut state = stages[0].forward_tokens(&input, pos).unwrap();
+        for stage in stages[1..].iter_mut() {
+            let StageOutput::Hidden(h) = state else {
+                panic!("a non-final stage gave logits")
+            };
+            state = stage.forward_hidden(&h, pos).unwrap();
+        }
+        let StageOutput::Logits(logits) = state else {
+            panic!("the last stage gave hidden states")
+        };
+        let next = argmax(&logits);
+        pos += input.len() as i32;
+        if eos.contains(&next) {
+            break;
+        }
+        out.push(next);
+        input = vec![next];
+    }
+    out
+}
+
+#[test]
+fn stages_give_the_whole_models_tokens_for_2_3_and_4_shards() {
+    let _one = tests::swarm_lock();
+    let model_path = torrents::default_model::require().unwrap_or_else(|e| panic!("{e}"));
+    let prompts = [
+        "The capital of France is",
+        "<|im_start|>user\nWrite a haiku about torrents.<|im_end|>\n<|im_start|>assistant\n",
+        "Once upon a time, in a land of many small machines that shared the work of one large model, there lived",
+    ];
+    let references: Vec<_> = prompts
+        .iter()
+        .map(|p| node::llm::reference_completion(&model_path, p, 24, 1).unwrap())
+        .collect();
+    assert!(
+        references.iter().all(|r| !r.token_ids.is_empty()),
+        "{references:?}"
+    );
+    let model = torrents::gguf::GgufModel::open(&model_path).unwrap();
+    let source = torrents::map::gguf_source(&model).unwrap();
+    for n in [2usize, 3, 4] {
+        let dir = tempfile::tempdir().unwrap();
+        let manifest =
+            torrents::split::split_model(&model, n, dir.path(), source.clone(), &|_| {}).unwrap();
+        let mut stages: Vec<Stage> = manifest
+            .shards
+            .iter()
+            .enumerate()
+            .map(|(k, s)| Stage::load(&dir.path().join(&s.file), k + 1 == n, 512, 1).unwrap())
+            .collect();
+        for (prompt, reference) in prompts.iter().zip(&references) {
+            for stage in stages.iter_mut() {
+                stage.clear();
+            }
+            // Stop where the reference stopped: at its end-of-generation token, or max_tokens.
+            let got = pipeline_greedy(&mut stages, &reference.prompt_ids, 24, &[2]);
+            assert_eq!(
+                got, reference.token_ids,
+                "{n} stages, prompt {prompt:?}: tokens differ from the whole model"
+            );
+        }
+    }
+}
+
+#[test]
+fn node_reference_prints_the_whole_models_completion() {
+    let _one = tests::swarm_lock();
+    let model_path = torrents::default_model::require().unwrap_or_else(|e| panic!("{e}"));
+    let out = std::process::Command::new(tests::bin("node", "node"))
+        .args(["reference", "--model"])
+        .arg(&model_path)
+        .args([
+            "--prompt",
+            "The capital of France is",
+            "--max-tokens",
+            "8",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let lib =
+        node::llm::reference_completion(&model_path, "The capital of France is", 8, 1).unwrap();
+    assert_eq!(v["text"], lib.text.as_str());
+    assert_eq!(
+        v["token_ids"].as_array().unwrap().len(),
+        lib.token_ids.len()
+    );
+    assert!(lib.text.contains("Paris"), "{}", lib.text);
+    let bad = std::process::Command::new(tests::bin("node", "node"))
+        .args(["reference", "--model", "/nonexistent.gguf", "--prompt", "x"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("/nonexistent.gguf"));
+}
