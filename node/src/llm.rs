@@ -138,7 +138,6 @@ pub fn reference_completion(
         batch
             .add(LlamaToken(next), pos, &[0], true)
             .map_err(|e| decode_err(&e))?;
-        pos += 1;
         ctx.decode(&mut batch).map_err(|e| decode_err(&e))?;
     }
     let tokens: Vec<LlamaToken> = out.iter().map(|t| LlamaToken(*t)).collect();
