@@ -5,6 +5,8 @@
 //! params}` sent as one WebSocket text frame; a reply reuses its request's `request_id`. The
 //! typed `*Params` structs below are the `params` of each command.
 
+pub mod data;
+
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -29,6 +31,7 @@ pub mod cmd {
     pub const UNLOAD_SHARD: &str = "UNLOAD_SHARD";
     pub const SWARM_READY: &str = "SWARM_READY";
     pub const SWARM_NOT_READY: &str = "SWARM_NOT_READY";
+    pub const ROUTE: &str = "ROUTE";
     pub const ERROR: &str = "ERROR";
 }
 
@@ -253,6 +256,19 @@ pub struct SwarmStateParams {
     pub min_nodes: usize,
     pub shards_loaded: usize,
     pub shards: usize,
+}
+
+/// `ROUTE`: the inference pipeline, one node per shard in order; sent to each of them when the
+/// swarm becomes ready (and again whenever the route changes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteParams {
+    /// The stage this node runs (its shard id).
+    pub stage: u32,
+    pub stage_count: u32,
+    /// Data address of the next stage; None on the last stage.
+    pub next: Option<String>,
+    pub model_sha256: String,
+    pub split_id: String,
 }
 
 /// `ERROR`.
