@@ -7,6 +7,8 @@
 //! non-blocking bookkeeping of one event; the messages an event produces are sent after the
 //! lock is released.
 
+pub mod infer;
+pub mod openai;
 pub mod seeder_client;
 pub mod server;
 pub mod swarm;
@@ -51,6 +53,9 @@ pub struct Config {
     /// Seconds of silence after which a node is dropped and its shards re-placed.
     #[arg(long, default_value_t = 10)]
     pub heartbeat_timeout: u64,
+    /// Where shard 0 (for the vocabulary) is cached (default: <tmp>/shardswarm-coordinator).
+    #[arg(long, env = "SHARDSWARM_COORDINATOR_CACHE_DIR")]
+    pub cache_dir: Option<std::path::PathBuf>,
 }
 
 impl Config {

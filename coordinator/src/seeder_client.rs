@@ -14,6 +14,8 @@ pub struct SplitInfo {
     pub model_sha256: String,
     pub split_id: String,
     pub seeder_peer: Option<String>,
+    /// The source model's name (the model id of the OpenAI API).
+    pub model_name: String,
 }
 
 fn client() -> reqwest::Client {
@@ -85,6 +87,10 @@ pub async fn fetch_split(seeder: &str) -> anyhow::Result<SplitInfo> {
         .context("manifest without split_id")?
         .to_owned();
     Ok(SplitInfo {
+        model_name: manifest["source"]["name"]
+            .as_str()
+            .unwrap_or("model")
+            .to_owned(),
         model_sha256: manifest["source"]["sha256"]
             .as_str()
             .unwrap_or(&split_id)

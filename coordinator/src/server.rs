@@ -31,6 +31,10 @@ pub struct Hub {
     conns: Mutex<HashMap<String, (u64, mpsc::UnboundedSender<Command>)>>,
     next_conn: AtomicU64,
     seeder: String,
+    /// The model's vocabulary (from shard 0), for the OpenAI API.
+    pub vocab: Option<Arc<crate::infer::Vocab>>,
+    /// Held by the request running through the pipeline: the others queue.
+    pub pipeline: tokio::sync::Mutex<()>,
 }
 
 impl Hub {
@@ -83,6 +87,21 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         split.shards.len()
     );
     let (interval, timeout) = config.heartbeat();
+    let cache_dir = config
+        .cache_dir
+        .clone()
+        .unwrap_or_else(crate::infer::default_cache_dir);
+    let model_id = split.model_name.clone();
+    let vocab =
+        match crate::infer::Vocab::fetch(&config.seeder, &split.shards[0], &cache_dir, model_id)
+            .await
+        {
+            Ok(v) => Some(Arc::new(v)),
+            Err(e) => {
+                tracing::warn!("no vocabulary, so no inference API: {e:#}");
+                None
+            }
+        };
     let hub = Arc::new(Hub {
         swarm: Mutex::new(Swarm {
             shards: split.shards,
@@ -95,10 +114,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             token: config.token.clone(),
             heartbeat_interval: interval,
             heartbeat_timeout: timeout,
+            route: None,
         }),
         conns: Mutex::default(),
         next_conn: AtomicU64::new(1),
         seeder: config.seeder.clone(),
+        vocab,
+        pipeline: tokio::sync::Mutex::new(()),
     });
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -108,6 +130,15 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let app = Router::new()
         .route("/control", get(control))
         .route("/status", get(status))
+        .route("/v1/models", get(crate::openai::models))
+        .route(
+            "/v1/completions",
+            axum::routing::post(crate::openai::completions),
+        )
+        .route(
+            "/v1/chat/completions",
+            axum::routing::post(crate::openai::chat_completions),
+        )
         .route(
             "/healthz",
             get(|| async { Json(serde_json::json!({"status": "ok"})) }),

@@ -15,7 +15,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use protocol::{
-    cmd, code, Capacity, Command, LoadShardParams, RegisterParams, RegisteredParams,
+    cmd, code, Capacity, Command, LoadShardParams, RegisterParams, RegisteredParams, RouteParams,
     ShardFailedParams, ShardLoadedParams, ShardProgressParams, SwarmStateParams, BROADCAST,
     COORDINATOR, PROTOCOL_VERSION,
 };
@@ -130,6 +130,17 @@ pub struct Swarm {
     pub token: Option<String>,
     pub heartbeat_interval: Duration,
     pub heartbeat_timeout: Duration,
+    /// The inference pipeline while ready: one node per shard, in order.
+    pub route: Option<Vec<RouteHop>>,
+}
+
+/// One stage of the inference route.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RouteHop {
+    pub shard_id: u32,
+    pub node_id: String,
+    /// The node's data-channel address.
+    pub data_addr: String,
 }
 
 /// Why a registration is refused: (error code, message).
@@ -218,7 +229,18 @@ impl Swarm {
             node_id: p.node_id.clone(),
             name: p.name.clone(),
             peer_addr: SocketAddr::new(ip, p.peer_port),
-            data_addr: p.data_addr.clone(),
+            // A node listening on every address is reached at the address it connected from.
+            data_addr: p
+                .data_addr
+                .as_deref()
+                .and_then(|a| a.parse::<SocketAddr>().ok())
+                .map(|a| {
+                    if a.ip().is_unspecified() {
+                        SocketAddr::new(ip, a.port()).to_string()
+                    } else {
+                        a.to_string()
+                    }
+                }),
             capacity: p.capacity,
             shards: held,
             conn,
@@ -232,6 +254,8 @@ impl Swarm {
             node.shards.len()
         );
         self.nodes.insert(p.node_id.clone(), node);
+        // A node that comes back has lost its loaded stage: send the route again.
+        self.route = None;
         let reply = RegisteredParams {
             model_sha256: self.model_sha256.clone(),
             split_id: self.split_id.clone(),
@@ -411,10 +435,11 @@ impl Swarm {
                     self.assign(&node, shard_id);
                     out.push(self.load_shard(&node, shard_id, true));
                 }
-                None => tracing::warn!(
+                None if enough_nodes => tracing::warn!(
                     "no node has room for shard {shard_id} ({} bytes)",
                     spec.size
                 ),
+                None => {} // more nodes are awaited
             }
         }
         // Nodes holding nothing get a replica of the least-covered shard.
@@ -529,6 +554,67 @@ impl Swarm {
     }
 
     fn update_ready(&mut self) -> Outbox {
+        let mut out = self.update_ready_flag();
+        out.extend(self.update_route());
+        out
+    }
+
+    /// While ready, pick one node per shard (the first by id that has it loaded and a data
+    /// address) and send each its `ROUTE` when the route changes.
+    fn update_route(&mut self) -> Outbox {
+        let route: Option<Vec<RouteHop>> = if self.ready {
+            (0..self.shards.len() as u32)
+                .map(|id| {
+                    self.nodes
+                        .values()
+                        .find_map(|n| match (n.shards.get(&id), &n.data_addr) {
+                            (Some(Holding::Loaded { .. }), Some(addr)) => Some(RouteHop {
+                                shard_id: id,
+                                node_id: n.node_id.clone(),
+                                data_addr: addr.clone(),
+                            }),
+                            _ => None,
+                        })
+                })
+                .collect()
+        } else {
+            None
+        };
+        if route == self.route {
+            return Vec::new();
+        }
+        self.route = route.clone();
+        let Some(route) = route else {
+            return Vec::new();
+        };
+        tracing::info!(
+            "route: {}",
+            route
+                .iter()
+                .map(|h| h.node_id.as_str())
+                .collect::<Vec<_>>()
+                .join(" -> ")
+        );
+        route
+            .iter()
+            .enumerate()
+            .map(|(k, hop)| {
+                let params = RouteParams {
+                    stage: hop.shard_id,
+                    stage_count: route.len() as u32,
+                    next: route.get(k + 1).map(|h| h.data_addr.clone()),
+                    model_sha256: self.model_sha256.clone(),
+                    split_id: self.split_id.clone(),
+                };
+                (
+                    hop.node_id.clone(),
+                    Command::new(cmd::ROUTE, COORDINATOR, &hop.node_id, params),
+                )
+            })
+            .collect()
+    }
+
+    fn update_ready_flag(&mut self) -> Outbox {
         let loaded = self.loaded_count();
         let ready = self.nodes.len() >= self.min_nodes
             && loaded == self.shards.len()

@@ -45,9 +45,20 @@ pub struct NodeConfig {
     /// Address the BitTorrent port listens on.
     #[arg(long, default_value = "0.0.0.0")]
     pub listen_addr: IpAddr,
-    /// CPU threads this node offers for inference.
+    /// CPU threads this node offers for inference (llama.cpp).
     #[arg(long)]
     pub threads: Option<u32>,
+    /// Port of the inference data channel (0: any free port).
+    #[arg(long, default_value_t = 0)]
+    pub data_port: u16,
+}
+
+/// What a control-channel session works with.
+struct Links<'a> {
+    data: &'a Arc<DataDir>,
+    fetcher: &'a Arc<Fetcher>,
+    pipeline: &'a Arc<crate::serve::Pipeline>,
+    data_addr: SocketAddr,
 }
 
 /// Fetch tasks by shard id.
@@ -91,6 +102,20 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
         )
         .await?,
     );
+    let threads = config
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
+    let pipeline = crate::serve::Pipeline::new(data.shards_dir(), threads as i32);
+    let data_listener = tokio::net::TcpListener::bind((config.listen_addr, config.data_port))
+        .await
+        .with_context(|| {
+            format!(
+                "binding the data channel on {}:{}",
+                config.listen_addr, config.data_port
+            )
+        })?;
+    let data_addr = data_listener.local_addr()?;
+    tokio::spawn(crate::serve::serve(data_listener, pipeline.clone()));
     let name = config.name.clone().unwrap_or_else(|| {
         std::fs::read_to_string("/etc/hostname")
             .map(|h| h.trim().to_owned())
@@ -114,12 +139,17 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     loop {
+        let links = Links {
+            data: &data,
+            fetcher: &fetcher,
+            pipeline: &pipeline,
+            data_addr,
+        };
         let session = session(
             &config,
             &name,
             &url,
-            &data,
-            &fetcher,
+            &links,
             (&events_tx, &mut events_rx),
             &mut tasks,
         );
@@ -165,8 +195,7 @@ async fn session(
     config: &NodeConfig,
     name: &str,
     url: &str,
-    data: &Arc<DataDir>,
-    fetcher: &Arc<Fetcher>,
+    links: &Links<'_>,
     (events_tx, events_rx): (
         &mpsc::UnboundedSender<FetchEvent>,
         &mut mpsc::UnboundedReceiver<FetchEvent>,
@@ -187,6 +216,7 @@ async fn session(
     .context("connecting timed out")?
     .with_context(|| format!("connecting to {url}"))?;
     let (mut sink, mut stream) = ws.split();
+    let (data, fetcher) = (links.data, links.fetcher);
     let me = data.node_id.clone();
     let held: Vec<HeldShard> = data
         .verified()
@@ -203,7 +233,7 @@ async fn session(
         protocol_version: PROTOCOL_VERSION,
         name: name.to_owned(),
         peer_port: fetcher.peer_port(),
-        data_addr: None,
+        data_addr: Some(links.data_addr.to_string()),
         shards: held,
         capacity: Capacity {
             ram_bytes: crate::store::ram_available(),
@@ -267,6 +297,15 @@ async fn session(
                         unload(fetcher, data, p).await;
                     }
                     cmd::SWARM_READY | cmd::SWARM_NOT_READY => tracing::info!("{}: {}", msg.command, msg.params),
+                    cmd::ROUTE => {
+                        let p: protocol::RouteParams = msg.params()?;
+                        let pipeline = links.pipeline.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = pipeline.set_route(p).await {
+                                tracing::error!("cannot run my stage: {e:#}");
+                            }
+                        });
+                    }
                     cmd::ERROR => {
                         let e: ErrorParams = msg.params()?;
                         if !registered && [code::UNAUTHORIZED, code::FOREIGN_SHARDS, code::PROTOCOL_VERSION].contains(&e.code.as_str()) {

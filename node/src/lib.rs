@@ -5,5 +5,6 @@
 pub mod agent;
 pub mod fetch;
 pub mod llm;
+pub mod serve;
 pub mod stage;
 pub mod store;

@@ -9,6 +9,9 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Context length of every stage (prompt and completion tokens together).
+pub const STAGE_CONTEXT: u32 = 2048;
+
 /// Frames larger than this are refused (a 4096-token prompt of 4096-wide f32 states is 64 MiB).
 pub const MAX_FRAME: usize = 256 << 20;
 

@@ -1,0 +1,299 @@
+//! Inference through the pipeline of stage nodes.
+//!
+//! Tokens and text live here, in one place: the coordinator loads the vocabulary (vocab-only,
+//! no weights) of shard 0, which it fetches from the seeder's web seed and checks by sha256, and
+//! does the chat template, tokenizing, detokenizing, stop strings and usage counts. A request
+//! goes to stage 0 over the data channel as token ids; each stage passes hidden states on; the
+//! last samples the next token, which comes back up the chain. Requests run one at a time
+//! (a queue): every stage has one KV cache, for the current session.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use anyhow::{bail, Context};
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::{LlamaChatMessage, LlamaModel};
+use llama_cpp_2::token::LlamaToken;
+use protocol::data::io::{read_frame, write_frame};
+use protocol::data::{Frame, Hello, Payload, Sampling};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use crate::swarm::{RouteHop, ShardSpec};
+
+/// The model's vocabulary and chat template.
+pub struct Vocab {
+    model: LlamaModel,
+    /// The model id in the OpenAI API.
+    pub model_id: String,
+}
+
+fn backend() -> anyhow::Result<&'static LlamaBackend> {
+    static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
+    BACKEND
+        .get_or_init(|| {
+            let mut b = LlamaBackend::init().map_err(|e| e.to_string())?;
+            b.void_logs();
+            Ok(b)
+        })
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("llama.cpp backend: {e}"))
+}
+
+impl Vocab {
+    /// Fetch shard 0 from the seeder into `cache_dir` (unless already there with the right
+    /// sha256) and load its vocabulary.
+    pub async fn fetch(
+        seeder: &str,
+        shard: &ShardSpec,
+        cache_dir: &Path,
+        model_id: String,
+    ) -> anyhow::Result<Vocab> {
+        std::fs::create_dir_all(cache_dir)
+            .with_context(|| format!("cache dir {}", cache_dir.display()))?;
+        let path = cache_dir.join(&shard.file);
+        let ok = |p: &Path| torrents::hashing::sha256_file(p).is_ok_and(|h| h == shard.sha256);
+        if !ok(&path) {
+            let url = format!("{}/seed/{}", seeder.trim_end_matches('/'), shard.file);
+            tracing::info!("fetching the vocabulary from {url}");
+            let bytes = reqwest::get(&url)
+                .await
+                .and_then(|r| r.error_for_status())
+                .with_context(|| format!("GET {url}"))?
+                .bytes()
+                .await?;
+            torrents::manifest::write_atomically(&path, &bytes)?;
+            if !ok(&path) {
+                bail!("{url} does not match the manifest's sha256");
+            }
+        }
+        Self::load(&path, model_id)
+    }
+
+    /// Load the vocabulary of a GGUF file.
+    pub fn load(path: &Path, model_id: String) -> anyhow::Result<Vocab> {
+        let params = LlamaModelParams::default().with_vocab_only(true);
+        let model = LlamaModel::load_from_file(backend()?, path, &params)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        Ok(Vocab { model, model_id })
+    }
+
+    /// Token ids of a prompt (special tokens such as `<|im_start|>` are parsed).
+    pub fn tokenize(&self, text: &str) -> Vec<i32> {
+        let vocab = self.model.vocab();
+        vocab
+            .tokenize(text.as_bytes(), vocab.should_add_bos(), true)
+            .into_iter()
+            .map(|t| t.0)
+            .collect()
+    }
+
+    pub fn detokenize(&self, ids: &[i32]) -> String {
+        let tokens: Vec<LlamaToken> = ids.iter().map(|t| LlamaToken(*t)).collect();
+        String::from_utf8_lossy(&self.model.vocab().detokenize(&tokens, false, false)).into_owned()
+    }
+
+    pub fn is_end(&self, id: i32) -> bool {
+        self.model.vocab().is_eog(LlamaToken(id))
+    }
+
+    /// The chat messages as a prompt, through the model's own chat template.
+    pub fn chat_prompt(&self, messages: &[(String, String)]) -> anyhow::Result<String> {
+        let template = self
+            .model
+            .chat_template(None)
+            .context("the model has no chat template")?;
+        let chat = messages
+            .iter()
+            .map(|(role, content)| LlamaChatMessage::new(role.clone(), content.clone()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(self.model.apply_chat_template(&template, &chat, true)?)
+    }
+}
+
+/// Why a completion ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    Stop,
+    Length,
+}
+
+impl Finish {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Finish::Stop => "stop",
+            Finish::Length => "length",
+        }
+    }
+}
+
+/// What a generation reports as it goes.
+#[derive(Debug)]
+pub enum Event {
+    /// New text.
+    Text(String),
+    Done {
+        finish: Finish,
+        completion_tokens: usize,
+    },
+    Failed(String),
+}
+
+/// A request to the pipeline.
+pub struct Request {
+    pub prompt: Vec<i32>,
+    pub max_tokens: usize,
+    pub sampling: Sampling,
+    pub stop: Vec<String>,
+}
+
+/// A data-channel connection to stage 0.
+async fn connect(
+    route: &[RouteHop],
+    model_sha256: &str,
+    split_id: &str,
+) -> anyhow::Result<TcpStream> {
+    let first = route.first().context("empty route")?;
+    let mut s = TcpStream::connect(&first.data_addr)
+        .await
+        .with_context(|| format!("stage 0 at {}", first.data_addr))?;
+    let _ = s.set_nodelay(true);
+    let hello = Hello {
+        model_sha256: model_sha256.into(),
+        split_id: split_id.into(),
+        stage: 0,
+    };
+    write_frame(&mut s, &Frame::Hello(hello)).await?;
+    match read_frame(&mut s).await? {
+        Some(Frame::Ready) => Ok(s),
+        other => bail!("stage 0 refused the connection: {other:?}"),
+    }
+}
+
+async fn exchange(s: &mut TcpStream, frame: &Frame) -> anyhow::Result<Frame> {
+    write_frame(s, frame).await?;
+    read_frame(s)
+        .await?
+        .context("the pipeline closed the connection")
+}
+
+/// Run `req` through `route`, sending text as it is made. Stops early when `events` closes
+/// (the client went away); the session is ended on every stage either way.
+pub async fn generate(
+    vocab: &Vocab,
+    route: &[RouteHop],
+    ids: (&str, &str),
+    req: Request,
+    events: mpsc::Sender<Event>,
+) -> anyhow::Result<()> {
+    let mut conn = connect(route, ids.0, ids.1).await?;
+    let session: u64 = rand_session();
+    let result = run(vocab, &mut conn, session, &req, &events).await;
+    let _ = exchange(&mut conn, &Frame::End { session }).await;
+    match result {
+        Ok((finish, n)) => {
+            let _ = events
+                .send(Event::Done {
+                    finish,
+                    completion_tokens: n,
+                })
+                .await;
+            Ok(())
+        }
+        Err(e) => {
+            let _ = events.send(Event::Failed(format!("{e:#}"))).await;
+            Err(e)
+        }
+    }
+}
+
+async fn run(
+    vocab: &Vocab,
+    conn: &mut TcpStream,
+    session: u64,
+    req: &Request,
+    events: &mpsc::Sender<Event>,
+) -> anyhow::Result<(Finish, usize)> {
+    let mut generated: Vec<i32> = Vec::new();
+    let mut sent = String::new();
+    let mut input = Payload::Tokens(req.prompt.clone());
+    let mut pos = 0u32;
+    let n_input = |p: &Payload| match p {
+        Payload::Tokens(t) => t.len() as u32,
+        Payload::Hidden { .. } => 0,
+    };
+    for _ in 0..req.max_tokens {
+        let step = n_input(&input);
+        let frame = Frame::Forward {
+            session,
+            pos0: pos,
+            sampling: req.sampling,
+            payload: input,
+        };
+        let token = match exchange(conn, &frame).await? {
+            Frame::Token { token, .. } => token,
+            Frame::Error(e) => bail!("the pipeline failed: {e}"),
+            other => bail!("unexpected answer {other:?}"),
+        };
+        pos += step;
+        if vocab.is_end(token) {
+            return Ok((Finish::Stop, generated.len()));
+        }
+        generated.push(token);
+        let text = vocab.detokenize(&generated);
+        if let Some(cut) = req
+            .stop
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| text.find(s.as_str()))
+            .min()
+        {
+            if cut > sent.len() && text.is_char_boundary(cut) {
+                let _ = events
+                    .send(Event::Text(text[sent.len()..cut].to_owned()))
+                    .await;
+            }
+            return Ok((Finish::Stop, generated.len()));
+        }
+        // Hold back text that might still turn into a stop string or is a partial character.
+        let hold = req
+            .stop
+            .iter()
+            .map(|s| s.len().saturating_sub(1))
+            .max()
+            .unwrap_or(0);
+        let mut upto = text.len().saturating_sub(hold);
+        while upto > sent.len() && !text.is_char_boundary(upto) {
+            upto -= 1;
+        }
+        if upto > sent.len() && !text[..upto].ends_with('\u{FFFD}') {
+            if events
+                .send(Event::Text(text[sent.len()..upto].to_owned()))
+                .await
+                .is_err()
+            {
+                bail!("the client went away");
+            }
+            sent = text[..upto].to_owned();
+        }
+        input = Payload::Tokens(vec![token]);
+    }
+    let text = vocab.detokenize(&generated);
+    if text.len() > sent.len() {
+        let _ = events
+            .send(Event::Text(text[sent.len()..].to_owned()))
+            .await;
+    }
+    Ok((Finish::Length, generated.len()))
+}
+
+fn rand_session() -> u64 {
+    let id = uuid::Uuid::new_v4();
+    u64::from_le_bytes(id.as_bytes()[..8].try_into().expect("16 bytes"))
+}
+
+/// Where the coordinator caches shard 0 by default.
+pub fn default_cache_dir() -> PathBuf {
+    std::env::temp_dir().join("shardswarm-coordinator")
+}
