@@ -222,13 +222,17 @@ async fn serve(hub: Arc<Hub>, body: Value, prompt: String, chat: bool) -> Respon
     }
     let (route, model, split) = {
         let s = hub.swarm.lock().unwrap();
-        (s.route.clone(), s.model_sha256.clone(), s.split_id.clone())
+        (
+            s.serving_route(),
+            s.model_sha256.clone(),
+            s.split_id.clone(),
+        )
     };
-    let Some(route) = route.filter(|_| hub.swarm.lock().unwrap().ready) else {
+    let Some(route) = route else {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",
-            "the swarm is not ready: not every shard is loaded on a node",
+            "the swarm is not ready: not every shard is loaded on a node and in llama.cpp",
         );
     };
     let prompt_tokens = tokens.len();

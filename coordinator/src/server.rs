@@ -115,6 +115,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             heartbeat_interval: interval,
             heartbeat_timeout: timeout,
             route: None,
+            route_loaded: Default::default(),
         }),
         conns: Mutex::default(),
         next_conn: AtomicU64::new(1),
@@ -366,6 +367,10 @@ async fn handle(
                 node,
                 serde_json::json!({}),
             ));
+            Vec::new()
+        }
+        cmd::ROUTE => {
+            hub.swarm.lock().unwrap().route_acked(node);
             Vec::new()
         }
         cmd::SHARD_PROGRESS => {

@@ -132,6 +132,8 @@ pub struct Swarm {
     pub heartbeat_timeout: Duration,
     /// The inference pipeline while ready: one node per shard, in order.
     pub route: Option<Vec<RouteHop>>,
+    /// Route nodes that have loaded their stage (acknowledged ROUTE).
+    pub route_loaded: std::collections::BTreeSet<String>,
 }
 
 /// One stage of the inference route.
@@ -651,6 +653,24 @@ impl Swarm {
         )]
     }
 
+    /// A node says its stage of the route is loaded.
+    pub fn route_acked(&mut self, node: &str) {
+        if self
+            .route
+            .as_ref()
+            .is_some_and(|r| r.iter().any(|h| h.node_id == node))
+        {
+            self.route_loaded.insert(node.to_owned());
+        }
+    }
+
+    /// The route, when every stage on it is loaded.
+    pub fn serving_route(&self) -> Option<Vec<RouteHop>> {
+        let route = self.route.as_ref()?;
+        (self.ready && route.iter().all(|h| self.route_loaded.contains(&h.node_id)))
+            .then(|| route.clone())
+    }
+
     /// The `/status` document.
     pub fn status(&self) -> serde_json::Value {
         let placement: BTreeMap<u32, Vec<&str>> = (0..self.shards.len() as u32)
@@ -690,6 +710,8 @@ impl Swarm {
             "nodes": nodes,
             "placement": placement,
             "bytes": {"from_seeder": from_seeder, "from_peers": from_peers},
+            "route": self.route,
+            "serving": self.serving_route().is_some(),
         })
     }
 }

@@ -300,9 +300,13 @@ async fn session(
                     cmd::ROUTE => {
                         let p: protocol::RouteParams = msg.params()?;
                         let pipeline = links.pipeline.clone();
+                        let (events, request_id, stage) = (events_tx.clone(), msg.request_id.clone(), p.stage);
                         tokio::spawn(async move {
-                            if let Err(e) = pipeline.set_route(p).await {
-                                tracing::error!("cannot run my stage: {e:#}");
+                            match pipeline.set_route(p).await {
+                                Ok(()) => {
+                                    let _ = events.send(FetchEvent::Routed(request_id, stage));
+                                }
+                                Err(e) => tracing::error!("cannot run my stage: {e:#}"),
                             }
                         });
                     }
@@ -318,6 +322,9 @@ async fn session(
             }
             Some(event) = events_rx.recv(), if registered => {
                 let c = match event {
+                    FetchEvent::Routed(request_id, stage) => {
+                        Command::reply_to(&request_id, cmd::ROUTE, &me, COORDINATOR, serde_json::json!({"stage": stage, "loaded": true}))
+                    }
                     FetchEvent::Progress(p) => Command::new(cmd::SHARD_PROGRESS, &me, COORDINATOR, p),
                     FetchEvent::Loaded(p) => Command::new(cmd::SHARD_LOADED, &me, COORDINATOR, p),
                     FetchEvent::Failed(p) => Command::new(cmd::SHARD_FAILED, &me, COORDINATOR, p),

@@ -23,6 +23,8 @@ use crate::store::DataDir;
 /// What a fetch reports to the control channel.
 #[derive(Debug)]
 pub enum FetchEvent {
+    /// The stage of a ROUTE is loaded: (request id, stage).
+    Routed(String, u32),
     Progress(ShardProgressParams),
     Loaded(ShardLoadedParams),
     Failed(ShardFailedParams),

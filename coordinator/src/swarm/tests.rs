@@ -24,6 +24,7 @@ fn swarm(shards: u32, min_nodes: usize) -> Swarm {
         heartbeat_interval: Duration::from_secs(2),
         heartbeat_timeout: Duration::from_secs(10),
         route: None,
+        route_loaded: Default::default(),
     }
 }
 

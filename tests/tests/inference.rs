@@ -1,0 +1,289 @@
+//! Distributed inference end to end: seeder + coordinator + nodes on loopback, the real model
+//! split into stages, completions through the OpenAI-compatible API equal to one llama.cpp
+//! process with the whole model. Nodes run llama.cpp with one thread; one swarm at a time.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tests::{coordinator, get_json, node, real_shards, seeder, swarm_lock, wait_for, Proc};
+
+/// A running swarm with `n` shards on `n` nodes, serving.
+struct Swarm {
+    _procs: Vec<Proc>,
+    coordinator: String,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+fn swarm(n: usize) -> Swarm {
+    let seed = real_shards(n);
+    let work = tempfile::tempdir().unwrap();
+    let s = seeder(seed.path(), &work.path().join("seeder"), &[]);
+    let cache = work.path().join("cache").display().to_string();
+    let c = coordinator(
+        "127.0.0.1:0",
+        s.field("http"),
+        &["--min-nodes", &n.to_string(), "--cache-dir", &cache],
+    );
+    let addr = c.field("http").to_owned();
+    let mut procs = vec![s, c];
+    for i in 0..n {
+        procs.push(node(
+            &format!("n{i}"),
+            &addr,
+            &work.path().join(format!("n{i}")),
+            &[],
+        ));
+    }
+    wait_for("the pipeline serving", Duration::from_secs(180), || {
+        (get_json(&format!("http://{addr}/status"))["serving"] == true).then_some(())
+    });
+    Swarm {
+        _procs: procs,
+        coordinator: addr,
+        _dirs: vec![seed, work],
+    }
+}
+
+fn post(addr: &str, path: &str, body: Value) -> (u16, Value) {
+    let r = reqwest::blocking::Client::new()
+        .post(format!("http://{addr}{path}"))
+        .json(&body)
+        .timeout(Duration::from_secs(120))
+        .send()
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().unwrap_or(Value::Null))
+}
+
+fn model() -> std::path::PathBuf {
+    torrents::default_model::require().unwrap_or_else(|e| panic!("{e}"))
+}
+
+const PROMPTS: [&str; 3] = [
+    "The capital of France is",
+    "Once upon a time, in a land of many small machines that shared the work of one large model, there lived a careful engineer who",
+    "<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n",
+];
+
+/// Greedy completions through the swarm equal the whole model's, text and token count.
+fn check_equal_to_reference(addr: &str, model: &Path) {
+    for prompt in PROMPTS {
+        let reference = node::llm::reference_completion(model, prompt, 24, 1).unwrap();
+        let (status, body) = post(
+            addr,
+            "/v1/completions",
+            json!({"prompt": prompt, "max_tokens": 24, "temperature": 0}),
+        );
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            body["choices"][0]["text"],
+            reference.text.as_str(),
+            "prompt {prompt:?}"
+        );
+        assert_eq!(
+            body["usage"]["completion_tokens"],
+            reference.token_ids.len(),
+            "prompt {prompt:?}"
+        );
+        assert_eq!(body["usage"]["prompt_tokens"], reference.prompt_ids.len());
+        let finish = if reference.token_ids.len() == 24 {
+            "length"
+        } else {
+            "stop"
+        };
+        assert_eq!(body["choices"][0]["finish_reason"], finish);
+    }
+}
+
+#[test]
+fn four_stage_swarm_matches_the_whole_model_streams_and_serves_the_openai_client() {
+    let _one = swarm_lock();
+    let sw = swarm(4);
+    let addr = sw.coordinator.as_str();
+    check_equal_to_reference(addr, &model());
+
+    // Streaming gives the same text as a plain request, and ends with [DONE].
+    let body = json!({"prompt": PROMPTS[1], "max_tokens": 20, "temperature": 0, "stream": true});
+    let text = reqwest::blocking::Client::new()
+        .post(format!("http://{addr}/v1/completions"))
+        .json(&body)
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    let events: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"), "{text}");
+    let streamed: String = events[..events.len() - 1]
+        .iter()
+        .map(|e| {
+            serde_json::from_str::<Value>(e).unwrap()["choices"][0]["text"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned()
+        })
+        .collect();
+    let (_, plain) = post(
+        addr,
+        "/v1/completions",
+        json!({"prompt": PROMPTS[1], "max_tokens": 20, "temperature": 0}),
+    );
+    assert_eq!(streamed, plain["choices"][0]["text"].as_str().unwrap());
+
+    // Two requests at once each get their own answer.
+    let handles: Vec<_> = [0usize, 2]
+        .into_iter()
+        .map(|k| {
+            let addr = addr.to_owned();
+            std::thread::spawn(move || {
+                (
+                    k,
+                    post(
+                        &addr,
+                        "/v1/completions",
+                        json!({"prompt": PROMPTS[k], "max_tokens": 12, "temperature": 0}),
+                    ),
+                )
+            })
+        })
+        .collect();
+    for h in handles {
+        let (k, (status, body)) = h.join().unwrap();
+        assert_eq!(status, 200);
+        let reference = node::llm::reference_completion(&model(), PROMPTS[k], 12, 1).unwrap();
+        assert_eq!(
+            body["choices"][0]["text"],
+            reference.text.as_str(),
+            "concurrent prompt {k}"
+        );
+    }
+
+    // A seed repeats a sampled completion; stop strings cut it.
+    let sampled = json!({"prompt": PROMPTS[0], "max_tokens": 12, "temperature": 0.8, "top_p": 0.9, "seed": 7});
+    assert_eq!(
+        post(addr, "/v1/completions", sampled.clone()).1["choices"],
+        post(addr, "/v1/completions", sampled).1["choices"]
+    );
+    let (_, cut) = post(
+        addr,
+        "/v1/completions",
+        json!({"prompt": PROMPTS[0], "max_tokens": 12, "temperature": 0, "stop": ["."]}),
+    );
+    assert_eq!(cut["choices"][0]["text"], " Paris");
+    assert_eq!(cut["choices"][0]["finish_reason"], "stop");
+
+    // The official openai client: a chat completion and a streamed one.
+    let model_id = get_json(&format!("http://{addr}/v1/models"))["data"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let python = std::env::var_os("SHARDSWARM_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python"));
+    let out = std::process::Command::new(&python)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/openai_client.py"))
+        .args([
+            &format!("http://{addr}/v1"),
+            &model_id,
+            "Name a colour.",
+            "12",
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e} (.ci/run makes the venv)", python.display()));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(!v["chat"].as_str().unwrap().is_empty());
+    assert_eq!(
+        v["chat"], v["streamed"],
+        "streamed chat differs from the plain one"
+    );
+
+    // Bad requests: 400 (404 for an unknown model) with a JSON error, and the swarm still serves.
+    for (path, body, status) in [
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "max_tokens": -1}),
+            400,
+        ),
+        ("/v1/completions", json!({"prompt": 5}), 400),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "model": "gpt-17"}),
+            404,
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "temperature": 9}),
+            400,
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "word ".repeat(3000), "max_tokens": 10}),
+            400,
+        ),
+        ("/v1/chat/completions", json!({"messages": []}), 400),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "wizard", "content": "x"}]}),
+            400,
+        ),
+    ] {
+        let (got, v) = post(addr, path, body.clone());
+        assert_eq!(got, status, "{body}: {v}");
+        assert!(v["error"]["message"].is_string(), "{v}");
+    }
+    let r = reqwest::blocking::Client::new()
+        .post(format!("http://{addr}/v1/completions"))
+        .body("{not json")
+        .header("content-type", "application/json")
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    check_equal_to_reference(addr, &model());
+}
+
+#[test]
+fn two_and_three_stage_swarms_match_the_whole_model() {
+    let _one = swarm_lock();
+    for n in [2, 3] {
+        let sw = swarm(n);
+        check_equal_to_reference(&sw.coordinator, &model());
+    }
+}
+
+#[test]
+fn before_the_swarm_is_ready_requests_get_503() {
+    let _one = swarm_lock();
+    let seed = real_shards(4);
+    let work = tempfile::tempdir().unwrap();
+    let s = seeder(seed.path(), &work.path().join("seeder"), &[]);
+    let cache = work.path().join("cache").display().to_string();
+    let c = coordinator(
+        "127.0.0.1:0",
+        s.field("http"),
+        &["--min-nodes", "4", "--cache-dir", &cache],
+    );
+    let (status, v) = post(
+        c.field("http"),
+        "/v1/completions",
+        json!({"prompt": "hello"}),
+    );
+    assert_eq!(status, 503, "{v}");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("not ready"));
+    let (status, _) = post(
+        c.field("http"),
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "hi"}]}),
+    );
+    assert_eq!(status, 503);
+}
