@@ -178,34 +178,33 @@ async fn exchange(s: &mut TcpStream, frame: &Frame) -> anyhow::Result<Frame> {
         .context("the pipeline closed the connection")
 }
 
-/// Run `req` through `route`, sending text as it is made. Stops early when `events` closes
-/// (the client went away); the session is ended on every stage either way.
-pub async fn generate(
+/// Why an attempt ended without a completion.
+pub enum AttemptError {
+    /// The client went away: stop.
+    ClientGone,
+    /// The pipeline failed (a stage died or refused): another route may finish the request.
+    Pipeline(anyhow::Error),
+}
+
+/// One attempt at `req` through `route`. Text the client already has (`sent`, from an earlier
+/// attempt that failed part-way) is not sent again: the same request gives the same tokens
+/// (greedy, or the same seed), so a replay continues where the failed attempt stopped.
+pub async fn attempt(
     vocab: &Vocab,
     route: &[RouteHop],
     ids: (&str, &str),
-    req: Request,
-    events: mpsc::Sender<Event>,
-) -> anyhow::Result<()> {
-    let mut conn = connect(route, ids.0, ids.1).await?;
+    req: &Request,
+    sent: &mut String,
+    events: &mpsc::Sender<Event>,
+) -> Result<(Finish, usize), AttemptError> {
+    let mut conn = connect(route, ids.0, ids.1)
+        .await
+        .map_err(AttemptError::Pipeline)?;
     let session: u64 = rand_session();
-    let result = run(vocab, &mut conn, session, &req, &events).await;
+    let result = run(vocab, &mut conn, session, req, sent, events).await;
+    // Free the session on every stage, whatever happened.
     let _ = exchange(&mut conn, &Frame::End { session }).await;
-    match result {
-        Ok((finish, n)) => {
-            let _ = events
-                .send(Event::Done {
-                    finish,
-                    completion_tokens: n,
-                })
-                .await;
-            Ok(())
-        }
-        Err(e) => {
-            let _ = events.send(Event::Failed(format!("{e:#}"))).await;
-            Err(e)
-        }
-    }
+    result
 }
 
 async fn run(
@@ -213,10 +212,11 @@ async fn run(
     conn: &mut TcpStream,
     session: u64,
     req: &Request,
+    sent: &mut String,
     events: &mpsc::Sender<Event>,
-) -> anyhow::Result<(Finish, usize)> {
+) -> Result<(Finish, usize), AttemptError> {
+    let pipeline = |e: anyhow::Error| AttemptError::Pipeline(e);
     let mut generated: Vec<i32> = Vec::new();
-    let mut sent = String::new();
     let mut input = Payload::Tokens(req.prompt.clone());
     let mut pos = 0u32;
     let n_input = |p: &Payload| match p {
@@ -231,10 +231,10 @@ async fn run(
             sampling: req.sampling,
             payload: input,
         };
-        let token = match exchange(conn, &frame).await? {
+        let token = match exchange(conn, &frame).await.map_err(pipeline)? {
             Frame::Token { token, .. } => token,
-            Frame::Error(e) => bail!("the pipeline failed: {e}"),
-            other => bail!("unexpected answer {other:?}"),
+            Frame::Error(e) => return Err(pipeline(anyhow::anyhow!("the pipeline failed: {e}"))),
+            other => return Err(pipeline(anyhow::anyhow!("unexpected answer {other:?}"))),
         };
         pos += step;
         if vocab.is_end(token) {
@@ -253,6 +253,7 @@ async fn run(
                 let _ = events
                     .send(Event::Text(text[sent.len()..cut].to_owned()))
                     .await;
+                *sent = text[..cut].to_owned();
             }
             return Ok((Finish::Stop, generated.len()));
         }
@@ -267,23 +268,27 @@ async fn run(
         while upto > sent.len() && !text.is_char_boundary(upto) {
             upto -= 1;
         }
-        if upto > sent.len() && !text[..upto].ends_with('\u{FFFD}') {
+        if upto > sent.len()
+            && text.starts_with(sent.as_str())
+            && !text[..upto].ends_with('\u{FFFD}')
+        {
             if events
                 .send(Event::Text(text[sent.len()..upto].to_owned()))
                 .await
                 .is_err()
             {
-                bail!("the client went away");
+                return Err(AttemptError::ClientGone);
             }
-            sent = text[..upto].to_owned();
+            *sent = text[..upto].to_owned();
         }
         input = Payload::Tokens(vec![token]);
     }
     let text = vocab.detokenize(&generated);
-    if text.len() > sent.len() {
+    if text.len() > sent.len() && text.starts_with(sent.as_str()) {
         let _ = events
             .send(Event::Text(text[sent.len()..].to_owned()))
             .await;
+        *sent = text;
     }
     Ok((Finish::Length, generated.len()))
 }

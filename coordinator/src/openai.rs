@@ -15,8 +15,9 @@ use protocol::data::{Sampling, STAGE_CONTEXT};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use crate::infer::{generate, Event, Request};
+use crate::infer::{attempt, AttemptError, Event, Request};
 use crate::server::Hub;
+use crate::swarm::RouteHop;
 
 /// An API error in OpenAI's shape: `{"error": {"message", "type", "code"}}`.
 struct ApiError(StatusCode, &'static str, String);
@@ -247,9 +248,7 @@ async fn serve(hub: Arc<Hub>, body: Value, prompt: String, chat: bool) -> Respon
     tokio::spawn(async move {
         // One request at a time through the pipeline: queue here.
         let _turn = runner.pipeline.lock().await;
-        if let Err(e) = generate(&vocab, &route, (&model, &split), req, tx).await {
-            tracing::warn!("generation failed: {e:#}");
-        }
+        run_with_failover(&runner, &vocab, route, (&model, &split), req, tx).await;
     });
     let id = format!(
         "{}-{}",
@@ -352,4 +351,58 @@ fn async_stream(
 
 fn tokio_stream_from(mut rx: mpsc::Receiver<Event>) -> impl futures::Stream<Item = Event> {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// Run a request, replaying it through another route when a stage fails part-way (a replica
+/// of the failed stage's shard takes its place once the coordinator has re-routed). Without a
+/// replica the request fails with a clear error, and the swarm is not ready until the shard
+/// is placed again.
+async fn run_with_failover(
+    hub: &Hub,
+    vocab: &crate::infer::Vocab,
+    mut route: Vec<RouteHop>,
+    ids: (&str, &str),
+    req: Request,
+    events: mpsc::Sender<Event>,
+) {
+    let mut sent = String::new();
+    for attempt_no in 1..=3 {
+        match attempt(vocab, &route, ids, &req, &mut sent, &events).await {
+            Ok((finish, completion_tokens)) => {
+                let _ = events
+                    .send(Event::Done {
+                        finish,
+                        completion_tokens,
+                    })
+                    .await;
+                return;
+            }
+            Err(AttemptError::ClientGone) => return,
+            Err(AttemptError::Pipeline(e)) => {
+                tracing::warn!("attempt {attempt_no}: {e:#}; waiting for a new route");
+                // Wait (bounded) for the coordinator to drop the failed node and re-route.
+                let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+                let next = loop {
+                    let current = hub.swarm.lock().unwrap().serving_route();
+                    match current {
+                        Some(r) if r != route => break Some(r),
+                        _ if tokio::time::Instant::now() > deadline => break None,
+                        _ => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+                    }
+                };
+                match next {
+                    Some(r) => route = r,
+                    None => {
+                        let message =
+                            format!("a pipeline stage failed and no replica took its place: {e:#}");
+                        let _ = events.send(Event::Failed(message)).await;
+                        return;
+                    }
+                }
+            }
+        }
+    }
+    let _ = events
+        .send(Event::Failed("the pipeline failed three times".into()))
+        .await;
 }

@@ -287,3 +287,99 @@ fn before_the_swarm_is_ready_requests_get_503() {
     );
     assert_eq!(status, 503);
 }
+
+#[test]
+fn a_stage_killed_mid_stream_is_replaced_by_its_replica_and_the_answer_is_the_same() {
+    use std::io::{BufRead, BufReader};
+    let _one = swarm_lock();
+    let seed = real_shards(4);
+    let work = tempfile::tempdir().unwrap();
+    let s = seeder(seed.path(), &work.path().join("seeder"), &[]);
+    let cache = work.path().join("cache").display().to_string();
+    let c = coordinator(
+        "127.0.0.1:0",
+        s.field("http"),
+        &["--min-nodes", "4", "--cache-dir", &cache],
+    );
+    let addr = c.field("http").to_owned();
+    let mut nodes: Vec<Option<Proc>> = (0..8)
+        .map(|i| {
+            Some(node(
+                &format!("n{i}"),
+                &addr,
+                &work.path().join(format!("n{i}")),
+                &[],
+            ))
+        })
+        .collect();
+    let status = wait_for(
+        "8 nodes, every shard twice, serving",
+        Duration::from_secs(240),
+        || {
+            let st = get_json(&format!("http://{addr}/status"));
+            let loaded = st["nodes"].as_array().unwrap().iter().filter(|n| {
+                let shards = n["shards"].as_object().unwrap();
+                !shards.is_empty() && shards.values().all(|h| h["state"] == "loaded")
+            });
+            (st["serving"] == true && loaded.count() == 8).then_some(st)
+        },
+    );
+    let prompt = PROMPTS[1];
+    let reference = node::llm::reference_completion(&model(), prompt, 48, 1).unwrap();
+    // The node running stage 1 of the route.
+    let hop = &status["route"][1]["node_id"];
+    let victim = status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| &n["node_id"] == hop)
+        .unwrap()["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let body = json!({"prompt": prompt, "max_tokens": 48, "temperature": 0, "stream": true});
+    let resp = reqwest::blocking::Client::new()
+        .post(format!("http://{addr}/v1/completions"))
+        .json(&body)
+        .timeout(Duration::from_secs(120))
+        .send()
+        .unwrap();
+    let mut text = String::new();
+    let mut killed = false;
+    for line in BufReader::new(resp).lines() {
+        let line = line.unwrap();
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            break;
+        }
+        let v: Value = serde_json::from_str(data).unwrap();
+        assert!(v.get("error").is_none(), "the stream failed: {v}");
+        text.push_str(v["choices"][0]["text"].as_str().unwrap_or(""));
+        if !killed {
+            let k: usize = victim[1..].parse().unwrap();
+            nodes[k].take().unwrap().kill();
+            killed = true;
+        }
+    }
+    assert!(killed);
+    assert_eq!(
+        text, reference.text,
+        "the replayed stream differs from the whole model"
+    );
+    let st = get_json(&format!("http://{addr}/status"));
+    assert!(
+        st["route"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|h| h["node_id"] != *hop),
+        "the route still uses the dead node"
+    );
+    assert!(
+        c.stderr_text().contains("waiting for a new route"),
+        "the kill did not land mid-request: {}",
+        c.stderr_text()
+    );
+}
