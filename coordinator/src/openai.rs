@@ -377,7 +377,10 @@ async fn run_with_failover(
                     .await;
                 return;
             }
-            Err(AttemptError::ClientGone) => return,
+            Err(AttemptError::ClientGone) => {
+                tracing::info!("the client went away; the session was ended on every stage");
+                return;
+            }
             Err(AttemptError::Pipeline(e)) => {
                 tracing::warn!("attempt {attempt_no}: {e:#}; waiting for a new route");
                 // Wait (bounded) for the coordinator to drop the failed node and re-route.

@@ -73,13 +73,17 @@ pub fn inspect_model(path: &Path) -> Result<ModelInfo, LlmError> {
 
 /// A completion by one llama.cpp process with the whole model: the reference a pipeline of
 /// stages must equal token for token.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Completion {
     pub text: String,
     /// The prompt's token ids.
     pub prompt_ids: Vec<i32>,
     /// The generated token ids (an end-of-generation token stops before it is added).
     pub token_ids: Vec<i32>,
+    /// Milliseconds from the start of the prompt's batch to the first generated token.
+    pub first_token_ms: f64,
+    /// Milliseconds spent generating the tokens after the first.
+    pub rest_ms: f64,
 }
 
 /// Greedy completion of `prompt` with the whole model at `path`, through llama-cpp-2's safe
@@ -126,10 +130,13 @@ pub fn reference_completion(
             .add(*t, i as i32, &[0], i + 1 == prompt_tokens.len())
             .map_err(|e| decode_err(&e))?;
     }
+    let started = std::time::Instant::now();
     ctx.decode(&mut batch).map_err(|e| decode_err(&e))?;
+    let mut first_token_ms = None;
     let mut out = Vec::new();
     for pos in (prompt_tokens.len() as i32..).take(max_tokens) {
         let next = crate::stage::argmax(ctx.get_logits_ith(batch.n_tokens() - 1));
+        first_token_ms.get_or_insert_with(|| started.elapsed().as_secs_f64() * 1000.0);
         if vocab.is_eog(LlamaToken(next)) {
             break;
         }
@@ -142,9 +149,13 @@ pub fn reference_completion(
     }
     let tokens: Vec<LlamaToken> = out.iter().map(|t| LlamaToken(*t)).collect();
     let text = String::from_utf8_lossy(&vocab.detokenize(&tokens, false, false)).into_owned();
+    let total_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let first_token_ms = first_token_ms.unwrap_or(total_ms);
     Ok(Completion {
         text,
         prompt_ids: prompt_tokens.iter().map(|t| t.0).collect(),
         token_ids: out,
+        first_token_ms,
+        rest_ms: total_ms - first_token_ms,
     })
 }

@@ -1,0 +1,143 @@
+#!/usr/bin/env python3
+"""Benchmark: generation speed of the 4-node pipeline on loopback against one llama.cpp process
+with the whole model (`node reference`), same prompt, max_tokens and threads (1 per process),
+in one run: min/median/max of RUNS for time-to-first-token and tokens/s, and the ratios. Both
+are greedy, and the texts are checked equal (a fast wrong answer must not look good).
+
+Pipeline tokens/s counts the tokens after the first over the time from the first streamed
+chunk to the last; the reference reports the same split from inside the process.
+
+usage: bench/infer.py [--runs 3] [--max-tokens 64]
+"""
+import argparse
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(REPO, "target", "release")
+PROMPT = "Once upon a time, in a land of many small machines that shared the work of one large model, there lived"
+
+
+def start(args, log):
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)
+
+
+def ready(proc, limit=300):
+    deadline = time.time() + limit
+    for line in proc.stdout:
+        m = re.match(r"\[READY\] http=(\S+)", line)
+        if m:
+            return m.group(1)
+        if time.time() > deadline:
+            break
+    sys.exit("a process never became ready")
+
+
+def status(addr):
+    with urllib.request.urlopen(f"http://{addr}/status", timeout=10) as r:
+        return json.load(r)
+
+
+def stream(addr, max_tokens):
+    body = json.dumps({"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "stream": True}).encode()
+    req = urllib.request.Request(f"http://{addr}/v1/completions", body, {"content-type": "application/json"})
+    t0 = time.monotonic()
+    first = last = None
+    text = []
+    with urllib.request.urlopen(req, timeout=300) as r:
+        for raw in r:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            now = time.monotonic()
+            chunk = json.loads(line[6:])["choices"][0].get("text", "")
+            if chunk:
+                first = first or now
+                last = now
+                text.append(chunk)
+    return (first - t0) * 1000, last - first, "".join(text)
+
+
+def stats(xs):
+    return min(xs), statistics.median(xs), max(xs)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    args = ap.parse_args()
+    subprocess.run(["cargo", "build", "--release", "-q", "--workspace", "--bins"], cwd=REPO, check=True)
+    model = subprocess.run([os.path.join(REPO, "deploy", "fetch-model.sh")], capture_output=True, text=True,
+                           check=True).stdout.strip()
+    work = tempfile.mkdtemp(prefix="shardswarm-bench-infer.")
+    procs = []
+    try:
+        shards = os.path.join(work, "shards")
+        subprocess.run([os.path.join(BIN, "shard_loader"), "split", "--model", model, "--shards", "4",
+                        "--target-dir", shards], check=True, capture_output=True)
+        s = start([os.path.join(BIN, "server"), "--listen-addr", "127.0.0.1", "--port", "0", "--http-port", "0",
+                   "--seed-dir", shards, "--state-dir", os.path.join(work, "st")], os.path.join(work, "seeder.log"))
+        procs.append(s)
+        seeder = ready(s)
+        c = start([os.path.join(BIN, "coordinator"), "--listen", "127.0.0.1:0", "--seeder", f"http://{seeder}",
+                   "--min-nodes", "4", "--cache-dir", os.path.join(work, "cache")], os.path.join(work, "coord.log"))
+        procs.append(c)
+        coord = ready(c)
+        for i in range(4):
+            procs.append(start([os.path.join(BIN, "node"), "--coordinator", f"http://{coord}", "--data-dir",
+                                os.path.join(work, f"n{i}"), "--listen-addr", "127.0.0.1", "--threads", "1"],
+                               os.path.join(work, f"n{i}.log")))
+        deadline = time.time() + 300
+        while not status(coord).get("serving"):
+            if time.time() > deadline:
+                sys.exit("the swarm never served")
+            time.sleep(0.2)
+        stream(coord, 4)  # warm-up: first contexts, connections
+        ref_ttft, ref_tps, swarm_ttft, swarm_tps = [], [], [], []
+        for run in range(args.runs):
+            out = subprocess.run([os.path.join(BIN, "node"), "reference", "--model", model, "--prompt", PROMPT,
+                                  "--max-tokens", str(args.max_tokens), "--threads", "1", "--json"],
+                                 capture_output=True, text=True, check=True)
+            ref = json.loads(out.stdout)
+            n = len(ref["token_ids"])
+            ref_ttft.append(ref["first_token_ms"])
+            ref_tps.append((n - 1) / (ref["rest_ms"] / 1000))
+            ttft, rest_s, text = stream(coord, args.max_tokens)
+            if text != ref["text"]:
+                sys.exit(f"FAIL: the pipeline's text differs from the reference:\n{text!r}\n{ref['text']!r}")
+            swarm_ttft.append(ttft)
+            swarm_tps.append((n - 1) / rest_s)
+            print(f"run {run + 1}: reference {ref_tps[-1]:6.1f} tok/s, TTFT {ref_ttft[-1]:6.1f} ms | "
+                  f"pipeline {swarm_tps[-1]:6.1f} tok/s, TTFT {swarm_ttft[-1]:6.1f} ms", flush=True)
+        print()
+        print(f"SmolLM2-135M Q4_1, 4 stages on loopback, 1 thread per process, {args.max_tokens} tokens, "
+              f"{args.runs} runs, texts equal")
+        print(f"{'':24s} {'tok/s min/med/max':>22s} {'TTFT ms min/med/max':>24s}")
+        for name, tps, ttft in (("node reference", ref_tps, ref_ttft), ("4-node pipeline", swarm_tps, swarm_ttft)):
+            a, b = stats(tps), stats(ttft)
+            print(f"{name:24s} {a[0]:6.1f} {a[1]:6.1f} {a[2]:6.1f}    {b[0]:6.1f} {b[1]:6.1f} {b[2]:6.1f}")
+        print(f"ratio tok/s (median, pipeline / reference): {statistics.median(swarm_tps) / statistics.median(ref_tps):.2f}x"
+              f" (goal >= 0.8)")
+        print(f"ratio TTFT (median, pipeline / reference): {statistics.median(swarm_ttft) / statistics.median(ref_ttft):.2f}x")
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        subprocess.run(["rm", "-rf", work])
+
+
+if __name__ == "__main__":
+    main()
