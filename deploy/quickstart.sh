@@ -2,7 +2,8 @@
 # One command from a fresh clone to the furthest the project runs today: install what is
 # missing, build, fetch the real model, split it into 4 stage shards and validate them, then run
 # the swarm on this machine: the seeder (tracker + web seed), the coordinator and 4 empty nodes,
-# which fetch their shards by BitTorrent until the swarm is ready. Output in target/quickstart/.
+# which fetch their shards by BitTorrent until the swarm is ready, then print one completion
+# made by the 4-stage pipeline (and the whole model's, to compare). Output in target/quickstart/.
 #
 #   deploy/quickstart.sh [--keep-running]
 set -euo pipefail
@@ -61,7 +62,7 @@ seeder=$(ready_addr "$out/logs/seeder.out")
 grep '^\[TORRENT\]' "$out/logs/seeder.out"
 echo "seeder:      http://$seeder"
 
-target/release/coordinator --listen 127.0.0.1:0 --seeder "http://$seeder" --min-nodes "$nodes" \
+target/release/coordinator --listen 127.0.0.1:0 --seeder "http://$seeder" --min-nodes "$nodes" --cache-dir "$out/cache" \
     >"$out/logs/coordinator.out" 2>"$out/logs/coordinator.log" &
 pids+=($!)
 coordinator=$(ready_addr "$out/logs/coordinator.out")
@@ -88,8 +89,21 @@ for n in s['nodes']:
         print('  %-8s shard-%s.gguf  %-8s %10d B from the seeder %10d B from nodes'
               % (n['name'], shard, h['state'], h.get('from_seeder', 0), h.get('from_peers', 0)))
 "
+echo "== waiting for the pipeline (every stage loaded in llama.cpp)"
+for _ in $(seq 600); do
+    curl -sf "http://$coordinator/status" | grep -q '"serving":true' && break
+    sleep 0.1
+done
+prompt="The capital of France is"
+echo "== one completion through the swarm (POST /v1/completions, greedy): $prompt"
+curl -sf "http://$coordinator/v1/completions" -H 'content-type: application/json' \
+    -d "{\"prompt\": \"$prompt\", \"max_tokens\": 24, \"temperature\": 0}" |
+    python3 -c "import json, sys; r = json.load(sys.stdin); print(repr(r['choices'][0]['text'])); print(r['usage'])"
+echo "== the same with the whole model in one process (node reference)"
+target/release/node reference --model "$model" --prompt "$prompt" --max-tokens 24 --json |
+    python3 -c "import json, sys; print(repr(json.load(sys.stdin)['text']))"
 if $keep; then
-    echo "== running; stop with Ctrl-C (status: curl http://$coordinator/status)"
+    echo "== running; stop with Ctrl-C (status: curl http://$coordinator/status; OpenAI API: http://$coordinator/v1)"
     wait
 fi
 echo "== done (the swarm stops now; run with --keep-running to keep it)"
