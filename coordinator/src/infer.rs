@@ -94,6 +94,11 @@ impl Vocab {
         String::from_utf8_lossy(&self.model.vocab().detokenize(&tokens, false, false)).into_owned()
     }
 
+    /// The context every stage keeps: the model's trained length, capped.
+    pub fn context(&self) -> u32 {
+        protocol::data::stage_context(self.model.n_ctx_train())
+    }
+
     pub fn is_end(&self, id: i32) -> bool {
         self.model.vocab().is_eog(LlamaToken(id))
     }

@@ -11,7 +11,7 @@ use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::StreamExt;
-use protocol::data::{Sampling, STAGE_CONTEXT};
+use protocol::data::Sampling;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
@@ -71,7 +71,7 @@ fn common(body: &Value, model_id: &str) -> Result<Common, ApiError> {
     if let Some(m) = body.get("model").and_then(Value::as_str) {
         if m != model_id {
             return Err(ApiError(
-                StatusCode::NOT_FOUND,
+                StatusCode::BAD_REQUEST,
                 "invalid_request_error",
                 format!("unknown model {m:?}: this swarm serves {model_id:?}"),
             ));
@@ -214,9 +214,10 @@ async fn serve(hub: Arc<Hub>, body: Value, prompt: String, chat: bool) -> Respon
     if tokens.is_empty() {
         return bad("the prompt has no tokens");
     }
-    if tokens.len() + c.max_tokens > STAGE_CONTEXT as usize {
+    let context = vocab.context() as usize;
+    if tokens.len() + c.max_tokens > context {
         return bad(&format!(
-            "{} prompt tokens + max_tokens {} is over the context of {STAGE_CONTEXT}",
+            "{} prompt tokens + max_tokens {} is over the context of {context}",
             tokens.len(),
             c.max_tokens
         ));

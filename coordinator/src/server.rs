@@ -116,6 +116,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             heartbeat_timeout: timeout,
             route: None,
             route_loaded: Default::default(),
+            settle_until: std::time::Instant::now() + timeout,
         }),
         conns: Mutex::default(),
         next_conn: AtomicU64::new(1),

@@ -134,6 +134,10 @@ pub struct Swarm {
     pub route: Option<Vec<RouteHop>>,
     /// Route nodes that have loaded their stage (acknowledged ROUTE).
     pub route_loaded: std::collections::BTreeSet<String>,
+    /// Until then only empty nodes are given shards: after a coordinator restart the nodes
+    /// re-register one by one, and a shard whose holder has not come back yet must not be
+    /// fetched again by a node that has come back.
+    pub settle_until: Instant,
 }
 
 /// One stage of the inference route.
@@ -376,7 +380,8 @@ impl Swarm {
             .map(|n| n.node_id.clone())
             .collect();
         if dead.is_empty() {
-            return (Vec::new(), dead);
+            // Placement may have waited for the settling time to pass.
+            return (self.place(), dead);
         }
         for id in &dead {
             tracing::warn!(
@@ -406,6 +411,7 @@ impl Swarm {
             // Nodes holding nothing first, then nodes holding only replicas; a node that holds
             // a shard nobody else has takes a second one only once no more nodes are awaited.
             let enough_nodes = self.nodes.len() >= self.min_nodes;
+            let settled = Instant::now() >= self.settle_until;
             let candidate = self
                 .nodes
                 .values()
@@ -429,7 +435,7 @@ impl Swarm {
                     };
                     (rank, counted.len(), n.node_id.clone())
                 })
-                .filter(|(rank, _, _)| *rank < 2 || enough_nodes)
+                .filter(|(rank, _, _)| *rank == 0 || (settled && (*rank < 2 || enough_nodes)))
                 .min()
                 .map(|(_, _, id)| id);
             match candidate {

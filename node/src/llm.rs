@@ -94,6 +94,24 @@ pub fn reference_completion(
     max_tokens: usize,
     threads: i32,
 ) -> Result<Completion, LlmError> {
+    let greedy = protocol::data::Sampling {
+        temperature: 0.0,
+        top_p: 1.0,
+        seed: 0,
+    };
+    reference_completion_with(path, prompt, max_tokens, threads, greedy)
+}
+
+/// [`reference_completion`] with sampling. Tokens are picked by the same sampler as the
+/// pipeline's last stage ([`crate::serve::sample`]), keyed by the same positions (the first
+/// input position of each step), so a seed gives the same completion both ways.
+pub fn reference_completion_with(
+    path: &Path,
+    prompt: &str,
+    max_tokens: usize,
+    threads: i32,
+    sampling: protocol::data::Sampling,
+) -> Result<Completion, LlmError> {
     use llama_cpp_2::context::params::LlamaContextParams;
     use llama_cpp_2::llama_batch::LlamaBatch;
     use llama_cpp_2::token::LlamaToken;
@@ -135,7 +153,10 @@ pub fn reference_completion(
     let mut first_token_ms = None;
     let mut out = Vec::new();
     for pos in (prompt_tokens.len() as i32..).take(max_tokens) {
-        let next = crate::stage::argmax(ctx.get_logits_ith(batch.n_tokens() - 1));
+        // The first step's input starts at position 0 (the prompt), later ones at pos - 1.
+        let step_pos = if out.is_empty() { 0 } else { pos as u32 - 1 };
+        let next =
+            crate::serve::sample(ctx.get_logits_ith(batch.n_tokens() - 1), sampling, step_pos);
         first_token_ms.get_or_insert_with(|| started.elapsed().as_secs_f64() * 1000.0);
         if vocab.is_eog(LlamaToken(next)) {
             break;

@@ -38,7 +38,16 @@ enum Command {
         /// CPU threads.
         #[arg(long, default_value_t = 1)]
         threads: i32,
-        /// Print {"text", "token_ids", "prompt_ids"}.
+        /// Sampling temperature (0: greedy).
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        /// Nucleus sampling: keep the most likely tokens up to this probability mass.
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        /// Seed of the sampler (the same seed gives the same completion here and in the swarm).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Print {"text", "token_ids", "prompt_ids", timings}.
         #[arg(long)]
         json: bool,
     },
@@ -67,6 +76,23 @@ fn model_info(model: PathBuf, json: bool) -> Result<()> {
     Ok(())
 }
 
+fn reference(
+    model: &std::path::Path,
+    prompt: &str,
+    max_tokens: usize,
+    threads: i32,
+    sampling: protocol::data::Sampling,
+    json: bool,
+) -> Result<()> {
+    let c = node::llm::reference_completion_with(model, prompt, max_tokens, threads, sampling)?;
+    if json {
+        println!("{}", serde_json::to_string(&c)?);
+    } else {
+        println!("{}", c.text);
+    }
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -84,17 +110,18 @@ fn main() -> std::process::ExitCode {
             prompt,
             max_tokens,
             threads,
+            temperature,
+            top_p,
+            seed,
             json,
-        }) => node::llm::reference_completion(&model, &prompt, max_tokens, threads)
-            .map_err(anyhow::Error::from)
-            .and_then(|c| {
-                if json {
-                    println!("{}", serde_json::to_string(&c)?);
-                } else {
-                    println!("{}", c.text);
-                }
-                Ok(())
-            }),
+        }) => {
+            let sampling = protocol::data::Sampling {
+                temperature,
+                top_p,
+                seed,
+            };
+            reference(&model, &prompt, max_tokens, threads, sampling, json)
+        }
         // One async thread: librqbit then writes and reads blocks inline rather than through
         // block_in_place (see the seeder's main.rs for the measured cost).
         None => tokio::runtime::Builder::new_current_thread()

@@ -20,7 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::stage::{argmax, Stage, StageOutput};
 
-use protocol::data::STAGE_CONTEXT;
+use protocol::data::MAX_CONTEXT;
 
 /// The loaded stage and what it is doing.
 struct Loaded {
@@ -64,10 +64,9 @@ impl Pipeline {
         let path = self.shards_dir.join(format!("shard-{}.gguf", route.stage));
         let is_last = route.stage + 1 == route.stage_count;
         let threads = self.threads;
-        let stage = tokio::task::spawn_blocking(move || {
-            Stage::load(&path, is_last, STAGE_CONTEXT, threads)
-        })
-        .await??;
+        let stage =
+            tokio::task::spawn_blocking(move || Stage::load(&path, is_last, MAX_CONTEXT, threads))
+                .await??;
         tracing::info!(
             "stage {} of {} loaded in llama.cpp{}",
             route.stage,

@@ -78,7 +78,8 @@ pub enum StageOutput {
 
 impl Stage {
     /// Load `path` as a stage. `is_last` stages give logits; others capture their last layer.
-    pub fn load(path: &Path, is_last: bool, n_ctx: u32, threads: i32) -> Result<Stage, LlmError> {
+    /// The context is the model's trained context length (from the GGUF), at most `max_ctx`.
+    pub fn load(path: &Path, is_last: bool, max_ctx: u32, threads: i32) -> Result<Stage, LlmError> {
         backend()?;
         let err = |message: String| LlmError::Load {
             path: path.display().to_string(),
@@ -102,6 +103,8 @@ impl Stage {
                     data: Vec::new(),
                 })
             });
+            let trained = u32::try_from(sys::llama_model_n_ctx_train(model.as_ptr())).unwrap_or(0);
+            let n_ctx = protocol::data::stage_context(trained).min(max_ctx);
             let mut cp = sys::llama_context_default_params();
             cp.n_ctx = n_ctx;
             cp.n_batch = n_ctx;

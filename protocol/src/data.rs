@@ -9,8 +9,18 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Context length of every stage (prompt and completion tokens together).
-pub const STAGE_CONTEXT: u32 = 2048;
+/// The longest context a stage keeps (prompt and completion tokens together), whatever the
+/// model was trained for: it bounds the KV cache and batch buffers of every stage.
+pub const MAX_CONTEXT: u32 = 4096;
+
+/// The context of a model trained for `n_ctx_train` tokens (from its GGUF), capped.
+pub fn stage_context(n_ctx_train: u32) -> u32 {
+    if n_ctx_train == 0 {
+        MAX_CONTEXT
+    } else {
+        n_ctx_train.min(MAX_CONTEXT)
+    }
+}
 
 /// Frames larger than this are refused (a 4096-token prompt of 4096-wide f32 states is 64 MiB).
 pub const MAX_FRAME: usize = 256 << 20;

@@ -56,6 +56,21 @@ fn post(addr: &str, path: &str, body: Value) -> (u16, Value) {
     (status, r.json().unwrap_or(Value::Null))
 }
 
+/// Send one data-channel frame and read the answer (blocking).
+fn data_exchange(addr: &str, frame: &protocol::data::Frame) -> protocol::data::Frame {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let payload = frame.encode();
+    s.write_all(&(payload.len() as u32).to_le_bytes()).unwrap();
+    s.write_all(&payload).unwrap();
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).unwrap();
+    let mut buf = vec![0u8; u32::from_le_bytes(len) as usize];
+    s.read_exact(&mut buf).unwrap();
+    protocol::data::Frame::decode(&buf).unwrap()
+}
+
 fn model() -> std::path::PathBuf {
     torrents::default_model::require().unwrap_or_else(|e| panic!("{e}"))
 }
@@ -161,12 +176,41 @@ fn four_stage_swarm_matches_the_whole_model_streams_and_serves_the_openai_client
         );
     }
 
-    // A seed repeats a sampled completion; stop strings cut it.
-    let sampled = json!({"prompt": PROMPTS[0], "max_tokens": 12, "temperature": 0.8, "top_p": 0.9, "seed": 7});
+    // A sampled completion with a seed repeats, and equals the whole model's with that seed.
+    let sampled = json!({"prompt": PROMPTS[0], "max_tokens": 16, "temperature": 0.8, "top_p": 0.9, "seed": 7});
+    let (_, first) = post(addr, "/v1/completions", sampled.clone());
     assert_eq!(
-        post(addr, "/v1/completions", sampled.clone()).1["choices"],
+        first["choices"],
         post(addr, "/v1/completions", sampled).1["choices"]
     );
+    let with_seed = protocol::data::Sampling {
+        temperature: 0.8,
+        top_p: 0.9,
+        seed: 7,
+    };
+    let reference =
+        node::llm::reference_completion_with(&model(), PROMPTS[0], 16, 1, with_seed).unwrap();
+    assert_eq!(
+        first["choices"][0]["text"],
+        reference.text.as_str(),
+        "sampled with a seed"
+    );
+
+    // A data connection that asks for the wrong stage is refused.
+    let st = get_json(&format!("http://{addr}/status"));
+    let stage0 = st["route"][0]["data_addr"].as_str().unwrap();
+    let hello = protocol::data::Frame::Hello(protocol::data::Hello {
+        model_sha256: st["model_sha256"].as_str().unwrap().into(),
+        split_id: st["split_id"].as_str().unwrap().into(),
+        stage: 1,
+    });
+    let refused = data_exchange(stage0, &hello);
+    assert!(
+        matches!(&refused, protocol::data::Frame::Error(e) if e.contains("refused")),
+        "{refused:?}"
+    );
+
+    // Stop strings cut the text.
     let (_, cut) = post(
         addr,
         "/v1/completions",
@@ -205,7 +249,7 @@ fn four_stage_swarm_matches_the_whole_model_streams_and_serves_the_openai_client
         "streamed chat differs from the plain one"
     );
 
-    // Bad requests: 400 (404 for an unknown model) with a JSON error, and the swarm still serves.
+    // Bad requests: 400 with a JSON error, and the swarm still serves.
     for (path, body, status) in [
         (
             "/v1/completions",
@@ -216,7 +260,7 @@ fn four_stage_swarm_matches_the_whole_model_streams_and_serves_the_openai_client
         (
             "/v1/completions",
             json!({"prompt": "x", "model": "gpt-17"}),
-            404,
+            400,
         ),
         (
             "/v1/completions",
@@ -225,7 +269,7 @@ fn four_stage_swarm_matches_the_whole_model_streams_and_serves_the_openai_client
         ),
         (
             "/v1/completions",
-            json!({"prompt": "word ".repeat(3000), "max_tokens": 10}),
+            json!({"prompt": "word ".repeat(5000), "max_tokens": 10}),
             400,
         ),
         ("/v1/chat/completions", json!({"messages": []}), 400),

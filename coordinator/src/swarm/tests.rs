@@ -25,6 +25,7 @@ fn swarm(shards: u32, min_nodes: usize) -> Swarm {
         heartbeat_timeout: Duration::from_secs(10),
         route: None,
         route_loaded: Default::default(),
+        settle_until: Instant::now(),
     }
 }
 
