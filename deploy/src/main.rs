@@ -39,6 +39,9 @@ struct Cli {
     /// ssh private key.
     #[arg(long)]
     identity: Option<PathBuf>,
+    /// Extra ssh option (`-o KEY=VALUE`), e.g. StrictHostKeyChecking=accept-new (repeatable).
+    #[arg(long = "ssh-option")]
+    ssh_options: Vec<String>,
     /// Copy with scp even when rsync is available.
     #[arg(long)]
     scp: bool,
@@ -63,9 +66,14 @@ fn main() -> Result<()> {
     }
     let target = format!("{}@{}", cli.remote_user, cli.remote_host);
     let mut ssh = vec!["ssh".to_string(), "-p".into(), cli.port.to_string()];
+    let mut options = Vec::new();
     if let Some(id) = &cli.identity {
-        ssh.extend(["-i".into(), id.display().to_string()]);
+        options.extend(["-i".to_string(), id.display().to_string()]);
     }
+    for o in &cli.ssh_options {
+        options.extend(["-o".to_string(), o.clone()]);
+    }
+    ssh.extend(options.iter().cloned());
     let dir = shell_quote(&cli.remote_dir);
     let use_rsync = !cli.scp && which("rsync");
     let mut steps: Vec<Vec<String>> = Vec::new();
@@ -90,9 +98,7 @@ fn main() -> Result<()> {
         ]);
         steps.push(mkdir);
         let mut scp = vec!["scp".to_string(), "-P".into(), cli.port.to_string()];
-        if let Some(id) = &cli.identity {
-            scp.extend(["-i".into(), id.display().to_string()]);
-        }
+        scp.extend(options.iter().cloned());
         scp.extend(paths);
         scp.push(format!("{target}:{staging}/"));
         steps.push(scp);
