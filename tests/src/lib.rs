@@ -255,3 +255,35 @@ pub fn metric_sum(text: &str, name: &str, filter: &str) -> u64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum()
 }
+
+/// The common start of a whole-swarm test: the real model split into `shards`, a work
+/// directory, and a seeder serving the shards.
+pub struct Bed {
+    pub seed: tempfile::TempDir,
+    pub work: tempfile::TempDir,
+    pub seeder: Proc,
+}
+
+impl Bed {
+    pub fn new(shards: usize, seeder_flags: &[&str]) -> Bed {
+        let seed = real_shards(shards);
+        let work = tempfile::tempdir().unwrap();
+        let seeder = seeder(seed.path(), &work.path().join("seeder"), seeder_flags);
+        Bed { seed, work, seeder }
+    }
+
+    /// A coordinator for this seeder on `listen`, caching in the work dir.
+    pub fn coordinator(&self, listen: &str, flags: &[&str]) -> Proc {
+        let cache = self.work.path().join("cache").display().to_string();
+        let mut all = vec!["--cache-dir", cache.as_str()];
+        all.extend_from_slice(flags);
+        coordinator(listen, self.seeder.field("http"), &all)
+    }
+
+    /// (name, data dir) of nodes n0..n{count-1}.
+    pub fn node_dirs(&self, count: usize) -> Vec<(String, PathBuf)> {
+        (0..count)
+            .map(|i| (format!("n{i}"), self.work.path().join(format!("n{i}"))))
+            .collect()
+    }
+}

@@ -6,42 +6,33 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tests::{coordinator, get_json, node, real_shards, seeder, swarm_lock, wait_for, Proc};
+use tests::{get_json, node, swarm_lock, wait_for, Bed, Proc};
 
 /// A running swarm with `n` shards on `n` nodes, serving.
 struct Swarm {
-    _procs: Vec<Proc>,
+    _bed: Bed,
+    /// The coordinator, then the nodes.
+    procs: Vec<Proc>,
     coordinator: String,
-    _dirs: Vec<tempfile::TempDir>,
 }
 
 fn swarm(n: usize) -> Swarm {
-    let seed = real_shards(n);
-    let work = tempfile::tempdir().unwrap();
-    let s = seeder(seed.path(), &work.path().join("seeder"), &[]);
-    let cache = work.path().join("cache").display().to_string();
-    let c = coordinator(
-        "127.0.0.1:0",
-        s.field("http"),
-        &["--min-nodes", &n.to_string(), "--cache-dir", &cache],
-    );
+    let bed = Bed::new(n, &[]);
+    let c = bed.coordinator("127.0.0.1:0", &["--min-nodes", &n.to_string()]);
     let addr = c.field("http").to_owned();
-    let mut procs = vec![s, c];
-    for i in 0..n {
-        procs.push(node(
-            &format!("n{i}"),
-            &addr,
-            &work.path().join(format!("n{i}")),
-            &[],
-        ));
-    }
+    let mut procs = vec![c];
+    procs.extend(
+        bed.node_dirs(n)
+            .iter()
+            .map(|(name, dir)| node(name, &addr, dir, &[])),
+    );
     wait_for("the pipeline serving", Duration::from_secs(180), || {
         (get_json(&format!("http://{addr}/status"))["serving"] == true).then_some(())
     });
     Swarm {
-        _procs: procs,
+        _bed: bed,
+        procs,
         coordinator: addr,
-        _dirs: vec![seed, work],
     }
 }
 
@@ -290,6 +281,32 @@ fn four_stage_swarm_matches_the_whole_model_streams_and_serves_the_openai_client
         .send()
         .unwrap();
     assert_eq!(r.status().as_u16(), 400);
+
+    // A client that goes away mid-stream: its session is ended on every stage, and the next
+    // request is answered as before.
+    {
+        use std::io::{BufRead, BufReader};
+        let body =
+            json!({"prompt": PROMPTS[1], "max_tokens": 200, "temperature": 0, "stream": true});
+        let resp = reqwest::blocking::Client::new()
+            .post(format!("http://{addr}/v1/completions"))
+            .json(&body)
+            .send()
+            .unwrap();
+        let mut lines = BufReader::new(resp).lines();
+        assert!(lines.any(|l| l.is_ok_and(|l| l.starts_with("data: "))));
+    } // dropped here: the connection closes
+    let coordinator = &sw.procs[0];
+    wait_for(
+        "the coordinator to see the client leave",
+        Duration::from_secs(30),
+        || {
+            coordinator
+                .stderr_text()
+                .contains("the client went away")
+                .then_some(())
+        },
+    );
     check_equal_to_reference(addr, &model());
 }
 
@@ -305,15 +322,8 @@ fn two_and_three_stage_swarms_match_the_whole_model() {
 #[test]
 fn before_the_swarm_is_ready_requests_get_503() {
     let _one = swarm_lock();
-    let seed = real_shards(4);
-    let work = tempfile::tempdir().unwrap();
-    let s = seeder(seed.path(), &work.path().join("seeder"), &[]);
-    let cache = work.path().join("cache").display().to_string();
-    let c = coordinator(
-        "127.0.0.1:0",
-        s.field("http"),
-        &["--min-nodes", "4", "--cache-dir", &cache],
-    );
+    let bed = Bed::new(4, &[]);
+    let c = bed.coordinator("127.0.0.1:0", &["--min-nodes", "4"]);
     let (status, v) = post(
         c.field("http"),
         "/v1/completions",
@@ -336,22 +346,15 @@ fn before_the_swarm_is_ready_requests_get_503() {
 fn a_stage_killed_mid_stream_is_replaced_by_its_replica_and_the_answer_is_the_same() {
     use std::io::{BufRead, BufReader};
     let _one = swarm_lock();
-    let seed = real_shards(4);
-    let work = tempfile::tempdir().unwrap();
-    let s = seeder(seed.path(), &work.path().join("seeder"), &[]);
-    let cache = work.path().join("cache").display().to_string();
-    let c = coordinator(
-        "127.0.0.1:0",
-        s.field("http"),
-        &["--min-nodes", "4", "--cache-dir", &cache],
-    );
+    let bed = Bed::new(4, &[]);
+    let c = bed.coordinator("127.0.0.1:0", &["--min-nodes", "4"]);
     let addr = c.field("http").to_owned();
     let mut nodes: Vec<Option<Proc>> = (0..8)
         .map(|i| {
             Some(node(
                 &format!("n{i}"),
                 &addr,
-                &work.path().join(format!("n{i}")),
+                &bed.work.path().join(format!("n{i}")),
                 &[],
             ))
         })

@@ -4,9 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use tests::{
-    coordinator, get_json, metric_sum, node, real_shards, seeder, swarm_lock, wait_for, Proc,
-};
+use tests::{get_json, metric_sum, node, swarm_lock, wait_for, Bed, Proc};
 
 const READY_WITHIN: Duration = Duration::from_secs(180);
 
@@ -49,13 +47,9 @@ fn check_node_files(
 #[test]
 fn four_empty_nodes_fetch_every_shard_and_the_swarm_is_ready() {
     let _one = swarm_lock();
-    let seed = real_shards(4);
-    let work = tempfile::tempdir().unwrap();
-    let s = seeder(seed.path(), &work.path().join("seeder"), &[]);
-    let c = coordinator("127.0.0.1:0", s.field("http"), &["--min-nodes", "4"]);
-    let dirs: Vec<(String, std::path::PathBuf)> = (0..4)
-        .map(|i| (format!("n{i}"), work.path().join(format!("n{i}"))))
-        .collect();
+    let bed = Bed::new(4, &[]);
+    let c = bed.coordinator("127.0.0.1:0", &["--min-nodes", "4"]);
+    let dirs = bed.node_dirs(4);
     let nodes: Vec<Proc> = dirs
         .iter()
         .map(|(n, d)| node(n, c.field("http"), d, &[]))
@@ -70,7 +64,7 @@ fn four_empty_nodes_fetch_every_shard_and_the_swarm_is_ready() {
             "shard {shard}: {holders}"
         );
     }
-    check_node_files(&st, seed.path(), &dirs);
+    check_node_files(&st, bed.seed.path(), &dirs);
     assert!(c
         .stdout_lines()
         .iter()
@@ -87,18 +81,10 @@ fn four_empty_nodes_fetch_every_shard_and_the_swarm_is_ready() {
 #[test]
 fn eight_nodes_hold_two_replicas_and_the_seeder_sends_each_shard_about_once() {
     let _one = swarm_lock();
-    let seed = real_shards(4);
-    let work = tempfile::tempdir().unwrap();
     // 24 MB/s: the seeder is the bottleneck, as on a real uplink.
-    let s = seeder(
-        seed.path(),
-        &work.path().join("seeder"),
-        &["--upload-limit", "25000000"],
-    );
-    let c = coordinator("127.0.0.1:0", s.field("http"), &["--min-nodes", "4"]);
-    let dirs: Vec<(String, std::path::PathBuf)> = (0..8)
-        .map(|i| (format!("n{i}"), work.path().join(format!("n{i}"))))
-        .collect();
+    let bed = Bed::new(4, &["--upload-limit", "25000000"]);
+    let c = bed.coordinator("127.0.0.1:0", &["--min-nodes", "4"]);
+    let dirs = bed.node_dirs(8);
     let _nodes: Vec<Proc> = dirs
         .iter()
         .map(|(n, d)| node(n, c.field("http"), d, &[]))
@@ -120,14 +106,14 @@ fn eight_nodes_hold_two_replicas_and_the_seeder_sends_each_shard_about_once() {
         (st["ready"] == true && full && all_loaded && st["nodes"].as_array().unwrap().len() == 8)
             .then_some(st)
     });
-    check_node_files(&st, seed.path(), &dirs);
+    check_node_files(&st, bed.seed.path(), &dirs);
     let received: u64 = st["shards"]
         .as_array()
         .unwrap()
         .iter()
         .map(|s| 2 * s["size"].as_u64().unwrap())
         .sum();
-    let metrics = reqwest::blocking::get(format!("http://{}/metrics", s.field("http")))
+    let metrics = reqwest::blocking::get(format!("http://{}/metrics", bed.seeder.field("http")))
         .unwrap()
         .text()
         .unwrap();
@@ -146,18 +132,10 @@ fn eight_nodes_hold_two_replicas_and_the_seeder_sends_each_shard_about_once() {
 #[test]
 fn a_node_killed_mid_download_resumes_without_fetching_everything_again() {
     let _one = swarm_lock();
-    let seed = real_shards(4);
-    let work = tempfile::tempdir().unwrap();
     // 4 MB/s: the 47-50 MB shards take over ten seconds.
-    let s = seeder(
-        seed.path(),
-        &work.path().join("seeder"),
-        &["--upload-limit", "4000000"],
-    );
-    let c = coordinator("127.0.0.1:0", s.field("http"), &["--min-nodes", "4"]);
-    let dirs: Vec<(String, std::path::PathBuf)> = (0..4)
-        .map(|i| (format!("n{i}"), work.path().join(format!("n{i}"))))
-        .collect();
+    let bed = Bed::new(4, &["--upload-limit", "4000000"]);
+    let c = bed.coordinator("127.0.0.1:0", &["--min-nodes", "4"]);
+    let dirs = bed.node_dirs(4);
     let mut nodes: Vec<Option<Proc>> = dirs
         .iter()
         .map(|(n, d)| Some(node(n, c.field("http"), d, &[])))
@@ -197,15 +175,13 @@ fn a_node_killed_mid_download_resumes_without_fetching_everything_again() {
         fetched < size,
         "after the restart {victim} fetched {fetched} bytes of the {size}-byte shard {shard}"
     );
-    check_node_files(&st, seed.path(), &dirs);
+    check_node_files(&st, bed.seed.path(), &dirs);
 }
 
 #[test]
 fn a_lost_holder_is_replaced_and_a_restarted_coordinator_needs_no_download() {
     let _one = swarm_lock();
-    let seed = real_shards(4);
-    let work = tempfile::tempdir().unwrap();
-    let s = seeder(seed.path(), &work.path().join("seeder"), &[]);
+    let bed = Bed::new(4, &[]);
     let flags = [
         "--min-nodes",
         "4",
@@ -214,11 +190,9 @@ fn a_lost_holder_is_replaced_and_a_restarted_coordinator_needs_no_download() {
         "--heartbeat-timeout",
         "4",
     ];
-    let c = coordinator("127.0.0.1:0", s.field("http"), &flags);
+    let c = bed.coordinator("127.0.0.1:0", &flags);
     let addr = c.field("http").to_owned();
-    let dirs: Vec<(String, std::path::PathBuf)> = (0..5)
-        .map(|i| (format!("n{i}"), work.path().join(format!("n{i}"))))
-        .collect();
+    let dirs = bed.node_dirs(5);
     let mut nodes: Vec<Option<Proc>> = dirs
         .iter()
         .map(|(n, d)| Some(node(n, &addr, d, &[])))
@@ -267,7 +241,7 @@ fn a_lost_holder_is_replaced_and_a_restarted_coordinator_needs_no_download() {
     assert_eq!(st["nodes"].as_array().unwrap().len(), 4);
 
     // Restart the coordinator on the same address: the nodes come back with what they hold.
-    let metrics_url = format!("http://{}/metrics", s.field("http"));
+    let metrics_url = format!("http://{}/metrics", bed.seeder.field("http"));
     let sent_before = metric_sum(
         &reqwest::blocking::get(&metrics_url)
             .unwrap()
@@ -277,7 +251,7 @@ fn a_lost_holder_is_replaced_and_a_restarted_coordinator_needs_no_download() {
         "",
     );
     assert!(c.terminate().success());
-    let c2 = coordinator(&addr, s.field("http"), &flags);
+    let c2 = bed.coordinator(&addr, &flags);
     let st = wait_ready(&c2, true);
     for n in st["nodes"].as_array().unwrap() {
         for h in n["shards"].as_object().unwrap().values() {
