@@ -521,11 +521,13 @@ impl Swarm {
     /// Give `shard_id` to `node`. The first holder fetches it through the seeder's tracker at
     /// once; a replica waits (see [`Swarm::place`]) and then copies it from a node that has it
     /// all, so the seeder sends each shard once. Letting replicas trail a node still fetching
-    /// was measured and is worse with librqbit 9.1 (bench/swarm.py, N=8): the replica hears
-    /// nothing from its source within librqbit's 10 s read timeout, drops it, and peer exchange
-    /// (always on) leads it to the seeder: 1.77 copies of the split from the seeder instead of
-    /// 1.01, and a longer makespan (26.3 s against 24.3 s), even with the seeder limited to one
-    /// peer per torrent (1.54 copies, 26.6 s).
+    /// was measured and is worse with librqbit 9.1 (bench/swarm.py, N=8, makespan against
+    /// 24.5 s now): the replica hears nothing from its source within librqbit's 10 s read
+    /// timeout, drops it, and peer exchange (always on) leads it to the seeder (1.77 copies of
+    /// the split, 26.3 s; still 1.54 copies and 26.6 s with the seeder serving one peer per
+    /// torrent). librqbit sends HAVEs only to peers whose bitfield it has, and a peer with no
+    /// piece sends none; giving each replica its first piece fixes the seeder's load (1.01
+    /// copies) but the replicas still stall in turns (27.2 s).
     fn assign(&mut self, node: &str, shard_id: u32) {
         let primary = self.coverage(shard_id) == 0;
         let total = self.shards[shard_id as usize].size;
