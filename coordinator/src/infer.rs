@@ -243,6 +243,7 @@ async fn run(
         };
         pos += step;
         if vocab.is_end(token) {
+            flush(vocab, &generated, sent, events).await;
             return Ok((Finish::Stop, generated.len()));
         }
         generated.push(token);
@@ -288,14 +289,20 @@ async fn run(
         }
         input = Payload::Tokens(vec![token]);
     }
-    let text = vocab.detokenize(&generated);
+    flush(vocab, &generated, sent, events).await;
+    Ok((Finish::Length, generated.len()))
+}
+
+/// Send the text not sent yet (held back for a possible stop string or a partial character)
+/// once generation has ended.
+async fn flush(vocab: &Vocab, generated: &[i32], sent: &mut String, events: &mpsc::Sender<Event>) {
+    let text = vocab.detokenize(generated);
     if text.len() > sent.len() && text.starts_with(sent.as_str()) {
         let _ = events
             .send(Event::Text(text[sent.len()..].to_owned()))
             .await;
         *sent = text;
     }
-    Ok((Finish::Length, generated.len()))
 }
 
 fn rand_session() -> u64 {

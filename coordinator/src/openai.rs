@@ -366,6 +366,9 @@ async fn run_with_failover(
     req: Request,
     events: mpsc::Sender<Event>,
 ) {
+    if events.is_closed() {
+        return; // the client left while the request was queued
+    }
     let mut sent = String::new();
     for attempt_no in 1..=3 {
         match attempt(vocab, &route, ids, &req, &mut sent, &events).await {

@@ -99,6 +99,17 @@ fn check_equal_to_reference(addr: &str, model: &Path) {
             "stop"
         };
         assert_eq!(body["choices"][0]["finish_reason"], finish);
+        // A stop string that never occurs holds text back while generating; none may be lost.
+        let (_, held) = post(
+            addr,
+            "/v1/completions",
+            json!({"prompt": prompt, "max_tokens": 24, "temperature": 0, "stop": ["@@@@@@"]}),
+        );
+        assert_eq!(
+            held["choices"][0]["text"],
+            reference.text.as_str(),
+            "prompt {prompt:?} with a stop string"
+        );
     }
 }
 
