@@ -119,43 +119,29 @@ fn real_shards_match_mktorrent_and_every_tool_reads_them() {
 
         // Default piece length, web seeds, private flag and JSON output.
         let t = work.path().join(format!("shard-{k}.torrent"));
-        let o = common::shard_loader([
-            "torrent",
-            "create",
-            file.to_str().unwrap(),
-            "--private",
-            "--web-seed",
-            "http://127.0.0.1:9/seed/a b",
-            "--web-seed",
-            "http://127.0.0.1:9/seed/c",
-            "-a",
-            "http://127.0.0.1:9/announce",
-            "-a",
-            "http://127.0.0.1:8/announce",
-            "--comment",
-            "shard",
-            "-o",
-            t.to_str().unwrap(),
-        ]);
+        let create = |first_web_seed: &str| {
+            common::shard_loader([
+                "torrent",
+                "create",
+                file.to_str().unwrap(),
+                "--private",
+                "--web-seed",
+                first_web_seed,
+                "--web-seed",
+                "http://127.0.0.1:9/seed/c",
+                "-a",
+                "http://127.0.0.1:9/announce",
+                "-a",
+                "http://127.0.0.1:8/announce",
+                "--comment",
+                "shard",
+                "-o",
+                t.to_str().unwrap(),
+            ])
+        };
+        let o = create("http://127.0.0.1:9/seed/a b");
         assert!(!o.status.success(), "a URL with a space must be refused");
-        let o = common::shard_loader([
-            "torrent",
-            "create",
-            file.to_str().unwrap(),
-            "--private",
-            "--web-seed",
-            "http://127.0.0.1:9/seed/a%20b",
-            "--web-seed",
-            "http://127.0.0.1:9/seed/c",
-            "-a",
-            "http://127.0.0.1:9/announce",
-            "-a",
-            "http://127.0.0.1:8/announce",
-            "--comment",
-            "shard",
-            "-o",
-            t.to_str().unwrap(),
-        ]);
+        let o = create("http://127.0.0.1:9/seed/a%20b");
         assert!(o.status.success(), "{}", common::stderr(&o));
         let shown = common::shard_loader(["torrent", "show", t.to_str().unwrap(), "--json"]);
         let v: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
