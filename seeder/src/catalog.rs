@@ -212,8 +212,11 @@ impl Catalog {
                     && torrent.name == name)
                     .then_some((entry, bytes, torrent))
             });
+        // Whether the cache already holds exactly this torrent (then nothing is written).
+        let mut unchanged = false;
         let (sha256, bytes, torrent) = match cached {
             Some((entry, bytes, torrent)) if entry.public_url == self.public_url => {
+                unchanged = true;
                 (entry.sha256, bytes, torrent)
             }
             Some((entry, _, old)) => {
@@ -232,15 +235,17 @@ impl Catalog {
                 })?
             }
         };
-        let entry = CacheEntry {
-            size,
-            mtime_ns,
-            public_url: self.public_url.clone(),
-            sha256: sha256.clone(),
-            info_hash: torrent.info_hash_hex(),
-        };
-        write_atomically(&torrent_path, &bytes)?;
-        write_atomically(&entry_path, &serde_json::to_vec_pretty(&entry)?)?;
+        if !unchanged {
+            let entry = CacheEntry {
+                size,
+                mtime_ns,
+                public_url: self.public_url.clone(),
+                sha256: sha256.clone(),
+                info_hash: torrent.info_hash_hex(),
+            };
+            write_atomically(&torrent_path, &bytes)?;
+            write_atomically(&entry_path, &serde_json::to_vec_pretty(&entry)?)?;
+        }
         Ok(SeedFile {
             name: name.to_owned(),
             path: path.to_owned(),
