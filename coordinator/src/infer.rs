@@ -205,7 +205,7 @@ pub async fn attempt(
     let mut conn = connect(route, ids.0, ids.1)
         .await
         .map_err(AttemptError::Pipeline)?;
-    let session: u64 = rand_session();
+    let session = random_u64();
     let result = run(vocab, &mut conn, session, req, sent, events).await;
     // Free the session on every stage, whatever happened.
     let _ = exchange(&mut conn, &Frame::End { session }).await;
@@ -305,7 +305,8 @@ async fn flush(vocab: &Vocab, generated: &[i32], sent: &mut String, events: &mps
     }
 }
 
-fn rand_session() -> u64 {
+/// A random u64 (session ids, default seeds).
+pub fn random_u64() -> u64 {
     let id = uuid::Uuid::new_v4();
     u64::from_le_bytes(id.as_bytes()[..8].try_into().expect("16 bytes"))
 }

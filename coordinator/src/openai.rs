@@ -99,7 +99,7 @@ fn common(body: &Value, model_id: &str) -> Result<Common, ApiError> {
     let temperature = number("temperature", 1.0, 2.0)?;
     let top_p = number("top_p", 1.0, 1.0)?;
     let seed = match body.get("seed") {
-        None | Some(Value::Null) => rand_seed(),
+        None | Some(Value::Null) => crate::infer::random_u64(),
         Some(v) => v
             .as_u64()
             .ok_or_else(|| invalid("seed must be a non-negative integer"))?,
@@ -128,14 +128,6 @@ fn common(body: &Value, model_id: &str) -> Result<Common, ApiError> {
         stop,
         stream,
     })
-}
-
-fn rand_seed() -> u64 {
-    u64::from_le_bytes(
-        uuid::Uuid::new_v4().as_bytes()[..8]
-            .try_into()
-            .expect("16 bytes"),
-    )
 }
 
 pub async fn completions(
