@@ -2,33 +2,26 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{real_shards, Server};
 
-/// Poll `/files` until `pred` holds (bounded: 100 tries, 15 s).
+/// Poll `/files` until `pred` holds (bounded: 15 s).
 fn wait_for_files(
     server: &Server,
     pred: impl Fn(&[serde_json::Value]) -> bool,
 ) -> Vec<serde_json::Value> {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    for _ in 0..100 {
-        let files = server.get_json("/files")["files"]
-            .as_array()
-            .unwrap()
-            .clone();
-        if pred(&files) {
-            return files;
-        }
-        if Instant::now() > deadline {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(150));
-    }
-    panic!(
-        "/files never reached the expected state: {}",
-        server.get_json("/files")
-    );
+    tests::wait_for(
+        "/files to reach the expected state",
+        Duration::from_secs(15),
+        || {
+            let files = server.get_json("/files")["files"]
+                .as_array()
+                .unwrap()
+                .clone();
+            pred(&files).then_some(files)
+        },
+    )
 }
 
 fn names(files: &[serde_json::Value]) -> Vec<&str> {

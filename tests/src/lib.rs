@@ -180,6 +180,21 @@ pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>
     }
 }
 
+/// How many nodes in a coordinator's `/status` hold at least one shard with every shard
+/// loaded (none fetching or waiting).
+pub fn nodes_fully_loaded(status: &serde_json::Value) -> usize {
+    status["nodes"].as_array().map_or(0, |nodes| {
+        nodes
+            .iter()
+            .filter(|n| {
+                n["shards"]
+                    .as_object()
+                    .is_some_and(|s| !s.is_empty() && s.values().all(|h| h["state"] == "loaded"))
+            })
+            .count()
+    })
+}
+
 /// GET a JSON document.
 pub fn get_json(url: &str) -> serde_json::Value {
     reqwest::blocking::get(url)

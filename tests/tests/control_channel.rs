@@ -34,6 +34,19 @@ async fn next(ws: &mut Ws) -> Option<Command> {
     }
 }
 
+/// Send `cmd` and return its reply, skipping (at most five) other messages such as placements
+/// and broadcasts that arrive in between.
+async fn request(ws: &mut Ws, cmd: &Command) -> Command {
+    ws.send(Message::Text(cmd.encode().into())).await.unwrap();
+    for _ in 0..5 {
+        let m = next(ws).await.expect("the connection stays open");
+        if m.request_id == cmd.request_id {
+            return m;
+        }
+    }
+    panic!("no reply to {} among the next five messages", cmd.command);
+}
+
 fn register(token: &str) -> Command {
     let p = RegisterParams {
         node_id: "test-node".into(),
@@ -126,17 +139,8 @@ fn bad_messages_get_errors_and_the_connection_stays_usable() {
             protocol::COORDINATOR,
             serde_json::json!({}),
         );
-        ws.send(Message::Text(bogus.encode().into())).await.unwrap();
-        let mut saw_unknown = false;
-        for _ in 0..5 {
-            let m = next(&mut ws).await.unwrap();
-            if m.command == cmd::ERROR && m.request_id == bogus.request_id {
-                assert_eq!(error_code(&m), code::UNKNOWN_COMMAND);
-                saw_unknown = true;
-                break;
-            }
-        }
-        assert!(saw_unknown);
+        let reply = request(&mut ws, &bogus).await;
+        assert_eq!(error_code(&reply), code::UNKNOWN_COMMAND);
         // LIST_FILES is answered with the seeder's list.
         let list = Command::new(
             cmd::LIST_FILES,
@@ -144,16 +148,7 @@ fn bad_messages_get_errors_and_the_connection_stays_usable() {
             protocol::COORDINATOR,
             serde_json::json!({}),
         );
-        ws.send(Message::Text(list.encode().into())).await.unwrap();
-        let mut files = None;
-        for _ in 0..5 {
-            let m = next(&mut ws).await.unwrap();
-            if m.request_id == list.request_id {
-                files = Some(m);
-                break;
-            }
-        }
-        let files = files.expect("a LIST_FILES reply");
+        let files = request(&mut ws, &list).await;
         assert_eq!(
             files.params["files"].as_array().unwrap().len(),
             2,

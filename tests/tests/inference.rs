@@ -375,11 +375,7 @@ fn a_stage_killed_mid_stream_is_replaced_by_its_replica_and_the_answer_is_the_sa
         Duration::from_secs(240),
         || {
             let st = get_json(&format!("http://{addr}/status"));
-            let loaded = st["nodes"].as_array().unwrap().iter().filter(|n| {
-                let shards = n["shards"].as_object().unwrap();
-                !shards.is_empty() && shards.values().all(|h| h["state"] == "loaded")
-            });
-            (st["serving"] == true && loaded.count() == 8).then_some(st)
+            (st["serving"] == true && tests::nodes_fully_loaded(&st) == 8).then_some(st)
         },
     );
     let prompt = PROMPTS[1];

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use tests::{get_json, metric_sum, node, swarm_lock, wait_for, Bed, Proc};
+use tests::{get_json, metric_sum, node, nodes_fully_loaded, swarm_lock, wait_for, Bed, Proc};
 
 const READY_WITHIN: Duration = Duration::from_secs(180);
 
@@ -96,15 +96,7 @@ fn eight_nodes_hold_two_replicas_and_the_seeder_sends_each_shard_about_once() {
             .unwrap()
             .values()
             .all(|h| h.as_array().unwrap().len() == 2);
-        let all_loaded = st["nodes"].as_array().unwrap().iter().all(|n| {
-            n["shards"]
-                .as_object()
-                .unwrap()
-                .values()
-                .all(|h| h["state"] == "loaded")
-        });
-        (st["ready"] == true && full && all_loaded && st["nodes"].as_array().unwrap().len() == 8)
-            .then_some(st)
+        (st["ready"] == true && full && nodes_fully_loaded(&st) == 8).then_some(st)
     });
     check_node_files(&st, bed.seed.path(), &dirs);
     let received: u64 = st["shards"]
@@ -199,14 +191,7 @@ fn a_lost_holder_is_replaced_and_a_restarted_coordinator_needs_no_download() {
         .collect();
     let st = wait_for("ready with 5 nodes and a replica", READY_WITHIN, || {
         let st = status(&c);
-        let loaded = st["nodes"].as_array().unwrap().iter().all(|n| {
-            n["shards"]
-                .as_object()
-                .unwrap()
-                .values()
-                .all(|h| h["state"] == "loaded")
-        });
-        (st["ready"] == true && st["nodes"].as_array().unwrap().len() == 5 && loaded).then_some(st)
+        (st["ready"] == true && nodes_fully_loaded(&st) == 5).then_some(st)
     });
     // Kill the only holder of a shard.
     let (victim, shard) = st["placement"]
