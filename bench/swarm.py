@@ -167,6 +167,7 @@ def main():
     ap.add_argument("--d", type=int, default=200, help="downlink, Mbit/s")
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--shapes", default="4,8", help="node counts")
+    ap.add_argument("--keep", action="store_true", help="keep the work dir (logs) and print its path")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("needs root (network namespaces)")
@@ -207,7 +208,10 @@ def main():
             results.append((n, bound, ours, http, uploads, readies))
     finally:
         teardown(hosts)
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep:
+            print(f"logs kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
     print()
     print(f"4 shards ({sum(sizes)} bytes), u_s={args.us} u={args.u} d={args.d} Mbit/s, {args.runs} run(s) each")

@@ -159,10 +159,11 @@ impl Swarm {
             .nodes
             .values()
             .filter(|n| n.node_id != node)
-            .filter(|n| match n.shards.get(&shard_id) {
-                Some(Holding::Loaded { .. }) => true,
-                Some(Holding::Fetching { .. }) => use_tracker,
-                _ => false,
+            .filter(|n| {
+                matches!(
+                    n.shards.get(&shard_id),
+                    Some(Holding::Loaded { .. } | Holding::Fetching { .. })
+                )
             })
             .map(|n| n.peer_addr.to_string())
             .collect();
@@ -469,8 +470,9 @@ impl Swarm {
                 self.assign(&node, shard_id);
             }
         }
-        // Replicas: a waiting one starts once another node has the whole shard, fetching from
-        // that node only; one whose sources are all gone falls back to the seeder's tracker.
+        // Replicas: a waiting one starts as soon as another node holds or fetches the shard,
+        // fetching from those nodes only; one whose sources are all gone falls back to the
+        // seeder's tracker.
         let replicas: Vec<(String, u32, bool)> = self
             .nodes
             .values()
@@ -492,10 +494,10 @@ impl Swarm {
             };
             let loaded_elsewhere = others(|h| matches!(h, Holding::Loaded { .. }));
             let fetched_elsewhere = others(|h| matches!(h, Holding::Fetching { .. }));
-            let use_tracker = match (waiting, loaded_elsewhere, fetched_elsewhere) {
-                (true, true, _) => false,
-                (_, false, false) => true,
-                _ => continue,
+            let use_tracker = match (waiting, loaded_elsewhere || fetched_elsewhere) {
+                (true, true) => false,
+                (_, false) => true,
+                (false, true) => continue,
             };
             let total = self.shards[shard_id as usize].size;
             self.nodes
@@ -519,15 +521,12 @@ impl Swarm {
     }
 
     /// Give `shard_id` to `node`. The first holder fetches it through the seeder's tracker at
-    /// once; a replica waits (see [`Swarm::place`]) and then copies it from a node that has it
-    /// all, so the seeder sends each shard once. Letting replicas trail a node still fetching
-    /// was measured and is worse with librqbit 9.1 (bench/swarm.py, N=8, makespan against
-    /// 24.5 s now): the replica hears nothing from its source within librqbit's 10 s read
-    /// timeout, drops it, and peer exchange (always on) leads it to the seeder (1.77 copies of
-    /// the split, 26.3 s; still 1.54 copies and 26.6 s with the seeder serving one peer per
-    /// torrent). librqbit sends HAVEs only to peers whose bitfield it has, and a peer with no
-    /// piece sends none; giving each replica its first piece fixes the seeder's load (1.01
-    /// copies) but the replicas still stall in turns (27.2 s).
+    /// once; a replica (started by [`Swarm::place`]) fetches from the first holder only,
+    /// trailing it piece by piece, so the seeder sends each shard once and the replica lands
+    /// shortly after its source (bench/swarm.py, N=8: makespan 1.37x the bound, 1.01 copies
+    /// from the seeder). Copying only a finished shard was 1.88x: the two big shards took one
+    /// more whole transfer over a node's uplink. The node side needs two workarounds for
+    /// librqbit 9.1, described at `node::fetch::STALL_AFTER` and `prime_first_piece`.
     fn assign(&mut self, node: &str, shard_id: u32) {
         let primary = self.coverage(shard_id) == 0;
         let total = self.shards[shard_id as usize].size;

@@ -13,12 +13,26 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use librqbit::dht::Id20;
 use librqbit::{
-    AddTorrent, AddTorrentOptions, ListenerMode, ListenerOptions, Session, SessionOptions,
+    AddTorrent, AddTorrentOptions, ConnectionOptions, ListenerMode, ListenerOptions,
+    PeerConnectionOptions, Session, SessionOptions,
 };
 use protocol::{LoadShardParams, ShardFailedParams, ShardLoadedParams, ShardProgressParams};
 use tokio::sync::mpsc;
 
 use crate::store::DataDir;
+
+/// How often a fetch reports progress.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// How often a fetch looks at its progress.
+const STALL_CHECK: Duration = Duration::from_millis(250);
+/// A replica that has made no progress for this long reconnects to its source. It trails a
+/// node that is still fetching, and librqbit 9.1 loses track of that node's new pieces in two
+/// ways: a piece the source completes between sending its bitfield and receiving ours is never
+/// announced (no HAVE goes to a peer whose bitfield it lacks), and a peer that had nothing to
+/// request sleeps 5 s before it looks again (a HAVE does not wake it). Both leave the replica
+/// idle while its source has what it needs; a new connection starts with the source's whole
+/// bitfield and asks at once.
+const STALL_AFTER: Duration = Duration::from_millis(1500);
 
 /// What a fetch reports to the control channel.
 #[derive(Debug)]
@@ -47,6 +61,16 @@ impl Fetcher {
             SessionOptions {
                 dht: None,
                 disable_local_service_discovery: true,
+                // librqbit drops a peer it hears nothing from for 10 s but sends keep-alives
+                // only every 120 s, so a replica caught up with its source (nothing to
+                // request) lost it; keep-alives well inside the timeout keep the link.
+                connect: Some(ConnectionOptions {
+                    peer_opts: Some(PeerConnectionOptions {
+                        keep_alive_interval: Some(Duration::from_secs(3)),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
                 fastresume: true,
                 persistence: Some(librqbit::SessionPersistenceConfig::Json {
                     folder: Some(data.session_dir()),
@@ -128,25 +152,48 @@ impl Fetcher {
             ));
         }
         let handle = self.add(p).await.map_err(|e| ("torrent", e))?;
+        let replica = !p.use_tracker && !p.peers.is_empty();
         let seeder: Option<String> = p.seeder_peer.clone();
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut tick = tokio::time::interval(STALL_CHECK);
+        let mut last_report: Option<tokio::time::Instant> = None;
+        let mut last_progress = (0, tokio::time::Instant::now());
+        // Bytes counted on connections a reconnect has closed (librqbit's per-peer counters
+        // start again with each connection).
+        let mut earlier = (0, 0);
         let (mut from_seeder, mut from_peers);
         loop {
             tick.tick().await;
             let stats = handle.stats();
-            (from_seeder, from_peers) = split_by_source(&handle, seeder.as_deref());
+            let now_counted = split_by_source(&handle, seeder.as_deref());
+            (from_seeder, from_peers) = (earlier.0 + now_counted.0, earlier.1 + now_counted.1);
             if let Some(e) = stats.error {
                 return Err(("torrent", anyhow::anyhow!(e)));
             }
-            let _ = events.send(FetchEvent::Progress(ShardProgressParams {
-                shard_id: p.shard_id,
-                bytes: stats.progress_bytes,
-                total: stats.total_bytes,
-                from_seeder,
-                from_peers,
-            }));
+            let now = tokio::time::Instant::now();
+            if stats.finished || last_report.is_none_or(|t| now - t >= PROGRESS_EVERY) {
+                last_report = Some(now);
+                let _ = events.send(FetchEvent::Progress(ShardProgressParams {
+                    shard_id: p.shard_id,
+                    bytes: stats.progress_bytes,
+                    total: stats.total_bytes,
+                    from_seeder,
+                    from_peers,
+                }));
+            }
             if stats.finished {
                 break;
+            }
+            if stats.progress_bytes != last_progress.0 {
+                last_progress = (stats.progress_bytes, now);
+            } else if replica && now - last_progress.1 >= STALL_AFTER {
+                // See STALL_AFTER: a new connection brings the source's whole bitfield.
+                tracing::debug!(
+                    "shard {}: no progress, reconnecting to its source",
+                    p.shard_id
+                );
+                earlier = (from_seeder, from_peers);
+                last_progress.1 = now;
+                self.reconnect(&handle).await.map_err(|e| ("torrent", e))?;
             }
         }
         let path = self.data.shards_dir().join(&p.file);
@@ -218,6 +265,10 @@ impl Fetcher {
             );
         }
         let mut peers: Vec<SocketAddr> = p.peers.iter().filter_map(|a| a.parse().ok()).collect();
+        let replica = !p.use_tracker && !peers.is_empty();
+        if replica {
+            self.prime_first_piece(&meta).await?;
+        }
         if p.use_tracker {
             peers.extend(
                 p.seeder_peer
@@ -228,7 +279,19 @@ impl Fetcher {
         // A replica talks to the nodes it was given and no one else: without the cap, peer
         // exchange (always on in librqbit) would hand it the seeder's address and it would pull
         // half the shard from there, which is what replicas are for avoiding.
-        let peer_limit = (!p.use_tracker && !peers.is_empty()).then_some(peers.len());
+        let peer_limit = replica.then_some(peers.len());
+        // librqbit 9.1 ignores `disable_trackers` per torrent (only the session's counts), so a
+        // torrent that must not use the tracker is added without its announce URLs; the info
+        // dictionary, and so the info hash, is the same.
+        let bytes = if p.use_tracker {
+            bytes.to_vec()
+        } else {
+            let opts = torrents::metainfo::CreateOptions {
+                web_seeds: meta.web_seeds.clone(),
+                ..Default::default()
+            };
+            torrents::metainfo::rewrap(&meta, &opts)?.0
+        };
         let opts = AddTorrentOptions {
             overwrite: true,
             output_folder: Some(self.data.shards_dir().display().to_string()),
@@ -245,6 +308,56 @@ impl Fetcher {
             .context("librqbit did not add the torrent")?;
         self.modes.lock().unwrap().insert(h, p.use_tracker);
         Ok(handle)
+    }
+}
+
+impl Fetcher {
+    /// Drop the torrent's connections and connect again (to its initial peers; replicas have no
+    /// tracker). Pausing keeps the verified pieces, so nothing is checked or fetched again.
+    async fn reconnect(&self, handle: &Arc<librqbit::ManagedTorrent>) -> anyhow::Result<()> {
+        self.session.pause(handle).await?;
+        self.session.unpause(handle).await
+    }
+
+    /// Give an empty replica its first piece from the torrent's web seed (BEP 19) before it
+    /// meets its source. librqbit (9.1) sends a bitfield only when it holds a piece, and sends
+    /// HAVE only to peers whose bitfield it has, so a source would never tell an empty replica
+    /// about the pieces it gets while the replica trails it. One piece from the seeder (32 KiB
+    /// of a 48 MB shard) makes the source announce every later piece.
+    async fn prime_first_piece(&self, meta: &torrents::metainfo::Metainfo) -> anyhow::Result<()> {
+        let path = self.data.shards_dir().join(&meta.name);
+        if std::fs::metadata(&path).is_ok_and(|m| m.len() > 0) {
+            return Ok(()); // resuming: librqbit's check finds the pieces already there
+        }
+        let Some(web_seed) = meta.web_seeds.first() else {
+            return Ok(()); // no web seed: the replica still fetches, only without trailing
+        };
+        let len = meta.piece_size(0).context("a torrent without pieces")?;
+        let bytes = reqwest::Client::new()
+            .get(web_seed)
+            .header(reqwest::header::RANGE, format!("bytes=0-{}", len - 1))
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .with_context(|| format!("GET {web_seed} (first piece)"))?
+            .bytes()
+            .await?;
+        use sha1::Digest;
+        if bytes.len() as u64 != len
+            || meta.piece_hash(0) != Some(sha1::Sha1::digest(&bytes).as_slice())
+        {
+            bail!("the web seed {web_seed} sent a bad first piece");
+        }
+        let file = path.clone();
+        let size = meta.length;
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&file)?;
+            f.write_all(&bytes)?;
+            f.set_len(size)
+        })
+        .await??;
+        Ok(())
     }
 }
 

@@ -96,26 +96,31 @@ fn four_nodes_one_shard_each_then_ready() {
 }
 
 #[test]
-fn replicas_fetch_from_the_first_holder_and_fall_back_to_the_tracker() {
+fn replicas_trail_the_first_holder_and_fall_back_to_the_tracker() {
     let mut s = swarm(2, 2);
     let out: Outbox = ["a", "b", "c", "d"]
         .iter()
         .flat_map(|id| register(&mut s, id, &[]).unwrap())
         .collect();
     let l = loads(&out);
-    assert_eq!(l.len(), 2, "replicas wait for a complete copy: {l:?}");
-    // b finishes shard 1: its replica d starts, from b only.
-    let done = ShardLoadedParams {
-        shard_id: 1,
-        sha256: "sha1".into(),
-        from_seeder: 100,
-        from_peers: 0,
-    };
-    let l = loads(&s.loaded("b", &done));
-    assert_eq!(l.len(), 1);
-    assert_eq!(l[0].0, "d");
-    assert!(!l[0].1.use_tracker);
-    assert_eq!(l[0].1.peers, ["127.0.0.1:7000"]);
+    assert_eq!(l.len(), 4, "{l:?}");
+    for (node, primary, shard) in [
+        ("a", true, 0),
+        ("b", true, 1),
+        ("c", false, 0),
+        ("d", false, 1),
+    ] {
+        let (_, p) = l.iter().find(|(n, _)| n == node).expect("every node loads");
+        assert_eq!(p.shard_id, shard, "{node}");
+        assert_eq!(
+            p.use_tracker, primary,
+            "only first holders use the tracker: {node}"
+        );
+        if !primary {
+            // A replica starts at once from the node still fetching, not from the seeder.
+            assert_eq!(p.peers, ["127.0.0.1:7000"], "{node}");
+        }
+    }
     // The primary of shard 0 goes away before finishing: its replica fetches via the tracker.
     let l = loads(&s.disconnected("a", 1));
     assert!(
@@ -123,6 +128,15 @@ fn replicas_fetch_from_the_first_holder_and_fall_back_to_the_tracker() {
             .any(|(n, p)| n == "c" && p.shard_id == 0 && p.use_tracker),
         "{l:?}"
     );
+    // A replica that finished stays put when its source goes.
+    let done = ShardLoadedParams {
+        shard_id: 1,
+        sha256: "sha1".into(),
+        from_seeder: 0,
+        from_peers: 100,
+    };
+    s.loaded("d", &done);
+    assert!(loads(&s.disconnected("b", 1)).iter().all(|(n, _)| n != "d"));
 }
 
 #[test]
