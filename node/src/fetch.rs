@@ -267,7 +267,11 @@ impl Fetcher {
         let mut peers: Vec<SocketAddr> = p.peers.iter().filter_map(|a| a.parse().ok()).collect();
         let replica = !p.use_tracker && !peers.is_empty();
         if replica {
-            self.prime_first_piece(&meta).await?;
+            if let Err(e) = self.prime_first_piece(&meta).await {
+                // Not fatal: reconnecting on a stall still brings the source's pieces, only
+                // in steps.
+                tracing::warn!("{}: no first piece from the web seed: {e:#}", p.file);
+            }
         }
         if p.use_tracker {
             peers.extend(

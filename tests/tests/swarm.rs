@@ -89,8 +89,12 @@ fn eight_nodes_hold_two_replicas_and_the_seeder_sends_each_shard_about_once() {
         .iter()
         .map(|(n, d)| node(n, c.field("http"), d, &[]))
         .collect();
+    // Replicas trail their shard's first holder: some status must show a replica with bytes
+    // from a node while that node is still fetching from the seeder.
+    let mut trailed = false;
     let st = wait_for("8 nodes with every shard twice", READY_WITHIN, || {
         let st = status(&c);
+        trailed |= replica_trails_a_fetching_holder(&st);
         let full = st["placement"]
             .as_object()
             .unwrap()
@@ -119,6 +123,30 @@ fn eight_nodes_hold_two_replicas_and_the_seeder_sends_each_shard_about_once() {
         "the seeder sent {sent} bytes for {received} received by nodes (> 0.75x)"
     );
     assert!(st["bytes"]["from_peers"].as_u64().unwrap() > 0);
+    assert!(
+        trailed,
+        "no replica was seen fetching from a holder that was still fetching"
+    );
+}
+
+/// Whether some shard has a holder still fetching from the seeder and another holder that has
+/// already received bytes from nodes.
+fn replica_trails_a_fetching_holder(st: &serde_json::Value) -> bool {
+    let holdings: Vec<(&String, &serde_json::Value)> = st["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|n| n["shards"].as_object().unwrap().iter())
+        .collect();
+    let fetching = |h: &serde_json::Value, key: &str| {
+        h["state"] == "fetching" && h[key].as_u64().is_some_and(|b| b > 0)
+    };
+    holdings.iter().any(|(id, primary)| {
+        fetching(primary, "from_seeder")
+            && holdings
+                .iter()
+                .any(|(other, replica)| other == id && fetching(replica, "from_peers"))
+    })
 }
 
 #[test]
