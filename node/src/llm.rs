@@ -135,7 +135,9 @@ pub fn reference_completion_with(
     let params = LlamaContextParams::default()
         .with_n_ctx(std::num::NonZeroU32::new(n_ctx))
         .with_n_batch(n_ctx)
-        .with_n_ubatch(n_ctx)
+        // llama.cpp's own micro-batch, and the stages' chunk: the same split of a long prompt
+        // gives the same floating-point sums, so the same tokens.
+        .with_n_ubatch(crate::stage::CHUNK_TOKENS as u32)
         .with_n_threads(threads)
         .with_n_threads_batch(threads);
     let mut ctx = model

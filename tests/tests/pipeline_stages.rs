@@ -81,6 +81,37 @@ fn stages_give_the_whole_models_tokens_for_2_3_and_4_shards() {
 }
 
 #[test]
+fn a_prompt_of_several_chunks_gives_the_whole_models_tokens() {
+    let _one = tests::swarm_lock();
+    let model_path = torrents::default_model::require().unwrap_or_else(|e| panic!("{e}"));
+    let paragraph = "A torrent client cuts a file into pieces, checks every piece against its \
+        SHA-1 hash, and trades the pieces it holds with the peers that need them. ";
+    let prompt = format!("{}Summary in one sentence:", paragraph.repeat(40));
+    let reference = node::llm::reference_completion(&model_path, &prompt, 16, 1).unwrap();
+    let chunk = node::stage::CHUNK_TOKENS;
+    assert!(
+        reference.prompt_ids.len() > 2 * chunk,
+        "the prompt must span three chunks: {} tokens",
+        reference.prompt_ids.len()
+    );
+    let model = torrents::gguf::GgufModel::open(&model_path).unwrap();
+    let source = torrents::map::gguf_source(&model).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = torrents::split::split_model(&model, 3, dir.path(), source, &|_| {}).unwrap();
+    let mut stages: Vec<Stage> = manifest
+        .shards
+        .iter()
+        .enumerate()
+        .map(|(k, s)| Stage::load(&dir.path().join(&s.file), k == 2, 4096, 1).unwrap())
+        .collect();
+    let got = pipeline_greedy(&mut stages, &reference.prompt_ids, 16, &[2]);
+    assert_eq!(
+        got, reference.token_ids,
+        "tokens differ from the whole model"
+    );
+}
+
+#[test]
 fn node_reference_prints_the_whole_models_completion() {
     let _one = tests::swarm_lock();
     let model_path = torrents::default_model::require().unwrap_or_else(|e| panic!("{e}"));
