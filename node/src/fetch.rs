@@ -13,8 +13,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use librqbit::dht::Id20;
 use librqbit::{
-    AddTorrent, AddTorrentOptions, ConnectionOptions, ListenerMode, ListenerOptions,
-    PeerConnectionOptions, Session, SessionOptions,
+    AddTorrent, AddTorrentOptions, ListenerMode, ListenerOptions, Session, SessionOptions,
 };
 use protocol::{LoadShardParams, ShardFailedParams, ShardLoadedParams, ShardProgressParams};
 use tokio::sync::mpsc;
@@ -61,16 +60,6 @@ impl Fetcher {
             SessionOptions {
                 dht: None,
                 disable_local_service_discovery: true,
-                // librqbit drops a peer it hears nothing from for 10 s but sends keep-alives
-                // only every 120 s, so a replica caught up with its source (nothing to
-                // request) lost it; keep-alives well inside the timeout keep the link.
-                connect: Some(ConnectionOptions {
-                    peer_opts: Some(PeerConnectionOptions {
-                        keep_alive_interval: Some(Duration::from_secs(3)),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
                 fastresume: true,
                 persistence: Some(librqbit::SessionPersistenceConfig::Json {
                     folder: Some(data.session_dir()),
@@ -170,7 +159,7 @@ impl Fetcher {
                 return Err(("torrent", anyhow::anyhow!(e)));
             }
             let now = tokio::time::Instant::now();
-            if stats.finished || last_report.is_none_or(|t| now - t >= PROGRESS_EVERY) {
+            if last_report.is_none_or(|t| now - t >= PROGRESS_EVERY) {
                 last_report = Some(now);
                 let _ = events.send(FetchEvent::Progress(ShardProgressParams {
                     shard_id: p.shard_id,
