@@ -30,8 +30,10 @@ const STALL_CHECK: Duration = Duration::from_millis(250);
 /// announced (no HAVE goes to a peer whose bitfield it lacks), and a peer that had nothing to
 /// request sleeps 5 s before it looks again (a HAVE does not wake it). Both leave the replica
 /// idle while its source has what it needs; a new connection starts with the source's whole
-/// bitfield and asks at once.
-const STALL_AFTER: Duration = Duration::from_millis(1500);
+/// bitfield and asks at once. bench/swarm.py at N=8: 1.5 s gave 1.44x the bound (median of
+/// 3), 750 ms 1.27x; a replica gets ~30 pieces a second while it trails, so 750 ms without
+/// one is idleness.
+const STALL_AFTER: Duration = Duration::from_millis(750);
 
 /// What a fetch reports to the control channel.
 #[derive(Debug)]
