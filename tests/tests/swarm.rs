@@ -199,6 +199,75 @@ fn a_node_killed_mid_download_resumes_without_fetching_everything_again() {
 }
 
 #[test]
+fn a_replica_whose_source_dies_mid_download_finishes_from_the_seeder() {
+    let _one = swarm_lock();
+    // 8 MB/s shared by four first holders: the large shards take over twenty seconds.
+    let bed = Bed::new(4, &["--upload-limit", "8000000"]);
+    let c = bed.coordinator("127.0.0.1:0", &["--min-nodes", "4"]);
+    let dirs = bed.node_dirs(5);
+    let mut nodes: Vec<Option<Proc>> = dirs
+        .iter()
+        .map(|(n, d)| Some(node(n, c.field("http"), d, &[])))
+        .collect();
+    // A fifth node replicates a shard, trailing a first holder that has most of it still to get.
+    let (source, shard, replica) = wait_for(
+        "a replica trailing its source",
+        Duration::from_secs(120),
+        || {
+            let st = status(&c);
+            let holdings: Vec<(String, String, serde_json::Value)> = st["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|n| {
+                    let name = n["name"].as_str().unwrap().to_owned();
+                    n["shards"]
+                        .as_object()
+                        .unwrap()
+                        .iter()
+                        .map(move |(id, h)| (name.clone(), id.clone(), h.clone()))
+                })
+                .collect();
+            holdings.iter().find_map(|(src, id, h)| {
+                let (bytes, total) = (h["bytes"].as_u64()?, h["total"].as_u64()?);
+                if h["state"] != "fetching" || h["use_tracker"] != true || bytes > total / 2 {
+                    return None;
+                }
+                holdings
+                    .iter()
+                    .find(|(_, other, r)| {
+                        other == id
+                            && r["state"] == "fetching"
+                            && r["use_tracker"] == false
+                            && r["from_peers"].as_u64().is_some_and(|b| b > 0)
+                    })
+                    .map(|(rep, _, _)| (src.clone(), id.clone(), rep.clone()))
+            })
+        },
+    );
+    let k: usize = source[1..].parse().unwrap();
+    nodes[k].take().unwrap().kill();
+    // The coordinator sends the stranded replica to the seeder's tracker.
+    let holding = wait_for("the replica loaded", READY_WITHIN, || {
+        let st = status(&c);
+        let n = st["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == replica.as_str())?
+            .clone();
+        let h = n["shards"][&shard].clone();
+        (h["state"] == "loaded").then_some(h)
+    });
+    assert!(
+        holding["from_seeder"].as_u64().unwrap() > 0,
+        "{replica} finished shard {shard} without the seeder after {source} died: {holding}"
+    );
+    let st = wait_ready(&c, true);
+    check_node_files(&st, bed.seed.path(), &dirs);
+}
+
+#[test]
 fn a_lost_holder_is_replaced_and_a_restarted_coordinator_needs_no_download() {
     let _one = swarm_lock();
     let bed = Bed::new(4, &[]);
