@@ -34,6 +34,8 @@ const STALL_CHECK: Duration = Duration::from_millis(250);
 /// 3), 750 ms 1.27x; a replica gets ~30 pieces a second while it trails, so 750 ms without
 /// one is idleness.
 const STALL_AFTER: Duration = Duration::from_millis(750);
+/// The longest a replica waits between reconnects while its source has nothing new.
+const STALL_AFTER_MAX: Duration = Duration::from_secs(8);
 
 /// What a fetch reports to the control channel.
 #[derive(Debug)]
@@ -148,6 +150,7 @@ impl Fetcher {
         let mut tick = tokio::time::interval(STALL_CHECK);
         let mut last_report: Option<tokio::time::Instant> = None;
         let mut last_progress = (0, tokio::time::Instant::now());
+        let mut stall_after = STALL_AFTER;
         // Bytes counted on connections a reconnect has closed (librqbit's per-peer counters
         // start again with each connection).
         let mut earlier = (0, 0);
@@ -176,7 +179,8 @@ impl Fetcher {
             }
             if stats.progress_bytes != last_progress.0 {
                 last_progress = (stats.progress_bytes, now);
-            } else if replica && now - last_progress.1 >= STALL_AFTER {
+                stall_after = STALL_AFTER;
+            } else if replica && now - last_progress.1 >= stall_after {
                 // See STALL_AFTER: a new connection brings the source's whole bitfield.
                 tracing::debug!(
                     "shard {}: no progress, reconnecting to its source",
@@ -184,6 +188,9 @@ impl Fetcher {
                 );
                 earlier = (from_seeder, from_peers);
                 last_progress.1 = now;
+                // A source with nothing new (itself waiting for the seeder) is not asked
+                // again and again: the wait doubles until progress resumes.
+                stall_after = (stall_after * 2).min(STALL_AFTER_MAX);
                 self.reconnect(&handle).await.map_err(|e| ("torrent", e))?;
             }
         }
