@@ -523,7 +523,7 @@ impl Swarm {
     /// Give `shard_id` to `node`. The first holder fetches it through the seeder's tracker at
     /// once; a replica (started by [`Swarm::place`]) fetches from the first holder only,
     /// trailing it piece by piece, so the seeder sends each shard once and the replica lands
-    /// shortly after its source (bench/swarm.py, N=8: makespan 1.27x the bound, 1.01 copies
+    /// shortly after its source (bench/swarm.py, N=8: makespan 1.25x the bound, 1.01 copies
     /// from the seeder). Copying only a finished shard was 1.88x: the two big shards took one
     /// more whole transfer over a node's uplink. The node side needs two workarounds for
     /// librqbit 9.1, described at `node::fetch::STALL_AFTER` and `prime_first_piece`.
