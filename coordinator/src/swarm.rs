@@ -525,8 +525,9 @@ impl Swarm {
     /// trailing it piece by piece, so the seeder sends each shard once and the replica lands
     /// shortly after its source (bench/swarm.py, N=8: makespan 1.25x the bound, 1.01 copies
     /// from the seeder). Copying only a finished shard was 1.88x: the two big shards took one
-    /// more whole transfer over a node's uplink. The node side needs two workarounds for
-    /// librqbit 9.1, described at `node::fetch::STALL_AFTER` and `prime_first_piece`.
+    /// more whole transfer over a node's uplink. The node works around three librqbit 9.1
+    /// problems for this (`node::fetch`: `STALL_AFTER`, `prime_first_piece`, and replicas added
+    /// without announce URLs).
     fn assign(&mut self, node: &str, shard_id: u32) {
         let primary = self.coverage(shard_id) == 0;
         let total = self.shards[shard_id as usize].size;
