@@ -132,20 +132,28 @@ fn eight_nodes_hold_two_replicas_and_the_seeder_sends_each_shard_about_once() {
 /// Whether some shard has a holder still fetching from the seeder and another holder that has
 /// already received bytes from nodes.
 fn replica_trails_a_fetching_holder(st: &serde_json::Value) -> bool {
-    let holdings: Vec<(&String, &serde_json::Value)> = st["nodes"]
+    // (node index, shard id, holding)
+    let holdings: Vec<(usize, &String, &serde_json::Value)> = st["nodes"]
         .as_array()
         .unwrap()
         .iter()
-        .flat_map(|n| n["shards"].as_object().unwrap().iter())
+        .enumerate()
+        .flat_map(|(k, n)| {
+            n["shards"]
+                .as_object()
+                .unwrap()
+                .iter()
+                .map(move |(id, h)| (k, id, h))
+        })
         .collect();
     let fetching = |h: &serde_json::Value, key: &str| {
         h["state"] == "fetching" && h[key].as_u64().is_some_and(|b| b > 0)
     };
-    holdings.iter().any(|(id, primary)| {
+    holdings.iter().any(|(k, id, primary)| {
         fetching(primary, "from_seeder")
-            && holdings
-                .iter()
-                .any(|(other, replica)| other == id && fetching(replica, "from_peers"))
+            && holdings.iter().any(|(other_node, other, replica)| {
+                other_node != k && other == id && fetching(replica, "from_peers")
+            })
     })
 }
 
