@@ -153,18 +153,22 @@ pub struct RouteHop {
 pub type Refusal = (&'static str, String);
 
 impl Swarm {
-    fn load_shard(&self, node: &str, shard_id: u32, use_tracker: bool) -> (String, Command) {
-        let s = &self.shards[shard_id as usize];
-        let peers = self
-            .nodes
-            .values()
-            .filter(|n| n.node_id != node)
-            .filter(|n| {
-                matches!(
+    /// The nodes other than `node` that `node` can fetch `shard_id` from: those that have it
+    /// or are getting it.
+    fn sources<'a>(&'a self, node: &'a str, shard_id: u32) -> impl Iterator<Item = &'a NodeState> {
+        self.nodes.values().filter(move |n| {
+            n.node_id != node
+                && matches!(
                     n.shards.get(&shard_id),
                     Some(Holding::Loaded { .. } | Holding::Fetching { .. })
                 )
-            })
+        })
+    }
+
+    fn load_shard(&self, node: &str, shard_id: u32, use_tracker: bool) -> (String, Command) {
+        let s = &self.shards[shard_id as usize];
+        let peers = self
+            .sources(node, shard_id)
             .map(|n| n.peer_addr.to_string())
             .collect();
         let params = LoadShardParams {
@@ -487,14 +491,8 @@ impl Swarm {
             })
             .collect();
         for (node, shard_id, waiting) in replicas {
-            let others = |pred: fn(&Holding) -> bool| {
-                self.nodes
-                    .values()
-                    .any(|n| n.node_id != node && n.shards.get(&shard_id).is_some_and(pred))
-            };
-            let loaded_elsewhere = others(|h| matches!(h, Holding::Loaded { .. }));
-            let fetched_elsewhere = others(|h| matches!(h, Holding::Fetching { .. }));
-            let use_tracker = match (waiting, loaded_elsewhere || fetched_elsewhere) {
+            let has_source = self.sources(&node, shard_id).next().is_some();
+            let use_tracker = match (waiting, has_source) {
                 (true, true) => false,
                 (_, false) => true,
                 (false, true) => continue,
