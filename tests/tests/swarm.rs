@@ -23,24 +23,46 @@ fn wait_ready(c: &Proc, want: bool) -> serde_json::Value {
     )
 }
 
+/// Every (node name, shard id, holding) in a `/status`.
+fn holdings(status: &serde_json::Value) -> Vec<(&str, &str, &serde_json::Value)> {
+    status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|n| {
+            let name = n["name"].as_str().unwrap();
+            n["shards"]
+                .as_object()
+                .unwrap()
+                .iter()
+                .map(move |(id, h)| (name, id.as_str(), h))
+        })
+        .collect()
+}
+
+/// What node `name` holds of `shard` in a `/status`.
+fn holding(status: &serde_json::Value, name: &str, shard: &str) -> Option<serde_json::Value> {
+    holdings(status)
+        .into_iter()
+        .find(|(n, id, _)| *n == name && *id == shard)
+        .map(|(_, _, h)| h.clone())
+}
+
 /// Every node's loaded shards equal the source files.
 fn check_node_files(
     status: &serde_json::Value,
     seed: &Path,
     data_dirs: &[(String, std::path::PathBuf)],
 ) {
-    for n in status["nodes"].as_array().unwrap() {
-        let name = n["name"].as_str().unwrap();
+    for (name, id, h) in holdings(status) {
         let dir = &data_dirs.iter().find(|(d, _)| d == name).unwrap().1;
-        for (id, h) in n["shards"].as_object().unwrap() {
-            assert_eq!(h["state"], "loaded", "{name} shard {id}: {h}");
-            let file = format!("shard-{id}.gguf");
-            assert_eq!(
-                torrents::hashing::sha256_file(&dir.join("shards").join(&file)).unwrap(),
-                torrents::hashing::sha256_file(&seed.join(&file)).unwrap(),
-                "{name}'s {file}"
-            );
-        }
+        assert_eq!(h["state"], "loaded", "{name} shard {id}: {h}");
+        let file = format!("shard-{id}.gguf");
+        assert_eq!(
+            torrents::hashing::sha256_file(&dir.join("shards").join(&file)).unwrap(),
+            torrents::hashing::sha256_file(&seed.join(&file)).unwrap(),
+            "{name}'s {file}"
+        );
     }
 }
 
@@ -132,27 +154,14 @@ fn eight_nodes_hold_two_replicas_and_the_seeder_sends_each_shard_about_once() {
 /// Whether some shard has a holder still fetching from the seeder and another holder that has
 /// already received bytes from nodes.
 fn replica_trails_a_fetching_holder(st: &serde_json::Value) -> bool {
-    // (node index, shard id, holding)
-    let holdings: Vec<(usize, &String, &serde_json::Value)> = st["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .enumerate()
-        .flat_map(|(k, n)| {
-            n["shards"]
-                .as_object()
-                .unwrap()
-                .iter()
-                .map(move |(id, h)| (k, id, h))
-        })
-        .collect();
+    let all = holdings(st);
     let fetching = |h: &serde_json::Value, key: &str| {
         h["state"] == "fetching" && h[key].as_u64().is_some_and(|b| b > 0)
     };
-    holdings.iter().any(|(k, id, primary)| {
+    all.iter().any(|(node, id, primary)| {
         fetching(primary, "from_seeder")
-            && holdings.iter().any(|(other_node, other, replica)| {
-                other_node != k && other == id && fetching(replica, "from_peers")
+            && all.iter().any(|(other_node, other, replica)| {
+                other_node != node && other == id && fetching(replica, "from_peers")
             })
     })
 }
@@ -171,32 +180,21 @@ fn a_node_killed_mid_download_resumes_without_fetching_everything_again() {
     // A node holding shard 0 or 3 (the large ones) with a fifth of it verified.
     let (victim, shard, size) =
         wait_for("a large shard part-way", Duration::from_secs(120), || {
-            status(&c)["nodes"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find_map(|n| {
-                    n["shards"].as_object().unwrap().iter().find_map(|(id, h)| {
-                        let (bytes, total) = (h["bytes"].as_u64()?, h["total"].as_u64()?);
-                        (h["state"] == "fetching"
-                            && total > 40_000_000
-                            && bytes > total / 5
-                            && bytes < total * 3 / 5)
-                            .then(|| (n["name"].as_str().unwrap().to_owned(), id.clone(), total))
-                    })
-                })
+            let st = status(&c);
+            holdings(&st).into_iter().find_map(|(name, id, h)| {
+                let (bytes, total) = (h["bytes"].as_u64()?, h["total"].as_u64()?);
+                (h["state"] == "fetching"
+                    && total > 40_000_000
+                    && bytes > total / 5
+                    && bytes < total * 3 / 5)
+                    .then(|| (name.to_owned(), id.to_owned(), total))
+            })
         });
     let k: usize = victim[1..].parse().unwrap();
     nodes[k].take().unwrap().kill();
     nodes[k] = Some(node(&victim, c.field("http"), &dirs[k].1, &[]));
     let st = wait_ready(&c, true);
-    let n = st["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["name"] == victim.as_str())
-        .unwrap();
-    let h = &n["shards"][&shard];
+    let h = holding(&st, &victim, &shard).unwrap_or_default();
     assert_eq!(h["state"], "loaded", "{h}");
     let fetched = h["from_seeder"].as_u64().unwrap() + h["from_peers"].as_u64().unwrap();
     assert!(
@@ -223,33 +221,20 @@ fn a_replica_whose_source_dies_mid_download_finishes_from_the_seeder() {
         Duration::from_secs(120),
         || {
             let st = status(&c);
-            let holdings: Vec<(String, String, serde_json::Value)> = st["nodes"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .flat_map(|n| {
-                    let name = n["name"].as_str().unwrap().to_owned();
-                    n["shards"]
-                        .as_object()
-                        .unwrap()
-                        .iter()
-                        .map(move |(id, h)| (name.clone(), id.clone(), h.clone()))
-                })
-                .collect();
-            holdings.iter().find_map(|(src, id, h)| {
+            let all = holdings(&st);
+            all.iter().find_map(|(src, id, h)| {
                 let (bytes, total) = (h["bytes"].as_u64()?, h["total"].as_u64()?);
                 if h["state"] != "fetching" || h["use_tracker"] != true || bytes > total / 2 {
                     return None;
                 }
-                holdings
-                    .iter()
+                all.iter()
                     .find(|(_, other, r)| {
                         other == id
                             && r["state"] == "fetching"
                             && r["use_tracker"] == false
                             && r["from_peers"].as_u64().is_some_and(|b| b > 0)
                     })
-                    .map(|(rep, _, _)| (src.clone(), id.clone(), rep.clone()))
+                    .map(|(rep, _, _)| (src.to_string(), id.to_string(), rep.to_string()))
             })
         },
     );
@@ -257,14 +242,7 @@ fn a_replica_whose_source_dies_mid_download_finishes_from_the_seeder() {
     nodes[k].take().unwrap().kill();
     // The coordinator sends the stranded replica to the seeder's tracker.
     let holding = wait_for("the replica loaded", READY_WITHIN, || {
-        let st = status(&c);
-        let n = st["nodes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|n| n["name"] == replica.as_str())?
-            .clone();
-        let h = n["shards"][&shard].clone();
+        let h = holding(&status(&c), &replica, &shard)?;
         (h["state"] == "loaded").then_some(h)
     });
     assert!(
