@@ -37,6 +37,19 @@ fn pipeline_greedy(
     out
 }
 
+/// The real model split into `n` stage files, each loaded with one thread and a context of at
+/// most `max_ctx` (the directory is returned so the files outlive the stages).
+fn real_stages(n: usize, max_ctx: u32) -> (tempfile::TempDir, Vec<Stage>) {
+    let dir = tests::real_shards(n);
+    let stages = (0..n)
+        .map(|k| {
+            let file = torrents::split::shard_file_name(k, "gguf");
+            Stage::load(&dir.path().join(file), k + 1 == n, max_ctx, 1).unwrap()
+        })
+        .collect();
+    (dir, stages)
+}
+
 #[test]
 fn stages_give_the_whole_models_tokens_for_2_3_and_4_shards() {
     let _one = tests::swarm_lock();
@@ -54,18 +67,8 @@ fn stages_give_the_whole_models_tokens_for_2_3_and_4_shards() {
         references.iter().all(|r| !r.token_ids.is_empty()),
         "{references:?}"
     );
-    let model = torrents::gguf::GgufModel::open(&model_path).unwrap();
-    let source = torrents::map::gguf_source(&model).unwrap();
     for n in [2usize, 3, 4] {
-        let dir = tempfile::tempdir().unwrap();
-        let manifest =
-            torrents::split::split_model(&model, n, dir.path(), source.clone(), &|_| {}).unwrap();
-        let mut stages: Vec<Stage> = manifest
-            .shards
-            .iter()
-            .enumerate()
-            .map(|(k, s)| Stage::load(&dir.path().join(&s.file), k + 1 == n, 512, 1).unwrap())
-            .collect();
+        let (_dir, mut stages) = real_stages(n, 512);
         for (prompt, reference) in prompts.iter().zip(&references) {
             for stage in stages.iter_mut() {
                 stage.clear();
@@ -94,16 +97,7 @@ fn a_prompt_of_several_chunks_gives_the_whole_models_tokens() {
         "the prompt must span three chunks: {} tokens",
         reference.prompt_ids.len()
     );
-    let model = torrents::gguf::GgufModel::open(&model_path).unwrap();
-    let source = torrents::map::gguf_source(&model).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let manifest = torrents::split::split_model(&model, 3, dir.path(), source, &|_| {}).unwrap();
-    let mut stages: Vec<Stage> = manifest
-        .shards
-        .iter()
-        .enumerate()
-        .map(|(k, s)| Stage::load(&dir.path().join(&s.file), k == 2, 4096, 1).unwrap())
-        .collect();
+    let (_dir, mut stages) = real_stages(3, 4096);
     let got = pipeline_greedy(&mut stages, &reference.prompt_ids, 16, &[2]);
     assert_eq!(
         got, reference.token_ids,
