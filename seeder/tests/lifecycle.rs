@@ -162,15 +162,8 @@ fn bad_input() {
     let work = tempfile::tempdir().unwrap();
     // Missing dir: a clear error and a non-zero exit.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_server"))
-        .args([
-            "--listen-addr",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--http-port",
-            "0",
-            "--seed-dir",
-        ])
+        .args(tests::SEEDER_ON_LOOPBACK)
+        .arg("--seed-dir")
         .arg(work.path().join("missing"))
         .output()
         .unwrap();
@@ -251,15 +244,8 @@ fn unreadable_files_are_skipped_with_a_warning() {
         let mut base = vec!["--reuid=65534", "--regid=65534", "--clear-groups", "env"];
         let home_var = format!("HOME={home}");
         base.push(&home_var);
-        base.extend([
-            bin,
-            "--listen-addr",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--http-port",
-            "0",
-        ]);
+        base.push(bin);
+        base.extend(tests::SEEDER_ON_LOOPBACK);
         common::Server::start_via("setpriv", seed.path(), state.path(), &base)
     } else {
         Server::start(seed.path(), state.path(), &[])

@@ -212,20 +212,20 @@ pub fn real_shards(n: usize) -> tempfile::TempDir {
     dir
 }
 
+/// `server` flags for loopback with ports the kernel picks.
+pub const SEEDER_ON_LOOPBACK: [&str; 6] = [
+    "--listen-addr",
+    "127.0.0.1",
+    "--port",
+    "0",
+    "--http-port",
+    "0",
+];
+
 /// A seeder on loopback serving `seed_dir`, with extra flags.
 pub fn seeder(seed_dir: &Path, state_dir: &Path, extra: &[&str]) -> Proc {
-    let mut args: Vec<String> = [
-        "--listen-addr",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--http-port",
-        "0",
-        "--seed-dir",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut args: Vec<String> = SEEDER_ON_LOOPBACK.iter().map(|s| s.to_string()).collect();
+    args.push("--seed-dir".into());
     args.push(seed_dir.display().to_string());
     args.push("--state-dir".into());
     args.push(state_dir.display().to_string());

@@ -17,19 +17,7 @@ pub struct Server {
 impl Server {
     /// Start on loopback with free ports, `seed_dir` and `state_dir`, plus `extra` flags.
     pub fn start(seed_dir: &Path, state_dir: &Path, extra: &[&str]) -> Server {
-        Self::start_with(
-            seed_dir,
-            state_dir,
-            &[
-                "--listen-addr",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--http-port",
-                "0",
-            ],
-            extra,
-        )
+        Self::start_with(seed_dir, state_dir, &tests::SEEDER_ON_LOOPBACK, extra)
     }
 
     pub fn start_with(seed_dir: &Path, state_dir: &Path, base: &[&str], extra: &[&str]) -> Server {
