@@ -34,10 +34,24 @@ async fn next(ws: &mut Ws) -> Option<Command> {
     }
 }
 
+async fn send(ws: &mut Ws, cmd: &Command) {
+    ws.send(Message::Text(cmd.encode().into())).await.unwrap();
+}
+
+/// A command with empty params from the test node to the coordinator.
+fn bare(command: &str) -> Command {
+    Command::new(
+        command,
+        "test-node",
+        protocol::COORDINATOR,
+        serde_json::json!({}),
+    )
+}
+
 /// Send `cmd` and return its reply, skipping (at most five) other messages such as placements
 /// and broadcasts that arrive in between.
 async fn request(ws: &mut Ws, cmd: &Command) -> Command {
-    ws.send(Message::Text(cmd.encode().into())).await.unwrap();
+    send(ws, cmd).await;
     for _ in 0..5 {
         let m = next(ws).await.expect("the connection stays open");
         if m.request_id == cmd.request_id {
@@ -88,7 +102,7 @@ fn bad_messages_get_errors_and_the_connection_stays_usable() {
         // Wrong token: refused, and the connection is closed.
         let mut ws = connect(&addr).await;
         let req = register("wrong");
-        ws.send(Message::Text(req.encode().into())).await.unwrap();
+        send(&mut ws, &req).await;
         let reply = next(&mut ws).await.unwrap();
         assert_eq!(error_code(&reply), code::UNAUTHORIZED);
         assert_eq!(
@@ -107,13 +121,7 @@ fn bad_messages_get_errors_and_the_connection_stays_usable() {
             .await
             .unwrap();
         assert_eq!(error_code(&next(&mut ws).await.unwrap()), code::BAD_JSON);
-        let hb = Command::new(
-            cmd::HEARTBEAT,
-            "test-node",
-            protocol::COORDINATOR,
-            serde_json::json!({}),
-        );
-        ws.send(Message::Text(hb.encode().into())).await.unwrap();
+        send(&mut ws, &bare(cmd::HEARTBEAT)).await;
         assert_eq!(
             error_code(&next(&mut ws).await.unwrap()),
             code::NOT_REGISTERED
@@ -124,43 +132,21 @@ fn bad_messages_get_errors_and_the_connection_stays_usable() {
             protocol::COORDINATOR,
             serde_json::json!({"node_id": 5}),
         );
-        ws.send(Message::Text(bad_params.encode().into()))
-            .await
-            .unwrap();
+        send(&mut ws, &bad_params).await;
         assert_eq!(error_code(&next(&mut ws).await.unwrap()), code::BAD_PARAMS);
-        ws.send(Message::Text(register("sesame").encode().into()))
-            .await
-            .unwrap();
+        send(&mut ws, &register("sesame")).await;
         let reply = next(&mut ws).await.unwrap();
         assert_eq!(reply.command, cmd::REGISTERED, "{reply:?}");
-        let bogus = Command::new(
-            "FLY_TO_MOON",
-            "test-node",
-            protocol::COORDINATOR,
-            serde_json::json!({}),
-        );
-        let reply = request(&mut ws, &bogus).await;
+        let reply = request(&mut ws, &bare("FLY_TO_MOON")).await;
         assert_eq!(error_code(&reply), code::UNKNOWN_COMMAND);
         // LIST_FILES is answered with the seeder's list.
-        let list = Command::new(
-            cmd::LIST_FILES,
-            "test-node",
-            protocol::COORDINATOR,
-            serde_json::json!({}),
-        );
-        let files = request(&mut ws, &list).await;
+        let files = request(&mut ws, &bare(cmd::LIST_FILES)).await;
         assert_eq!(
             files.params["files"].as_array().unwrap().len(),
             2,
             "{files:?}"
         );
-        let hb = Command::new(
-            cmd::HEARTBEAT,
-            "test-node",
-            protocol::COORDINATOR,
-            serde_json::json!({}),
-        );
-        ws.send(Message::Text(hb.encode().into())).await.unwrap();
+        send(&mut ws, &bare(cmd::HEARTBEAT)).await;
     });
     let st = tests::get_json(&format!("http://{}/status", c.field("http")));
     assert_eq!(
