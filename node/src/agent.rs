@@ -136,7 +136,7 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
     let mut tasks = Tasks::default();
     let url = control_url(&coordinator);
     let mut backoff = Duration::from_millis(250);
-    let shutdown = shutdown_signal();
+    let shutdown = daemon::shutdown_signal();
     tokio::pin!(shutdown);
     loop {
         let links = Links {
@@ -178,15 +178,6 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
             _ = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
-    }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
     }
 }
 

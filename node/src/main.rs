@@ -94,14 +94,7 @@ fn reference(
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,librqbit=warn,librqbit_dht=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+    daemon::init_logging("info,librqbit=warn,librqbit_dht=warn");
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::ModelInfo { model, json }) => model_info(model, json),

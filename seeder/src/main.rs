@@ -8,14 +8,7 @@ use clap::Parser;
 // CPU-s/GiB). Hashing and other blocking work go to tokio's blocking pool.
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,librqbit=warn,librqbit_dht=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+    daemon::init_logging("info,librqbit=warn,librqbit_dht=warn");
     let config = seeder::Config::parse();
     match seeder::run(config).await {
         Ok(()) => std::process::ExitCode::SUCCESS,

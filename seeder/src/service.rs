@@ -200,11 +200,8 @@ impl Running {
 
     /// Wait for SIGINT or SIGTERM.
     pub async fn wait_for_shutdown_signal(&self) {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+            _ = daemon::shutdown_signal() => {}
             _ = self.cancel.cancelled() => {}
         }
     }
