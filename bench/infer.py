@@ -12,14 +12,14 @@ usage: bench/infer.py [--runs 3] [--max-tokens 64]
 import argparse
 import json
 import os
-import re
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+
+from benchlib import stats, stop, wait_line
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(REPO, "target", "release")
@@ -28,17 +28,6 @@ PROMPT = "Once upon a time, in a land of many small machines that shared the wor
 
 def start(args, log):
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)
-
-
-def ready(proc, limit=300):
-    deadline = time.time() + limit
-    for line in proc.stdout:
-        m = re.match(r"\[READY\] http=(\S+)", line)
-        if m:
-            return m.group(1)
-        if time.time() > deadline:
-            break
-    sys.exit("a process never became ready")
 
 
 def status(addr):
@@ -66,10 +55,6 @@ def stream(addr, max_tokens):
     return (first - t0) * 1000, last - first, "".join(text)
 
 
-def stats(xs):
-    return min(xs), statistics.median(xs), max(xs)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3)
@@ -87,11 +72,11 @@ def main():
         s = start([os.path.join(BIN, "server"), "--listen-addr", "127.0.0.1", "--port", "0", "--http-port", "0",
                    "--seed-dir", shards, "--state-dir", os.path.join(work, "st")], os.path.join(work, "seeder.log"))
         procs.append(s)
-        seeder = ready(s)
+        seeder = wait_line(s, r"^\[READY\] http=(\S+)", 300).group(1)
         c = start([os.path.join(BIN, "coordinator"), "--listen", "127.0.0.1:0", "--seeder", f"http://{seeder}",
                    "--min-nodes", "4", "--cache-dir", os.path.join(work, "cache")], os.path.join(work, "coord.log"))
         procs.append(c)
-        coord = ready(c)
+        coord = wait_line(c, r"^\[READY\] http=(\S+)", 300).group(1)
         for i in range(4):
             procs.append(start([os.path.join(BIN, "node"), "--coordinator", f"http://{coord}", "--data-dir",
                                 os.path.join(work, f"n{i}"), "--listen-addr", "127.0.0.1", "--threads", "1"],
@@ -129,13 +114,7 @@ def main():
               f" (goal >= 0.8)")
         print(f"ratio TTFT (median, pipeline / reference): {statistics.median(swarm_ttft) / statistics.median(ref_ttft):.2f}x")
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(procs)
         subprocess.run(["rm", "-rf", work])
 
 

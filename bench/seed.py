@@ -16,12 +16,12 @@ import argparse
 import os
 import re
 import shutil
-import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+from benchlib import stats, stop, wait_line
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(REPO, "target", "release")
@@ -44,23 +44,12 @@ def start_server(seed_dir, state_dir, *extra):
         [os.path.join(BIN, "server"), "--listen-addr", "127.0.0.1", "--port", "0", "--http-port", "0",
          "--seed-dir", seed_dir, "--state-dir", state_dir, *extra],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    deadline = time.time() + 300
-    for line in p.stdout:
-        m = re.match(r"\[READY\] http=(\S+) peer=(\S+)", line)
-        if m:
-            return p, m.group(1)
-        if time.time() > deadline:
-            break
-    p.kill()
-    sys.exit("server never became ready")
-
-
-def stop(p):
-    p.send_signal(signal.SIGTERM)
     try:
-        p.wait(10)
-    except subprocess.TimeoutExpired:
+        m = wait_line(p, r"^\[READY\] http=(\S+) peer=(\S+)", 300)
+    except SystemExit:
         p.kill()
+        raise
+    return p, m.group(1)
 
 
 def measure_download(cmd, size, seeder_pid):
@@ -102,10 +91,6 @@ def check_same(a, b):
     if subprocess.run(["cmp", "-s", a, b]).returncode != 0:
         sys.exit(f"FAIL: {b} differs from {a}")
     os.remove(b)
-
-
-def stats(values):
-    return min(values), statistics.median(values), max(values)
 
 
 def main():
@@ -174,8 +159,7 @@ def main():
             print(f"run {run + 1} webseed {rate:7.0f} MiB/s  seeder {cpu:5.2f} CPU-s/GiB"
                   f"  downloader {dcpu:5.2f} CPU-s/GiB", flush=True)
         aria_seed.kill()
-        stop(tracker)
-        stop(server)
+        stop([tracker, server])
 
         print()
         print(f"{args.size_mib} MiB over loopback, {args.runs} runs, {os.cpu_count()} cores")

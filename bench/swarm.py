@@ -17,14 +17,14 @@ usage (root): bench/swarm.py [--us 80] [--u 40] [--d 200] [--runs 1]   (Mbit/s)
 import argparse
 import json
 import os
-import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+from benchlib import stop, wait_line
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(REPO, "target", "release")
@@ -71,27 +71,6 @@ def teardown(hosts):
 def start(ns, args, log):
     return subprocess.Popen(["ip", "netns", "exec", ns, *args], stdout=subprocess.PIPE,
                             stderr=open(log, "w"), text=True)
-
-
-def wait_line(proc, pattern, limit):
-    deadline = time.time() + limit
-    for line in proc.stdout:
-        if re.search(pattern, line):
-            return line
-        if time.time() > deadline:
-            break
-    sys.exit(f"no line matching {pattern!r} within {limit} s")
-
-
-def stop(procs):
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
 
 
 def run_swarm(work, shards_dir, n, seeder_dev):
