@@ -22,18 +22,6 @@ fn fails_with(out: &Output, want: &str) {
     assert!(err.contains(want), "message lacks {want:?}: {err}");
 }
 
-fn split(model: &Path, n: &str, target: &Path) -> Output {
-    common::shard_loader([
-        "split".as_ref(),
-        "--model".as_ref(),
-        model.as_os_str(),
-        "--shards".as_ref(),
-        n.as_ref(),
-        "--target-dir".as_ref(),
-        target.as_os_str(),
-    ])
-}
-
 /// Nothing but what was there: no shard files, no temp files.
 fn assert_empty(dir: &Path) {
     if dir.exists() {
@@ -52,7 +40,7 @@ fn split_refuses_bad_models_and_counts() {
     let target = work.path().join("out");
 
     fails_with(
-        &split(&work.path().join("nope.gguf"), "4", &target),
+        &common::split(&work.path().join("nope.gguf"), "4", &target),
         "nope.gguf",
     );
     assert_empty(&target);
@@ -63,15 +51,15 @@ fn split_refuses_bad_models_and_counts() {
         "just some text, long enough to have a header's worth of bytes",
     )
     .unwrap();
-    fails_with(&split(&text, "4", &target), "bad magic");
+    fails_with(&common::split(&text, "4", &target), "bad magic");
     assert_empty(&target);
 
     let model = std::fs::read(common::model()).unwrap();
     let truncated = work.path().join("truncated.gguf");
     std::fs::write(&truncated, &model[..model.len() / 2]).unwrap();
-    fails_with(&split(&truncated, "4", &target), "truncated");
+    fails_with(&common::split(&truncated, "4", &target), "truncated");
     std::fs::write(&truncated, &model[..1000]).unwrap();
-    fails_with(&split(&truncated, "4", &target), "truncated");
+    fails_with(&common::split(&truncated, "4", &target), "truncated");
     assert_empty(&target);
 
     // Absurd tensor and metadata counts in an otherwise valid header.
@@ -79,15 +67,21 @@ fn split_refuses_bad_models_and_counts() {
     absurd[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
     let absurd_path = work.path().join("absurd.gguf");
     std::fs::write(&absurd_path, &absurd).unwrap();
-    fails_with(&split(&absurd_path, "4", &target), "absurd counts");
+    fails_with(&common::split(&absurd_path, "4", &target), "absurd counts");
     let mut long_string = model[..100_000].to_vec();
     long_string[24..32].copy_from_slice(&(1u64 << 60).to_le_bytes()); // first key's length
     std::fs::write(&absurd_path, &long_string).unwrap();
-    fails_with(&split(&absurd_path, "4", &target), "runs past the end");
+    fails_with(
+        &common::split(&absurd_path, "4", &target),
+        "runs past the end",
+    );
     assert_empty(&target);
 
-    fails_with(&split(&common::model(), "0", &target), "use 1..=30");
-    fails_with(&split(&common::model(), "31", &target), "use 1..=30");
+    fails_with(&common::split(&common::model(), "0", &target), "use 1..=30");
+    fails_with(
+        &common::split(&common::model(), "31", &target),
+        "use 1..=30",
+    );
     assert_empty(&target);
 }
 
@@ -116,7 +110,7 @@ fn validate_names_each_problem_and_file() {
     fails_with(&out, "expected 4 shard files, found 0");
 
     let dir = work.path().join("shards");
-    let o = split(&common::model(), "4", &dir);
+    let o = common::split(&common::model(), "4", &dir);
     assert!(o.status.success(), "{}", common::stderr(&o));
     let d = dir.to_str().unwrap();
     let out = common::shard_loader(["validate", "--target-dir", d, "--expected-shards", "3"]);

@@ -98,15 +98,7 @@ fn info_hash_matches_mktorrent_at_piece_boundaries() {
 #[test]
 fn real_shards_match_mktorrent_and_every_tool_reads_them() {
     let shards = tempfile::tempdir().unwrap();
-    let o = common::shard_loader([
-        "split".as_ref(),
-        "--model".as_ref(),
-        common::model().as_os_str(),
-        "--shards".as_ref(),
-        "4".as_ref(),
-        "--target-dir".as_ref(),
-        shards.path().as_os_str(),
-    ]);
+    let o = common::split(&common::model(), "4", shards.path());
     assert!(o.status.success(), "{}", common::stderr(&o));
     let work = tempfile::tempdir().unwrap();
     for k in 0..4 {

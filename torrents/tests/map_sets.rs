@@ -29,15 +29,7 @@ fn gguf_split_parts_map_to_the_same_shards_as_split() {
     assert!(out.status.success(), "{}", common::stderr(&out));
 
     let split = tempfile::tempdir().unwrap();
-    let out = common::shard_loader([
-        "split".as_ref(),
-        "--model".as_ref(),
-        common::model().as_os_str(),
-        "--shards".as_ref(),
-        "4".as_ref(),
-        "--target-dir".as_ref(),
-        split.path().as_os_str(),
-    ]);
+    let out = common::split(&common::model(), "4", split.path());
     assert!(out.status.success(), "{}", common::stderr(&out));
 
     let a = Manifest::load(mapped.path()).unwrap();

@@ -19,15 +19,7 @@ fn bytes_of(model: &GgufModel, t: &TensorInfo) -> Vec<u8> {
 }
 
 fn split(n: usize, dir: &Path) -> Manifest {
-    let out = common::shard_loader([
-        "split".as_ref(),
-        "--model".as_ref(),
-        common::model().as_os_str(),
-        "--shards".as_ref(),
-        n.to_string().as_ref(),
-        "--target-dir".as_ref(),
-        dir.as_os_str(),
-    ]);
+    let out = common::split(&common::model(), &n.to_string(), dir);
     assert!(out.status.success(), "split {n}: {}", common::stderr(&out));
     Manifest::load(dir).unwrap()
 }

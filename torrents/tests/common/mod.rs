@@ -33,6 +33,20 @@ where
         .expect("run shard_loader")
 }
 
+/// Run `shard_loader split --model MODEL --shards N --target-dir TARGET` (N as given, so bad
+/// values can be tried too).
+pub fn split(model: &Path, shards: &str, target: &Path) -> Output {
+    shard_loader([
+        "split".as_ref(),
+        "--model".as_ref(),
+        model.as_os_str(),
+        "--shards".as_ref(),
+        shards.as_ref(),
+        "--target-dir".as_ref(),
+        target.as_os_str(),
+    ])
+}
+
 /// Run a third-party tool, failing clearly when it is not installed.
 pub fn tool(name: &str, args: &[&str]) -> Output {
     Command::new(name).args(args).output().unwrap_or_else(|e| {
