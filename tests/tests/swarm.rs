@@ -1,7 +1,7 @@
 //! The control plane end to end, as processes on loopback: seeder + coordinator + nodes with
 //! the real model split into 4. Nodes run with one thread; these tests run one at a time.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tests::{get_json, metric_sum, node, nodes_fully_loaded, swarm_lock, wait_for, Bed, Proc};
@@ -21,6 +21,24 @@ fn wait_ready(c: &Proc, want: bool) -> serde_json::Value {
             (s["ready"] == want).then_some(s)
         },
     )
+}
+
+/// Start `count` empty nodes (n0, n1, …) for coordinator `c`: their names and data dirs, and
+/// the processes (an Option each, so a test can kill one and start it again).
+fn start_nodes(bed: &Bed, c: &Proc, count: usize) -> (Vec<(String, PathBuf)>, Vec<Option<Proc>>) {
+    let dirs = bed.node_dirs(count);
+    let nodes = dirs
+        .iter()
+        .map(|(n, d)| Some(node(n, c.field("http"), d, &[])))
+        .collect();
+    (dirs, nodes)
+}
+
+/// Kill node `name` (n<k>) of `nodes`; returns k.
+fn kill_node(nodes: &mut [Option<Proc>], name: &str) -> usize {
+    let k: usize = name[1..].parse().unwrap();
+    nodes[k].take().unwrap().kill();
+    k
 }
 
 /// Every (node name, shard id, holding) in a `/status`.
@@ -71,11 +89,7 @@ fn four_empty_nodes_fetch_every_shard_and_the_swarm_is_ready() {
     let _one = swarm_lock();
     let bed = Bed::new(4, &[]);
     let c = bed.coordinator("127.0.0.1:0", &["--min-nodes", "4"]);
-    let dirs = bed.node_dirs(4);
-    let nodes: Vec<Proc> = dirs
-        .iter()
-        .map(|(n, d)| node(n, c.field("http"), d, &[]))
-        .collect();
+    let (dirs, nodes) = start_nodes(&bed, &c, 4);
     let st = wait_ready(&c, true);
     assert_eq!(st["nodes"].as_array().unwrap().len(), 4);
     assert_eq!(st["shards_loaded"], 4);
@@ -91,7 +105,7 @@ fn four_empty_nodes_fetch_every_shard_and_the_swarm_is_ready() {
         .stdout_lines()
         .iter()
         .any(|l| l.starts_with("[SWARM_READY]")));
-    for n in &nodes {
+    for n in nodes.iter().flatten() {
         assert!(
             n.stderr_text().contains("[TORRENT] Found file: shard-"),
             "{}",
@@ -106,11 +120,7 @@ fn eight_nodes_hold_two_replicas_and_the_seeder_sends_each_shard_about_once() {
     // 24 MB/s: the seeder is the bottleneck, as on a real uplink.
     let bed = Bed::new(4, &["--upload-limit", "25000000"]);
     let c = bed.coordinator("127.0.0.1:0", &["--min-nodes", "4"]);
-    let dirs = bed.node_dirs(8);
-    let _nodes: Vec<Proc> = dirs
-        .iter()
-        .map(|(n, d)| node(n, c.field("http"), d, &[]))
-        .collect();
+    let (dirs, _nodes) = start_nodes(&bed, &c, 8);
     // Replicas trail their shard's first holder: some status must show a replica with bytes
     // from a node while that node is still fetching from the seeder.
     let mut trailed = false;
@@ -172,11 +182,7 @@ fn a_node_killed_mid_download_resumes_without_fetching_everything_again() {
     // 4 MB/s: the 47-50 MB shards take over ten seconds.
     let bed = Bed::new(4, &["--upload-limit", "4000000"]);
     let c = bed.coordinator("127.0.0.1:0", &["--min-nodes", "4"]);
-    let dirs = bed.node_dirs(4);
-    let mut nodes: Vec<Option<Proc>> = dirs
-        .iter()
-        .map(|(n, d)| Some(node(n, c.field("http"), d, &[])))
-        .collect();
+    let (dirs, mut nodes) = start_nodes(&bed, &c, 4);
     // A node holding shard 0 or 3 (the large ones) with a fifth of it verified.
     let (victim, shard, size) =
         wait_for("a large shard part-way", Duration::from_secs(120), || {
@@ -190,8 +196,7 @@ fn a_node_killed_mid_download_resumes_without_fetching_everything_again() {
                     .then(|| (name.to_owned(), id.to_owned(), total))
             })
         });
-    let k: usize = victim[1..].parse().unwrap();
-    nodes[k].take().unwrap().kill();
+    let k = kill_node(&mut nodes, &victim);
     nodes[k] = Some(node(&victim, c.field("http"), &dirs[k].1, &[]));
     let st = wait_ready(&c, true);
     let h = holding(&st, &victim, &shard).unwrap_or_default();
@@ -210,11 +215,7 @@ fn a_replica_whose_source_dies_mid_download_finishes_from_the_seeder() {
     // 8 MB/s shared by four first holders: the large shards take over twenty seconds.
     let bed = Bed::new(4, &["--upload-limit", "8000000"]);
     let c = bed.coordinator("127.0.0.1:0", &["--min-nodes", "4"]);
-    let dirs = bed.node_dirs(5);
-    let mut nodes: Vec<Option<Proc>> = dirs
-        .iter()
-        .map(|(n, d)| Some(node(n, c.field("http"), d, &[])))
-        .collect();
+    let (dirs, mut nodes) = start_nodes(&bed, &c, 5);
     // A fifth node replicates a shard, trailing a first holder that has most of it still to get.
     let (source, shard, replica) = wait_for(
         "a replica trailing its source",
@@ -238,8 +239,7 @@ fn a_replica_whose_source_dies_mid_download_finishes_from_the_seeder() {
             })
         },
     );
-    let k: usize = source[1..].parse().unwrap();
-    nodes[k].take().unwrap().kill();
+    kill_node(&mut nodes, &source);
     // The coordinator sends the stranded replica to the seeder's tracker.
     let holding = wait_for("the replica loaded", READY_WITHIN, || {
         let h = holding(&status(&c), &replica, &shard)?;
@@ -267,11 +267,7 @@ fn a_lost_holder_is_replaced_and_a_restarted_coordinator_needs_no_download() {
     ];
     let c = bed.coordinator("127.0.0.1:0", &flags);
     let addr = c.field("http").to_owned();
-    let dirs = bed.node_dirs(5);
-    let mut nodes: Vec<Option<Proc>> = dirs
-        .iter()
-        .map(|(n, d)| Some(node(n, &addr, d, &[])))
-        .collect();
+    let (_dirs, mut nodes) = start_nodes(&bed, &c, 5);
     let st = wait_for("ready with 5 nodes and a replica", READY_WITHIN, || {
         let st = status(&c);
         (st["ready"] == true && nodes_fully_loaded(&st) == 5).then_some(st)
@@ -293,8 +289,7 @@ fn a_lost_holder_is_replaced_and_a_restarted_coordinator_needs_no_download() {
             (n["name"].as_str().unwrap().to_owned(), id.clone())
         })
         .unwrap();
-    let k: usize = victim[1..].parse().unwrap();
-    nodes[k].take().unwrap().kill();
+    kill_node(&mut nodes, &victim);
     wait_ready(&c, false);
     let st = wait_ready(&c, true);
     let holders = st["placement"][&shard].as_array().unwrap();
