@@ -49,25 +49,22 @@ fn gguf_split_parts_map_to_the_same_shards_as_split() {
 
     // Without --shards, one stage per part.
     let default = tempfile::tempdir().unwrap();
-    let out = common::shard_loader([
-        "map",
-        "--source-dir",
-        parts.path().to_str().unwrap(),
-        "--target-dir",
-        default.path().to_str().unwrap(),
-    ]);
+    let map_parts = || {
+        common::shard_loader([
+            "map",
+            "--source-dir",
+            parts.path().to_str().unwrap(),
+            "--target-dir",
+            default.path().to_str().unwrap(),
+        ])
+    };
+    let out = map_parts();
     assert!(out.status.success(), "{}", common::stderr(&out));
     assert_eq!(Manifest::load(default.path()).unwrap().shards.len(), 3);
 
     // A missing part is named.
     std::fs::remove_file(parts.path().join(&names[1])).unwrap();
-    let out = common::shard_loader([
-        "map",
-        "--source-dir",
-        parts.path().to_str().unwrap(),
-        "--target-dir",
-        default.path().to_str().unwrap(),
-    ]);
+    let out = map_parts();
     assert!(!out.status.success());
     assert!(
         common::stderr(&out).contains("missing part 00002"),
