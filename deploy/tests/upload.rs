@@ -112,7 +112,15 @@ fn uploads_a_valid_set_with_rsync_and_scp_and_refuses_an_invalid_one() {
     let model_path = torrents::default_model::require().unwrap_or_else(|e| panic!("{e}"));
     let model = torrents::gguf::GgufModel::open(&model_path).unwrap();
     let source = torrents::map::gguf_source(&model).unwrap();
-    torrents::split::split_model(&model, 2, shards.path(), source, &|_| {}).unwrap();
+    torrents::split::split_model(
+        &model,
+        2,
+        shards.path(),
+        source,
+        Default::default(),
+        &|_| {},
+    )
+    .unwrap();
 
     for (mode, extra) in [("rsync", vec![]), ("scp", vec!["--scp"])] {
         let remote = dir.path().join(format!("remote {mode}"));

@@ -1,14 +1,19 @@
 //! Opening GGUF files with llama.cpp.
 //!
 //! llama.cpp keeps one global backend per process; [`backend`] initialises it once and silences
-//! its logging (it writes to stderr directly otherwise).
+//! its logging (it writes to stderr directly otherwise), unless `SHARDSWARM_LLAMA_LOG` is set:
+//! llama.cpp's log is where a refused file's reason is.
 
 use std::path::Path;
 use std::sync::OnceLock;
 
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::token::LlamaToken;
 use serde::Serialize;
 
 /// Errors from loading a model with llama.cpp.
@@ -29,7 +34,9 @@ pub fn backend() -> Result<&'static LlamaBackend, LlmError> {
     BACKEND
         .get_or_init(|| {
             let mut backend = LlamaBackend::init().map_err(|e| e.to_string())?;
-            backend.void_logs();
+            if std::env::var_os("SHARDSWARM_LLAMA_LOG").is_none() {
+                backend.void_logs();
+            }
             Ok(backend)
         })
         .as_ref()
@@ -54,12 +61,7 @@ pub struct ModelInfo {
 
 /// Load `path` fully (weights included, CPU only) and report what llama.cpp sees.
 pub fn inspect_model(path: &Path) -> Result<ModelInfo, LlmError> {
-    let backend = backend()?;
-    let params = LlamaModelParams::default().with_n_gpu_layers(0);
-    let model = LlamaModel::load_from_file(backend, path, &params).map_err(|e| LlmError::Load {
-        path: path.display().to_string(),
-        message: e.to_string(),
-    })?;
+    let model = load_whole(path)?;
     Ok(ModelInfo {
         n_layer: model.n_layer(),
         n_embd: model.n_embd(),
@@ -84,6 +86,106 @@ pub struct Completion {
     pub first_token_ms: f64,
     /// Milliseconds spent generating the tokens after the first.
     pub rest_ms: f64,
+}
+
+/// The whole model at `path`, weights on the CPU.
+fn load_whole(path: &Path) -> Result<LlamaModel, LlmError> {
+    LlamaModel::load_from_file(
+        backend()?,
+        path,
+        &LlamaModelParams::default().with_n_gpu_layers(0),
+    )
+    .map_err(|e| LlmError::Load {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })
+}
+
+/// A context of `n_ctx` positions for a reference run.
+fn reference_context<'m>(
+    model: &'m LlamaModel,
+    path: &Path,
+    n_ctx: u32,
+    threads: i32,
+) -> Result<LlamaContext<'m>, LlmError> {
+    let params = LlamaContextParams::default()
+        .with_n_ctx(std::num::NonZeroU32::new(n_ctx))
+        .with_n_batch(n_ctx)
+        // llama.cpp's own micro-batch, and the stages' chunk: the same split of a long prompt
+        // gives the same floating-point sums, so the same tokens.
+        .with_n_ubatch(crate::stage::CHUNK_TOKENS as u32)
+        .with_n_threads(threads)
+        .with_n_threads_batch(threads);
+    model
+        .new_context(backend()?, params)
+        .map_err(|e| LlmError::Load {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })
+}
+
+fn decode_err(e: &dyn std::fmt::Display) -> LlmError {
+    LlmError::Decode(e.to_string())
+}
+
+/// `text` as the whole model's tokenizer cuts it (with BOS where the model wants one).
+pub fn tokenize(path: &Path, text: &str) -> Result<Vec<i32>, LlmError> {
+    let model = load_whole(path)?;
+    let vocab = model.vocab();
+    let tokens = vocab.tokenize(text.as_bytes(), vocab.should_add_bos(), true);
+    Ok(tokens.iter().map(|t| t.0).collect())
+}
+
+/// What one llama.cpp process with the whole model gives for a prompt of token ids: the
+/// reference a chain of stages is held to, for models with or without a usable tokenizer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenReference {
+    /// `max_tokens` greedy tokens. End-of-generation tokens do not stop it: a token-level
+    /// reference compares every step.
+    pub token_ids: Vec<i32>,
+    /// The logits of the prompt's last position (the first step), n_vocab floats.
+    pub first_logits: Vec<f32>,
+}
+
+/// Greedy tokens and first-step logits of the whole model at `path` for `prompt` ids.
+pub fn reference_tokens(
+    path: &Path,
+    prompt: &[i32],
+    max_tokens: usize,
+    threads: i32,
+) -> Result<TokenReference, LlmError> {
+    if prompt.is_empty() {
+        return Err(LlmError::Decode("the prompt has no tokens".into()));
+    }
+    let model = load_whole(path)?;
+    let n_ctx = (prompt.len() + max_tokens + 8).next_power_of_two() as u32;
+    let mut ctx = reference_context(&model, path, n_ctx, threads)?;
+    let mut batch = LlamaBatch::new(n_ctx as usize, 1);
+    for (i, t) in prompt.iter().enumerate() {
+        batch
+            .add(LlamaToken(*t), i as i32, &[0], i + 1 == prompt.len())
+            .map_err(|e| decode_err(&e))?;
+    }
+    ctx.decode(&mut batch).map_err(|e| decode_err(&e))?;
+    let first_logits = ctx.get_logits_ith(batch.n_tokens() - 1).to_vec();
+    let mut token_ids = Vec::with_capacity(max_tokens);
+    let mut pos = prompt.len() as i32;
+    while token_ids.len() < max_tokens {
+        let next = crate::stage::argmax(ctx.get_logits_ith(batch.n_tokens() - 1));
+        token_ids.push(next);
+        if token_ids.len() < max_tokens {
+            batch.clear();
+            batch
+                .add(LlamaToken(next), pos, &[0], true)
+                .map_err(|e| decode_err(&e))?;
+            ctx.decode(&mut batch).map_err(|e| decode_err(&e))?;
+            pos += 1;
+        }
+    }
+    Ok(TokenReference {
+        token_ids,
+        first_logits,
+    })
 }
 
 /// Greedy completion of `prompt` with the whole model at `path`, through llama-cpp-2's safe
@@ -112,38 +214,14 @@ pub fn reference_completion_with(
     threads: i32,
     sampling: protocol::data::Sampling,
 ) -> Result<Completion, LlmError> {
-    use llama_cpp_2::context::params::LlamaContextParams;
-    use llama_cpp_2::llama_batch::LlamaBatch;
-    use llama_cpp_2::token::LlamaToken;
-    let backend = backend()?;
-    let load_err = |message: String| LlmError::Load {
-        path: path.display().to_string(),
-        message,
-    };
-    let model = LlamaModel::load_from_file(
-        backend,
-        path,
-        &LlamaModelParams::default().with_n_gpu_layers(0),
-    )
-    .map_err(|e| load_err(e.to_string()))?;
+    let model = load_whole(path)?;
     let vocab = model.vocab();
     let prompt_tokens = vocab.tokenize(prompt.as_bytes(), vocab.should_add_bos(), true);
     if prompt_tokens.is_empty() {
         return Err(LlmError::Decode("the prompt has no tokens".into()));
     }
     let n_ctx = (prompt_tokens.len() + max_tokens + 8).next_power_of_two() as u32;
-    let params = LlamaContextParams::default()
-        .with_n_ctx(std::num::NonZeroU32::new(n_ctx))
-        .with_n_batch(n_ctx)
-        // llama.cpp's own micro-batch, and the stages' chunk: the same split of a long prompt
-        // gives the same floating-point sums, so the same tokens.
-        .with_n_ubatch(crate::stage::CHUNK_TOKENS as u32)
-        .with_n_threads(threads)
-        .with_n_threads_batch(threads);
-    let mut ctx = model
-        .new_context(backend, params)
-        .map_err(|e| load_err(e.to_string()))?;
-    let decode_err = |e: &dyn std::fmt::Display| LlmError::Decode(e.to_string());
+    let mut ctx = reference_context(&model, path, n_ctx, threads)?;
     let mut batch = LlamaBatch::new(n_ctx as usize, 1);
     for (i, t) in prompt_tokens.iter().enumerate() {
         batch

@@ -64,6 +64,17 @@ enum Command {
 
 fn model_info(model: PathBuf, json: bool) -> Result<()> {
     let info = node::llm::inspect_model(&model)?;
+    // A stage file: say what a node would say of it (refused, or unverified).
+    let header = torrents::gguf::GgufModel::open(&model)?;
+    if header.get(torrents::split::KEY_STAGE_INDEX).is_some() {
+        let findings = torrents::arch::check_stage(&header);
+        for p in findings.problems {
+            eprintln!("problem: {p}: a node refuses this stage");
+        }
+        for w in findings.warnings {
+            eprintln!("warning: {w}");
+        }
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&info)?);
     } else {

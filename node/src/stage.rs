@@ -91,6 +91,16 @@ impl Stage {
             path: path.display().to_string(),
             message,
         };
+        // A stage that would not compute what its layers did in the whole model is refused
+        // here, before llama.cpp sees it: serving wrong text silently is the worst failure.
+        let header = torrents::gguf::GgufModel::open(path).map_err(|e| err(e.to_string()))?;
+        let findings = torrents::arch::check_stage(&header);
+        if !findings.problems.is_empty() {
+            return Err(err(findings.problems.join("; ")));
+        }
+        for warning in findings.warnings {
+            tracing::warn!("{}: {warning}", path.display());
+        }
         let c_path =
             CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| err(e.to_string()))?;
         // SAFETY: plain FFI calls with valid arguments; results are checked for null.

@@ -11,15 +11,11 @@ import sys
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
 
-def main() -> None:
-    source, out_dir, parts = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    reader = GGUFReader(source)
-    arch = reader.fields["general.architecture"].contents()
-    per_part = math.ceil(len(reader.tensors) / parts)
-    stem = os.path.splitext(os.path.basename(source))[0]
-    writer = GGUFWriter(os.path.join(out_dir, stem + ".gguf"), arch, split_max_tensors=per_part)
+def copy_model(reader: GGUFReader, writer: GGUFWriter, drop: frozenset = frozenset()) -> None:
+    """Copy every metadata key (except those in `drop`) and tensor of `reader` into `writer`,
+    and write the file(s)."""
     for name, field in reader.fields.items():
-        if name.startswith("GGUF.") or name == "general.architecture":
+        if name.startswith("GGUF.") or name == "general.architecture" or name in drop:
             continue
         vtype = field.types[0]
         sub_type = field.types[-1] if vtype == GGUFValueType.ARRAY else None
@@ -30,6 +26,16 @@ def main() -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def main() -> None:
+    source, out_dir, parts = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    reader = GGUFReader(source)
+    arch = reader.fields["general.architecture"].contents()
+    per_part = math.ceil(len(reader.tensors) / parts)
+    stem = os.path.splitext(os.path.basename(source))[0]
+    writer = GGUFWriter(os.path.join(out_dir, stem + ".gguf"), arch, split_max_tensors=per_part)
+    copy_model(reader, writer)
 
 
 if __name__ == "__main__":

@@ -204,12 +204,70 @@ pub fn get_json(url: &str) -> serde_json::Value {
 
 /// The real model split into `n` shards in a fresh directory.
 pub fn real_shards(n: usize) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
     let model_path = torrents::default_model::require().unwrap_or_else(|e| panic!("{e}"));
-    let model = torrents::gguf::GgufModel::open(&model_path).unwrap();
-    let source = torrents::map::gguf_source(&model).unwrap();
-    torrents::split::split_model(&model, n, dir.path(), source, &|_| {}).unwrap();
+    shards_of(&model_path, n)
+}
+
+/// `model` split into `n` shards in a fresh directory.
+pub fn shards_of(model: &Path, n: usize) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = torrents::gguf::GgufModel::open(model).unwrap();
+    let source = torrents::map::gguf_source(&gguf).unwrap();
+    torrents::split::split_model(&gguf, n, dir.path(), source, Default::default(), &|_| {})
+        .unwrap_or_else(|e| panic!("splitting {} into {n}: {e}", model.display()));
     dir
+}
+
+/// The second real architecture: Gemma 3 270M (Q4_K_M, `gemma3`, windowed layers), fetched by
+/// `deploy/fetch-model.sh --model gemma3-270m` (.ci/run does) into the model cache, or
+/// `$SHARDSWARM_GEMMA3_MODEL`.
+pub fn gemma3_model() -> PathBuf {
+    let path = std::env::var_os("SHARDSWARM_GEMMA3_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            torrents::default_model::path().with_file_name("gemma-3-270m-q4_k_m.gguf")
+        });
+    assert!(
+        path.is_file(),
+        "{} missing: run deploy/fetch-model.sh --model gemma3-270m (.ci/run does)",
+        path.display()
+    );
+    path
+}
+
+/// The Python with the pinned test packages (tests/requirements.txt): `$SHARDSWARM_PYTHON`,
+/// else `<repo>/.venv/bin/python` (made by .ci/run).
+pub fn python() -> PathBuf {
+    let p = std::env::var_os("SHARDSWARM_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python"));
+    assert!(
+        p.exists(),
+        "{} missing: python3 -m venv .venv && .venv/bin/pip install -r tests/requirements.txt (.ci/run does this)",
+        p.display()
+    );
+    p
+}
+
+/// A tiny random-weight model of `arch` written by tests/scripts/make_synthetic_model.py
+/// (the `gguf` package, seeded) at `out`, with `layers` blocks.
+pub fn synthetic_model(arch: &str, layers: usize, out: &Path) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/make_synthetic_model.py");
+    let result = Command::new(python())
+        .arg(script)
+        .args([
+            arch,
+            &out.display().to_string(),
+            "--layers",
+            &layers.to_string(),
+        ])
+        .output()
+        .expect("run python");
+    assert!(
+        result.status.success(),
+        "make_synthetic_model.py {arch}: {}",
+        String::from_utf8_lossy(&result.stderr)
+    );
 }
 
 /// `server` flags for loopback with ports the kernel picks.
@@ -281,7 +339,11 @@ pub struct Bed {
 
 impl Bed {
     pub fn new(shards: usize, seeder_flags: &[&str]) -> Bed {
-        let seed = real_shards(shards);
+        Bed::serving(real_shards(shards), seeder_flags)
+    }
+
+    /// A bed whose seeder serves the shards in `seed`.
+    pub fn serving(seed: tempfile::TempDir, seeder_flags: &[&str]) -> Bed {
         let work = tempfile::tempdir().unwrap();
         let seeder = seeder(seed.path(), &work.path().join("seeder"), seeder_flags);
         Bed { seed, work, seeder }

@@ -226,9 +226,7 @@ fn four_stage_swarm_matches_the_whole_model_streams_and_serves_the_openai_client
         .as_str()
         .unwrap()
         .to_owned();
-    let python = std::env::var_os("SHARDSWARM_PYTHON")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python"));
+    let python = tests::python();
     let out = std::process::Command::new(&python)
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/openai_client.py"))
         .args([

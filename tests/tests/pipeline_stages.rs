@@ -3,50 +3,16 @@
 //! inference. The reference runs through llama-cpp-2's safe API, the stages through our own
 //! wrapper over llama-cpp-sys-2.
 
-use node::stage::{argmax, Stage, StageOutput};
+mod common;
 
-/// Greedy generation through `stages` from the prompt's token ids.
-fn pipeline_greedy(
-    stages: &mut [Stage],
-    prompt: &[i32],
-    max_tokens: usize,
-    eos: &[i32],
-) -> Vec<i32> {
-    let mut out = Vec::new();
-    let mut input = prompt.to_vec();
-    let mut pos = 0i32;
-    for _ in 0..max_tokens {
-        let mut state = stages[0].forward_tokens(&input, pos).unwrap();
-        for stage in stages[1..].iter_mut() {
-            let StageOutput::Hidden(h) = state else {
-                panic!("a non-final stage gave logits")
-            };
-            state = stage.forward_hidden(&h, pos).unwrap();
-        }
-        let StageOutput::Logits(logits) = state else {
-            panic!("the last stage gave hidden states")
-        };
-        let next = argmax(&logits);
-        pos += input.len() as i32;
-        if eos.contains(&next) {
-            break;
-        }
-        out.push(next);
-        input = vec![next];
-    }
-    out
-}
+use common::{load_stages, pipeline_greedy};
+use node::stage::Stage;
 
 /// The real model split into `n` stage files, each loaded with one thread and a context of at
 /// most `max_ctx` (the directory is returned so the files outlive the stages).
 fn real_stages(n: usize, max_ctx: u32) -> (tempfile::TempDir, Vec<Stage>) {
     let dir = tests::real_shards(n);
-    let stages = (0..n)
-        .map(|k| {
-            let file = torrents::split::shard_file_name(k, "gguf");
-            Stage::load(&dir.path().join(file), k + 1 == n, max_ctx, 1).unwrap()
-        })
-        .collect();
+    let stages = load_stages(dir.path(), n, max_ctx);
     (dir, stages)
 }
 
@@ -74,7 +40,7 @@ fn stages_give_the_whole_models_tokens_for_2_3_and_4_shards() {
                 stage.clear();
             }
             // Stop where the reference stopped: at its end-of-generation token, or max_tokens.
-            let got = pipeline_greedy(&mut stages, &reference.prompt_ids, 24, &[2]);
+            let got = pipeline_greedy(&mut stages, &reference.prompt_ids, 24, &[2]).tokens;
             assert_eq!(
                 got, reference.token_ids,
                 "{n} stages, prompt {prompt:?}: tokens differ from the whole model"
@@ -98,7 +64,7 @@ fn a_prompt_of_several_chunks_gives_the_whole_models_tokens() {
         reference.prompt_ids.len()
     );
     let (_dir, mut stages) = real_stages(3, 4096);
-    let got = pipeline_greedy(&mut stages, &reference.prompt_ids, 16, &[2]);
+    let got = pipeline_greedy(&mut stages, &reference.prompt_ids, 16, &[2]).tokens;
     assert_eq!(
         got, reference.token_ids,
         "tokens differ from the whole model"

@@ -14,7 +14,15 @@ fn every_shard_loads_with_its_layer_count() {
     let source = gguf_source(&model).unwrap();
     for n in [1usize, 3, 4, 30] {
         let dir = tempfile::tempdir().unwrap();
-        let manifest = split_model(&model, n, dir.path(), source.clone(), &|_| {}).unwrap();
+        let manifest = split_model(
+            &model,
+            n,
+            dir.path(),
+            source.clone(),
+            Default::default(),
+            &|_| {},
+        )
+        .unwrap();
         let mut layers = 0;
         for shard in &manifest.shards {
             let info = node::llm::inspect_model(&dir.path().join(&shard.file))

@@ -17,6 +17,8 @@ pub enum Error {
     Safetensors { path: PathBuf, message: String },
     #[error("cannot split: {0}")]
     Split(String),
+    #[error("cannot split a '{arch}' model into stages: {reason} (`shard_loader architectures` lists what is accepted)")]
+    Unsupported { arch: String, reason: String },
     #[error("cannot map: {0}")]
     Map(String),
     #[error("{}: bad shard manifest: {message}", path.display())]

@@ -2,6 +2,7 @@
 //! manifest (`shards.json`), validation, and BitTorrent v1 metainfo. No networking: the seeder,
 //! coordinator and nodes build on this crate.
 
+pub mod arch;
 pub mod bencode;
 pub mod default_model;
 pub mod error;

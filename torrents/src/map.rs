@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::gguf::{GgufModel, Value};
 use crate::hashing::sha256_file;
 use crate::manifest::{Manifest, ShardEntry, SourceFile, SourceModel, FORMAT_VERSION};
-use crate::split::{remove_stale_shards, shard_file_name, split_model};
+use crate::split::{remove_stale_shards, shard_file_name, split_model, SplitOptions};
 
 /// What a source directory holds.
 #[derive(Debug)]
@@ -179,11 +179,19 @@ pub fn map_gguf_split(
     parts: &[PathBuf],
     n: Option<usize>,
     target: &Path,
+    options: SplitOptions,
     progress: &dyn Fn(&str),
 ) -> Result<Manifest> {
     let model = open_gguf_split(parts)?;
     let source = gguf_source(&model)?;
-    split_model(&model, n.unwrap_or(parts.len()), target, source, progress)
+    split_model(
+        &model,
+        n.unwrap_or(parts.len()),
+        target,
+        source,
+        options,
+        progress,
+    )
 }
 
 /// Map safetensors parts to `shard-K.safetensors` (K from 0, in part order), checking them

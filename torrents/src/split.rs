@@ -15,6 +15,7 @@ use std::fs::File;
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
+use crate::arch::{self, StageRules};
 use crate::error::{Error, Result};
 use crate::gguf::{align_up, copy_range, GgufModel, TensorInfo, Value};
 use crate::hashing::HashingWriter;
@@ -159,18 +160,25 @@ fn same_int_type(like: &Value, v: u64) -> Value {
     }
 }
 
-fn plan_stage(model: &GgufModel, index: usize, ranges: &[LayerRange]) -> Result<StagePlan> {
+fn plan_stage(
+    model: &GgufModel,
+    index: usize,
+    ranges: &[LayerRange],
+    rules: &StageRules,
+) -> Result<StagePlan> {
     let range = ranges[index];
     let count = ranges.len();
     let (first, last) = (index == 0, index + 1 == count);
     let middle = !first && !last;
-    let arch = model.architecture()?;
+    let arch = &rules.arch;
     let source_layers = model.block_count()?;
     let block_key = format!("{arch}.block_count");
     let vocab_key = format!("{arch}.vocab_size");
     let arch_prefix = format!("{arch}.");
+    let pattern_key = rules.pattern_key();
+    let mut pattern = rules.stage_pattern(range);
 
-    let mut kvs = Vec::with_capacity(model.kvs.len() + 5);
+    let mut kvs = Vec::with_capacity(model.kvs.len() + 7);
     let mut saw_tokenizer_model = false;
     let mut saw_vocab = false;
     for (k, v) in &model.kvs {
@@ -179,6 +187,9 @@ fn plan_stage(model: &GgufModel, index: usize, ranges: &[LayerRange]) -> Result<
         }
         if *k == block_key {
             kvs.push((k.clone(), same_int_type(v, range.len())));
+        } else if *k == pattern_key && pattern.is_some() {
+            // The whole model's pattern (a period or an array) becomes this stage's layers' flags.
+            kvs.push((k.clone(), pattern.take().expect("checked")));
         } else if middle && k.starts_with("tokenizer.") {
             if k == "tokenizer.ggml.model" {
                 saw_tokenizer_model = true;
@@ -187,9 +198,13 @@ fn plan_stage(model: &GgufModel, index: usize, ranges: &[LayerRange]) -> Result<
         } else if middle && *k == vocab_key {
             saw_vocab = true;
             kvs.push((k.clone(), same_int_type(v, 1)));
-        } else if let (true, Value::Array(ty, items)) = (k.starts_with(&arch_prefix), v) {
-            // Per-layer hyperparameters (one entry per block) follow the layers they describe.
-            if source_layers > 1 && items.len() as u64 == source_layers {
+        } else if let (Some(rest), Value::Array(ty, items)) = (k.strip_prefix(&arch_prefix), v) {
+            // Per-layer hyperparameters follow the layers they describe. Known per-layer keys
+            // were checked to have one entry per layer; for an unverified architecture any
+            // array of that length is taken to be per layer.
+            let per_layer = arch::PER_LAYER_KEYS.contains(&rest)
+                || (rules.unverified && source_layers > 1 && items.len() as u64 == source_layers);
+            if per_layer {
                 let slice = items[range.first as usize..=range.last as usize].to_vec();
                 kvs.push((k.clone(), Value::Array(*ty, slice)));
             } else {
@@ -199,11 +214,17 @@ fn plan_stage(model: &GgufModel, index: usize, ranges: &[LayerRange]) -> Result<
             kvs.push((k.clone(), v.clone()));
         }
     }
+    if let Some(p) = pattern {
+        kvs.push((pattern_key, p));
+    }
     if middle && !saw_tokenizer_model {
         kvs.push(("tokenizer.ggml.model".into(), Value::string("none")));
     }
     if middle && !saw_vocab {
         kvs.push((vocab_key, Value::U32(1)));
+    }
+    if rules.unverified {
+        kvs.push((arch::KEY_UNVERIFIED.into(), Value::Bool(true)));
     }
     kvs.push((KEY_STAGE_INDEX.into(), Value::U32(index as u32)));
     kvs.push((KEY_STAGE_COUNT.into(), Value::U32(count as u32)));
@@ -285,9 +306,18 @@ fn write_stage(
     Ok((written, sha))
 }
 
+/// Choices for [`split_model`] beyond the shard count.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SplitOptions {
+    /// Cut an architecture that [`arch::ARCHITECTURES`] does not list as verified; every stage
+    /// then carries [`arch::KEY_UNVERIFIED`]. Refused architectures stay refused.
+    pub allow_unverified: bool,
+}
+
 /// Cut `model` into `n` stage files in `target_dir` and write `shards.json`.
 ///
-/// All shards are written to temp files first and renamed into place only when every one is
+/// The architecture is checked first ([`arch::stage_rules`]): one whose stages cannot be made
+/// exact is refused before anything is written. All shards are written to temp files first and renamed into place only when every one is
 /// complete, so a failure leaves the directory as it was. Shard files of a previous, larger
 /// split listed in the old manifest are removed, so the directory holds one consistent set.
 pub fn split_model(
@@ -295,9 +325,18 @@ pub fn split_model(
     n: usize,
     target_dir: &Path,
     source: SourceModel,
+    options: SplitOptions,
     progress: &dyn Fn(&str),
 ) -> Result<Manifest> {
     let ranges = plan_stages(&layer_bytes(model)?, n)?;
+    let rules = arch::stage_rules(model, &ranges, options.allow_unverified)?;
+    if rules.unverified {
+        tracing::warn!(
+            "architecture '{}' is not verified to split exactly: its stages are marked {}",
+            rules.arch,
+            arch::KEY_UNVERIFIED
+        );
+    }
     std::fs::create_dir_all(target_dir).map_err(|e| Error::io(target_dir, e))?;
     let mut sources = model
         .files
@@ -307,7 +346,7 @@ pub fn split_model(
     let mut written = Vec::with_capacity(n);
     let mut entries = Vec::with_capacity(n);
     for (index, range) in ranges.iter().enumerate() {
-        let plan = plan_stage(model, index, &ranges)?;
+        let plan = plan_stage(model, index, &ranges, &rules)?;
         let name = shard_file_name(index, "gguf");
         let mut tmp = crate::manifest::temp_file_builder()
             .prefix(&format!(".{name}."))

@@ -35,10 +35,14 @@ pub struct Report {
     pub shards_ok: usize,
     pub split_id: Option<String>,
     pub problems: Vec<Problem>,
+    /// What does not make the set invalid but deserves a look (stages of an architecture not
+    /// verified to split exactly).
+    pub warnings: Vec<Problem>,
     pub ok: bool,
 }
 
-struct Problems(Vec<Problem>);
+#[derive(Default)]
+struct Problems(Vec<Problem>, Vec<Problem>);
 
 impl Problems {
     fn set(&mut self, message: String) {
@@ -49,6 +53,12 @@ impl Problems {
     }
     fn file(&mut self, file: &str, message: String) {
         self.0.push(Problem {
+            file: Some(file.to_owned()),
+            message,
+        });
+    }
+    fn warn(&mut self, file: &str, message: String) {
+        self.1.push(Problem {
             file: Some(file.to_owned()),
             message,
         });
@@ -65,7 +75,7 @@ pub fn validate(dir: &Path, expected: usize) -> Result<Report> {
             dir.display()
         )));
     }
-    let mut p = Problems(Vec::new());
+    let mut p = Problems::default();
     let mut found: Vec<(u32, String)> = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
         let name = entry
@@ -124,7 +134,7 @@ pub fn validate(dir: &Path, expected: usize) -> Result<Report> {
             ));
         }
         // Hash files in parallel: this is the slow part.
-        let results: Vec<Vec<Problem>> = std::thread::scope(|s| {
+        let results: Vec<Problems> = std::thread::scope(|s| {
             let handles: Vec<_> = m
                 .shards
                 .iter()
@@ -137,10 +147,11 @@ pub fn validate(dir: &Path, expected: usize) -> Result<Report> {
                 .collect()
         });
         for r in results {
-            if r.is_empty() {
+            if r.0.is_empty() {
                 shards_ok += 1;
             }
-            p.0.extend(r);
+            p.0.extend(r.0);
+            p.1.extend(r.1);
         }
         check_layer_ranges(m, &mut p);
     }
@@ -152,12 +163,13 @@ pub fn validate(dir: &Path, expected: usize) -> Result<Report> {
         shards_ok,
         split_id: manifest.map(|m| m.split_id),
         problems: p.0,
+        warnings: p.1,
         ok,
     })
 }
 
-fn check_shard(dir: &Path, index: usize, entry: &ShardEntry) -> Vec<Problem> {
-    let mut p = Problems(Vec::new());
+fn check_shard(dir: &Path, index: usize, entry: &ShardEntry) -> Problems {
+    let mut p = Problems::default();
     let name = entry.file.as_str();
     if entry.shard_id as usize != index {
         p.file(
@@ -170,7 +182,7 @@ fn check_shard(dir: &Path, index: usize, entry: &ShardEntry) -> Vec<Problem> {
             name,
             "manifest names a file that is not shard-K.gguf/.safetensors".into(),
         );
-        return p.0;
+        return p;
     };
     if k != entry.shard_id {
         p.file(
@@ -183,7 +195,7 @@ fn check_shard(dir: &Path, index: usize, entry: &ShardEntry) -> Vec<Problem> {
         Ok(m) => m.len(),
         Err(_) => {
             p.file(name, "missing".into());
-            return p.0;
+            return p;
         }
     };
     if size != entry.size {
@@ -211,7 +223,7 @@ fn check_shard(dir: &Path, index: usize, entry: &ShardEntry) -> Vec<Problem> {
         ),
         Err(e) => p.file(name, e.to_string()),
     }
-    p.0
+    p
 }
 
 fn check_stage_header(model: &GgufModel, entry: &ShardEntry, p: &mut Problems) {
@@ -226,6 +238,13 @@ fn check_stage_header(model: &GgufModel, entry: &ShardEntry, p: &mut Problems) {
                 entry.tensor_count
             ),
         );
+    }
+    let findings = crate::arch::check_stage(model);
+    for message in findings.problems {
+        p.file(name, message);
+    }
+    for message in findings.warnings {
+        p.warn(name, message);
     }
     let Some(layers) = entry.layers else {
         p.file(

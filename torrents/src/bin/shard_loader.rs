@@ -11,7 +11,7 @@ use torrents::gguf::GgufModel;
 use torrents::manifest::Manifest;
 use torrents::map::{find_split_set, gguf_source, map_gguf_split, map_safetensors, SplitSet};
 use torrents::metainfo::{self, CreateOptions, Metainfo};
-use torrents::split::split_model;
+use torrents::split::{split_model, SplitOptions};
 use torrents::validate::validate;
 
 #[derive(Parser)]
@@ -43,6 +43,8 @@ enum Command {
         /// Directory for shard-K.gguf and shards.json (created if missing).
         #[arg(long)]
         target_dir: PathBuf,
+        #[command(flatten)]
+        exactness: Exactness,
     },
     /// Turn a set split by another tool into shard-K files: gguf-split parts
     /// (NAME-00001-of-0000N.gguf) or Hugging Face safetensors parts (model-00001-of-0000N.safetensors).
@@ -59,7 +61,12 @@ enum Command {
         /// Stage shards to cut gguf-split input into (default: as many as there are parts).
         #[arg(long)]
         shards: Option<usize>,
+        #[command(flatten)]
+        exactness: Exactness,
     },
+    /// List the model architectures split and map accept (stages verified to compute exactly
+    /// what the whole model computes) and those they refuse, with the reason.
+    Architectures,
     /// Check a shard directory: count, headers, sizes, sha256s and layer ranges. Exits 0 only
     /// when all hold; otherwise lists every problem with the file at fault.
     Validate {
@@ -80,6 +87,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Whether to cut architectures that are not verified to split exactly.
+#[derive(Args)]
+struct Exactness {
+    /// Cut an architecture that is not verified to give the whole model's output as stages
+    /// (see `shard_loader architectures`). Its stages are marked unverified; `validate` and
+    /// the node warn about them. Refused architectures stay refused.
+    #[arg(long)]
+    allow_unverified: bool,
+}
+
+impl Exactness {
+    fn options(&self) -> SplitOptions {
+        SplitOptions {
+            allow_unverified: self.allow_unverified,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -190,6 +215,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             model,
             shards,
             target_dir,
+            exactness,
         } => {
             let m = GgufModel::open(&model)?;
             eprintln!(
@@ -200,7 +226,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 target_dir.display()
             );
             let source = gguf_source(&m)?;
-            let manifest = split_model(&m, shards, &target_dir, source, &log)?;
+            let manifest = split_model(&m, shards, &target_dir, source, exactness.options(), &log)?;
             print_manifest_summary(&manifest, &target_dir);
         }
         Command::Map {
@@ -208,6 +234,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             source_dir,
             target_dir,
             shards,
+            exactness,
         } => {
             let manifest = match find_split_set(&source_dir)? {
                 SplitSet::Gguf(parts) => {
@@ -216,7 +243,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         parts.len(),
                         source_dir.display()
                     );
-                    map_gguf_split(&parts, shards, &target_dir, &log)?
+                    map_gguf_split(&parts, shards, &target_dir, exactness.options(), &log)?
                 }
                 SplitSet::Safetensors(parts) => {
                     if shards.is_some_and(|n| n != parts.len()) {
@@ -242,6 +269,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             json,
         } => {
             let report = validate(&target_dir, expected_shards)?;
+            if !json {
+                for w in &report.warnings {
+                    eprintln!(
+                        "WARNING: {}: {}",
+                        w.file.as_deref().unwrap_or("-"),
+                        w.message
+                    );
+                }
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else if report.ok {
@@ -302,6 +338,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Inspect { file, json } => inspect(&file, json)?,
+        Command::Architectures => print!("{}", torrents::arch::markdown_table()),
     }
     Ok(ExitCode::SUCCESS)
 }

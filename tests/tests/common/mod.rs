@@ -1,0 +1,62 @@
+//! A chain of stages run in one process: what the stage tests hold to the whole model.
+
+#![allow(dead_code)] // each test file uses part of it
+
+use node::stage::{argmax, Stage, StageOutput};
+
+/// What a chain of stages generated.
+pub struct Generated {
+    /// Greedy tokens, stopping before one in `eos` (if any) or at `max_tokens`.
+    pub tokens: Vec<i32>,
+    /// The last stage's logits for the prompt's last position (the first step).
+    pub first_logits: Vec<f32>,
+}
+
+/// Greedy generation through `stages` from the prompt's token ids.
+pub fn pipeline_greedy(
+    stages: &mut [Stage],
+    prompt: &[i32],
+    max_tokens: usize,
+    eos: &[i32],
+) -> Generated {
+    let mut out = Vec::new();
+    let mut first_logits = None;
+    let mut input = prompt.to_vec();
+    let mut pos = 0i32;
+    for _ in 0..max_tokens {
+        let mut state = stages[0].forward_tokens(&input, pos).unwrap();
+        for stage in stages[1..].iter_mut() {
+            let StageOutput::Hidden(h) = state else {
+                panic!("a non-final stage gave logits")
+            };
+            state = stage.forward_hidden(&h, pos).unwrap();
+        }
+        let StageOutput::Logits(logits) = state else {
+            panic!("the last stage gave hidden states")
+        };
+        let next = argmax(&logits);
+        first_logits.get_or_insert(logits);
+        pos += input.len() as i32;
+        if eos.contains(&next) {
+            break;
+        }
+        out.push(next);
+        input = vec![next];
+    }
+    Generated {
+        tokens: out,
+        first_logits: first_logits.unwrap_or_default(),
+    }
+}
+
+/// The stage files `shard-0.gguf …` in `dir`, loaded with one thread and a context of at most
+/// `max_ctx`.
+pub fn load_stages(dir: &std::path::Path, n: usize, max_ctx: u32) -> Vec<Stage> {
+    (0..n)
+        .map(|k| {
+            let file = torrents::split::shard_file_name(k, "gguf");
+            Stage::load(&dir.join(file), k + 1 == n, max_ctx, 1)
+                .unwrap_or_else(|e| panic!("stage {k} of {n}: {e}"))
+        })
+        .collect()
+}
