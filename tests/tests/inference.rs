@@ -17,7 +17,12 @@ struct Swarm {
 }
 
 fn swarm(n: usize) -> Swarm {
-    let bed = Bed::new(n, &[]);
+    swarm_serving(tests::real_shards(n), n)
+}
+
+/// A swarm of `n` nodes for the `n` shards in `seed`.
+fn swarm_serving(seed: tempfile::TempDir, n: usize) -> Swarm {
+    let bed = Bed::serving(seed, &[]);
     let c = bed.coordinator("127.0.0.1:0", &["--min-nodes", &n.to_string()]);
     let addr = c.field("http").to_owned();
     let mut procs = vec![c];
@@ -317,6 +322,42 @@ fn four_stage_swarm_matches_the_whole_model_streams_and_serves_the_openai_client
         },
     );
     check_equal_to_reference(addr, &model());
+}
+
+/// Gemma 3 270M in 5 stages, whose boundaries fall off gemma3's 6-layer window period: before
+/// stages carried their per-layer pattern, this swarm served other text than the whole model.
+/// A short prompt (the case that was wrong) and one longer than the 512-token window.
+#[test]
+fn five_stage_gemma3_swarm_gives_the_whole_models_text() {
+    let _one = swarm_lock();
+    let model = tests::gemma3_model();
+    let s = swarm_serving(tests::shards_of(&model, 5), 5);
+    let long = format!(
+        "{}Summary in one sentence:",
+        "Every node of the swarm holds a few layers of the model and passes its hidden states on. "
+            .repeat(36)
+    );
+    for (prompt, max_tokens) in [("The three primary colors are", 24), (long.as_str(), 16)] {
+        let reference = node::llm::reference_completion(&model, prompt, max_tokens, 1).unwrap();
+        assert!(!reference.token_ids.is_empty());
+        let (status, body) = post(
+            &s.coordinator,
+            "/v1/completions",
+            json!({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0}),
+        );
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["usage"]["prompt_tokens"], reference.prompt_ids.len());
+        assert_eq!(
+            body["choices"][0]["text"],
+            reference.text.as_str(),
+            "{} prompt tokens",
+            reference.prompt_ids.len()
+        );
+    }
+    assert!(
+        node::llm::tokenize(&model, &long).unwrap().len() > 512,
+        "the long prompt must exceed the window"
+    );
 }
 
 #[test]
