@@ -62,7 +62,7 @@ impl WindowPeriod {
             return true;
         }
         if self.dense_first {
-            il % n != 0
+            !il.is_multiple_of(n)
         } else {
             il % n < n - 1
         }
