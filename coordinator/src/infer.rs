@@ -8,16 +8,13 @@
 //! (a queue): every stage has one KV cache, for the current session.
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 
 use anyhow::{bail, Context};
-use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::{LlamaChatMessage, LlamaModel};
 use llama_cpp_2::token::LlamaToken;
-use protocol::data::io::{read_frame, write_frame};
+use protocol::data::io::Connection;
 use protocol::data::{Frame, Hello, Payload, Sampling};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use crate::swarm::{RouteHop, ShardSpec};
@@ -27,18 +24,6 @@ pub struct Vocab {
     model: LlamaModel,
     /// The model id in the OpenAI API.
     pub model_id: String,
-}
-
-fn backend() -> anyhow::Result<&'static LlamaBackend> {
-    static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
-    BACKEND
-        .get_or_init(|| {
-            let mut b = LlamaBackend::init().map_err(|e| e.to_string())?;
-            b.void_logs();
-            Ok(b)
-        })
-        .as_ref()
-        .map_err(|e| anyhow::anyhow!("llama.cpp backend: {e}"))
 }
 
 impl Vocab {
@@ -74,7 +59,7 @@ impl Vocab {
     /// Load the vocabulary of a GGUF file.
     pub fn load(path: &Path, model_id: String) -> anyhow::Result<Vocab> {
         let params = LlamaModelParams::default().with_vocab_only(true);
-        let model = LlamaModel::load_from_file(backend()?, path, &params)
+        let model = LlamaModel::load_from_file(llm::backend()?, path, &params)
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         Ok(Vocab { model, model_id })
     }
@@ -158,29 +143,22 @@ async fn connect(
     route: &[RouteHop],
     model_sha256: &str,
     split_id: &str,
-) -> anyhow::Result<TcpStream> {
+) -> anyhow::Result<Connection> {
     let first = route.first().context("empty route")?;
-    let mut s = TcpStream::connect(&first.data_addr)
-        .await
-        .with_context(|| format!("stage 0 at {}", first.data_addr))?;
-    let _ = s.set_nodelay(true);
     let hello = Hello {
         model_sha256: model_sha256.into(),
         split_id: split_id.into(),
         stage: 0,
     };
-    write_frame(&mut s, &Frame::Hello(hello)).await?;
-    match read_frame(&mut s).await? {
-        Some(Frame::Ready) => Ok(s),
-        other => bail!("stage 0 refused the connection: {other:?}"),
-    }
+    Connection::open(&first.data_addr, hello)
+        .await
+        .context("stage 0")
 }
 
-async fn exchange(s: &mut TcpStream, frame: &Frame) -> anyhow::Result<Frame> {
-    write_frame(s, frame).await?;
-    read_frame(s)
-        .await?
-        .context("the pipeline closed the connection")
+/// Send a frame into the pipeline and take its answer.
+async fn call(conn: &mut Connection, frame: &Frame) -> anyhow::Result<Frame> {
+    conn.send(frame).await?;
+    Ok(conn.receive().await?)
 }
 
 /// Why an attempt ended without a completion.
@@ -208,13 +186,13 @@ pub async fn attempt(
     let session = random_u64();
     let result = run(vocab, &mut conn, session, req, sent, events).await;
     // Free the session on every stage, whatever happened.
-    let _ = exchange(&mut conn, &Frame::End { session }).await;
+    let _ = call(&mut conn, &Frame::End { session }).await;
     result
 }
 
 async fn run(
     vocab: &Vocab,
-    conn: &mut TcpStream,
+    conn: &mut Connection,
     session: u64,
     req: &Request,
     sent: &mut String,
@@ -236,7 +214,7 @@ async fn run(
             sampling: req.sampling,
             payload: input,
         };
-        let token = match exchange(conn, &frame).await.map_err(pipeline)? {
+        let token = match call(conn, &frame).await.map_err(pipeline)? {
             Frame::Token { token, .. } => token,
             Frame::Error(e) => return Err(pipeline(anyhow::anyhow!("the pipeline failed: {e}"))),
             other => return Err(pipeline(anyhow::anyhow!("unexpected answer {other:?}"))),

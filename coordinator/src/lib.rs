@@ -7,6 +7,7 @@
 //! non-blocking bookkeeping of one event; the messages an event produces are sent after the
 //! lock is released.
 
+pub mod hub;
 pub mod infer;
 pub mod openai;
 pub mod seeder_client;
@@ -58,7 +59,23 @@ pub struct Config {
     pub cache_dir: Option<std::path::PathBuf>,
 }
 
+/// The flags' defaults, with the seeder on this machine's default port.
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            listen: SocketAddr::from(([0, 0, 0, 0], 51830)),
+            seeder: "http://127.0.0.1:51821".into(),
+            min_nodes: 4,
+            token: None,
+            heartbeat_interval: 2,
+            heartbeat_timeout: 10,
+            cache_dir: None,
+        }
+    }
+}
+
 impl Config {
+    /// Refuse settings that cannot work, naming the flag.
     pub fn check(&self) -> anyhow::Result<()> {
         if self.min_nodes == 0 {
             anyhow::bail!("--min-nodes must be at least 1");

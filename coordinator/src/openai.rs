@@ -15,8 +15,8 @@ use protocol::data::Sampling;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
+use crate::hub::Hub;
 use crate::infer::{attempt, AttemptError, Event, Request};
-use crate::server::Hub;
 use crate::swarm::RouteHop;
 
 /// An API error in OpenAI's shape: `{"error": {"message", "type", "code"}}`.
@@ -380,15 +380,13 @@ async fn run_with_failover(
             Err(AttemptError::Pipeline(e)) => {
                 tracing::warn!("attempt {attempt_no}: {e:#}; waiting for a new route");
                 // Wait (bounded) for the coordinator to drop the failed node and re-route.
-                let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-                let next = loop {
-                    let current = hub.swarm.lock().unwrap().serving_route();
-                    match current {
-                        Some(r) if r != route => break Some(r),
-                        _ if tokio::time::Instant::now() > deadline => break None,
-                        _ => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
-                    }
-                };
+                let mut routes = hub.routes();
+                let changed = routes.wait_for(|r| r.as_ref().is_some_and(|r| *r != route));
+                let next =
+                    match tokio::time::timeout(std::time::Duration::from_secs(30), changed).await {
+                        Ok(Ok(r)) => r.clone(),
+                        _ => None,
+                    };
                 match next {
                     Some(r) => route = r,
                     None => {

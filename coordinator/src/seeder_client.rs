@@ -4,6 +4,9 @@
 use std::time::Duration;
 
 use anyhow::Context;
+use protocol::seeder::{FileList, Health};
+use serde::de::DeserializeOwned;
+use torrents::manifest::Manifest;
 
 use crate::swarm::ShardSpec;
 
@@ -25,8 +28,8 @@ fn client() -> reqwest::Client {
         .expect("HTTP client")
 }
 
-/// GET a JSON document from the seeder.
-pub async fn get_json(seeder: &str, path: &str) -> anyhow::Result<serde_json::Value> {
+/// GET a JSON document of type `T` from the seeder.
+pub async fn get_json<T: DeserializeOwned>(seeder: &str, path: &str) -> anyhow::Result<T> {
     let url = format!("{}{path}", seeder.trim_end_matches('/'));
     let resp = client()
         .get(&url)
@@ -41,63 +44,49 @@ pub async fn get_json(seeder: &str, path: &str) -> anyhow::Result<serde_json::Va
     if !status.is_success() {
         anyhow::bail!("GET {url}: {status}: {}", body["error"]["message"]);
     }
-    Ok(body)
+    serde_json::from_value(body).with_context(|| format!("GET {url}: unexpected document"))
 }
 
 /// Read the split from the seeder's `/manifest` and `/files`.
 pub async fn fetch_split(seeder: &str) -> anyhow::Result<SplitInfo> {
-    let manifest = get_json(seeder, "/manifest").await?;
-    let files = get_json(seeder, "/files").await?;
-    let health = get_json(seeder, "/healthz").await.ok();
+    let manifest: Manifest = get_json(seeder, "/manifest").await?;
+    let files: FileList = get_json(seeder, "/files").await?;
+    let health: Option<Health> = get_json(seeder, "/healthz").await.ok();
     let mut shards = Vec::new();
-    for (k, s) in manifest["shards"]
-        .as_array()
-        .context("manifest has no shards")?
-        .iter()
-        .enumerate()
-    {
-        let file = s["file"].as_str().context("shard without file")?;
-        let listed = files["files"]
-            .as_array()
-            .and_then(|fs| fs.iter().find(|f| f["name"] == file))
-            .with_context(|| format!("the seeder does not serve {file}"))?;
-        if listed["sha256"] != s["sha256"] {
-            anyhow::bail!("the seeder's {file} does not match its manifest (sha256 differs)");
+    for (k, s) in manifest.shards.iter().enumerate() {
+        let listed = files
+            .files
+            .iter()
+            .find(|f| f.name == s.file)
+            .with_context(|| format!("the seeder does not serve {}", s.file))?;
+        if listed.sha256 != s.sha256 {
+            anyhow::bail!(
+                "the seeder's {} does not match its manifest (sha256 differs)",
+                s.file
+            );
         }
-        let text = |v: &serde_json::Value, what: &str| {
-            v.as_str()
-                .map(str::to_owned)
-                .with_context(|| format!("{file}: no {what}"))
-        };
         shards.push(ShardSpec {
             shard_id: k as u32,
-            file: file.to_owned(),
-            size: s["size"].as_u64().context("shard without size")?,
-            sha256: text(&s["sha256"], "sha256")?,
-            info_hash: text(&listed["info_hash"], "info_hash")?,
-            magnet: text(&listed["magnet"], "magnet")?,
-            torrent_url: text(&listed["torrent_url"], "torrent_url")?,
+            file: s.file.clone(),
+            size: s.size,
+            sha256: s.sha256.clone(),
+            info_hash: listed.info_hash.clone(),
+            magnet: listed.magnet.clone(),
+            torrent_url: listed.torrent_url.clone(),
         });
     }
     if shards.is_empty() {
         anyhow::bail!("the seeder's manifest lists no shards");
     }
-    let split_id = manifest["split_id"]
-        .as_str()
-        .context("manifest without split_id")?
-        .to_owned();
     Ok(SplitInfo {
-        model_name: manifest["source"]["name"]
-            .as_str()
-            .unwrap_or("model")
-            .to_owned(),
-        model_sha256: manifest["source"]["sha256"]
-            .as_str()
-            .unwrap_or(&split_id)
-            .to_owned(),
-        split_id,
+        model_name: manifest.source.name,
+        model_sha256: manifest
+            .source
+            .sha256
+            .unwrap_or_else(|| manifest.split_id.clone()),
+        split_id: manifest.split_id,
         shards,
-        seeder_peer: health.and_then(|h| h["peer"].as_str().map(str::to_owned)),
+        seeder_peer: health.map(|h| h.peer),
     })
 }
 

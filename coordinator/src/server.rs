@@ -2,10 +2,8 @@
 //! heartbeat sweeper. Each connection has a task reading frames and an outbound channel;
 //! [`Hub::dispatch`] routes what the swarm rules produce to those channels.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
@@ -14,44 +12,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use futures::{SinkExt, StreamExt};
-use protocol::{
-    cmd, code, Command, RegisterParams, ShardFailedParams, ShardLoadedParams, ShardProgressParams,
-    COORDINATOR,
-};
+use protocol::{code, Control, COORDINATOR};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::swarm::{Outbox, Swarm};
+use crate::hub::Hub;
+use crate::swarm::{Outbox, Refusal, Swarm, SwarmSettings};
 use crate::Config;
-
-/// Shared state: the swarm and the connections.
-pub struct Hub {
-    pub swarm: Mutex<Swarm>,
-    /// node id → (connection id, outbound channel).
-    conns: Mutex<HashMap<String, (u64, mpsc::UnboundedSender<Command>)>>,
-    next_conn: AtomicU64,
-    seeder: String,
-    /// The model's vocabulary (from shard 0), for the OpenAI API.
-    pub vocab: Option<Arc<crate::infer::Vocab>>,
-    /// Held by the request running through the pipeline: the others queue.
-    pub pipeline: tokio::sync::Mutex<()>,
-}
-
-impl Hub {
-    /// Send each message to its node, or to every registered node for a broadcast.
-    pub fn dispatch(&self, out: Outbox) {
-        let conns = self.conns.lock().unwrap();
-        for (to, msg) in out {
-            if to == protocol::BROADCAST {
-                for (_, tx) in conns.values() {
-                    let _ = tx.send(msg.clone());
-                }
-            } else if let Some((_, tx)) = conns.get(&to) {
-                let _ = tx.send(msg);
-            }
-        }
-    }
-}
 
 /// A started coordinator.
 pub struct Running {
@@ -99,28 +66,19 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 None
             }
         };
-    let hub = Arc::new(Hub {
-        swarm: Mutex::new(Swarm {
-            shards: split.shards,
-            nodes: Default::default(),
+    let swarm = Swarm::new(
+        split.shards,
+        SwarmSettings {
             min_nodes: config.min_nodes,
-            ready: false,
             model_sha256: split.model_sha256,
             split_id: split.split_id,
             seeder_peer: split.seeder_peer,
             token: config.token.clone(),
             heartbeat_interval: interval,
             heartbeat_timeout: timeout,
-            route: None,
-            route_loaded: Default::default(),
-            settle_until: std::time::Instant::now() + timeout,
-        }),
-        conns: Mutex::default(),
-        next_conn: AtomicU64::new(1),
-        seeder: config.seeder.clone(),
-        vocab,
-        pipeline: tokio::sync::Mutex::new(()),
-    });
+        },
+    );
+    let hub = Arc::new(Hub::new(swarm, config.seeder.clone(), vocab));
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("binding {}: {e}", config.listen))?;
@@ -171,11 +129,8 @@ async fn sweep_heartbeats(hub: Arc<Hub>, cancel: CancellationToken) {
             _ = tick.tick() => {}
         }
         let (out, dead) = hub.swarm.lock().unwrap().expire(std::time::Instant::now());
-        if !dead.is_empty() {
-            let mut conns = hub.conns.lock().unwrap();
-            for id in dead {
-                conns.remove(&id); // dropping the sender ends that connection's writer
-            }
+        for id in dead {
+            hub.disconnect(&id); // dropping the sender ends that connection's writer
         }
         hub.dispatch(out);
     }
@@ -199,9 +154,9 @@ async fn control(
 
 /// One node connection: frames in, commands out, until either side closes.
 async fn connection(socket: WebSocket, hub: Arc<Hub>, remote: SocketAddr, bearer: Option<String>) {
-    let conn = hub.next_conn.fetch_add(1, Ordering::Relaxed);
+    let conn = hub.next_connection_id();
     let (mut sink, mut stream) = socket.split();
-    let (tx, mut rx) = mpsc::unbounded_channel::<Command>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Control>();
     let writer = tokio::spawn(async move {
         while let Some(msg) = rx.recv().await {
             if sink.send(Message::Text(msg.encode().into())).await.is_err() {
@@ -221,7 +176,7 @@ async fn connection(socket: WebSocket, hub: Arc<Hub>, remote: SocketAddr, bearer
         let text = match frame {
             Ok(Message::Text(t)) => t.to_string(),
             Ok(Message::Binary(_)) => {
-                let _ = tx.send(Command::error(
+                let _ = tx.send(Control::error(
                     "",
                     COORDINATOR,
                     "",
@@ -233,16 +188,10 @@ async fn connection(socket: WebSocket, hub: Arc<Hub>, remote: SocketAddr, bearer
             Ok(Message::Close(_)) | Err(_) => break,
             Ok(_) => continue,
         };
-        let req = match Command::decode(&text) {
+        let req = match Control::decode(&text) {
             Ok(c) => c,
             Err(e) => {
-                let _ = tx.send(Command::error(
-                    "",
-                    COORDINATOR,
-                    node.as_deref().unwrap_or(""),
-                    code::BAD_JSON,
-                    &e.to_string(),
-                ));
+                let _ = tx.send(undecodable(&e, node.as_deref()));
                 continue;
             }
         };
@@ -263,18 +212,29 @@ async fn connection(socket: WebSocket, hub: Arc<Hub>, remote: SocketAddr, bearer
         }
     }
     if let Some(id) = node {
-        let out = {
-            let mut conns = hub.conns.lock().unwrap();
-            if conns.get(&id).is_some_and(|(c, _)| *c == conn) {
-                conns.remove(&id);
-            }
-            drop(conns);
-            hub.swarm.lock().unwrap().disconnected(&id, conn)
-        };
+        hub.closed(&id, conn);
+        let out = hub.swarm.lock().unwrap().disconnected(&id, conn);
         hub.dispatch(out);
     }
     drop(tx);
     let _ = writer.await;
+}
+
+/// The `ERROR` answering a frame that is not a usable command. Before REGISTER, anything but
+/// REGISTER is answered `not_registered`, whatever else is wrong with it.
+fn undecodable(e: &protocol::DecodeError, node: Option<&str>) -> Control {
+    let (request_id, from) = e.request().unwrap_or(("", ""));
+    let to = node.unwrap_or(from);
+    match e.command() {
+        Some(c) if node.is_none() && c != protocol::cmd::REGISTER => Control::error(
+            request_id,
+            COORDINATOR,
+            to,
+            code::NOT_REGISTERED,
+            "send REGISTER first",
+        ),
+        _ => Control::error(request_id, COORDINATOR, to, e.code(), &e.to_string()),
+    }
 }
 
 /// Close the connection (after a refused registration).
@@ -283,16 +243,24 @@ struct Close;
 /// Handle one command. Returns the node id when this command registered the connection.
 async fn handle(
     hub: &Hub,
-    req: &Command,
+    req: &Control,
     node: Option<&str>,
     ip: std::net::IpAddr,
     conn: u64,
     bearer: Option<&str>,
-    tx: &mpsc::UnboundedSender<Command>,
+    tx: &mpsc::UnboundedSender<Control>,
 ) -> Result<Option<String>, Close> {
     let from = node.unwrap_or(&req.from);
+    let reply = |message: protocol::Message| {
+        let _ = tx.send(Control::reply_to(
+            &req.request_id,
+            COORDINATOR,
+            from,
+            message,
+        ));
+    };
     let reply_error = |code: &str, message: &str| {
-        let _ = tx.send(Command::error(
+        let _ = tx.send(Control::error(
             &req.request_id,
             COORDINATOR,
             from,
@@ -300,36 +268,26 @@ async fn handle(
             message,
         ));
     };
-    if req.command == cmd::REGISTER {
-        let p: RegisterParams = match req.params() {
-            Ok(p) => p,
-            Err(e) => {
-                reply_error(code::BAD_PARAMS, &e.to_string());
-                return Ok(None);
-            }
-        };
+    if let protocol::Message::Register(p) = &req.message {
         let result = hub
             .swarm
             .lock()
             .unwrap()
-            .register(req, &p, ip, conn, bearer);
+            .register(&req.request_id, p, ip, conn, bearer);
         return match result {
             Ok(out) => {
                 // The reply goes out first, on this connection, then the placements.
-                let (mine, rest): (Outbox, Outbox) = out
-                    .into_iter()
-                    .partition(|(to, c)| to == &p.node_id && c.command == cmd::REGISTERED);
+                let (mine, rest): (Outbox, Outbox) = out.into_iter().partition(|(to, c)| {
+                    to == &p.node_id && matches!(c.message, protocol::Message::Registered(_))
+                });
                 for (_, c) in mine {
                     let _ = tx.send(c);
                 }
-                hub.conns
-                    .lock()
-                    .unwrap()
-                    .insert(p.node_id.clone(), (conn, tx.clone()));
+                hub.connected(&p.node_id, conn, tx.clone());
                 hub.dispatch(rest);
-                Ok(Some(p.node_id))
+                Ok(Some(p.node_id.clone()))
             }
-            Err((code, message)) => {
+            Err(Refusal(code, message)) => {
                 tracing::warn!("refused registration of {} from {ip}: {message}", p.node_id);
                 reply_error(code, &message);
                 if code == code::UNAUTHORIZED || code == code::FOREIGN_SHARDS {
@@ -345,61 +303,31 @@ async fn handle(
         return Ok(None);
     };
     hub.swarm.lock().unwrap().seen(node);
-    macro_rules! params {
-        ($t:ty) => {
-            match req.params::<$t>() {
-                Ok(p) => p,
-                Err(e) => {
-                    reply_error(code::BAD_PARAMS, &e.to_string());
-                    return Ok(None);
-                }
-            }
-        };
-    }
-    let out = match req.command.as_str() {
-        cmd::HEARTBEAT => {
-            let _ = tx.send(Command::reply_to(
-                &req.request_id,
-                cmd::HEARTBEAT,
-                COORDINATOR,
-                node,
-                serde_json::json!({}),
-            ));
+    use protocol::Message as M;
+    let out = match &req.message {
+        M::Heartbeat(_) => {
+            reply(M::Heartbeat(protocol::Empty {}));
             Vec::new()
         }
-        cmd::ROUTE => {
+        M::Route(_) => {
             hub.swarm.lock().unwrap().route_acked(node);
             Vec::new()
         }
-        cmd::SHARD_PROGRESS => {
-            let p = params!(ShardProgressParams);
-            hub.swarm.lock().unwrap().progress(node, &p)
-        }
-        cmd::SHARD_LOADED => {
-            let p = params!(ShardLoadedParams);
-            hub.swarm.lock().unwrap().loaded(node, &p)
-        }
-        cmd::SHARD_FAILED => {
-            let p = params!(ShardFailedParams);
-            hub.swarm.lock().unwrap().failed(node, &p)
-        }
-        cmd::LIST_FILES => {
+        M::ShardProgress(p) => hub.swarm.lock().unwrap().progress(node, p),
+        M::ShardLoaded(p) => hub.swarm.lock().unwrap().loaded(node, p),
+        M::ShardFailed(p) => hub.swarm.lock().unwrap().failed(node, p),
+        M::ListFiles(_) => {
             match crate::seeder_client::get_json(&hub.seeder, "/files").await {
-                Ok(files) => {
-                    let _ = tx.send(Command::reply_to(
-                        &req.request_id,
-                        cmd::LIST_FILES,
-                        COORDINATOR,
-                        node,
-                        files,
-                    ));
-                }
+                Ok(files) => reply(M::ListFiles(protocol::ListFiles::Reply(files))),
                 Err(e) => reply_error(code::SEEDER_UNAVAILABLE, &format!("{e:#}")),
             }
             Vec::new()
         }
         other => {
-            reply_error(code::UNKNOWN_COMMAND, &format!("unknown command {other:?}"));
+            reply_error(
+                code::UNKNOWN_COMMAND,
+                &format!("{} is not a command the coordinator takes", other.command()),
+            );
             Vec::new()
         }
     };

@@ -6,16 +6,15 @@
 //! task per shard being fetched. Fetch tasks outlive connections: their events queue in a
 //! channel and are sent once connected again.
 
-use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use futures::{SinkExt, StreamExt};
 use protocol::{
-    cmd, code, Capacity, Command, ErrorParams, HeldShard, LoadShardParams, RegisterParams,
-    RegisteredParams, UnloadShardParams, COORDINATOR, PROTOCOL_VERSION,
+    code, Capacity, Control, Empty, HeldShard, Message as M, RegisterParams, Route,
+    RouteLoadedParams, UnloadShardParams, COORDINATOR, PROTOCOL_VERSION,
 };
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -23,35 +22,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::fetch::{FetchEvent, Fetcher};
 use crate::store::DataDir;
-
-/// Node configuration (flags, or `SHARDSWARM_NODE_*` environment variables).
-#[derive(Debug, Clone, clap::Args)]
-pub struct NodeConfig {
-    /// The coordinator (http://HOST:PORT or ws://HOST:PORT/control).
-    #[arg(long, env = "SHARDSWARM_NODE_COORDINATOR")]
-    pub coordinator: Option<String>,
-    /// Where shards, the node id and resume state are kept (locked while the node runs).
-    #[arg(long, env = "SHARDSWARM_NODE_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
-    /// A name for logs and /status (default: the host name).
-    #[arg(long)]
-    pub name: Option<String>,
-    /// Shared secret of the swarm.
-    #[arg(long, env = "SHARDSWARM_TOKEN")]
-    pub token: Option<String>,
-    /// BitTorrent port other nodes fetch shards from (0: any free port).
-    #[arg(long, default_value_t = 0)]
-    pub peer_port: u16,
-    /// Address the BitTorrent port listens on.
-    #[arg(long, default_value = "0.0.0.0")]
-    pub listen_addr: IpAddr,
-    /// CPU threads this node offers for inference (llama.cpp).
-    #[arg(long)]
-    pub threads: Option<u32>,
-    /// Port of the inference data channel (0: any free port).
-    #[arg(long, default_value_t = 0)]
-    pub data_port: u16,
-}
+use crate::Config;
 
 /// What a control-channel session works with.
 struct Links<'a> {
@@ -88,7 +59,7 @@ fn control_url(coordinator: &str) -> String {
 }
 
 /// Run the node until a signal, or until the coordinator refuses it.
-pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
+pub(crate) async fn run(config: Config) -> anyhow::Result<()> {
     let coordinator = config
         .coordinator
         .clone()
@@ -183,7 +154,7 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
 
 /// One connection to the coordinator, from REGISTER until it closes.
 async fn session(
-    config: &NodeConfig,
+    config: &Config,
     name: &str,
     url: &str,
     links: &Links<'_>,
@@ -235,14 +206,9 @@ async fn session(
         },
         token: config.token.clone(),
     };
-    let send = |c: Command| Message::Text(c.encode().into());
-    sink.send(send(Command::new(
-        cmd::REGISTER,
-        &me,
-        COORDINATOR,
-        &register,
-    )))
-    .await?;
+    let send = |c: Control| Message::Text(c.encode().into());
+    sink.send(send(Control::new(&me, COORDINATOR, M::Register(register))))
+        .await?;
     let mut heartbeat = tokio::time::interval(Duration::from_secs(2));
     let mut last_heard = tokio::time::Instant::now();
     let mut registered = false;
@@ -256,22 +222,21 @@ async fn session(
                     Some(Ok(_)) => continue,
                 };
                 last_heard = tokio::time::Instant::now();
-                let msg = match Command::decode(&text) {
+                let msg = match Control::decode(&text) {
                     Ok(m) => m,
                     Err(e) => {
                         tracing::warn!("unreadable message from the coordinator: {e}");
                         continue;
                     }
                 };
-                match msg.command.as_str() {
-                    cmd::REGISTERED => {
-                        let p: RegisteredParams = msg.params()?;
+                let command = msg.message.command();
+                match msg.message {
+                    M::Registered(p) => {
                         registered = true;
                         heartbeat = tokio::time::interval(Duration::from_secs(p.heartbeat_interval_secs.max(1)));
                         tracing::info!("registered: split {} of model {}", p.split_id, p.model_sha256);
                     }
-                    cmd::LOAD_SHARD => {
-                        let p: LoadShardParams = msg.params()?;
+                    M::LoadShard(p) => {
                         tracing::info!("LOAD_SHARD {} ({}){}", p.shard_id, p.file, if p.use_tracker { "" } else { " from peers" });
                         let shard_id = p.shard_id;
                         let task = tokio::spawn(fetcher.clone().load(p, events_tx.clone()));
@@ -280,16 +245,14 @@ async fn session(
                             old.abort();
                         }
                     }
-                    cmd::UNLOAD_SHARD => {
-                        let p: UnloadShardParams = msg.params()?;
+                    M::UnloadShard(p) => {
                         if let Some(task) = tasks.remove(&p.shard_id) {
                             task.abort();
                         }
                         unload(fetcher, data, p).await;
                     }
-                    cmd::SWARM_READY | cmd::SWARM_NOT_READY => tracing::info!("{}: {}", msg.command, msg.params),
-                    cmd::ROUTE => {
-                        let p: protocol::RouteParams = msg.params()?;
+                    M::SwarmReady(p) | M::SwarmNotReady(p) => tracing::info!("{command}: {p:?}"),
+                    M::Route(Route::Assign(p)) => {
                         let pipeline = links.pipeline.clone();
                         let (events, request_id, stage) = (events_tx.clone(), msg.request_id.clone(), p.stage);
                         tokio::spawn(async move {
@@ -301,8 +264,7 @@ async fn session(
                             }
                         });
                     }
-                    cmd::ERROR => {
-                        let e: ErrorParams = msg.params()?;
+                    M::Error(e) => {
                         if !registered && [code::UNAUTHORIZED, code::FOREIGN_SHARDS, code::PROTOCOL_VERSION].contains(&e.code.as_str()) {
                             return Err(Refused::Registration { code: e.code, message: e.message }.into());
                         }
@@ -313,12 +275,15 @@ async fn session(
             }
             Some(event) = events_rx.recv(), if registered => {
                 let c = match event {
-                    FetchEvent::Routed(request_id, stage) => {
-                        Command::reply_to(&request_id, cmd::ROUTE, &me, COORDINATOR, serde_json::json!({"stage": stage, "loaded": true}))
-                    }
-                    FetchEvent::Progress(p) => Command::new(cmd::SHARD_PROGRESS, &me, COORDINATOR, p),
-                    FetchEvent::Loaded(p) => Command::new(cmd::SHARD_LOADED, &me, COORDINATOR, p),
-                    FetchEvent::Failed(p) => Command::new(cmd::SHARD_FAILED, &me, COORDINATOR, p),
+                    FetchEvent::Routed(request_id, stage) => Control::reply_to(
+                        &request_id,
+                        &me,
+                        COORDINATOR,
+                        M::Route(Route::Loaded(RouteLoadedParams { stage, loaded: true })),
+                    ),
+                    FetchEvent::Progress(p) => Control::new(&me, COORDINATOR, M::ShardProgress(p)),
+                    FetchEvent::Loaded(p) => Control::new(&me, COORDINATOR, M::ShardLoaded(p)),
+                    FetchEvent::Failed(p) => Control::new(&me, COORDINATOR, M::ShardFailed(p)),
                 };
                 sink.send(send(c)).await?;
             }
@@ -327,7 +292,7 @@ async fn session(
                     bail!("nothing heard from the coordinator for 30 s");
                 }
                 if registered {
-                    sink.send(send(Command::new(cmd::HEARTBEAT, &me, COORDINATOR, serde_json::json!({})))).await?;
+                    sink.send(send(Control::new(&me, COORDINATOR, M::Heartbeat(Empty {})))).await?;
                 }
             }
         }

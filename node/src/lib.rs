@@ -1,10 +1,60 @@
 //! Swarm node: registers with the coordinator, fetches its shards with an embedded librqbit
-//! client (from the seeder and from other nodes), verifies them, keeps seeding them, opens
-//! them with llama.cpp (llm), and runs them as pipeline stages (stage).
+//! client (from the seeder and from other nodes), verifies them, keeps seeding them, and runs
+//! them as pipeline stages (llama.cpp through the `llm` crate).
 
 pub mod agent;
 pub mod fetch;
-pub mod llm;
 pub mod serve;
-pub mod stage;
 pub mod store;
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+/// Node configuration (flags, or `SHARDSWARM_NODE_*` environment variables).
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    /// The coordinator (http://HOST:PORT or ws://HOST:PORT/control).
+    #[arg(long, env = "SHARDSWARM_NODE_COORDINATOR")]
+    pub coordinator: Option<String>,
+    /// Where shards, the node id and resume state are kept (locked while the node runs).
+    #[arg(long, env = "SHARDSWARM_NODE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// A name for logs and /status (default: the host name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Shared secret of the swarm.
+    #[arg(long, env = "SHARDSWARM_TOKEN")]
+    pub token: Option<String>,
+    /// BitTorrent port other nodes fetch shards from (0: any free port).
+    #[arg(long, default_value_t = 0)]
+    pub peer_port: u16,
+    /// Address the BitTorrent port listens on.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub listen_addr: IpAddr,
+    /// CPU threads this node offers for inference (llama.cpp).
+    #[arg(long)]
+    pub threads: Option<u32>,
+    /// Port of the inference data channel (0: any free port).
+    #[arg(long, default_value_t = 0)]
+    pub data_port: u16,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            coordinator: None,
+            data_dir: None,
+            name: None,
+            token: None,
+            peer_port: 0,
+            listen_addr: IpAddr::from([0, 0, 0, 0]),
+            threads: None,
+            data_port: 0,
+        }
+    }
+}
+
+/// Run the node until SIGINT/SIGTERM, or until the coordinator refuses it.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    agent::run(config).await
+}

@@ -18,7 +18,7 @@ away.",
 )]
 struct Cli {
     #[command(flatten)]
-    node: node::agent::NodeConfig,
+    node: node::Config,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -63,7 +63,7 @@ enum Command {
 }
 
 fn model_info(model: PathBuf, json: bool) -> Result<()> {
-    let info = node::llm::inspect_model(&model)?;
+    let info = llm::inspect_model(&model)?;
     // A stage file: say what a node would say of it (refused, or unverified).
     let header = torrents::gguf::GgufModel::open(&model)?;
     if header.get(torrents::split::KEY_STAGE_INDEX).is_some() {
@@ -95,7 +95,7 @@ fn reference(
     sampling: protocol::data::Sampling,
     json: bool,
 ) -> Result<()> {
-    let c = node::llm::reference_completion_with(model, prompt, max_tokens, threads, sampling)?;
+    let c = llm::reference_completion_with(model, prompt, max_tokens, threads, sampling)?;
     if json {
         println!("{}", serde_json::to_string(&c)?);
     } else {
@@ -132,7 +132,7 @@ fn main() -> std::process::ExitCode {
             .enable_all()
             .build()
             .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(node::agent::run(cli.node))),
+            .and_then(|rt| rt.block_on(node::run(cli.node))),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -13,21 +13,20 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use protocol::data::io::{read_frame, write_frame};
+use llm::sample::sample;
+use llm::stage::{Stage, StageOutput};
+use protocol::data::io::Connection;
+use protocol::data::MAX_CONTEXT;
 use protocol::data::{Frame, Hello, Payload, Sampling};
 use protocol::RouteParams;
 use tokio::net::{TcpListener, TcpStream};
-
-use crate::stage::{argmax, Stage, StageOutput};
-
-use protocol::data::MAX_CONTEXT;
 
 /// The loaded stage and what it is doing.
 struct Loaded {
     route: RouteParams,
     stage: Arc<Mutex<Stage>>,
     session: Option<u64>,
-    next: Option<TcpStream>,
+    next: Option<Connection>,
 }
 
 /// This node's part of the inference pipeline.
@@ -89,47 +88,57 @@ pub async fn serve(listener: TcpListener, pipeline: Arc<Pipeline>) {
         let Ok((stream, peer)) = listener.accept().await else {
             continue;
         };
-        let _ = stream.set_nodelay(true);
         tokio::spawn(connection(stream, peer, pipeline.clone()));
     }
 }
 
-async fn connection(mut stream: TcpStream, peer: SocketAddr, pipeline: Arc<Pipeline>) {
-    if let Err(e) = handle(&mut stream, &pipeline).await {
+async fn connection(stream: TcpStream, peer: SocketAddr, pipeline: Arc<Pipeline>) {
+    let route = pipeline
+        .loaded
+        .lock()
+        .await
+        .as_ref()
+        .map(|l| l.route.clone());
+    let admitted = Connection::accept(stream, |hello| admit(route.as_ref(), hello)).await;
+    let mut conn = match admitted {
+        Ok((conn, _)) => conn,
+        Err(e) => {
+            tracing::debug!("data connection from {peer}: {e}");
+            return;
+        }
+    };
+    if let Err(e) = handle(&mut conn, &pipeline).await {
         tracing::debug!("data connection from {peer}: {e:#}");
-        let _ = write_frame(&mut stream, &Frame::Error(format!("{e:#}"))).await;
+        let _ = conn.send(&Frame::Error(format!("{e:#}"))).await;
     }
 }
 
-async fn handle(stream: &mut TcpStream, pipeline: &Pipeline) -> anyhow::Result<()> {
-    let Some(Frame::Hello(hello)) = read_frame(stream).await? else {
-        anyhow::bail!("a data connection starts with Hello");
+/// A caller may talk to this node only about the stage, split and model it runs.
+fn admit(route: Option<&RouteParams>, hello: &Hello) -> Result<(), String> {
+    let Some(route) = route else {
+        return Err("this node has no route yet".into());
     };
+    let ours = (
+        route.model_sha256.as_str(),
+        route.split_id.as_str(),
+        route.stage,
+    );
+    if (
+        hello.model_sha256.as_str(),
+        hello.split_id.as_str(),
+        hello.stage,
+    ) != ours
     {
-        let loaded = pipeline.loaded.lock().await;
-        let Some(l) = loaded.as_ref() else {
-            anyhow::bail!("this node has no route yet")
-        };
-        if (
-            hello.model_sha256.as_str(),
-            hello.split_id.as_str(),
-            hello.stage,
-        ) != (
-            l.route.model_sha256.as_str(),
-            l.route.split_id.as_str(),
-            l.route.stage,
-        ) {
-            anyhow::bail!(
-                "refused: this node runs stage {} of split {}, not stage {} of split {}",
-                l.route.stage,
-                l.route.split_id,
-                hello.stage,
-                hello.split_id
-            );
-        }
+        return Err(format!(
+            "refused: this node runs stage {} of split {}, not stage {} of split {}",
+            route.stage, route.split_id, hello.stage, hello.split_id
+        ));
     }
-    write_frame(stream, &Frame::Ready).await?;
-    while let Some(frame) = read_frame(stream).await? {
+    Ok(())
+}
+
+async fn handle(conn: &mut Connection, pipeline: &Pipeline) -> anyhow::Result<()> {
+    while let Some(frame) = conn.receive_or_end().await? {
         let reply = match frame {
             Frame::Forward {
                 session,
@@ -146,7 +155,7 @@ async fn handle(stream: &mut TcpStream, pipeline: &Pipeline) -> anyhow::Result<(
             },
             other => Frame::Error(format!("unexpected frame {other:?}")),
         };
-        write_frame(stream, &reply).await?;
+        conn.send(&reply).await?;
     }
     Ok(())
 }
@@ -192,7 +201,7 @@ async fn forward(
                 sampling,
                 payload: Payload::Hidden { n_embd, data },
             };
-            match exchange(next, &request).await {
+            match downstream(next, &request).await {
                 Ok(Frame::Token { token, .. }) => Ok(token),
                 Ok(Frame::Error(e)) => anyhow::bail!("stage {}: {e}", l.route.stage + 1),
                 Ok(other) => anyhow::bail!("stage {} answered {other:?}", l.route.stage + 1),
@@ -217,7 +226,7 @@ async fn end(pipeline: &Pipeline, session: u64) -> anyhow::Result<()> {
     }
     if l.route.next.is_some() {
         let next = next_hop(l).await?;
-        if let Err(e) = exchange(next, &Frame::End { session }).await {
+        if let Err(e) = downstream(next, &Frame::End { session }).await {
             l.next = None;
             return Err(e);
         }
@@ -226,118 +235,28 @@ async fn end(pipeline: &Pipeline, session: u64) -> anyhow::Result<()> {
 }
 
 /// The connection to the next stage, opened (and greeted) on first use.
-async fn next_hop(l: &mut Loaded) -> anyhow::Result<&mut TcpStream> {
+async fn next_hop(l: &mut Loaded) -> anyhow::Result<&mut Connection> {
     if l.next.is_none() {
         let addr = l
             .route
             .next
             .clone()
             .ok_or_else(|| anyhow::anyhow!("no next stage in the route"))?;
-        let mut s = TcpStream::connect(&addr).await.map_err(|e| {
-            anyhow::anyhow!("connecting to stage {} at {addr}: {e}", l.route.stage + 1)
-        })?;
-        let _ = s.set_nodelay(true);
         let hello = Hello {
             model_sha256: l.route.model_sha256.clone(),
             split_id: l.route.split_id.clone(),
             stage: l.route.stage + 1,
         };
-        match exchange(&mut s, &Frame::Hello(hello)).await? {
-            Frame::Ready => {}
-            other => anyhow::bail!("stage {} at {addr} refused: {other:?}", l.route.stage + 1),
-        }
-        l.next = Some(s);
+        let conn = Connection::open(&addr, hello)
+            .await
+            .map_err(|e| anyhow::anyhow!("stage {}: {e}", l.route.stage + 1))?;
+        l.next = Some(conn);
     }
     Ok(l.next.as_mut().expect("just set"))
 }
 
-/// Send a frame and read the answer.
-pub async fn exchange(stream: &mut TcpStream, frame: &Frame) -> anyhow::Result<Frame> {
-    write_frame(stream, frame).await?;
-    read_frame(stream)
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("the connection closed"))
-}
-
-/// Pick the next token: greedy at temperature 0, else temperature and nucleus (top-p) sampling
-/// with a generator seeded by the request's seed and the position, so a seed repeats.
-pub fn sample(logits: &[f32], s: Sampling, pos: u32) -> i32 {
-    if s.temperature <= 0.0 {
-        return argmax(logits);
-    }
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut probs: Vec<(usize, f64)> = logits
-        .iter()
-        .enumerate()
-        .map(|(i, l)| (i, (((l - max) / s.temperature) as f64).exp()))
-        .collect();
-    probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    let total: f64 = probs.iter().map(|p| p.1).sum();
-    let top_p = if s.top_p > 0.0 && s.top_p < 1.0 {
-        f64::from(s.top_p)
-    } else {
-        1.0
-    };
-    let mut kept = 0.0;
-    let mut cut = probs.len();
-    for (i, p) in probs.iter().enumerate() {
-        kept += p.1 / total;
-        if kept >= top_p {
-            cut = i + 1;
-            break;
-        }
-    }
-    probs.truncate(cut);
-    let mass: f64 = probs.iter().map(|p| p.1).sum();
-    let mut x = splitmix64(s.seed ^ (u64::from(pos) << 32)) as f64 / u64::MAX as f64 * mass;
-    for (i, p) in &probs {
-        x -= p;
-        if x <= 0.0 {
-            return *i as i32;
-        }
-    }
-    probs.last().map_or(0, |p| p.0 as i32)
-}
-
-fn splitmix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sampling_is_greedy_at_zero_and_repeatable_with_a_seed() {
-        let logits = [0.1, 3.0, 2.9, -1.0];
-        let greedy = Sampling {
-            temperature: 0.0,
-            top_p: 1.0,
-            seed: 1,
-        };
-        assert_eq!(sample(&logits, greedy, 0), 1);
-        let hot = Sampling {
-            temperature: 1.0,
-            top_p: 1.0,
-            seed: 42,
-        };
-        let picks: Vec<i32> = (0..50).map(|p| sample(&logits, hot, p)).collect();
-        assert_eq!(
-            picks,
-            (0..50).map(|p| sample(&logits, hot, p)).collect::<Vec<_>>()
-        );
-        assert!(picks.contains(&1) && picks.contains(&2));
-        let narrow = Sampling {
-            temperature: 1.0,
-            top_p: 0.1,
-            seed: 42,
-        };
-        assert!(
-            (0..50).all(|p| sample(&logits, narrow, p) == 1),
-            "top_p 0.1 keeps only the best token"
-        );
-    }
+/// Pass a frame to the next stage and take its answer.
+async fn downstream(next: &mut Connection, frame: &Frame) -> anyhow::Result<Frame> {
+    next.send(frame).await?;
+    Ok(next.receive().await?)
 }

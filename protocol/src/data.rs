@@ -304,11 +304,127 @@ mod tests {
     }
 }
 
-/// Reading and writing frames on an async stream (feature `io`).
+/// Reading and writing frames on an async stream, and the data-channel connection (feature
+/// `io`).
 #[cfg(feature = "io")]
 pub mod io {
-    use super::{Frame, FrameError, MAX_FRAME};
+    use super::{Frame, FrameError, Hello, MAX_FRAME};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    /// Why a data-channel connection failed.
+    #[derive(Debug, thiserror::Error)]
+    pub enum ChannelError {
+        #[error("{peer}: {source}")]
+        Io {
+            peer: String,
+            source: std::io::Error,
+        },
+        #[error("{peer} closed the connection")]
+        Closed { peer: String },
+        #[error("{peer} refused the connection: {reason}")]
+        Refused { peer: String, reason: String },
+    }
+
+    /// One data-channel connection: length-prefixed frames both ways over TCP, opened by a
+    /// `Hello` that the callee answers `Ready` (or `Error`) before any other frame. The
+    /// coordinator holds one to stage 0 and each stage one to the next.
+    pub struct Connection {
+        stream: TcpStream,
+        peer: String,
+    }
+
+    impl Connection {
+        /// Connect to `addr` and greet it; fails unless the callee answers `Ready`.
+        pub async fn open(addr: &str, hello: Hello) -> Result<Connection, ChannelError> {
+            let stream = TcpStream::connect(addr)
+                .await
+                .map_err(|source| ChannelError::Io {
+                    peer: addr.to_owned(),
+                    source,
+                })?;
+            let _ = stream.set_nodelay(true);
+            let mut conn = Connection {
+                stream,
+                peer: addr.to_owned(),
+            };
+            conn.send(&Frame::Hello(hello)).await?;
+            match conn.receive().await? {
+                Frame::Ready => Ok(conn),
+                Frame::Error(reason) => Err(conn.refused(reason)),
+                other => Err(conn.refused(format!("answered {other:?} to Hello"))),
+            }
+        }
+
+        /// Take an incoming connection: read its `Hello` and answer `Ready` if `admit` accepts
+        /// it, else `Error` with admit's reason (and fail).
+        pub async fn accept(
+            stream: TcpStream,
+            admit: impl FnOnce(&Hello) -> Result<(), String>,
+        ) -> Result<(Connection, Hello), ChannelError> {
+            let peer = stream
+                .peer_addr()
+                .map_or_else(|_| "a peer".to_owned(), |a| a.to_string());
+            let _ = stream.set_nodelay(true);
+            let mut conn = Connection { stream, peer };
+            let hello = match conn.receive().await? {
+                Frame::Hello(h) => h,
+                _ => {
+                    let reason = "a data connection starts with Hello".to_owned();
+                    let _ = conn.send(&Frame::Error(reason.clone())).await;
+                    return Err(conn.refused(reason));
+                }
+            };
+            if let Err(reason) = admit(&hello) {
+                let _ = conn.send(&Frame::Error(reason.clone())).await;
+                return Err(conn.refused(reason));
+            }
+            conn.send(&Frame::Ready).await?;
+            Ok((conn, hello))
+        }
+
+        /// Send one frame.
+        pub async fn send(&mut self, frame: &Frame) -> Result<(), ChannelError> {
+            write_frame(&mut self.stream, frame)
+                .await
+                .map_err(|source| self.io(source))
+        }
+
+        /// The next frame; a connection that ends is an error here.
+        pub async fn receive(&mut self) -> Result<Frame, ChannelError> {
+            self.receive_or_end()
+                .await?
+                .ok_or_else(|| ChannelError::Closed {
+                    peer: self.peer.clone(),
+                })
+        }
+
+        /// The next frame, or `None` when the peer ended the connection cleanly.
+        pub async fn receive_or_end(&mut self) -> Result<Option<Frame>, ChannelError> {
+            read_frame(&mut self.stream)
+                .await
+                .map_err(|source| self.io(source))
+        }
+
+        /// Who is at the other end.
+        pub fn peer(&self) -> &str {
+            &self.peer
+        }
+
+        fn io(&self, source: std::io::Error) -> ChannelError {
+            ChannelError::Io {
+                peer: self.peer.clone(),
+                source,
+            }
+        }
+
+        fn refused(&self, reason: String) -> ChannelError {
+            ChannelError::Refused {
+                peer: self.peer.clone(),
+                reason,
+            }
+        }
+    }
 
     /// Write one frame.
     pub async fn write_frame<W: tokio::io::AsyncWrite + Unpin>(

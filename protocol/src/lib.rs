@@ -2,10 +2,13 @@
 //! codec. No IO here.
 //!
 //! Every message is the seed system's envelope `{command, request_id, from, to, timestamp,
-//! params}` sent as one WebSocket text frame; a reply reuses its request's `request_id`. The
-//! typed `*Params` structs below are the `params` of each command.
+//! params}` sent as one WebSocket text frame; a reply reuses its request's `request_id`.
+//! Services speak [`Control`]: the envelope around one typed [`Message`] (the command name and
+//! its params). [`Command`] is the raw envelope with untyped params, for tools and tests that
+//! write the wire by hand.
 
 pub mod data;
+pub mod seeder;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -65,16 +68,59 @@ pub struct Command {
     pub params: serde_json::Value,
 }
 
-/// Why a frame is not a usable message.
+/// Why a frame is not a usable message. Past the envelope, the error keeps the request's id and
+/// sender, so the reply can name the request it refuses.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
     #[error("not a JSON command envelope: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("unknown command {command:?}")]
+    UnknownCommand {
+        command: String,
+        request_id: String,
+        from: String,
+    },
     #[error("bad params for {command}: {source}")]
     Params {
         command: String,
+        request_id: String,
+        from: String,
         source: serde_json::Error,
     },
+}
+
+impl DecodeError {
+    /// The `ERROR` code this error is answered with.
+    pub fn code(&self) -> &'static str {
+        match self {
+            DecodeError::Json(_) => code::BAD_JSON,
+            DecodeError::UnknownCommand { .. } => code::UNKNOWN_COMMAND,
+            DecodeError::Params { .. } => code::BAD_PARAMS,
+        }
+    }
+
+    /// The command name, when the envelope could be read.
+    pub fn command(&self) -> Option<&str> {
+        match self {
+            DecodeError::Json(_) => None,
+            DecodeError::UnknownCommand { command, .. } | DecodeError::Params { command, .. } => {
+                Some(command)
+            }
+        }
+    }
+
+    /// The refused request's id and sender, when the envelope could be read.
+    pub fn request(&self) -> Option<(&str, &str)> {
+        match self {
+            DecodeError::Json(_) => None,
+            DecodeError::UnknownCommand {
+                request_id, from, ..
+            }
+            | DecodeError::Params {
+                request_id, from, ..
+            } => Some((request_id, from)),
+        }
+    }
 }
 
 /// Now as RFC 3339 UTC.
@@ -136,8 +182,203 @@ impl Command {
     pub fn params<T: DeserializeOwned>(&self) -> Result<T, DecodeError> {
         serde_json::from_value(self.params.clone()).map_err(|source| DecodeError::Params {
             command: self.command.clone(),
+            request_id: self.request_id.clone(),
+            from: self.from.clone(),
             source,
         })
+    }
+}
+
+/// Params of a command that takes none (`{}` on the wire; anything else is ignored).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Empty {}
+
+/// One control message: the command and its params, typed. Serialised adjacently tagged, so
+/// `Message::LoadShard(p)` is `{"command":"LOAD_SHARD","params":{…}}` on the wire.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(
+    tag = "command",
+    content = "params",
+    rename_all = "SCREAMING_SNAKE_CASE"
+)]
+pub enum Message {
+    /// Node → coordinator: who I am and what I hold.
+    Register(RegisterParams),
+    /// Coordinator → node: accepted.
+    Registered(RegisteredParams),
+    /// Both ways: I am alive (the coordinator answers each one).
+    Heartbeat(Empty),
+    /// Node → coordinator asks (empty params); the reply carries the seeder's file list.
+    ListFiles(ListFiles),
+    LoadShard(LoadShardParams),
+    ShardProgress(ShardProgressParams),
+    ShardLoaded(ShardLoadedParams),
+    ShardFailed(ShardFailedParams),
+    UnloadShard(UnloadShardParams),
+    SwarmReady(SwarmStateParams),
+    SwarmNotReady(SwarmStateParams),
+    /// Coordinator → node: the route (the node's stage); node → coordinator: its stage is
+    /// loaded (same command name, as the seed protocol answers with the request's name).
+    Route(Route),
+    Error(ErrorParams),
+}
+
+impl Message {
+    /// Every command name a [`Message`] can carry.
+    pub const COMMANDS: [&'static str; 13] = [
+        cmd::REGISTER,
+        cmd::REGISTERED,
+        cmd::HEARTBEAT,
+        cmd::LIST_FILES,
+        cmd::LOAD_SHARD,
+        cmd::SHARD_PROGRESS,
+        cmd::SHARD_LOADED,
+        cmd::SHARD_FAILED,
+        cmd::UNLOAD_SHARD,
+        cmd::SWARM_READY,
+        cmd::SWARM_NOT_READY,
+        cmd::ROUTE,
+        cmd::ERROR,
+    ];
+
+    /// The wire name of this message's command.
+    pub fn command(&self) -> &'static str {
+        match self {
+            Message::Register(_) => cmd::REGISTER,
+            Message::Registered(_) => cmd::REGISTERED,
+            Message::Heartbeat(_) => cmd::HEARTBEAT,
+            Message::ListFiles(_) => cmd::LIST_FILES,
+            Message::LoadShard(_) => cmd::LOAD_SHARD,
+            Message::ShardProgress(_) => cmd::SHARD_PROGRESS,
+            Message::ShardLoaded(_) => cmd::SHARD_LOADED,
+            Message::ShardFailed(_) => cmd::SHARD_FAILED,
+            Message::UnloadShard(_) => cmd::UNLOAD_SHARD,
+            Message::SwarmReady(_) => cmd::SWARM_READY,
+            Message::SwarmNotReady(_) => cmd::SWARM_NOT_READY,
+            Message::Route(_) => cmd::ROUTE,
+            Message::Error(_) => cmd::ERROR,
+        }
+    }
+}
+
+/// `LIST_FILES` params: empty in the request, the seeder's `/files` in the reply.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ListFiles {
+    Reply(seeder::FileList),
+    Request(Empty),
+}
+
+/// `ROUTE` params: the route in the coordinator's request, the stage's acknowledgement in the
+/// node's reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Route {
+    Assign(RouteParams),
+    Loaded(RouteLoadedParams),
+}
+
+/// A node's `ROUTE` reply: its stage is loaded and serving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteLoadedParams {
+    pub stage: u32,
+    pub loaded: bool,
+}
+
+/// A control message in its envelope: what the coordinator and nodes send and receive.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Control {
+    /// Correlates a reply with its request.
+    pub request_id: String,
+    /// Sender id (node id or `coordinator`).
+    pub from: String,
+    /// Receiver id, or `*` for a broadcast.
+    pub to: String,
+    /// RFC 3339 UTC.
+    pub timestamp: String,
+    pub message: Message,
+}
+
+impl Control {
+    /// A new request with a fresh `request_id`.
+    pub fn new(from: &str, to: &str, message: Message) -> Control {
+        Self::reply_to(&uuid::Uuid::new_v4().to_string(), from, to, message)
+    }
+
+    /// A reply carrying `request_id`.
+    pub fn reply_to(request_id: &str, from: &str, to: &str, message: Message) -> Control {
+        Control {
+            request_id: request_id.to_owned(),
+            from: from.to_owned(),
+            to: to.to_owned(),
+            timestamp: now_rfc3339(),
+            message,
+        }
+    }
+
+    /// An `ERROR` reply to `request_id`.
+    pub fn error(request_id: &str, from: &str, to: &str, code: &str, message: &str) -> Control {
+        Self::reply_to(
+            request_id,
+            from,
+            to,
+            Message::Error(ErrorParams {
+                code: code.into(),
+                message: message.into(),
+            }),
+        )
+    }
+
+    /// Parse one frame: the envelope first, then the command name, then its params, so each
+    /// failure gets its own error (and the last two keep the request's id).
+    pub fn decode(text: &str) -> Result<Control, DecodeError> {
+        let raw = Command::decode(text)?;
+        if !Message::COMMANDS.contains(&raw.command.as_str()) {
+            return Err(DecodeError::UnknownCommand {
+                command: raw.command,
+                request_id: raw.request_id,
+                from: raw.from,
+            });
+        }
+        let params = match raw.params {
+            serde_json::Value::Null => serde_json::json!({}),
+            p => p,
+        };
+        let tagged = serde_json::json!({"command": raw.command, "params": params});
+        match serde_json::from_value(tagged) {
+            Ok(message) => Ok(Control {
+                request_id: raw.request_id,
+                from: raw.from,
+                to: raw.to,
+                timestamp: raw.timestamp,
+                message,
+            }),
+            Err(source) => Err(DecodeError::Params {
+                command: raw.command,
+                request_id: raw.request_id,
+                from: raw.from,
+                source,
+            }),
+        }
+    }
+
+    /// The frame's text (the same envelope as [`Command::encode`]).
+    pub fn encode(&self) -> String {
+        Command::from(self.clone()).encode()
+    }
+}
+
+impl From<Control> for Command {
+    fn from(c: Control) -> Command {
+        let mut tagged = serde_json::to_value(&c.message).expect("messages serialise");
+        Command {
+            command: c.message.command().to_owned(),
+            request_id: c.request_id,
+            from: c.from,
+            to: c.to,
+            timestamp: c.timestamp,
+            params: tagged["params"].take(),
+        }
     }
 }
 
@@ -305,6 +546,51 @@ mod tests {
             &time::format_description::well_known::Rfc3339
         )
         .is_ok());
+    }
+
+    #[test]
+    fn typed_messages_keep_the_wire_format() {
+        let text = r#"{"command":"ROUTE","request_id":"r1","from":"n1","to":"coordinator","timestamp":"2026-01-01T00:00:00Z","params":{"stage":2,"loaded":true}}"#;
+        let c = Control::decode(text).unwrap();
+        assert_eq!(
+            c.message,
+            Message::Route(Route::Loaded(RouteLoadedParams {
+                stage: 2,
+                loaded: true
+            }))
+        );
+        let back: serde_json::Value = serde_json::from_str(&c.encode()).unwrap();
+        assert_eq!(
+            back,
+            serde_json::from_str::<serde_json::Value>(text).unwrap()
+        );
+        // A heartbeat without params is a heartbeat; its encoding has `{}`.
+        let hb = Control::decode(
+            r#"{"command":"HEARTBEAT","request_id":"h","from":"n","to":"coordinator","timestamp":"t"}"#,
+        )
+        .unwrap();
+        assert_eq!(hb.message, Message::Heartbeat(Empty {}));
+        assert!(hb.encode().contains(r#""params":{}"#));
+        for name in Message::COMMANDS {
+            assert!(!name.is_empty());
+        }
+    }
+
+    #[test]
+    fn unknown_commands_and_bad_params_keep_the_request_id() {
+        let unknown = Control::decode(
+            r#"{"command":"DANCE","request_id":"r9","from":"n","to":"c","timestamp":"t"}"#,
+        )
+        .unwrap_err();
+        assert_eq!(unknown.code(), code::UNKNOWN_COMMAND);
+        assert_eq!(unknown.request(), Some(("r9", "n")));
+        let bad = Control::decode(
+            r#"{"command":"SHARD_LOADED","request_id":"r8","from":"n","to":"c","timestamp":"t","params":{"shard_id":"x"}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(bad.code(), code::BAD_PARAMS);
+        assert_eq!(bad.request(), Some(("r8", "n")));
+        assert_eq!(Control::decode("{").unwrap_err().code(), code::BAD_JSON);
     }
 
     #[test]

@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use futures::StreamExt;
+use protocol::seeder::{FileEntry, FileList, Health};
 use serde_json::json;
 use sha1::{Digest, Sha1};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
@@ -99,23 +100,27 @@ async fn scrape(State(s): State<AppState>, RawQuery(q): RawQuery) -> Response {
     }
 }
 
-fn file_json(s: &Seeder, f: &SeedFile) -> serde_json::Value {
-    json!({
-        "name": f.name,
-        "size": f.size,
-        "sha256": f.sha256,
-        "info_hash": f.info_hash_hex(),
-        "magnet": f.torrent.magnet(),
-        "torrent_url": format!("{}/torrents/{}.torrent", s.bound.public_url, url_path_encode(&f.name)),
-        "shard": f.shard,
-    })
+fn file_entry(s: &Seeder, f: &SeedFile) -> FileEntry {
+    FileEntry {
+        name: f.name.clone(),
+        size: f.size,
+        sha256: f.sha256.clone(),
+        info_hash: f.info_hash_hex(),
+        magnet: f.torrent.magnet(),
+        torrent_url: format!(
+            "{}/torrents/{}.torrent",
+            s.bound.public_url,
+            url_path_encode(&f.name)
+        ),
+        shard: f.shard,
+    }
 }
 
 /// LIST_FILES.
 async fn list_files(State(s): State<AppState>) -> Response {
     let snap = s.snapshot();
-    let files: Vec<_> = snap.by_name.values().map(|f| file_json(&s, f)).collect();
-    Json(json!({ "files": files })).into_response()
+    let files = snap.by_name.values().map(|f| file_entry(&s, f)).collect();
+    Json(FileList { files }).into_response()
 }
 
 /// The seed dir's shards.json with each shard's info hash.
@@ -361,8 +366,12 @@ async fn web_seed(
 }
 
 async fn healthz(State(s): State<AppState>) -> Response {
-    let files = s.snapshot().by_name.len();
-    Json(json!({"status": "ok", "files": files, "peer": s.self_peer.to_string()})).into_response()
+    Json(Health {
+        status: "ok".into(),
+        files: s.snapshot().by_name.len(),
+        peer: s.self_peer.to_string(),
+    })
+    .into_response()
 }
 
 /// Prometheus text exposition.

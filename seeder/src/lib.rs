@@ -84,6 +84,25 @@ pub struct Config {
     pub rescan_interval: u64,
 }
 
+/// The flags' defaults, serving the directory `seeds`.
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            listen_addr: IpAddr::from([0, 0, 0, 0]),
+            port: 51820,
+            seed_dir: PathBuf::from("seeds"),
+            http_port: None,
+            transport: Transport::Both,
+            state_dir: None,
+            public_url: None,
+            open_tracker: false,
+            dht: false,
+            upload_limit: None,
+            rescan_interval: 30,
+        }
+    }
+}
+
 impl Config {
     /// A configuration for `seed_dir` with defaults, listening on loopback with free ports:
     /// what tests and embedders start from.
@@ -93,13 +112,8 @@ impl Config {
             port: 0,
             seed_dir,
             http_port: Some(0),
-            transport: Transport::Both,
             state_dir: Some(state_dir),
-            public_url: None,
-            open_tracker: false,
-            dht: false,
-            upload_limit: None,
-            rescan_interval: 30,
+            ..Config::default()
         }
     }
 

@@ -13,32 +13,74 @@ pub fn swarm_lock() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The path of one of our binaries, building it if this test run has not.
+/// The path of one of our binaries (package `package`, binary `name`), never older than its
+/// sources: cargo builds a package's binaries only for that package's own integration tests
+/// (`CARGO_BIN_EXE_*` does not reach this crate), and an old binary would test old code. A
+/// missing binary, or one older than a source file of the crates binaries are built from, is
+/// built first (`cargo build --workspace --bins` in this profile, as .ci/run does, so the
+/// features are the same); an up-to-date one is used as it is, without running cargo.
 pub fn bin(package: &str, name: &str) -> PathBuf {
+    static BUILD: Mutex<()> = Mutex::new(());
     let exe = std::env::current_exe().expect("test executable");
     let dir = exe
         .parent()
         .and_then(Path::parent)
         .expect("target/<profile>/deps");
     let path = dir.join(name);
-    if !path.exists() {
+    let _one = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+    let built = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+    if built.is_none_or(|b| newest_source() > Some(b)) {
         let profile = dir
             .file_name()
             .and_then(|p| p.to_str())
             .unwrap_or("release");
         let mut build = Command::new(env!("CARGO"));
         build
-            .args(["build", "-p", package, "--bin", name])
+            .args(["build", "--workspace", "--bins"])
             .current_dir(env!("CARGO_MANIFEST_DIR"));
         if profile == "release" {
             build.arg("--release");
         }
         assert!(
             build.status().expect("cargo build").success(),
-            "building {name}"
+            "building {name} (package {package})"
         );
     }
+    assert!(path.is_file(), "{} was not built", path.display());
     path
+}
+
+/// The newest modification time of the sources our binaries are built from.
+fn newest_source() -> Option<std::time::SystemTime> {
+    fn walk(path: &Path, newest: &mut Option<std::time::SystemTime>) {
+        let Ok(meta) = std::fs::metadata(path) else {
+            return;
+        };
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(path).into_iter().flatten().flatten() {
+                walk(&entry.path(), newest);
+            }
+        } else if let Ok(t) = meta.modified() {
+            *newest = (*newest).max(Some(t));
+        }
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut newest = None;
+    for krate in [
+        "torrents",
+        "shard_loader",
+        "protocol",
+        "daemon",
+        "llm",
+        "seeder",
+        "coordinator",
+        "node",
+        "deploy",
+    ] {
+        walk(&root.join(krate).join("src"), &mut newest);
+        walk(&root.join(krate).join("Cargo.toml"), &mut newest);
+    }
+    newest
 }
 
 /// A running process of ours, killed on drop.
@@ -49,6 +91,8 @@ pub struct Proc {
     pub ready: Vec<(String, String)>,
     stdout: Arc<Mutex<Vec<String>>>,
     stderr: Arc<Mutex<Vec<String>>>,
+    /// The threads reading stdout and stderr: they end when the process closes its pipes.
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Proc {
@@ -66,7 +110,7 @@ impl Proc {
         let (tx, rx) = mpsc::channel();
         let out = child.stdout.take().unwrap();
         let lines = stdout.clone();
-        std::thread::spawn(move || {
+        let out_reader = std::thread::spawn(move || {
             for line in BufReader::new(out).lines().map_while(Result::ok) {
                 if line.starts_with("[READY]") {
                     let _ = tx.send(line.clone());
@@ -76,7 +120,7 @@ impl Proc {
         });
         let err = child.stderr.take().unwrap();
         let lines = stderr.clone();
-        std::thread::spawn(move || {
+        let err_reader = std::thread::spawn(move || {
             for line in BufReader::new(err).lines().map_while(Result::ok) {
                 lines.lock().unwrap().push(line);
             }
@@ -102,6 +146,7 @@ impl Proc {
             ready,
             stdout,
             stderr,
+            readers: vec![out_reader, err_reader],
         }
     }
 
@@ -149,7 +194,10 @@ impl Proc {
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
             if let Some(s) = self.child.try_wait().unwrap() {
-                std::thread::sleep(Duration::from_millis(100)); // let the readers drain
+                // The pipes are closed: the readers end once they have read everything.
+                for reader in self.readers.drain(..) {
+                    let _ = reader.join();
+                }
                 return (s, self.stderr_text());
             }
             std::thread::sleep(Duration::from_millis(50));

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::Command;
 
 use common::{load_stages, pipeline_greedy};
-use node::stage::Stage;
+use llm::stage::Stage;
 use torrents::gguf::GgufModel;
 
 /// Greedy tokens compared per prompt.
@@ -36,7 +36,7 @@ fn matrix(model: &Path, prompts: &[Vec<i32>]) {
     }
     let references: Vec<_> = prompts
         .iter()
-        .map(|p| node::llm::reference_tokens(model, p, TOKENS, 1).unwrap())
+        .map(|p| llm::reference_tokens(model, p, TOKENS, 1).unwrap())
         .collect();
     for n in 1..=layers.min(8) {
         let dir = tests::shards_of(model, n);
@@ -86,8 +86,8 @@ fn text_prompts(model: &Path) -> Vec<Vec<i32>> {
         SHA-1 hash, and trades the pieces it holds with the peers that need them. ";
     let long = format!("{}In one sentence, the point is", paragraph.repeat(22));
     let prompts = [
-        node::llm::tokenize(model, "The three primary colors are").unwrap(),
-        node::llm::tokenize(model, &long).unwrap(),
+        llm::tokenize(model, "The three primary colors are").unwrap(),
+        llm::tokenize(model, &long).unwrap(),
     ];
     assert!(prompts[1].len() > 512, "{} tokens", prompts[1].len());
     prompts.into()

@@ -80,7 +80,7 @@ const PROMPTS: [&str; 3] = [
 /// Greedy completions through the swarm equal the whole model's, text and token count.
 fn check_equal_to_reference(addr: &str, model: &Path) {
     for prompt in PROMPTS {
-        let reference = node::llm::reference_completion(model, prompt, 24, 1).unwrap();
+        let reference = llm::reference_completion(model, prompt, 24, 1).unwrap();
         let (status, body) = post(
             addr,
             "/v1/completions",
@@ -175,7 +175,7 @@ fn four_stage_swarm_matches_the_whole_model_streams_and_serves_the_openai_client
     for h in handles {
         let (k, (status, body)) = h.join().unwrap();
         assert_eq!(status, 200);
-        let reference = node::llm::reference_completion(&model(), PROMPTS[k], 12, 1).unwrap();
+        let reference = llm::reference_completion(&model(), PROMPTS[k], 12, 1).unwrap();
         assert_eq!(
             body["choices"][0]["text"],
             reference.text.as_str(),
@@ -195,8 +195,7 @@ fn four_stage_swarm_matches_the_whole_model_streams_and_serves_the_openai_client
         top_p: 0.9,
         seed: 7,
     };
-    let reference =
-        node::llm::reference_completion_with(&model(), PROMPTS[0], 16, 1, with_seed).unwrap();
+    let reference = llm::reference_completion_with(&model(), PROMPTS[0], 16, 1, with_seed).unwrap();
     assert_eq!(
         first["choices"][0]["text"],
         reference.text.as_str(),
@@ -338,7 +337,7 @@ fn five_stage_gemma3_swarm_gives_the_whole_models_text() {
             .repeat(36)
     );
     for (prompt, max_tokens) in [("The three primary colors are", 24), (long.as_str(), 16)] {
-        let reference = node::llm::reference_completion(&model, prompt, max_tokens, 1).unwrap();
+        let reference = llm::reference_completion(&model, prompt, max_tokens, 1).unwrap();
         assert!(!reference.token_ids.is_empty());
         let (status, body) = post(
             &s.coordinator,
@@ -355,7 +354,7 @@ fn five_stage_gemma3_swarm_gives_the_whole_models_text() {
         );
     }
     assert!(
-        node::llm::tokenize(&model, &long).unwrap().len() > 512,
+        llm::tokenize(&model, &long).unwrap().len() > 512,
         "the long prompt must exceed the window"
     );
 }
@@ -418,7 +417,7 @@ fn a_stage_killed_mid_stream_is_replaced_by_its_replica_and_the_answer_is_the_sa
         },
     );
     let prompt = PROMPTS[1];
-    let reference = node::llm::reference_completion(&model(), prompt, 48, 1).unwrap();
+    let reference = llm::reference_completion(&model(), prompt, 48, 1).unwrap();
     // The node running stage 1 of the route.
     let hop = &status["route"][1]["node_id"];
     let victim = status["nodes"]

@@ -6,7 +6,7 @@
 mod common;
 
 use common::{load_stages, pipeline_greedy};
-use node::stage::Stage;
+use llm::stage::Stage;
 
 /// The real model split into `n` stage files, each loaded with one thread and a context of at
 /// most `max_ctx` (the directory is returned so the files outlive the stages).
@@ -27,7 +27,7 @@ fn stages_give_the_whole_models_tokens_for_2_3_and_4_shards() {
     ];
     let references: Vec<_> = prompts
         .iter()
-        .map(|p| node::llm::reference_completion(&model_path, p, 24, 1).unwrap())
+        .map(|p| llm::reference_completion(&model_path, p, 24, 1).unwrap())
         .collect();
     assert!(
         references.iter().all(|r| !r.token_ids.is_empty()),
@@ -56,8 +56,8 @@ fn a_prompt_of_several_chunks_gives_the_whole_models_tokens() {
     let paragraph = "A torrent client cuts a file into pieces, checks every piece against its \
         SHA-1 hash, and trades the pieces it holds with the peers that need them. ";
     let prompt = format!("{}Summary in one sentence:", paragraph.repeat(40));
-    let reference = node::llm::reference_completion(&model_path, &prompt, 16, 1).unwrap();
-    let chunk = node::stage::CHUNK_TOKENS;
+    let reference = llm::reference_completion(&model_path, &prompt, 16, 1).unwrap();
+    let chunk = llm::stage::CHUNK_TOKENS;
     assert!(
         reference.prompt_ids.len() > 2 * chunk,
         "the prompt must span three chunks: {} tokens",
@@ -93,8 +93,7 @@ fn node_reference_prints_the_whole_models_completion() {
         String::from_utf8_lossy(&out.stderr)
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let lib =
-        node::llm::reference_completion(&model_path, "The capital of France is", 8, 1).unwrap();
+    let lib = llm::reference_completion(&model_path, "The capital of France is", 8, 1).unwrap();
     assert_eq!(v["text"], lib.text.as_str());
     assert_eq!(
         v["token_ids"].as_array().unwrap().len(),

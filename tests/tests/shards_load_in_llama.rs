@@ -8,7 +8,7 @@ use torrents::split::split_model;
 #[test]
 fn every_shard_loads_with_its_layer_count() {
     let model_path = torrents::default_model::require().unwrap_or_else(|e| panic!("{e}"));
-    let whole = node::llm::inspect_model(&model_path).unwrap();
+    let whole = llm::inspect_model(&model_path).unwrap();
     assert_eq!(u64::from(whole.n_layer), torrents::default_model::LAYERS);
     let model = GgufModel::open(&model_path).unwrap();
     let source = gguf_source(&model).unwrap();
@@ -25,7 +25,7 @@ fn every_shard_loads_with_its_layer_count() {
         .unwrap();
         let mut layers = 0;
         for shard in &manifest.shards {
-            let info = node::llm::inspect_model(&dir.path().join(&shard.file))
+            let info = llm::inspect_model(&dir.path().join(&shard.file))
                 .unwrap_or_else(|e| panic!("{n} shards: {e}"));
             let range = shard.layers.unwrap();
             assert_eq!(
@@ -51,6 +51,6 @@ fn a_corrupt_shard_is_refused_by_llama_cpp_not_a_crash() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("broken.gguf");
     std::fs::write(&path, b"GGUF\x03\x00\x00\x00garbage").unwrap();
-    let err = node::llm::inspect_model(&path).unwrap_err().to_string();
+    let err = llm::inspect_model(&path).unwrap_err().to_string();
     assert!(err.contains("broken.gguf"), "{err}");
 }

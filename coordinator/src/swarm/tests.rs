@@ -1,5 +1,6 @@
 //! The swarm rules, event by event.
 use super::*;
+use protocol::{cmd, Command, LoadShardParams, BROADCAST};
 
 fn swarm(shards: u32, min_nodes: usize) -> Swarm {
     Swarm {
@@ -50,14 +51,15 @@ fn register(s: &mut Swarm, id: &str, held: &[u32]) -> Result<Outbox, Refusal> {
         },
         token: Some("t".into()),
     };
-    let req = Command::new(cmd::REGISTER, id, COORDINATOR, &p);
-    s.register(&req, &p, "127.0.0.1".parse().unwrap(), 1, None)
+    s.register("r", &p, "127.0.0.1".parse().unwrap(), 1, None)
 }
 
 fn loads(out: &Outbox) -> Vec<(String, LoadShardParams)> {
     out.iter()
-        .filter(|(_, c)| c.command == cmd::LOAD_SHARD)
-        .map(|(n, c)| (n.clone(), c.params().unwrap()))
+        .filter_map(|(n, c)| match &c.message {
+            Message::LoadShard(p) => Some((n.clone(), p.clone())),
+            _ => None,
+        })
         .collect()
 }
 
@@ -92,7 +94,7 @@ fn four_nodes_one_shard_each_then_ready() {
     assert!(s.ready);
     assert!(out
         .iter()
-        .any(|(to, c)| to == BROADCAST && c.command == cmd::SWARM_READY));
+        .any(|(to, c)| to == BROADCAST && c.message.command() == cmd::SWARM_READY));
 }
 
 #[test]
@@ -150,7 +152,9 @@ fn a_dropped_holder_is_replaced_by_the_spare() {
     assert!(s.ready);
     let out = s.disconnected("c", 1);
     assert!(!s.ready, "a lost shard makes the swarm not ready");
-    assert!(out.iter().any(|(_, c)| c.command == cmd::SWARM_NOT_READY));
+    assert!(out
+        .iter()
+        .any(|(_, c)| c.message.command() == cmd::SWARM_NOT_READY));
     let l = loads(&out);
     assert_eq!(l.len(), 1);
     assert_eq!(l[0].1.shard_id, 2);
@@ -193,7 +197,7 @@ fn held_shards_are_kept_and_refusals_are_named() {
     };
     let req = Command::new(cmd::REGISTER, "x", COORDINATOR, &p);
     assert_eq!(
-        bad.register(&req, &p, "127.0.0.1".parse().unwrap(), 1, None)
+        bad.register(&req.request_id, &p, "127.0.0.1".parse().unwrap(), 1, None)
             .unwrap_err()
             .0,
         code::FOREIGN_SHARDS
@@ -204,9 +208,15 @@ fn held_shards_are_kept_and_refusals_are_named() {
         ..p
     };
     assert_eq!(
-        bad.register(&req, &wrong, "127.0.0.1".parse().unwrap(), 1, None)
-            .unwrap_err()
-            .0,
+        bad.register(
+            &req.request_id,
+            &wrong,
+            "127.0.0.1".parse().unwrap(),
+            1,
+            None
+        )
+        .unwrap_err()
+        .0,
         code::UNAUTHORIZED
     );
     assert!(bad.nodes.is_empty());
@@ -226,7 +236,9 @@ fn silent_nodes_are_dropped_after_the_heartbeat_timeout() {
     let (out, dead) = s.expire(Instant::now() + Duration::from_secs(11));
     assert_eq!(dead, ["a"]);
     assert!(!s.ready);
-    assert!(out.iter().any(|(_, c)| c.command == cmd::SWARM_NOT_READY));
+    assert!(out
+        .iter()
+        .any(|(_, c)| c.message.command() == cmd::SWARM_NOT_READY));
 }
 
 #[test]

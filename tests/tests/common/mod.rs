@@ -2,7 +2,7 @@
 
 #![allow(dead_code)] // each test file uses part of it
 
-use node::stage::{argmax, Stage, StageOutput};
+use llm::stage::{argmax, Stage, StageOutput};
 
 /// What a chain of stages generated.
 pub struct Generated {

@@ -1,47 +1,18 @@
-//! Opening GGUF files with llama.cpp.
-//!
-//! llama.cpp keeps one global backend per process; [`backend`] initialises it once and silences
-//! its logging (it writes to stderr directly otherwise), unless `SHARDSWARM_LLAMA_LOG` is set:
-//! llama.cpp's log is where a refused file's reason is.
+//! Whole models in one llama.cpp process, through llama-cpp-2's safe API only: what a model
+//! file holds, and the reference completions a pipeline of stages must equal token for token
+//! (independent of [`crate::stage`], which they check).
 
 use std::path::Path;
-use std::sync::OnceLock;
 
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::context::LlamaContext;
-use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 use serde::Serialize;
 
-/// Errors from loading a model with llama.cpp.
-#[derive(Debug, thiserror::Error)]
-pub enum LlmError {
-    #[error("llama.cpp backend could not start: {0}")]
-    Backend(String),
-    #[error("{path}: llama.cpp refused to load it: {message}")]
-    Load { path: String, message: String },
-    #[error("llama.cpp could not run the batch: {0}")]
-    Decode(String),
-}
-
-static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
-
-/// The process-wide llama.cpp backend (initialised on first use, logs silenced).
-pub fn backend() -> Result<&'static LlamaBackend, LlmError> {
-    BACKEND
-        .get_or_init(|| {
-            let mut backend = LlamaBackend::init().map_err(|e| e.to_string())?;
-            if std::env::var_os("SHARDSWARM_LLAMA_LOG").is_none() {
-                backend.void_logs();
-            }
-            Ok(backend)
-        })
-        .as_ref()
-        .map_err(|e| LlmError::Backend(e.clone()))
-}
+use crate::{backend, LlmError};
 
 /// What llama.cpp reports about a loaded model: enough to check that a stage file is what its
 /// manifest says it is.
@@ -205,7 +176,7 @@ pub fn reference_completion(
 }
 
 /// [`reference_completion`] with sampling. Tokens are picked by the same sampler as the
-/// pipeline's last stage ([`crate::serve::sample`]), keyed by the same positions (the first
+/// pipeline's last stage ([`crate::sample::sample`]), keyed by the same positions (the first
 /// input position of each step), so a seed gives the same completion both ways.
 pub fn reference_completion_with(
     path: &Path,
@@ -236,7 +207,7 @@ pub fn reference_completion_with(
         // The first step's input starts at position 0 (the prompt), later ones at pos - 1.
         let step_pos = if out.is_empty() { 0 } else { pos as u32 - 1 };
         let next =
-            crate::serve::sample(ctx.get_logits_ith(batch.n_tokens() - 1), sampling, step_pos);
+            crate::sample::sample(ctx.get_logits_ith(batch.n_tokens() - 1), sampling, step_pos);
         first_token_ms.get_or_insert_with(|| started.elapsed().as_secs_f64() * 1000.0);
         if vocab.is_eog(LlamaToken(next)) {
             break;

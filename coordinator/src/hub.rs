@@ -1,0 +1,97 @@
+//! What the coordinator's tasks share: the swarm, the node connections' outbound channels,
+//! the vocabulary, and the serving route as a watch channel (so a request that lost a stage
+//! wakes when the route changes, rather than polling).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use protocol::Control;
+use tokio::sync::{mpsc, watch};
+
+use crate::infer::Vocab;
+use crate::swarm::{Outbox, RouteHop, Swarm};
+
+/// Shared state: the swarm and the connections.
+pub struct Hub {
+    pub swarm: Mutex<Swarm>,
+    /// node id → (connection id, outbound channel).
+    conns: Mutex<HashMap<String, (u64, mpsc::UnboundedSender<Control>)>>,
+    next_conn: AtomicU64,
+    /// The seeder's HTTP base URL.
+    pub seeder: String,
+    /// The model's vocabulary (from shard 0), for the OpenAI API.
+    pub vocab: Option<Arc<Vocab>>,
+    /// Held by the request running through the pipeline: the others queue.
+    pub pipeline: tokio::sync::Mutex<()>,
+    /// The route while every stage on it is loaded ([`Swarm::serving_route`]).
+    route: watch::Sender<Option<Vec<RouteHop>>>,
+}
+
+impl Hub {
+    pub fn new(swarm: Swarm, seeder: String, vocab: Option<Arc<Vocab>>) -> Hub {
+        Hub {
+            route: watch::Sender::new(swarm.serving_route()),
+            swarm: Mutex::new(swarm),
+            conns: Mutex::default(),
+            next_conn: AtomicU64::new(1),
+            seeder,
+            vocab,
+            pipeline: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// A fresh id for a new connection.
+    pub fn next_connection_id(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// `node` registered on connection `conn`: its messages go to `tx` from now on.
+    pub fn connected(&self, node: &str, conn: u64, tx: mpsc::UnboundedSender<Control>) {
+        self.conns
+            .lock()
+            .unwrap()
+            .insert(node.to_owned(), (conn, tx));
+    }
+
+    /// Connection `conn` of `node` closed (a newer connection of the same node stays).
+    pub fn closed(&self, node: &str, conn: u64) {
+        let mut conns = self.conns.lock().unwrap();
+        if conns.get(node).is_some_and(|(c, _)| *c == conn) {
+            conns.remove(node);
+        }
+    }
+
+    /// Drop `node`'s outbound channel, which ends its connection.
+    pub fn disconnect(&self, node: &str) {
+        self.conns.lock().unwrap().remove(node);
+    }
+
+    /// Send each message to its node, or to every registered node for a broadcast; then
+    /// publish the serving route if the event changed it. Called after every swarm event.
+    pub fn dispatch(&self, out: Outbox) {
+        {
+            let conns = self.conns.lock().unwrap();
+            for (to, msg) in out {
+                if to == protocol::BROADCAST {
+                    for (_, tx) in conns.values() {
+                        let _ = tx.send(msg.clone());
+                    }
+                } else if let Some((_, tx)) = conns.get(&to) {
+                    let _ = tx.send(msg);
+                }
+            }
+        }
+        let serving = self.swarm.lock().unwrap().serving_route();
+        self.route.send_if_modified(|r| {
+            let changed = *r != serving;
+            *r = serving;
+            changed
+        });
+    }
+
+    /// Watch the serving route.
+    pub fn routes(&self) -> watch::Receiver<Option<Vec<RouteHop>>> {
+        self.route.subscribe()
+    }
+}

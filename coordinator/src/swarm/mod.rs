@@ -1,0 +1,400 @@
+//! The swarm's state and its rules: who is registered, who holds or fetches which shard,
+//! where shards go, and when the swarm is ready. No IO: every event returns the messages to
+//! send, so the rules are tested without sockets.
+//!
+//! This module holds the state and the node events (register, progress, loaded, failed, gone);
+//! [`placement`] decides where shards go, [`route`] readiness and the inference route, and
+//! [`status`] the `/status` document.
+
+mod placement;
+mod route;
+mod status;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use protocol::{
+    code, Capacity, Control, Message, RegisterParams, RegisteredParams, ShardFailedParams,
+    ShardLoadedParams, ShardProgressParams, COORDINATOR, PROTOCOL_VERSION,
+};
+use serde::Serialize;
+
+/// One shard of the served split, as the seeder lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ShardSpec {
+    pub shard_id: u32,
+    pub file: String,
+    pub size: u64,
+    pub sha256: String,
+    pub info_hash: String,
+    pub magnet: String,
+    pub torrent_url: String,
+}
+
+/// A node's relation to one shard.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum Holding {
+    /// A replica waiting for a node to finish the shard, to fetch it from that node.
+    Waiting,
+    Fetching {
+        bytes: u64,
+        total: u64,
+        from_seeder: u64,
+        from_peers: u64,
+        use_tracker: bool,
+    },
+    Loaded {
+        from_seeder: u64,
+        from_peers: u64,
+    },
+    Failed {
+        code: String,
+        message: String,
+    },
+}
+
+impl Holding {
+    fn counts(&self) -> bool {
+        matches!(
+            self,
+            Holding::Waiting | Holding::Fetching { .. } | Holding::Loaded { .. }
+        )
+    }
+
+    fn bytes(&self) -> (u64, u64) {
+        match *self {
+            Holding::Fetching {
+                from_seeder,
+                from_peers,
+                ..
+            }
+            | Holding::Loaded {
+                from_seeder,
+                from_peers,
+            } => (from_seeder, from_peers),
+            Holding::Failed { .. } | Holding::Waiting => (0, 0),
+        }
+    }
+}
+
+/// A registered node.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeState {
+    pub node_id: String,
+    pub name: String,
+    /// Where other nodes reach its shards over BitTorrent.
+    pub peer_addr: SocketAddr,
+    pub data_addr: Option<String>,
+    pub capacity: Capacity,
+    pub shards: BTreeMap<u32, Holding>,
+    /// Which connection it registered on (a reconnect replaces it).
+    #[serde(skip)]
+    pub conn: u64,
+    #[serde(skip)]
+    pub last_seen: Instant,
+}
+
+impl NodeState {
+    fn assigned_bytes(&self, shards: &[ShardSpec]) -> u64 {
+        self.shards
+            .iter()
+            .filter(|(_, h)| h.counts())
+            .map(|(id, _)| shards[*id as usize].size)
+            .sum()
+    }
+
+    fn has_room_for(&self, shard: &ShardSpec, shards: &[ShardSpec]) -> bool {
+        let used = self.assigned_bytes(shards);
+        let disk_ok = self.capacity.disk_free_bytes >= used + shard.size;
+        // A stage is mapped into memory when it is served: it must fit in RAM too.
+        let ram_ok = self.capacity.ram_bytes == 0 || self.capacity.ram_bytes >= used + shard.size;
+        disk_ok && ram_ok
+    }
+}
+
+/// Messages to send: to one node id, or to [`BROADCAST`].
+pub type Outbox = Vec<(String, Control)>;
+
+/// The swarm.
+pub struct Swarm {
+    pub shards: Vec<ShardSpec>,
+    pub nodes: BTreeMap<String, NodeState>,
+    pub min_nodes: usize,
+    pub ready: bool,
+    pub model_sha256: String,
+    pub split_id: String,
+    pub seeder_peer: Option<String>,
+    pub token: Option<String>,
+    pub heartbeat_interval: Duration,
+    pub heartbeat_timeout: Duration,
+    /// The inference pipeline while ready: one node per shard, in order.
+    pub route: Option<Vec<RouteHop>>,
+    /// Route nodes that have loaded their stage (acknowledged ROUTE).
+    pub route_loaded: std::collections::BTreeSet<String>,
+    /// Until then only empty nodes are given shards: after a coordinator restart the nodes
+    /// re-register one by one, and a shard whose holder has not come back yet must not be
+    /// fetched again by a node that has come back.
+    pub settle_until: Instant,
+}
+
+/// The swarm's fixed settings: what was served and what the operator chose.
+#[derive(Debug, Clone)]
+pub struct SwarmSettings {
+    pub min_nodes: usize,
+    pub model_sha256: String,
+    pub split_id: String,
+    /// The seeder's own BitTorrent address (so nodes can count its bytes apart).
+    pub seeder_peer: Option<String>,
+    /// Shared secret nodes must present.
+    pub token: Option<String>,
+    pub heartbeat_interval: Duration,
+    pub heartbeat_timeout: Duration,
+}
+
+/// One stage of the inference route.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RouteHop {
+    pub shard_id: u32,
+    pub node_id: String,
+    /// The node's data-channel address.
+    pub data_addr: String,
+}
+
+/// Why a registration is refused: the `ERROR` code and the message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{1} ({0})")]
+pub struct Refusal(pub &'static str, pub String);
+
+impl Swarm {
+    /// An empty swarm serving `shards`. Until one heartbeat timeout has passed only nodes
+    /// holding nothing are given shards (see [`Swarm::settle_until`]).
+    pub fn new(shards: Vec<ShardSpec>, settings: SwarmSettings) -> Swarm {
+        Swarm {
+            shards,
+            nodes: BTreeMap::new(),
+            min_nodes: settings.min_nodes,
+            ready: false,
+            model_sha256: settings.model_sha256,
+            split_id: settings.split_id,
+            seeder_peer: settings.seeder_peer,
+            token: settings.token,
+            heartbeat_interval: settings.heartbeat_interval,
+            heartbeat_timeout: settings.heartbeat_timeout,
+            route: None,
+            route_loaded: Default::default(),
+            settle_until: Instant::now() + settings.heartbeat_timeout,
+        }
+    }
+
+    /// Handle `REGISTER` from a connection at `ip`. On success the node is (re)admitted with
+    /// the shards it holds, and the reply and any new placements are returned.
+    pub fn register(
+        &mut self,
+        request_id: &str,
+        p: &RegisterParams,
+        ip: IpAddr,
+        conn: u64,
+        header_token: Option<&str>,
+    ) -> Result<Outbox, Refusal> {
+        if let Some(want) = &self.token {
+            if p.token.as_deref().or(header_token) != Some(want.as_str()) {
+                return Err(Refusal(code::UNAUTHORIZED, "wrong or missing token".into()));
+            }
+        }
+        if p.protocol_version != PROTOCOL_VERSION {
+            return Err(Refusal(
+                code::PROTOCOL_VERSION,
+                format!(
+                    "this coordinator speaks protocol {PROTOCOL_VERSION}, the node {}",
+                    p.protocol_version
+                ),
+            ));
+        }
+        if p.node_id.is_empty() || p.node_id.len() > 128 || p.peer_port == 0 {
+            return Err(Refusal(
+                code::BAD_PARAMS,
+                "node_id must be 1-128 characters and peer_port non-zero".into(),
+            ));
+        }
+        let mut held = BTreeMap::new();
+        for h in &p.shards {
+            match self.shards.get(h.shard_id as usize) {
+                Some(s) if s.sha256 == h.sha256 => {
+                    held.insert(h.shard_id, Holding::Loaded { from_seeder: 0, from_peers: 0 });
+                }
+                _ => {
+                    return Err(Refusal(
+                        code::FOREIGN_SHARDS,
+                        format!(
+                            "shard {} (sha256 {}) is not part of split {} of this model: clear the node's data dir",
+                            h.shard_id, h.sha256, self.split_id
+                        ),
+                    ))
+                }
+            }
+        }
+        let node = NodeState {
+            node_id: p.node_id.clone(),
+            name: p.name.clone(),
+            peer_addr: SocketAddr::new(ip, p.peer_port),
+            // A node listening on every address is reached at the address it connected from.
+            data_addr: p
+                .data_addr
+                .as_deref()
+                .and_then(|a| a.parse::<SocketAddr>().ok())
+                .map(|a| {
+                    if a.ip().is_unspecified() {
+                        SocketAddr::new(ip, a.port()).to_string()
+                    } else {
+                        a.to_string()
+                    }
+                }),
+            capacity: p.capacity,
+            shards: held,
+            conn,
+            last_seen: Instant::now(),
+        };
+        tracing::info!(
+            "node {} ({}) registered from {} with {} shard(s)",
+            node.name,
+            node.node_id,
+            node.peer_addr,
+            node.shards.len()
+        );
+        self.nodes.insert(p.node_id.clone(), node);
+        // A node that comes back has lost its loaded stage: send the route again.
+        self.route = None;
+        let reply = RegisteredParams {
+            model_sha256: self.model_sha256.clone(),
+            split_id: self.split_id.clone(),
+            heartbeat_interval_secs: self.heartbeat_interval.as_secs().max(1),
+        };
+        let mut out = vec![(
+            p.node_id.clone(),
+            Control::reply_to(
+                request_id,
+                COORDINATOR,
+                &p.node_id,
+                Message::Registered(reply),
+            ),
+        )];
+        out.extend(self.place());
+        Ok(out)
+    }
+
+    /// A heartbeat (or any message) from a node.
+    pub fn seen(&mut self, node: &str) {
+        if let Some(n) = self.nodes.get_mut(node) {
+            n.last_seen = Instant::now();
+        }
+    }
+
+    pub fn progress(&mut self, node: &str, p: &ShardProgressParams) -> Outbox {
+        if let Some(Holding::Fetching {
+            bytes,
+            total,
+            from_seeder,
+            from_peers,
+            ..
+        }) = self
+            .nodes
+            .get_mut(node)
+            .and_then(|n| n.shards.get_mut(&p.shard_id))
+        {
+            (*bytes, *total, *from_seeder, *from_peers) =
+                (p.bytes, p.total, p.from_seeder, p.from_peers);
+        }
+        Vec::new()
+    }
+
+    pub fn loaded(&mut self, node: &str, p: &ShardLoadedParams) -> Outbox {
+        let Some(n) = self.nodes.get_mut(node) else {
+            return Vec::new();
+        };
+        match self.shards.get(p.shard_id as usize) {
+            Some(s) if s.sha256 == p.sha256 => {
+                tracing::info!(
+                    "node {} loaded shard {} ({} bytes from the seeder, {} from peers)",
+                    n.name,
+                    p.shard_id,
+                    p.from_seeder,
+                    p.from_peers
+                );
+                n.shards.insert(
+                    p.shard_id,
+                    Holding::Loaded {
+                        from_seeder: p.from_seeder,
+                        from_peers: p.from_peers,
+                    },
+                );
+            }
+            _ => {
+                n.shards.insert(
+                    p.shard_id,
+                    Holding::Failed {
+                        code: "wrong_sha256".into(),
+                        message: "loaded shard does not match the manifest".into(),
+                    },
+                );
+            }
+        }
+        self.place()
+    }
+
+    pub fn failed(&mut self, node: &str, p: &ShardFailedParams) -> Outbox {
+        if let Some(n) = self.nodes.get_mut(node) {
+            tracing::warn!(
+                "node {} failed shard {}: {} ({})",
+                n.name,
+                p.shard_id,
+                p.message,
+                p.code
+            );
+            n.shards.insert(
+                p.shard_id,
+                Holding::Failed {
+                    code: p.code.clone(),
+                    message: p.message.clone(),
+                },
+            );
+        }
+        self.place()
+    }
+
+    /// A connection closed: its node is gone (unless it already re-registered elsewhere).
+    pub fn disconnected(&mut self, node: &str, conn: u64) -> Outbox {
+        if self.nodes.get(node).is_some_and(|n| n.conn == conn) {
+            tracing::warn!("node {node} disconnected: dropping it and re-placing its shards");
+            self.nodes.remove(node);
+            return self.place();
+        }
+        Vec::new()
+    }
+
+    /// Drop nodes silent for longer than the heartbeat timeout. Returns the messages and the
+    /// dropped node ids (whose connections should be closed).
+    pub fn expire(&mut self, now: Instant) -> (Outbox, Vec<String>) {
+        let dead: Vec<String> = self
+            .nodes
+            .values()
+            .filter(|n| now.duration_since(n.last_seen) > self.heartbeat_timeout)
+            .map(|n| n.node_id.clone())
+            .collect();
+        if dead.is_empty() {
+            // Placement may have waited for the settling time to pass.
+            return (self.place(), dead);
+        }
+        for id in &dead {
+            tracing::warn!(
+                "node {id} missed its heartbeats: dropping it and re-placing its shards"
+            );
+            self.nodes.remove(id);
+        }
+        (self.place(), dead)
+    }
+}
+
+#[cfg(test)]
+mod tests;

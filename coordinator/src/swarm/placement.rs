@@ -1,0 +1,213 @@
+//! Placement: a node keeps the verified shards it registers with; every shard without a holder
+//! goes to a node with room that holds nothing, else to one holding only replicas, else (once
+//! `min_nodes` are registered, so no more are awaited) to the least loaded; a node holding
+//! nothing gets a replica of the least-covered shard. A replica first fetches from the nodes
+//! already holding or fetching its shard and not from the seeder's tracker, so the seeder sends
+//! each shard about once; if those nodes go away it is told to use the tracker again.
+
+use std::time::Instant;
+
+use protocol::{Control, LoadShardParams, Message, COORDINATOR};
+
+use super::{Holding, NodeState, Outbox, Swarm};
+
+impl Swarm {
+    /// The nodes other than `node` that `node` can fetch `shard_id` from: those that have it
+    /// or are getting it.
+    pub(super) fn sources<'a>(
+        &'a self,
+        node: &'a str,
+        shard_id: u32,
+    ) -> impl Iterator<Item = &'a NodeState> {
+        self.nodes.values().filter(move |n| {
+            n.node_id != node
+                && matches!(
+                    n.shards.get(&shard_id),
+                    Some(Holding::Loaded { .. } | Holding::Fetching { .. })
+                )
+        })
+    }
+
+    pub(super) fn load_shard(
+        &self,
+        node: &str,
+        shard_id: u32,
+        use_tracker: bool,
+    ) -> (String, Control) {
+        let s = &self.shards[shard_id as usize];
+        let peers = self
+            .sources(node, shard_id)
+            .map(|n| n.peer_addr.to_string())
+            .collect();
+        let params = LoadShardParams {
+            shard_id,
+            file: s.file.clone(),
+            size: s.size,
+            info_hash: s.info_hash.clone(),
+            magnet: s.magnet.clone(),
+            torrent_url: s.torrent_url.clone(),
+            sha256: s.sha256.clone(),
+            peers,
+            use_tracker,
+            seeder_peer: self.seeder_peer.clone(),
+        };
+        (
+            node.to_owned(),
+            Control::new(COORDINATOR, node, Message::LoadShard(params)),
+        )
+    }
+
+    pub(super) fn coverage(&self, shard_id: u32) -> usize {
+        self.nodes
+            .values()
+            .filter(|n| n.shards.get(&shard_id).is_some_and(Holding::counts))
+            .count()
+    }
+
+    /// Place uncovered shards and replicas, fix stranded replicas, and update readiness.
+    pub fn place(&mut self) -> Outbox {
+        let mut out = Vec::new();
+        // Every shard on at least one node.
+        for shard_id in 0..self.shards.len() as u32 {
+            if self.coverage(shard_id) > 0 {
+                continue;
+            }
+            let spec = self.shards[shard_id as usize].clone();
+            // Nodes holding nothing first, then nodes holding only replicas; a node that holds
+            // a shard nobody else has takes a second one only once no more nodes are awaited.
+            let enough_nodes = self.nodes.len() >= self.min_nodes;
+            let settled = Instant::now() >= self.settle_until;
+            let candidate = self
+                .nodes
+                .values()
+                .filter(|n| {
+                    !n.shards.get(&shard_id).is_some_and(Holding::counts)
+                        && n.has_room_for(&spec, &self.shards)
+                })
+                .map(|n| {
+                    let counted: Vec<u32> = n
+                        .shards
+                        .iter()
+                        .filter(|(_, h)| h.counts())
+                        .map(|(id, _)| *id)
+                        .collect();
+                    let rank = if counted.is_empty() {
+                        0
+                    } else if counted.iter().all(|id| self.coverage(*id) >= 2) {
+                        1
+                    } else {
+                        2
+                    };
+                    (rank, counted.len(), n.node_id.clone())
+                })
+                .filter(|(rank, _, _)| *rank == 0 || (settled && (*rank < 2 || enough_nodes)))
+                .min()
+                .map(|(_, _, id)| id);
+            match candidate {
+                Some(node) => {
+                    self.assign(&node, shard_id);
+                    out.push(self.load_shard(&node, shard_id, true));
+                }
+                None if enough_nodes => tracing::warn!(
+                    "no node has room for shard {shard_id} ({} bytes)",
+                    spec.size
+                ),
+                None => {} // more nodes are awaited
+            }
+        }
+        // Nodes holding nothing get a replica of the least-covered shard.
+        let idle: Vec<String> = self
+            .nodes
+            .values()
+            .filter(|n| !n.shards.values().any(Holding::counts))
+            .map(|n| n.node_id.clone())
+            .collect();
+        for node in idle {
+            let best = (0..self.shards.len() as u32)
+                .filter(|id| {
+                    let n = &self.nodes[&node];
+                    !matches!(n.shards.get(id), Some(Holding::Failed { .. }))
+                        && n.has_room_for(&self.shards[*id as usize], &self.shards)
+                })
+                .min_by_key(|id| (self.coverage(*id), *id));
+            if let Some(shard_id) = best {
+                self.assign(&node, shard_id);
+            }
+        }
+        // Replicas: a waiting one starts as soon as another node holds or fetches the shard,
+        // fetching from those nodes only; one whose sources are all gone falls back to the
+        // seeder's tracker.
+        let replicas: Vec<(String, u32, bool)> = self
+            .nodes
+            .values()
+            .flat_map(|n| {
+                n.shards.iter().filter_map(move |(id, h)| match h {
+                    Holding::Waiting => Some((n.node_id.clone(), *id, true)),
+                    Holding::Fetching {
+                        use_tracker: false, ..
+                    } => Some((n.node_id.clone(), *id, false)),
+                    _ => None,
+                })
+            })
+            .collect();
+        for (node, shard_id, waiting) in replicas {
+            let has_source = self.sources(&node, shard_id).next().is_some();
+            let use_tracker = match (waiting, has_source) {
+                (true, true) => false,
+                (_, false) => true,
+                (false, true) => continue,
+            };
+            let total = self.shards[shard_id as usize].size;
+            self.nodes
+                .get_mut(&node)
+                .expect("known node")
+                .shards
+                .insert(
+                    shard_id,
+                    Holding::Fetching {
+                        bytes: 0,
+                        total,
+                        from_seeder: 0,
+                        from_peers: 0,
+                        use_tracker,
+                    },
+                );
+            out.push(self.load_shard(&node, shard_id, use_tracker));
+        }
+        out.extend(self.update_ready());
+        out
+    }
+
+    /// Give `shard_id` to `node`. The first holder fetches it through the seeder's tracker at
+    /// once; a replica (started by [`Swarm::place`]) fetches from the first holder only,
+    /// trailing it piece by piece, so the seeder sends each shard once and the replica lands
+    /// shortly after its source (bench/swarm.py, N=8: makespan 1.25x the bound, 1.01 copies
+    /// from the seeder). Copying only a finished shard was 1.88x: the two big shards took one
+    /// more whole transfer over a node's uplink. The node works around three librqbit 9.1
+    /// problems for this (`node::fetch`: `STALL_AFTER`, `prime_first_piece`, and replicas added
+    /// without announce URLs).
+    pub(super) fn assign(&mut self, node: &str, shard_id: u32) {
+        let primary = self.coverage(shard_id) == 0;
+        let total = self.shards[shard_id as usize].size;
+        let holding = if primary {
+            Holding::Fetching {
+                bytes: 0,
+                total,
+                from_seeder: 0,
+                from_peers: 0,
+                use_tracker: true,
+            }
+        } else {
+            Holding::Waiting
+        };
+        self.nodes
+            .get_mut(node)
+            .expect("assigning to a known node")
+            .shards
+            .insert(shard_id, holding);
+        tracing::info!(
+            "placing shard {shard_id} on node {node}{}",
+            if primary { "" } else { " (replica)" }
+        );
+    }
+}
