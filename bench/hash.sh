@@ -11,7 +11,7 @@ size_mib=${1:-1024}
 log2=${2:-20}
 runs=${3:-3}
 command -v mktorrent >/dev/null || { echo "mktorrent missing: apt-get install mktorrent" >&2; exit 1; }
-cargo build --release -q -p torrents
+cargo build --release -q -p shard_loader
 bin=target/release/shard_loader
 
 work=$(mktemp -d /tmp/shardswarm-bench-hash.XXXXXX)

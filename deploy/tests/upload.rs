@@ -109,7 +109,7 @@ fn uploads_a_valid_set_with_rsync_and_scp_and_refuses_an_invalid_one() {
     let key = dir.path().join("user_key");
 
     let shards = tempfile::tempdir().unwrap();
-    let model_path = torrents::default_model::require().unwrap_or_else(|e| panic!("{e}"));
+    let model_path = tests::default_model::require().unwrap_or_else(|e| panic!("{e}"));
     let model = torrents::gguf::GgufModel::open(&model_path).unwrap();
     let source = torrents::map::gguf_source(&model).unwrap();
     torrents::split::split_model(

@@ -12,7 +12,7 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 use serde::Serialize;
 
-use crate::{backend, LlmError};
+use crate::backend::{backend, LlmError};
 
 /// What llama.cpp reports about a loaded model: enough to check that a stage file is what its
 /// manifest says it is.

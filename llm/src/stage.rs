@@ -16,7 +16,7 @@ use std::ptr::NonNull;
 
 use llama_cpp_sys_2 as sys;
 
-use crate::{backend, LlmError};
+use crate::backend::{backend, LlmError};
 
 /// The most positions one `llama_decode` takes (llama.cpp's default micro-batch). llama.cpp
 /// keeps an n_vocab-wide logits row for every output of a decode, and a non-final stage outputs

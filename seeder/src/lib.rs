@@ -170,7 +170,7 @@ pub struct Bound {
 
 /// Run the seeder until SIGINT/SIGTERM (or `shutdown` resolves).
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let server = service::start(config).await?;
+    let server = service::start(config, api::router).await?;
     let b = server.bound().clone();
     println!("[READY] http={} peer={}", b.http, b.peer);
     server.wait_for_shutdown_signal().await;

@@ -214,8 +214,13 @@ impl Running {
     }
 }
 
-/// Scan, seed, list in the tracker, then serve HTTP: see the module doc for why in that order.
-pub async fn start(config: Config) -> anyhow::Result<Running> {
+/// Scan, seed, list in the tracker, then serve HTTP with the router `http` makes (the API
+/// module's, passed in so that this module does not depend on the API built on top of it):
+/// see the module doc for why in that order.
+pub async fn start(
+    config: Config,
+    http: impl FnOnce(Arc<Seeder>) -> axum::Router,
+) -> anyhow::Result<Running> {
     config.check()?;
     if config.transport == Transport::Quic {
         tracing::warn!("--transport quic: BitTorrent has no QUIC transport; using TCP and uTP");
@@ -341,7 +346,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 
     let cancel = CancellationToken::new();
     tokio::spawn(rescan_loop(seeder.clone(), rescan_rx, cancel.clone()));
-    let app = crate::api::router(seeder.clone());
+    let app = http(seeder.clone());
     let shutdown = cancel.clone();
     let server = tokio::spawn(async move {
         let serve = axum::serve(

@@ -1,6 +1,8 @@
 //! What the whole-system tests share: our binaries as real processes (waiting for their
 //! `[READY]` lines, never sleeping), the real model split into shards, and bounded polling.
 
+pub mod default_model;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -252,7 +254,7 @@ pub fn get_json(url: &str) -> serde_json::Value {
 
 /// The real model split into `n` shards in a fresh directory.
 pub fn real_shards(n: usize) -> tempfile::TempDir {
-    let model_path = torrents::default_model::require().unwrap_or_else(|e| panic!("{e}"));
+    let model_path = crate::default_model::require().unwrap_or_else(|e| panic!("{e}"));
     shards_of(&model_path, n)
 }
 
@@ -272,9 +274,7 @@ pub fn shards_of(model: &Path, n: usize) -> tempfile::TempDir {
 pub fn gemma3_model() -> PathBuf {
     let path = std::env::var_os("SHARDSWARM_GEMMA3_MODEL")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            torrents::default_model::path().with_file_name("gemma-3-270m-q4_k_m.gguf")
-        });
+        .unwrap_or_else(|| crate::default_model::path().with_file_name("gemma-3-270m-q4_k_m.gguf"));
     assert!(
         path.is_file(),
         "{} missing: run deploy/fetch-model.sh --model gemma3-270m (.ci/run does)",

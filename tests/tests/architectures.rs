@@ -119,7 +119,7 @@ fn synthetic_matrix(arch: &str) {
 #[test]
 fn llama_smollm2() {
     let _one = tests::swarm_lock();
-    let model = torrents::default_model::require().unwrap_or_else(|e| panic!("{e}"));
+    let model = tests::default_model::require().unwrap_or_else(|e| panic!("{e}"));
     matrix(&model, &text_prompts(&model));
 }
 
@@ -203,7 +203,7 @@ fn the_table_names_real_tests_and_the_readme_shows_it() {
 }
 
 fn shard_loader(args: &[&str]) -> std::process::Output {
-    Command::new(tests::bin("torrents", "shard_loader"))
+    Command::new(tests::bin("shard_loader", "shard_loader"))
         .args(args)
         .output()
         .unwrap()

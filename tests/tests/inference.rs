@@ -68,7 +68,7 @@ fn data_exchange(addr: &str, frame: &protocol::data::Frame) -> protocol::data::F
 }
 
 fn model() -> std::path::PathBuf {
-    torrents::default_model::require().unwrap_or_else(|e| panic!("{e}"))
+    tests::default_model::require().unwrap_or_else(|e| panic!("{e}"))
 }
 
 const PROMPTS: [&str; 3] = [

@@ -19,7 +19,7 @@ fn real_stages(n: usize, max_ctx: u32) -> (tempfile::TempDir, Vec<Stage>) {
 #[test]
 fn stages_give_the_whole_models_tokens_for_2_3_and_4_shards() {
     let _one = tests::swarm_lock();
-    let model_path = torrents::default_model::require().unwrap_or_else(|e| panic!("{e}"));
+    let model_path = tests::default_model::require().unwrap_or_else(|e| panic!("{e}"));
     let prompts = [
         "The capital of France is",
         "<|im_start|>user\nWrite a haiku about torrents.<|im_end|>\n<|im_start|>assistant\n",
@@ -52,7 +52,7 @@ fn stages_give_the_whole_models_tokens_for_2_3_and_4_shards() {
 #[test]
 fn a_prompt_of_several_chunks_gives_the_whole_models_tokens() {
     let _one = tests::swarm_lock();
-    let model_path = torrents::default_model::require().unwrap_or_else(|e| panic!("{e}"));
+    let model_path = tests::default_model::require().unwrap_or_else(|e| panic!("{e}"));
     let paragraph = "A torrent client cuts a file into pieces, checks every piece against its \
         SHA-1 hash, and trades the pieces it holds with the peers that need them. ";
     let prompt = format!("{}Summary in one sentence:", paragraph.repeat(40));
@@ -74,7 +74,7 @@ fn a_prompt_of_several_chunks_gives_the_whole_models_tokens() {
 #[test]
 fn node_reference_prints_the_whole_models_completion() {
     let _one = tests::swarm_lock();
-    let model_path = torrents::default_model::require().unwrap_or_else(|e| panic!("{e}"));
+    let model_path = tests::default_model::require().unwrap_or_else(|e| panic!("{e}"));
     let out = std::process::Command::new(tests::bin("node", "node"))
         .args(["reference", "--model"])
         .arg(&model_path)

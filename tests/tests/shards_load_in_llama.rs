@@ -7,9 +7,9 @@ use torrents::split::split_model;
 
 #[test]
 fn every_shard_loads_with_its_layer_count() {
-    let model_path = torrents::default_model::require().unwrap_or_else(|e| panic!("{e}"));
+    let model_path = tests::default_model::require().unwrap_or_else(|e| panic!("{e}"));
     let whole = llm::inspect_model(&model_path).unwrap();
-    assert_eq!(u64::from(whole.n_layer), torrents::default_model::LAYERS);
+    assert_eq!(u64::from(whole.n_layer), tests::default_model::LAYERS);
     let model = GgufModel::open(&model_path).unwrap();
     let source = gguf_source(&model).unwrap();
     for n in [1usize, 3, 4, 30] {

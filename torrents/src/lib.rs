@@ -4,7 +4,6 @@
 
 pub mod arch;
 pub mod bencode;
-pub mod default_model;
 pub mod error;
 pub mod gguf;
 pub mod hashing;

@@ -102,7 +102,7 @@ fn split_into_4_is_faithful_deterministic_and_valid() {
     assert_eq!(ranges, [(0, 7), (8, 15), (16, 22), (23, 29)]);
     assert_eq!(
         m.source.sha256.as_deref(),
-        Some(torrents::default_model::SHA256)
+        Some(tests::default_model::SHA256)
     );
     check_union_equals_source(a.path(), &m);
     let m2 = split(4, b.path());

@@ -17,7 +17,7 @@ pub fn repo() -> PathBuf {
 
 /// The default real model, fetched by `deploy/fetch-model.sh`.
 pub fn model() -> PathBuf {
-    torrents::default_model::require().unwrap_or_else(|e| panic!("{e}"))
+    tests::default_model::require().unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Run `shard_loader` with `args`.
