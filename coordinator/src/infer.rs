@@ -9,7 +9,6 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::{LlamaChatMessage, LlamaModel};
 use llama_cpp_2::token::LlamaToken;
@@ -18,6 +17,7 @@ use protocol::data::{Frame, Hello, Payload, Sampling};
 use tokio::sync::mpsc;
 
 use crate::swarm::{RouteHop, ShardSpec};
+use crate::{Error, Result};
 
 /// The model's vocabulary and chat template.
 pub struct Vocab {
@@ -34,33 +34,33 @@ impl Vocab {
         shard: &ShardSpec,
         cache_dir: &Path,
         model_id: String,
-    ) -> anyhow::Result<Vocab> {
+    ) -> Result<Vocab> {
         std::fs::create_dir_all(cache_dir)
-            .with_context(|| format!("cache dir {}", cache_dir.display()))?;
+            .map_err(|e| Error::io(format!("cache dir {}", cache_dir.display()), e))?;
         let path = cache_dir.join(&shard.file);
         let ok = |p: &Path| torrents::hashing::sha256_file(p).is_ok_and(|h| h == shard.sha256);
         if !ok(&path) {
             let url = format!("{}/seed/{}", seeder.trim_end_matches('/'), shard.file);
             tracing::info!("fetching the vocabulary from {url}");
-            let bytes = reqwest::get(&url)
+            let response = reqwest::get(&url)
                 .await
                 .and_then(|r| r.error_for_status())
-                .with_context(|| format!("GET {url}"))?
-                .bytes()
-                .await?;
-            torrents::manifest::write_atomically(&path, &bytes)?;
+                .map_err(|e| Error::seeder(&url, e))?;
+            let bytes = response.bytes().await.map_err(|e| Error::seeder(&url, e))?;
+            torrents::manifest::write_atomically(&path, &bytes)
+                .map_err(|e| Error::Vocab(e.to_string()))?;
             if !ok(&path) {
-                bail!("{url} does not match the manifest's sha256");
+                return Err(Error::seeder(&url, "does not match the manifest's sha256"));
             }
         }
         Self::load(&path, model_id)
     }
 
     /// Load the vocabulary of a GGUF file.
-    pub fn load(path: &Path, model_id: String) -> anyhow::Result<Vocab> {
+    pub fn load(path: &Path, model_id: String) -> Result<Vocab> {
         let params = LlamaModelParams::default().with_vocab_only(true);
         let model = LlamaModel::load_from_file(llm::backend()?, path, &params)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            .map_err(|e| Error::Vocab(format!("{}: {e}", path.display())))?;
         Ok(Vocab { model, model_id })
     }
 
@@ -89,16 +89,20 @@ impl Vocab {
     }
 
     /// The chat messages as a prompt, through the model's own chat template.
-    pub fn chat_prompt(&self, messages: &[(String, String)]) -> anyhow::Result<String> {
+    pub fn chat_prompt(&self, messages: &[(String, String)]) -> Result<String> {
+        let vocab_error = |e: &dyn std::fmt::Display| Error::Vocab(e.to_string());
         let template = self
             .model
             .chat_template(None)
-            .context("the model has no chat template")?;
+            .map_err(|e| Error::Vocab(format!("the model has no chat template: {e}")))?;
         let chat = messages
             .iter()
             .map(|(role, content)| LlamaChatMessage::new(role.clone(), content.clone()))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(self.model.apply_chat_template(&template, &chat, true)?)
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| vocab_error(&e))?;
+        self.model
+            .apply_chat_template(&template, &chat, true)
+            .map_err(|e| vocab_error(&e))
     }
 }
 
@@ -139,24 +143,20 @@ pub struct Request {
 }
 
 /// A data-channel connection to stage 0.
-async fn connect(
-    route: &[RouteHop],
-    model_sha256: &str,
-    split_id: &str,
-) -> anyhow::Result<Connection> {
-    let first = route.first().context("empty route")?;
+async fn connect(route: &[RouteHop], model_sha256: &str, split_id: &str) -> Result<Connection> {
+    let first = route
+        .first()
+        .ok_or_else(|| Error::Pipeline("empty route".into()))?;
     let hello = Hello {
         model_sha256: model_sha256.into(),
         split_id: split_id.into(),
         stage: 0,
     };
-    Connection::open(&first.data_addr, hello)
-        .await
-        .context("stage 0")
+    Ok(Connection::open(&first.data_addr, hello).await?)
 }
 
 /// Send a frame into the pipeline and take its answer.
-async fn call(conn: &mut Connection, frame: &Frame) -> anyhow::Result<Frame> {
+async fn call(conn: &mut Connection, frame: &Frame) -> Result<Frame> {
     conn.send(frame).await?;
     Ok(conn.receive().await?)
 }
@@ -166,7 +166,7 @@ pub enum AttemptError {
     /// The client went away: stop.
     ClientGone,
     /// The pipeline failed (a stage died or refused): another route may finish the request.
-    Pipeline(anyhow::Error),
+    Pipeline(Error),
 }
 
 /// One attempt at `req` through `route`. Text the client already has (`sent`, from an earlier
@@ -198,7 +198,7 @@ async fn run(
     sent: &mut String,
     events: &mpsc::Sender<Event>,
 ) -> Result<(Finish, usize), AttemptError> {
-    let pipeline = |e: anyhow::Error| AttemptError::Pipeline(e);
+    let pipeline = AttemptError::Pipeline;
     let mut generated: Vec<i32> = Vec::new();
     let mut input = Payload::Tokens(req.prompt.clone());
     let mut pos = 0u32;
@@ -216,8 +216,12 @@ async fn run(
         };
         let token = match call(conn, &frame).await.map_err(pipeline)? {
             Frame::Token { token, .. } => token,
-            Frame::Error(e) => return Err(pipeline(anyhow::anyhow!("the pipeline failed: {e}"))),
-            other => return Err(pipeline(anyhow::anyhow!("unexpected answer {other:?}"))),
+            Frame::Error(e) => return Err(pipeline(Error::Pipeline(format!("it failed: {e}")))),
+            other => {
+                return Err(pipeline(Error::Pipeline(format!(
+                    "unexpected answer {other:?}"
+                ))))
+            }
         };
         pos += step;
         if vocab.is_end(token) {

@@ -7,6 +7,7 @@
 //! non-blocking bookkeeping of one event; the messages an event produces are sent after the
 //! lock is released.
 
+pub mod error;
 pub mod hub;
 pub mod infer;
 pub mod openai;
@@ -18,6 +19,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
+
+pub use error::{Error, Result};
 
 /// Coordinator configuration (flags, or `SHARDSWARM_COORDINATOR_*` environment variables).
 #[derive(Debug, Clone, Parser)]
@@ -76,15 +79,18 @@ impl Default for Config {
 
 impl Config {
     /// Refuse settings that cannot work, naming the flag.
-    pub fn check(&self) -> anyhow::Result<()> {
+    pub fn check(&self) -> Result<()> {
+        let refuse = |m: String| Err(Error::Config(m));
         if self.min_nodes == 0 {
-            anyhow::bail!("--min-nodes must be at least 1");
+            return refuse("--min-nodes must be at least 1".into());
         }
         if self.heartbeat_interval == 0 || self.heartbeat_timeout <= self.heartbeat_interval {
-            anyhow::bail!("--heartbeat-timeout must be longer than --heartbeat-interval (>= 1 s)");
+            return refuse(
+                "--heartbeat-timeout must be longer than --heartbeat-interval (>= 1 s)".into(),
+            );
         }
         if !(self.seeder.starts_with("http://") || self.seeder.starts_with("https://")) {
-            anyhow::bail!("--seeder {} is not an http:// URL", self.seeder);
+            return refuse(format!("--seeder {} is not an http:// URL", self.seeder));
         }
         Ok(())
     }
@@ -98,7 +104,7 @@ impl Config {
 }
 
 /// Run until SIGINT/SIGTERM.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+pub async fn run(config: Config) -> Result<()> {
     let running = server::start(config).await?;
     println!("[READY] http={}", running.http);
     running.wait_for_shutdown_signal().await;

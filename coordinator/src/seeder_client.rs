@@ -3,12 +3,12 @@
 
 use std::time::Duration;
 
-use anyhow::Context;
 use protocol::seeder::{FileList, Health};
 use serde::de::DeserializeOwned;
 use torrents::manifest::Manifest;
 
 use crate::swarm::ShardSpec;
+use crate::{Error, Result};
 
 /// The served split.
 #[derive(Debug, Clone)]
@@ -29,26 +29,30 @@ fn client() -> reqwest::Client {
 }
 
 /// GET a JSON document of type `T` from the seeder.
-pub async fn get_json<T: DeserializeOwned>(seeder: &str, path: &str) -> anyhow::Result<T> {
+pub async fn get_json<T: DeserializeOwned>(seeder: &str, path: &str) -> Result<T> {
     let url = format!("{}{path}", seeder.trim_end_matches('/'));
     let resp = client()
         .get(&url)
         .send()
         .await
-        .with_context(|| format!("GET {url}"))?;
+        .map_err(|e| Error::seeder(&url, e))?;
     let status = resp.status();
     let body: serde_json::Value = resp
         .json()
         .await
-        .with_context(|| format!("GET {url}: not JSON"))?;
+        .map_err(|e| Error::seeder(&url, format!("not JSON: {e}")))?;
     if !status.is_success() {
-        anyhow::bail!("GET {url}: {status}: {}", body["error"]["message"]);
+        return Err(Error::seeder(
+            &url,
+            format!("{status}: {}", body["error"]["message"]),
+        ));
     }
-    serde_json::from_value(body).with_context(|| format!("GET {url}: unexpected document"))
+    serde_json::from_value(body)
+        .map_err(|e| Error::seeder(&url, format!("unexpected document: {e}")))
 }
 
 /// Read the split from the seeder's `/manifest` and `/files`.
-pub async fn fetch_split(seeder: &str) -> anyhow::Result<SplitInfo> {
+pub async fn fetch_split(seeder: &str) -> Result<SplitInfo> {
     let manifest: Manifest = get_json(seeder, "/manifest").await?;
     let files: FileList = get_json(seeder, "/files").await?;
     let health: Option<Health> = get_json(seeder, "/healthz").await.ok();
@@ -58,12 +62,14 @@ pub async fn fetch_split(seeder: &str) -> anyhow::Result<SplitInfo> {
             .files
             .iter()
             .find(|f| f.name == s.file)
-            .with_context(|| format!("the seeder does not serve {}", s.file))?;
+            .ok_or_else(|| {
+                Error::seeder(seeder, format!("the seeder does not serve {}", s.file))
+            })?;
         if listed.sha256 != s.sha256 {
-            anyhow::bail!(
-                "the seeder's {} does not match its manifest (sha256 differs)",
-                s.file
-            );
+            return Err(Error::seeder(
+                seeder,
+                format!("{} does not match its manifest (sha256 differs)", s.file),
+            ));
         }
         shards.push(ShardSpec {
             shard_id: k as u32,
@@ -76,7 +82,7 @@ pub async fn fetch_split(seeder: &str) -> anyhow::Result<SplitInfo> {
         });
     }
     if shards.is_empty() {
-        anyhow::bail!("the seeder's manifest lists no shards");
+        return Err(Error::seeder(seeder, "the manifest lists no shards"));
     }
     Ok(SplitInfo {
         model_name: manifest.source.name,
@@ -91,19 +97,23 @@ pub async fn fetch_split(seeder: &str) -> anyhow::Result<SplitInfo> {
 }
 
 /// Fetch the split, retrying with backoff (bounded: about two minutes) while the seeder starts.
-pub async fn fetch_split_with_retry(seeder: &str) -> anyhow::Result<SplitInfo> {
+pub async fn fetch_split_with_retry(seeder: &str) -> Result<SplitInfo> {
     let mut delay = Duration::from_millis(250);
     let mut last = None;
     for _ in 0..20 {
         match fetch_split(seeder).await {
             Ok(s) => return Ok(s),
             Err(e) => {
-                tracing::warn!("seeder not ready: {e:#}");
+                tracing::warn!("seeder not ready: {e}");
                 last = Some(e);
             }
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(8));
     }
-    Err(last.expect("at least one attempt")).context("the seeder never answered with a manifest")
+    let last = last.expect("at least one attempt");
+    Err(Error::seeder(
+        seeder,
+        format!("never answered with a manifest: {last}"),
+    ))
 }

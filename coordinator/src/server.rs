@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::hub::Hub;
 use crate::swarm::{Outbox, Refusal, Swarm, SwarmSettings};
-use crate::Config;
+use crate::{Config, Error, Result};
 
 /// A started coordinator.
 pub struct Running {
@@ -41,7 +41,7 @@ impl Running {
 }
 
 /// Learn the split from the seeder, then listen.
-pub async fn start(config: Config) -> anyhow::Result<Running> {
+pub async fn start(config: Config) -> Result<Running> {
     config.check()?;
     let split = crate::seeder_client::fetch_split_with_retry(&config.seeder).await?;
     tracing::info!(
@@ -62,7 +62,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         {
             Ok(v) => Some(Arc::new(v)),
             Err(e) => {
-                tracing::warn!("no vocabulary, so no inference API: {e:#}");
+                tracing::warn!("no vocabulary, so no inference API: {e}");
                 None
             }
         };
@@ -81,8 +81,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let hub = Arc::new(Hub::new(swarm, config.seeder.clone(), vocab));
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
-        .map_err(|e| anyhow::anyhow!("binding {}: {e}", config.listen))?;
-    let http = listener.local_addr()?;
+        .map_err(|e| Error::io(format!("binding {}", config.listen), e))?;
+    let http = listener
+        .local_addr()
+        .map_err(|e| Error::io("the listening address", e))?;
     let cancel = CancellationToken::new();
     let app = Router::new()
         .route("/control", get(control))

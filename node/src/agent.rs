@@ -10,7 +10,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
 use futures::{SinkExt, StreamExt};
 use protocol::{
     code, Capacity, Control, Empty, HeldShard, Message as M, RegisterParams, Route,
@@ -22,7 +21,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::fetch::{FetchEvent, Fetcher};
 use crate::store::DataDir;
-use crate::Config;
+use crate::{Config, Error, Result};
 
 /// What a control-channel session works with.
 struct Links<'a> {
@@ -34,13 +33,6 @@ struct Links<'a> {
 
 /// Fetch tasks by shard id.
 type Tasks = std::collections::HashMap<u32, tokio::task::AbortHandle>;
-
-/// Why the node stops.
-#[derive(Debug, thiserror::Error)]
-pub enum Refused {
-    #[error("the coordinator refused this node ({code}): {message}")]
-    Registration { code: String, message: String },
-}
 
 fn control_url(coordinator: &str) -> String {
     let base = coordinator.trim_end_matches('/');
@@ -59,12 +51,16 @@ fn control_url(coordinator: &str) -> String {
 }
 
 /// Run the node until a signal, or until the coordinator refuses it.
-pub(crate) async fn run(config: Config) -> anyhow::Result<()> {
+pub(crate) async fn run(config: Config) -> Result<()> {
+    let required = |flag: &str| Error::Config(format!("{flag} is required"));
     let coordinator = config
         .coordinator
         .clone()
-        .context("--coordinator is required")?;
-    let data_dir = config.data_dir.clone().context("--data-dir is required")?;
+        .ok_or_else(|| required("--coordinator"))?;
+    let data_dir = config
+        .data_dir
+        .clone()
+        .ok_or_else(|| required("--data-dir"))?;
     let data = Arc::new(DataDir::open(&data_dir)?);
     let fetcher = Arc::new(
         Fetcher::start(
@@ -77,15 +73,14 @@ pub(crate) async fn run(config: Config) -> anyhow::Result<()> {
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
     let pipeline = crate::serve::Pipeline::new(data.shards_dir(), threads as i32);
+    let what = format!(
+        "binding the data channel on {}:{}",
+        config.listen_addr, config.data_port
+    );
     let data_listener = tokio::net::TcpListener::bind((config.listen_addr, config.data_port))
         .await
-        .with_context(|| {
-            format!(
-                "binding the data channel on {}:{}",
-                config.listen_addr, config.data_port
-            )
-        })?;
-    let data_addr = data_listener.local_addr()?;
+        .map_err(|e| Error::io(what.clone(), e))?;
+    let data_addr = data_listener.local_addr().map_err(|e| Error::io(what, e))?;
     tokio::spawn(crate::serve::serve(data_listener, pipeline.clone()));
     let name = config.name.clone().unwrap_or_else(|| {
         std::fs::read_to_string("/etc/hostname")
@@ -132,12 +127,12 @@ pub(crate) async fn run(config: Config) -> anyhow::Result<()> {
             }
             result = session => match result {
                 Ok(()) => backoff = Duration::from_millis(250),
+                Err(e @ Error::Refused { .. }) => {
+                    fetcher.session.stop().await;
+                    return Err(e);
+                }
                 Err(e) => {
-                    if let Some(refused) = e.downcast_ref::<Refused>() {
-                        fetcher.session.stop().await;
-                        bail!("{refused}");
-                    }
-                    tracing::warn!("control channel: {e:#}; reconnecting in {:.1} s", backoff.as_secs_f64());
+                    tracing::warn!("{e}; reconnecting in {:.1} s", backoff.as_secs_f64());
                 }
             }
         }
@@ -163,20 +158,21 @@ async fn session(
         &mut mpsc::UnboundedReceiver<FetchEvent>,
     ),
     tasks: &mut Tasks,
-) -> anyhow::Result<()> {
-    let mut request = url.into_client_request()?;
+) -> Result<()> {
+    let mut request = url.into_client_request().map_err(Error::control)?;
     if let Some(t) = &config.token {
-        request
-            .headers_mut()
-            .insert("Authorization", format!("Bearer {t}").parse()?);
+        let bearer = format!("Bearer {t}")
+            .parse()
+            .map_err(|_| Error::Config("the token is not a valid HTTP header value".into()))?;
+        request.headers_mut().insert("Authorization", bearer);
     }
     let (ws, _) = tokio::time::timeout(
         Duration::from_secs(10),
         tokio_tungstenite::connect_async(request),
     )
     .await
-    .context("connecting timed out")?
-    .with_context(|| format!("connecting to {url}"))?;
+    .map_err(|_| Error::control(format!("connecting to {url} timed out")))?
+    .map_err(|e| Error::control(format!("connecting to {url}: {e}")))?;
     let (mut sink, mut stream) = ws.split();
     let (data, fetcher) = (links.data, links.fetcher);
     let me = data.node_id.clone();
@@ -208,7 +204,8 @@ async fn session(
     };
     let send = |c: Control| Message::Text(c.encode().into());
     sink.send(send(Control::new(&me, COORDINATOR, M::Register(register))))
-        .await?;
+        .await
+        .map_err(Error::control)?;
     let mut heartbeat = tokio::time::interval(Duration::from_secs(2));
     let mut last_heard = tokio::time::Instant::now();
     let mut registered = false;
@@ -217,8 +214,8 @@ async fn session(
             frame = stream.next() => {
                 let text = match frame {
                     Some(Ok(Message::Text(t))) => t.to_string(),
-                    Some(Ok(Message::Close(_))) | None => bail!("the coordinator closed the connection"),
-                    Some(Err(e)) => bail!("the connection failed: {e}"),
+                    Some(Ok(Message::Close(_))) | None => return Err(Error::control("the coordinator closed the connection")),
+                    Some(Err(e)) => return Err(Error::control(format!("the connection failed: {e}"))),
                     Some(Ok(_)) => continue,
                 };
                 last_heard = tokio::time::Instant::now();
@@ -266,7 +263,7 @@ async fn session(
                     }
                     M::Error(e) => {
                         if !registered && [code::UNAUTHORIZED, code::FOREIGN_SHARDS, code::PROTOCOL_VERSION].contains(&e.code.as_str()) {
-                            return Err(Refused::Registration { code: e.code, message: e.message }.into());
+                            return Err(Error::Refused { code: e.code, message: e.message });
                         }
                         tracing::warn!("coordinator error {}: {}", e.code, e.message);
                     }
@@ -285,14 +282,14 @@ async fn session(
                     FetchEvent::Loaded(p) => Control::new(&me, COORDINATOR, M::ShardLoaded(p)),
                     FetchEvent::Failed(p) => Control::new(&me, COORDINATOR, M::ShardFailed(p)),
                 };
-                sink.send(send(c)).await?;
+                sink.send(send(c)).await.map_err(Error::control)?;
             }
             _ = heartbeat.tick() => {
                 if last_heard.elapsed() > Duration::from_secs(30) {
-                    bail!("nothing heard from the coordinator for 30 s");
+                    return Err(Error::control("nothing heard from the coordinator for 30 s"));
                 }
                 if registered {
-                    sink.send(send(Control::new(&me, COORDINATOR, M::Heartbeat(Empty {})))).await?;
+                    sink.send(send(Control::new(&me, COORDINATOR, M::Heartbeat(Empty {})))).await.map_err(Error::control)?;
                 }
             }
         }

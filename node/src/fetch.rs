@@ -10,7 +10,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{bail, Context};
 use librqbit::dht::Id20;
 use librqbit::{
     AddTorrent, AddTorrentOptions, ListenerMode, ListenerOptions, Session, SessionOptions,
@@ -19,6 +18,7 @@ use protocol::{LoadShardParams, ShardFailedParams, ShardLoadedParams, ShardProgr
 use tokio::sync::mpsc;
 
 use crate::store::DataDir;
+use crate::{Error, Result};
 
 /// How often a fetch reports progress.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
@@ -57,8 +57,9 @@ pub struct Fetcher {
 
 impl Fetcher {
     /// Start the session listening on `listen`.
-    pub async fn start(data: Arc<DataDir>, listen: SocketAddr) -> anyhow::Result<Fetcher> {
-        std::fs::create_dir_all(data.session_dir())?;
+    pub async fn start(data: Arc<DataDir>, listen: SocketAddr) -> Result<Fetcher> {
+        std::fs::create_dir_all(data.session_dir())
+            .map_err(|e| Error::io(data.session_dir().display().to_string(), e))?;
         let session = Session::new_with_opts(
             data.shards_dir(),
             SessionOptions {
@@ -78,7 +79,7 @@ impl Fetcher {
             },
         )
         .await
-        .context("starting the BitTorrent session")?;
+        .map_err(|e| Error::torrent(format_args!("starting the BitTorrent session: {e:#}")))?;
         Ok(Fetcher {
             session,
             data,
@@ -117,11 +118,11 @@ impl Fetcher {
         &self,
         p: &LoadShardParams,
         events: &mpsc::UnboundedSender<FetchEvent>,
-    ) -> Result<ShardLoadedParams, (&'static str, anyhow::Error)> {
+    ) -> Result<ShardLoadedParams, (&'static str, Error)> {
         if torrents::split::parse_shard_file_name(&p.file).is_none() {
             return Err((
                 "bad_params",
-                anyhow::anyhow!("{:?} is not a shard file name", p.file),
+                Error::Shard(format!("{:?} is not a shard file name", p.file)),
             ));
         }
         if let Some((_, sha)) = self.data.verified().into_iter().find(|(n, _)| *n == p.file) {
@@ -141,7 +142,7 @@ impl Fetcher {
         if free + have < p.size {
             return Err((
                 "no_space",
-                anyhow::anyhow!("{} needs {} bytes, {free} free", p.file, p.size),
+                Error::Shard(format!("{} needs {} bytes, {free} free", p.file, p.size)),
             ));
         }
         let handle = self.add(p).await.map_err(|e| ("torrent", e))?;
@@ -161,7 +162,7 @@ impl Fetcher {
             let now_counted = split_by_source(&handle, seeder.as_deref());
             (from_seeder, from_peers) = (earlier.0 + now_counted.0, earlier.1 + now_counted.1);
             if let Some(e) = stats.error {
-                return Err(("torrent", anyhow::anyhow!(e)));
+                return Err(("torrent", Error::Torrent(e)));
             }
             let now = tokio::time::Instant::now();
             if last_report.is_none_or(|t| now - t >= PROGRESS_EVERY) {
@@ -198,20 +199,28 @@ impl Fetcher {
         let check = path.clone();
         let sha = tokio::task::spawn_blocking(move || torrents::hashing::sha256_file(&check))
             .await
-            .map_err(|e| ("verify", anyhow::anyhow!(e)))?
-            .map_err(|e| ("verify", anyhow::anyhow!(e)))?;
+            .map_err(|e| ("verify", Error::Shard(format!("hashing {}: {e}", p.file))))?
+            .map_err(|e| ("verify", Error::from(e)))?;
         if sha != p.sha256 {
             return Err((
                 "sha256_mismatch",
-                anyhow::anyhow!("{} has sha256 {sha}, expected {}", p.file, p.sha256),
+                Error::Shard(format!(
+                    "{} has sha256 {sha}, expected {}",
+                    p.file, p.sha256
+                )),
             ));
         }
         if p.file.ends_with(".gguf") {
             let header = path.clone();
             tokio::task::spawn_blocking(move || torrents::gguf::GgufModel::open(&header))
                 .await
-                .map_err(|e| ("bad_header", anyhow::anyhow!(e)))?
-                .map_err(|e| ("bad_header", anyhow::anyhow!(e)))?;
+                .map_err(|e| {
+                    (
+                        "bad_header",
+                        Error::Shard(format!("reading {}: {e}", p.file)),
+                    )
+                })?
+                .map_err(|e| ("bad_header", Error::from(e)))?;
         }
         self.data
             .record_verified(&p.file, &sha)
@@ -226,7 +235,7 @@ impl Fetcher {
     }
 
     /// The torrent of a shard we hold, verified and complete: make sure it is seeded.
-    async fn seed_existing(&self, p: &LoadShardParams) -> anyhow::Result<()> {
+    async fn seed_existing(&self, p: &LoadShardParams) -> Result<()> {
         let h = info_hash(&p.info_hash)?;
         if self.session.get(Id20::new(h).into()).is_none() {
             self.add(p).await?;
@@ -235,7 +244,7 @@ impl Fetcher {
     }
 
     /// Add (or re-add, when its sources changed) the shard's torrent.
-    async fn add(&self, p: &LoadShardParams) -> anyhow::Result<Arc<librqbit::ManagedTorrent>> {
+    async fn add(&self, p: &LoadShardParams) -> Result<Arc<librqbit::ManagedTorrent>> {
         let h = info_hash(&p.info_hash)?;
         let id = Id20::new(h);
         let known_mode = self.modes.lock().unwrap().get(&h).copied();
@@ -245,22 +254,23 @@ impl Fetcher {
             }
             // Restored from fast resume, or its sources changed: add it again with the new
             // peers and tracker setting; the data on disk is kept and checked, not fetched.
-            self.session.delete(id.into(), false).await?;
+            self.session
+                .delete(id.into(), false)
+                .await
+                .map_err(Error::torrent)?;
         }
-        let bytes = reqwest::get(&p.torrent_url)
+        let url = &p.torrent_url;
+        let response = reqwest::get(url)
             .await
             .and_then(|r| r.error_for_status())
-            .with_context(|| format!("GET {}", p.torrent_url))?
-            .bytes()
-            .await?;
+            .map_err(|e| Error::http(url, e))?;
+        let bytes = response.bytes().await.map_err(|e| Error::http(url, e))?;
         let meta = torrents::metainfo::parse(&bytes)?;
         if meta.info_hash != h || meta.name != p.file || meta.length != p.size {
-            bail!(
+            return Err(Error::Shard(format!(
                 "{} is not the torrent of {} ({})",
-                p.torrent_url,
-                p.file,
-                p.info_hash
-            );
+                p.torrent_url, p.file, p.info_hash
+            )));
         }
         let mut peers: Vec<SocketAddr> = p.peers.iter().filter_map(|a| a.parse().ok()).collect();
         let replica = !p.use_tracker && !peers.is_empty();
@@ -305,9 +315,10 @@ impl Fetcher {
         let handle = self
             .session
             .add_torrent(AddTorrent::from_bytes(bytes), Some(opts))
-            .await?
+            .await
+            .map_err(Error::torrent)?
             .into_handle()
-            .context("librqbit did not add the torrent")?;
+            .ok_or_else(|| Error::Torrent("librqbit did not add the torrent".into()))?;
         self.modes.lock().unwrap().insert(h, p.use_tracker);
         Ok(handle)
     }
@@ -316,9 +327,9 @@ impl Fetcher {
 impl Fetcher {
     /// Drop the torrent's connections and connect again (to its initial peers; replicas have no
     /// tracker). Pausing keeps the verified pieces, so nothing is checked or fetched again.
-    async fn reconnect(&self, handle: &Arc<librqbit::ManagedTorrent>) -> anyhow::Result<()> {
-        self.session.pause(handle).await?;
-        self.session.unpause(handle).await
+    async fn reconnect(&self, handle: &Arc<librqbit::ManagedTorrent>) -> Result<()> {
+        self.session.pause(handle).await.map_err(Error::torrent)?;
+        self.session.unpause(handle).await.map_err(Error::torrent)
     }
 
     /// Give an empty replica its first piece from the torrent's web seed (BEP 19) before it
@@ -326,7 +337,7 @@ impl Fetcher {
     /// HAVE only to peers whose bitfield it has, so a source would never tell an empty replica
     /// about the pieces it gets while the replica trails it. One piece from the seeder (32 KiB
     /// of a 48 MB shard) makes the source announce every later piece.
-    async fn prime_first_piece(&self, meta: &torrents::metainfo::Metainfo) -> anyhow::Result<()> {
+    async fn prime_first_piece(&self, meta: &torrents::metainfo::Metainfo) -> Result<()> {
         let path = self.data.shards_dir().join(&meta.name);
         if std::fs::metadata(&path).is_ok_and(|m| m.len() > 0) {
             return Ok(()); // resuming: librqbit's check finds the pieces already there
@@ -334,32 +345,38 @@ impl Fetcher {
         let Some(web_seed) = meta.web_seeds.first() else {
             return Ok(()); // no web seed: the replica still fetches, only without trailing
         };
-        let len = meta.piece_size(0).context("a torrent without pieces")?;
-        let bytes = reqwest::Client::new()
+        let len = meta
+            .piece_size(0)
+            .ok_or_else(|| Error::Shard(format!("the torrent of {} has no pieces", meta.name)))?;
+        let response = reqwest::Client::new()
             .get(web_seed)
             .header(reqwest::header::RANGE, format!("bytes=0-{}", len - 1))
             .send()
             .await
             .and_then(|r| r.error_for_status())
-            .with_context(|| format!("GET {web_seed} (first piece)"))?
+            .map_err(|e| Error::http(web_seed, e))?;
+        let bytes = response
             .bytes()
-            .await?;
+            .await
+            .map_err(|e| Error::http(web_seed, e))?;
         use sha1::Digest;
         if bytes.len() as u64 != len
             || meta.piece_hash(0) != Some(sha1::Sha1::digest(&bytes).as_slice())
         {
-            bail!("the web seed {web_seed} sent a bad first piece");
+            return Err(Error::http(web_seed, "a bad first piece"));
         }
         let file = path.clone();
         let size = meta.length;
+        let what = format!("writing the first piece of {}", meta.name);
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             use std::io::Write;
             let mut f = std::fs::File::create(&file)?;
             f.write_all(&bytes)?;
             f.set_len(size)
         })
-        .await??;
-        Ok(())
+        .await
+        .map_err(|e| Error::Shard(format!("{what}: {e}")))?
+        .map_err(|e| Error::io(what, e))
     }
 }
 
@@ -384,8 +401,9 @@ fn split_by_source(handle: &librqbit::ManagedTorrent, seeder: Option<&str>) -> (
     (s, p)
 }
 
-fn info_hash(hex_hash: &str) -> anyhow::Result<[u8; 20]> {
+fn info_hash(hex_hash: &str) -> Result<[u8; 20]> {
     let mut h = [0u8; 20];
-    hex::decode_to_slice(hex_hash, &mut h).with_context(|| format!("info hash {hex_hash:?}"))?;
+    hex::decode_to_slice(hex_hash, &mut h)
+        .map_err(|e| Error::Shard(format!("info hash {hex_hash:?}: {e}")))?;
     Ok(h)
 }

@@ -3,9 +3,12 @@
 //! them as pipeline stages (llama.cpp through the `llm` crate).
 
 pub mod agent;
+pub mod error;
 pub mod fetch;
 pub mod serve;
 pub mod store;
+
+pub use error::{Error, Result};
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -55,6 +58,6 @@ impl Default for Config {
 }
 
 /// Run the node until SIGINT/SIGTERM, or until the coordinator refuses it.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+pub async fn run(config: Config) -> Result<()> {
     agent::run(config).await
 }

@@ -132,7 +132,7 @@ fn main() -> std::process::ExitCode {
             .enable_all()
             .build()
             .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(node::run(cli.node))),
+            .and_then(|rt| Ok(rt.block_on(node::run(cli.node))?)),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -21,6 +21,8 @@ use protocol::data::{Frame, Hello, Payload, Sampling};
 use protocol::RouteParams;
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::{Error, Result};
+
 /// The loaded stage and what it is doing.
 struct Loaded {
     route: RouteParams,
@@ -46,7 +48,7 @@ impl Pipeline {
     }
 
     /// Take a route: load the stage's shard into llama.cpp (unless already loaded).
-    pub async fn set_route(&self, route: RouteParams) -> anyhow::Result<()> {
+    pub async fn set_route(&self, route: RouteParams) -> Result<()> {
         let mut loaded = self.loaded.lock().await;
         if let Some(l) = loaded.as_mut() {
             if l.route.stage == route.stage
@@ -65,7 +67,8 @@ impl Pipeline {
         let threads = self.threads;
         let stage =
             tokio::task::spawn_blocking(move || Stage::load(&path, is_last, MAX_CONTEXT, threads))
-                .await??;
+                .await
+                .map_err(|e| Error::Pipeline(format!("loading the stage: {e}")))??;
         tracing::info!(
             "stage {} of {} loaded in llama.cpp{}",
             route.stage,
@@ -137,7 +140,7 @@ fn admit(route: Option<&RouteParams>, hello: &Hello) -> Result<(), String> {
     Ok(())
 }
 
-async fn handle(conn: &mut Connection, pipeline: &Pipeline) -> anyhow::Result<()> {
+async fn handle(conn: &mut Connection, pipeline: &Pipeline) -> Result<()> {
     while let Some(frame) = conn.receive_or_end().await? {
         let reply = match frame {
             Frame::Forward {
@@ -167,16 +170,16 @@ async fn forward(
     pos0: u32,
     sampling: Sampling,
     payload: Payload,
-) -> anyhow::Result<i32> {
+) -> Result<i32> {
     let mut guard = pipeline.loaded.lock().await;
     let l = guard
         .as_mut()
-        .ok_or_else(|| anyhow::anyhow!("this node has no route"))?;
+        .ok_or_else(|| Error::Pipeline("this node has no route".into()))?;
     if l.session != Some(session) {
         if pos0 != 0 {
-            anyhow::bail!(
+            return Err(Error::Pipeline(format!(
                 "session {session} is not running here (a new session starts at position 0)"
-            );
+            )));
         }
         l.stage.lock().unwrap().clear();
         l.session = Some(session);
@@ -189,7 +192,8 @@ async fn forward(
             Payload::Hidden { data, .. } => s.forward_hidden(data, pos0 as i32),
         }
     })
-    .await??;
+    .await
+    .map_err(|e| Error::Pipeline(format!("the stage's task failed: {e}")))??;
     match output {
         StageOutput::Logits(logits) => Ok(sample(&logits, sampling, pos0)),
         StageOutput::Hidden(data) => {
@@ -203,8 +207,13 @@ async fn forward(
             };
             match downstream(next, &request).await {
                 Ok(Frame::Token { token, .. }) => Ok(token),
-                Ok(Frame::Error(e)) => anyhow::bail!("stage {}: {e}", l.route.stage + 1),
-                Ok(other) => anyhow::bail!("stage {} answered {other:?}", l.route.stage + 1),
+                Ok(Frame::Error(e)) => {
+                    Err(Error::Pipeline(format!("stage {}: {e}", l.route.stage + 1)))
+                }
+                Ok(other) => Err(Error::Pipeline(format!(
+                    "stage {} answered {other:?}",
+                    l.route.stage + 1
+                ))),
                 Err(e) => {
                     l.next = None;
                     Err(e)
@@ -215,7 +224,7 @@ async fn forward(
 }
 
 /// End a session here and downstream.
-async fn end(pipeline: &Pipeline, session: u64) -> anyhow::Result<()> {
+async fn end(pipeline: &Pipeline, session: u64) -> Result<()> {
     let mut guard = pipeline.loaded.lock().await;
     let Some(l) = guard.as_mut() else {
         return Ok(());
@@ -235,13 +244,13 @@ async fn end(pipeline: &Pipeline, session: u64) -> anyhow::Result<()> {
 }
 
 /// The connection to the next stage, opened (and greeted) on first use.
-async fn next_hop(l: &mut Loaded) -> anyhow::Result<&mut Connection> {
+async fn next_hop(l: &mut Loaded) -> Result<&mut Connection> {
     if l.next.is_none() {
         let addr = l
             .route
             .next
             .clone()
-            .ok_or_else(|| anyhow::anyhow!("no next stage in the route"))?;
+            .ok_or_else(|| Error::Pipeline("no next stage in the route".into()))?;
         let hello = Hello {
             model_sha256: l.route.model_sha256.clone(),
             split_id: l.route.split_id.clone(),
@@ -249,14 +258,14 @@ async fn next_hop(l: &mut Loaded) -> anyhow::Result<&mut Connection> {
         };
         let conn = Connection::open(&addr, hello)
             .await
-            .map_err(|e| anyhow::anyhow!("stage {}: {e}", l.route.stage + 1))?;
+            .map_err(|e| Error::Pipeline(format!("stage {}: {e}", l.route.stage + 1)))?;
         l.next = Some(conn);
     }
     Ok(l.next.as_mut().expect("just set"))
 }
 
 /// Pass a frame to the next stage and take its answer.
-async fn downstream(next: &mut Connection, frame: &Frame) -> anyhow::Result<Frame> {
+async fn downstream(next: &mut Connection, frame: &Frame) -> Result<Frame> {
     next.send(frame).await?;
     Ok(next.receive().await?)
 }

@@ -10,7 +10,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
+use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use torrents::manifest::write_atomically;
 
@@ -35,18 +35,21 @@ fn mtime_ns(meta: &std::fs::Metadata) -> i128 {
 
 impl DataDir {
     /// Open (creating if needed) and lock `root`. Fails if another node holds the lock.
-    pub fn open(root: &Path) -> anyhow::Result<DataDir> {
+    pub fn open(root: &Path) -> Result<DataDir> {
         std::fs::create_dir_all(root.join("shards"))
-            .with_context(|| format!("data dir {}", root.display()))?;
+            .map_err(|e| Error::io(format!("data dir {}", root.display()), e))?;
         let lock = File::options()
             .create(true)
             .truncate(false)
             .write(true)
             .open(root.join(".lock"))
-            .with_context(|| format!("locking {}", root.display()))?;
+            .map_err(|e| Error::io(format!("locking {}", root.display()), e))?;
         // SAFETY: flock on a file descriptor we own.
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            bail!("data dir {} is in use by another node", root.display());
+            return Err(Error::Config(format!(
+                "data dir {} is in use by another node",
+                root.display()
+            )));
         }
         let id_path = root.join("node_id");
         let node_id = match std::fs::read_to_string(&id_path) {
@@ -97,8 +100,10 @@ impl DataDir {
     }
 
     /// Record that `name` (in `shards/`) has `sha256`.
-    pub fn record_verified(&self, name: &str, sha256: &str) -> anyhow::Result<()> {
-        let meta = std::fs::metadata(self.shards_dir().join(name))?;
+    pub fn record_verified(&self, name: &str, sha256: &str) -> Result<()> {
+        let path = self.shards_dir().join(name);
+        let meta =
+            std::fs::metadata(&path).map_err(|e| Error::io(path.display().to_string(), e))?;
         let mut records = self.records();
         records.insert(
             name.to_owned(),
@@ -108,25 +113,24 @@ impl DataDir {
                 sha256: sha256.to_owned(),
             },
         );
-        write_atomically(
-            &self.root.join("verified.json"),
-            &serde_json::to_vec_pretty(&records)?,
-        )?;
-        Ok(())
+        self.store_records(&records)
     }
 
     /// Forget (and optionally delete) a shard file.
-    pub fn forget(&self, name: &str, delete: bool) -> anyhow::Result<()> {
+    pub fn forget(&self, name: &str, delete: bool) -> Result<()> {
         let mut records = self.records();
         records.remove(name);
-        write_atomically(
-            &self.root.join("verified.json"),
-            &serde_json::to_vec_pretty(&records)?,
-        )?;
+        self.store_records(&records)?;
         if delete {
             let _ = std::fs::remove_file(self.shards_dir().join(name));
         }
         Ok(())
+    }
+
+    fn store_records(&self, records: &BTreeMap<String, Verified>) -> Result<()> {
+        let path = self.root.join("verified.json");
+        let text = serde_json::to_vec_pretty(records).expect("records serialise");
+        Ok(write_atomically(&path, &text)?)
     }
 
     /// Free bytes on the data dir's filesystem.

@@ -5,6 +5,7 @@
 //! torrents are cached in the state directory keyed by name, size, mtime and public URL, so a
 //! restart hashes nothing that has not changed. Scans never write to the seed directory.
 
+use crate::{Error, Result};
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -78,15 +79,18 @@ pub fn is_servable_name(name: &str) -> bool {
 
 impl Catalog {
     /// A catalog of `seed_dir` (which must exist), caching torrents in `state_dir`.
-    pub fn new(seed_dir: &Path, state_dir: &Path, public_url: &str) -> anyhow::Result<Catalog> {
+    pub fn new(seed_dir: &Path, state_dir: &Path, public_url: &str) -> Result<Catalog> {
         let seed_dir = seed_dir
             .canonicalize()
-            .map_err(|e| anyhow::anyhow!("seed dir {}: {e}", seed_dir.display()))?;
+            .map_err(|e| Error::io(format!("seed dir {}", seed_dir.display()), e))?;
         if !seed_dir.is_dir() {
-            anyhow::bail!("seed dir {} is not a directory", seed_dir.display());
+            return Err(Error::Config(format!(
+                "seed dir {} is not a directory",
+                seed_dir.display()
+            )));
         }
         std::fs::create_dir_all(state_dir.join("torrents"))
-            .map_err(|e| anyhow::anyhow!("state dir {}: {e}", state_dir.display()))?;
+            .map_err(|e| Error::io(format!("state dir {}", state_dir.display()), e))?;
         Ok(Catalog {
             seed_dir,
             state_dir: state_dir.to_owned(),
@@ -106,10 +110,10 @@ impl Catalog {
 
     /// Rescan the directory, returning what changed. Hashing runs on the calling thread (call
     /// it from a blocking task).
-    pub fn scan(&mut self) -> anyhow::Result<ScanDiff> {
+    pub fn scan(&mut self) -> Result<ScanDiff> {
         let mut found: BTreeMap<String, (PathBuf, std::fs::Metadata)> = BTreeMap::new();
         let entries = std::fs::read_dir(&self.seed_dir)
-            .map_err(|e| anyhow::anyhow!("seed dir {}: {e}", self.seed_dir.display()))?;
+            .map_err(|e| Error::io(format!("seed dir {}", self.seed_dir.display()), e))?;
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if !is_servable_name(&name) {
@@ -159,25 +163,30 @@ impl Catalog {
 
     /// The file behind a directory entry if we may serve it: a regular file, or a symlink to
     /// one inside the seed directory, that we can open for reading.
-    fn resolve(&self, entry: &Path) -> anyhow::Result<Option<(PathBuf, std::fs::Metadata)>> {
-        let link = std::fs::symlink_metadata(entry)?;
+    fn resolve(&self, entry: &Path) -> Result<Option<(PathBuf, std::fs::Metadata)>> {
+        let io = |e| Error::io(entry.display().to_string(), e);
+        let link = std::fs::symlink_metadata(entry).map_err(io)?;
         let path = if link.file_type().is_symlink() {
-            let target = entry.canonicalize()?;
+            let target = entry.canonicalize().map_err(io)?;
             if !target.starts_with(&self.seed_dir) {
-                anyhow::bail!("symlink points outside the seed dir ({})", target.display());
+                return Err(Error::NotServable(format!(
+                    "symlink points outside the seed dir ({})",
+                    target.display()
+                )));
             }
             target
         } else {
             entry.to_owned()
         };
-        let meta = std::fs::metadata(&path)?;
+        let meta = std::fs::metadata(&path).map_err(io)?;
         if !meta.is_file() {
             return Ok(None);
         }
         if meta.len() == 0 {
-            anyhow::bail!("empty file");
+            return Err(Error::NotServable("empty file".into()));
         }
-        std::fs::File::open(&path).map_err(|e| anyhow::anyhow!("cannot read it: {e}"))?;
+        std::fs::File::open(&path)
+            .map_err(|e| Error::NotServable(format!("cannot read it: {e}")))?;
         Ok(Some((path, meta)))
     }
 
@@ -189,13 +198,7 @@ impl Catalog {
         )
     }
 
-    fn load_or_make(
-        &self,
-        name: &str,
-        path: &Path,
-        size: u64,
-        mtime_ns: i128,
-    ) -> anyhow::Result<SeedFile> {
+    fn load_or_make(&self, name: &str, path: &Path, size: u64, mtime_ns: i128) -> Result<SeedFile> {
         let (torrent_path, entry_path) = self.cache_paths(name);
         let opts = self.torrent_options(name);
         // A cached torrent for this very file (same size and mtime) is reused; if only the
@@ -231,7 +234,7 @@ impl Catalog {
                 std::thread::scope(|s| {
                     let sha = s.spawn(|| torrents::hashing::sha256_file(path));
                     let (bytes, torrent) = metainfo::create(path, &opts, &|_| {})?;
-                    anyhow::Ok((sha.join().expect("sha256 thread")?, bytes, torrent))
+                    Ok::<_, torrents::Error>((sha.join().expect("sha256 thread")?, bytes, torrent))
                 })?
             }
         };
@@ -244,7 +247,8 @@ impl Catalog {
                 info_hash: torrent.info_hash_hex(),
             };
             write_atomically(&torrent_path, &bytes)?;
-            write_atomically(&entry_path, &serde_json::to_vec_pretty(&entry)?)?;
+            let json = serde_json::to_vec_pretty(&entry).expect("cache entries serialise");
+            write_atomically(&entry_path, &json)?;
         }
         Ok(SeedFile {
             name: name.to_owned(),

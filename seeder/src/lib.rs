@@ -10,6 +10,7 @@
 
 pub mod api;
 pub mod catalog;
+pub mod error;
 pub mod net;
 pub mod service;
 pub mod storage;
@@ -19,8 +20,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
 use clap::{Parser, ValueEnum};
+pub use error::{Error, Result};
 
 /// BitTorrent transports to listen on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -127,35 +128,52 @@ impl Config {
     }
 
     /// Check what flags cannot check alone.
-    pub fn check(&self) -> anyhow::Result<()> {
+    pub fn check(&self) -> Result<()> {
         match std::fs::metadata(&self.seed_dir) {
             Ok(m) if m.is_dir() => {}
-            Ok(_) => bail!("--seed-dir {} is not a directory", self.seed_dir.display()),
-            Err(e) => bail!("--seed-dir {}: {e}", self.seed_dir.display()),
+            Ok(_) => {
+                return Err(Error::Config(format!(
+                    "--seed-dir {} is not a directory",
+                    self.seed_dir.display()
+                )))
+            }
+            Err(e) => {
+                return Err(Error::io(
+                    format!("--seed-dir {}", self.seed_dir.display()),
+                    e,
+                ))
+            }
         }
         if let Some(limit) = self.upload_limit {
             if limit < 16 * 1024 {
-                bail!("--upload-limit {limit} is below 16384 bytes/s, where librqbit stalls");
+                return Err(Error::Config(format!(
+                    "--upload-limit {limit} is below 16384 bytes/s, where librqbit stalls"
+                )));
             }
         }
         if self.rescan_interval == 0 {
-            bail!("--rescan-interval must be at least 1 second");
+            return Err(Error::Config(
+                "--rescan-interval must be at least 1 second".into(),
+            ));
         }
         Ok(())
     }
 
     /// The state directory, defaulting to one per seed directory under ~/.local/state.
-    pub fn state_dir(&self) -> anyhow::Result<PathBuf> {
+    pub fn state_dir(&self) -> Result<PathBuf> {
         if let Some(d) = &self.state_dir {
             return Ok(d.clone());
         }
         use sha2::Digest;
-        let seed = self.seed_dir.canonicalize().context("seed dir")?;
+        let seed = self
+            .seed_dir
+            .canonicalize()
+            .map_err(|e| Error::io(format!("seed dir {}", self.seed_dir.display()), e))?;
         let tag = hex::encode(&sha2::Sha256::digest(seed.as_os_str().as_encoded_bytes())[..6]);
         let base = std::env::var_os("XDG_STATE_HOME")
             .map(PathBuf::from)
             .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
-            .context("no HOME: give --state-dir")?;
+            .ok_or_else(|| Error::Config("no HOME: give --state-dir".into()))?;
         Ok(base.join("shardswarm").join(format!("seeder-{tag}")))
     }
 }
@@ -169,7 +187,7 @@ pub struct Bound {
 }
 
 /// Run the seeder until SIGINT/SIGTERM (or `shutdown` resolves).
-pub async fn run(config: Config) -> anyhow::Result<()> {
+pub async fn run(config: Config) -> Result<()> {
     let server = service::start(config, api::router).await?;
     let b = server.bound().clone();
     println!("[READY] http={} peer={}", b.http, b.peer);

@@ -13,7 +13,6 @@ use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, RwLock};
 
-use anyhow::Context;
 use librqbit::dht::Id20;
 use librqbit::storage::StorageFactoryExt;
 use librqbit::{
@@ -28,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::catalog::{Catalog, ScanDiff, SeedFile};
 use crate::storage::{FileRegistry, ReadOnlyStorageFactory};
 use crate::tracker::Tracker;
-use crate::{Bound, Config, Transport};
+use crate::{Bound, Config, Error, Result, Transport};
 
 /// The served files at one moment.
 #[derive(Default)]
@@ -95,10 +94,12 @@ impl Seeder {
     }
 
     /// Rescan the seed dir and apply the changes to librqbit, the tracker and the snapshot.
-    pub async fn rescan(self: &Arc<Self>) -> anyhow::Result<ScanDiff> {
+    pub async fn rescan(self: &Arc<Self>) -> Result<ScanDiff> {
         let _one_at_a_time = self.rescan_lock.lock().await;
         let catalog = self.catalog.clone();
-        let diff = tokio::task::spawn_blocking(move || catalog.lock().unwrap().scan()).await??;
+        let diff = tokio::task::spawn_blocking(move || catalog.lock().unwrap().scan())
+            .await
+            .map_err(|e| Error::Config(format!("the scan's task failed: {e}")))??;
         if diff.is_empty() {
             return Ok(diff);
         }
@@ -138,7 +139,7 @@ impl Seeder {
     }
 
     /// Seed one file and list the seeder for it in the tracker.
-    async fn add(&self, file: &SeedFile) -> anyhow::Result<()> {
+    async fn add(&self, file: &SeedFile) -> Result<()> {
         let h = file.torrent.info_hash;
         self.registry.insert(Id20::new(h), file.path.clone());
         let opts = AddTorrentOptions {
@@ -158,18 +159,20 @@ impl Seeder {
                 AddTorrent::from_bytes(file.torrent_bytes.as_ref().clone()),
                 Some(opts),
             )
-            .await?
+            .await
+            .map_err(Error::torrent)?
             .into_handle()
-            .context("librqbit did not add the torrent")?;
-        handle.wait_until_initialized().await?;
+            .ok_or_else(|| Error::Torrent("librqbit did not add the torrent".into()))?;
+        handle
+            .wait_until_initialized()
+            .await
+            .map_err(Error::torrent)?;
         let stats = handle.stats();
         if !stats.finished {
-            anyhow::bail!(
+            return Err(Error::NotServable(format!(
                 "{}: only {} of {} bytes match the torrent (changed while hashing?)",
-                file.name,
-                stats.progress_bytes,
-                stats.total_bytes
-            );
+                file.name, stats.progress_bytes, stats.total_bytes
+            )));
         }
         self.tracker.add_torrent(h, self.self_peer);
         tracing::info!(
@@ -220,7 +223,7 @@ impl Running {
 pub async fn start(
     config: Config,
     http: impl FnOnce(Arc<Seeder>) -> axum::Router,
-) -> anyhow::Result<Running> {
+) -> Result<Running> {
     config.check()?;
     if config.transport == Transport::Quic {
         tracing::warn!("--transport quic: BitTorrent has no QUIC transport; using TCP and uTP");
@@ -228,14 +231,17 @@ pub async fn start(
     let state_dir = config.state_dir()?;
     let http_listener = tokio::net::TcpListener::bind((config.listen_addr, config.http_port()))
         .await
-        .with_context(|| {
-            format!(
+        .map_err(|e| {
+            let what = format!(
                 "binding HTTP on {}:{}",
                 config.listen_addr,
                 config.http_port()
-            )
+            );
+            Error::io(what, e)
         })?;
-    let http_addr = http_listener.local_addr()?;
+    let http_addr = http_listener
+        .local_addr()
+        .map_err(|e| Error::io("the HTTP address", e))?;
     let host = crate::net::advertised_host(config.listen_addr);
     let public_url = config
         .public_url
@@ -252,7 +258,8 @@ pub async fn start(
         let diff = catalog.scan();
         (catalog, diff)
     })
-    .await?;
+    .await
+    .map_err(|e| Error::Config(format!("the first scan's task failed: {e}")))?;
     let initial = initial?;
     for f in &initial.added {
         registry.insert(Id20::new(f.torrent.info_hash), f.path.clone());
@@ -264,7 +271,8 @@ pub async fn start(
         Transport::Both | Transport::Quic => ListenerMode::TcpAndUtp,
     };
     let session_dir = state_dir.join("session");
-    std::fs::create_dir_all(&session_dir)?;
+    std::fs::create_dir_all(&session_dir)
+        .map_err(|e| Error::io(session_dir.display().to_string(), e))?;
     let session = Session::new_with_opts(
         config.seed_dir.clone(),
         SessionOptions {
@@ -299,8 +307,10 @@ pub async fn start(
         },
     )
     .await
-    .context("starting the BitTorrent session")?;
-    let peer_addr = session.listen_addr().context("librqbit is not listening")?;
+    .map_err(|e| Error::torrent(format_args!("starting the BitTorrent session: {e:#}")))?;
+    let peer_addr = session
+        .listen_addr()
+        .ok_or_else(|| Error::Torrent("librqbit is not listening".into()))?;
     let self_ip = crate::net::public_url_ip(&public_url).await.unwrap_or(host);
     let self_peer = SocketAddr::new(crate::tracker::canonical(self_ip), peer_addr.port());
 

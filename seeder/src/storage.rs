@@ -5,6 +5,9 @@
 //! opens files read-only, refuses every write, never truncates and never deletes. Files are
 //! found by info hash in a registry the catalog fills, so torrents that librqbit restores from
 //! its fast-resume state on restart get the same storage as the ones we add.
+//!
+//! The one place in the library that uses `anyhow`: librqbit's storage traits return
+//! `anyhow::Result`, so their implementations must too.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -12,9 +15,9 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-use anyhow::{bail, Context};
 use std::any::TypeId;
 
+use anyhow::{bail, Context};
 use librqbit::dht::Id20;
 use librqbit::storage::filesystem::FilesystemStorageFactory;
 use librqbit::storage::{BoxStorageFactory, StorageFactory, StorageFactoryExt, TorrentStorage};

@@ -1,0 +1,49 @@
+//! The coordinator library's errors. Each names what failed (a flag, a URL, a file, a stage),
+//! since these messages end up in front of an operator.
+
+/// Why the coordinator cannot start or a request cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A flag's value cannot work.
+    #[error("{0}")]
+    Config(String),
+    /// The seeder did not answer as expected.
+    #[error("{url}: {message}")]
+    Seeder { url: String, message: String },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Llm(#[from] llm::LlmError),
+    /// The model's vocabulary or chat template could not be used.
+    #[error("{0}")]
+    Vocab(String),
+    #[error(transparent)]
+    Channel(#[from] protocol::data::io::ChannelError),
+    /// The pipeline answered something other than what the data channel promises.
+    #[error("the pipeline: {0}")]
+    Pipeline(String),
+}
+
+impl Error {
+    /// An IO error while doing `what`.
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> Error {
+        Error::Io {
+            what: what.into(),
+            source,
+        }
+    }
+
+    /// The seeder at `url` failed with `message`.
+    pub fn seeder(url: &str, message: impl std::fmt::Display) -> Error {
+        Error::Seeder {
+            url: url.to_owned(),
+            message: message.to_string(),
+        }
+    }
+}
+
+/// Result with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,42 @@
+//! The seeder library's errors. Each names what failed (a flag, a file, a directory), since
+//! these messages end up in front of an operator.
+
+/// Why the seeder cannot start, or cannot serve a file.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A flag's value cannot work.
+    #[error("{0}")]
+    Config(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    /// A file in the seed dir that is not served, and why.
+    #[error("{0}")]
+    NotServable(String),
+    /// Hashing, torrent-making or cache files (torrents' errors name the file).
+    #[error(transparent)]
+    Files(#[from] torrents::Error),
+    /// The BitTorrent session (librqbit) failed.
+    #[error("{0}")]
+    Torrent(String),
+}
+
+impl Error {
+    /// An IO error while doing `what`.
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> Error {
+        Error::Io {
+            what: what.into(),
+            source,
+        }
+    }
+
+    /// A librqbit error (its whole chain of causes).
+    pub fn torrent(e: impl std::fmt::Display) -> Error {
+        Error::Torrent(format!("{e:#}"))
+    }
+}
+
+/// Result with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
