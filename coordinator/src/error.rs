@@ -10,11 +10,8 @@ pub enum Error {
     /// The seeder did not answer as expected.
     #[error("{url}: {message}")]
     Seeder { url: String, message: String },
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] daemon::IoError),
     #[error(transparent)]
     Llm(#[from] llm::LlmError),
     /// The model's vocabulary or chat template could not be used.
@@ -28,14 +25,6 @@ pub enum Error {
 }
 
 impl Error {
-    /// An IO error while doing `what`.
-    pub fn io(what: impl Into<String>, source: std::io::Error) -> Error {
-        Error::Io {
-            what: what.into(),
-            source,
-        }
-    }
-
     /// The seeder at `url` failed with `message`.
     pub fn seeder(url: &str, message: impl std::fmt::Display) -> Error {
         Error::Seeder {

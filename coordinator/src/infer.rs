@@ -36,7 +36,7 @@ impl Vocab {
         model_id: String,
     ) -> Result<Vocab> {
         std::fs::create_dir_all(cache_dir)
-            .map_err(|e| Error::io(format!("cache dir {}", cache_dir.display()), e))?;
+            .map_err(|e| daemon::IoError::new(format!("cache dir {}", cache_dir.display()), e))?;
         let path = cache_dir.join(&shard.file);
         let ok = |p: &Path| torrents::hashing::sha256_file(p).is_ok_and(|h| h == shard.sha256);
         if !ok(&path) {

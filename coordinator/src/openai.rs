@@ -218,8 +218,8 @@ async fn serve(hub: Arc<Hub>, body: Value, prompt: String, chat: bool) -> Respon
         let s = hub.swarm.lock().unwrap();
         (
             s.serving_route(),
-            s.model_sha256.clone(),
-            s.split_id.clone(),
+            s.settings.model_sha256.clone(),
+            s.settings.split_id.clone(),
         )
     };
     let Some(route) = route else {

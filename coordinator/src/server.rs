@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::hub::Hub;
 use crate::swarm::{Outbox, Refusal, Swarm, SwarmSettings};
-use crate::{Config, Error, Result};
+use crate::{Config, Result};
 
 /// A started coordinator.
 pub struct Running {
@@ -81,10 +81,10 @@ pub async fn start(config: Config) -> Result<Running> {
     let hub = Arc::new(Hub::new(swarm, config.seeder.clone(), vocab));
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
-        .map_err(|e| Error::io(format!("binding {}", config.listen), e))?;
+        .map_err(|e| daemon::IoError::new(format!("binding {}", config.listen), e))?;
     let http = listener
         .local_addr()
-        .map_err(|e| Error::io("the listening address", e))?;
+        .map_err(|e| daemon::IoError::new("the listening address", e))?;
     let cancel = CancellationToken::new();
     let app = Router::new()
         .route("/control", get(control))
@@ -103,17 +103,7 @@ pub async fn start(config: Config) -> Result<Running> {
             get(|| async { Json(serde_json::json!({"status": "ok"})) }),
         )
         .with_state(hub.clone());
-    let stop = cancel.clone();
-    tokio::spawn(async move {
-        let serve = axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move { stop.cancelled().await });
-        if let Err(e) = serve.await {
-            tracing::error!("HTTP server: {e}");
-        }
-    });
+    daemon::serve_http(listener, app, cancel.clone());
     tokio::spawn(sweep_heartbeats(hub.clone(), cancel.clone()));
     Ok(Running { http, hub, cancel })
 }

@@ -1,4 +1,5 @@
-//! The process edges the seeder, coordinator and node share, so all three log and stop alike.
+//! The process edges the seeder, coordinator and node share, so all three log, stop, serve
+//! HTTP and report IO errors alike.
 
 /// Log to stderr (stdout carries the `[READY]`-style lines scripts read), without module
 /// targets, filtered by `RUST_LOG` or else by `default_filter`.
@@ -21,5 +22,43 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+/// Serve `app` on `listener` (with each request's peer address available to handlers) until
+/// `stop` is cancelled, then finish the requests under way: the HTTP side of every service.
+pub fn serve_http(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    stop: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let serve = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { stop.cancelled().await });
+        if let Err(e) = serve.await {
+            tracing::error!("HTTP server: {e}");
+        }
+    })
+}
+
+/// An IO error with what was being done: every library's errors carry one, so a message
+/// names the file, directory or address at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {source}")]
+pub struct IoError {
+    pub what: String,
+    pub source: std::io::Error,
+}
+
+impl IoError {
+    /// `source` happened while doing `what`.
+    pub fn new(what: impl Into<String>, source: std::io::Error) -> IoError {
+        IoError {
+            what: what.into(),
+            source,
+        }
     }
 }

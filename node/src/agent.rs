@@ -79,8 +79,10 @@ pub(crate) async fn run(config: Config) -> Result<()> {
     );
     let data_listener = tokio::net::TcpListener::bind((config.listen_addr, config.data_port))
         .await
-        .map_err(|e| Error::io(what.clone(), e))?;
-    let data_addr = data_listener.local_addr().map_err(|e| Error::io(what, e))?;
+        .map_err(|e| daemon::IoError::new(what.clone(), e))?;
+    let data_addr = data_listener
+        .local_addr()
+        .map_err(|e| daemon::IoError::new(what, e))?;
     tokio::spawn(crate::serve::serve(data_listener, pipeline.clone()));
     let name = config.name.clone().unwrap_or_else(|| {
         std::fs::read_to_string("/etc/hostname")

@@ -9,11 +9,8 @@ pub enum Error {
     /// A flag is missing or cannot work.
     #[error("{0}")]
     Config(String),
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] daemon::IoError),
     /// The embedded BitTorrent client (librqbit) failed.
     #[error("{0}")]
     Torrent(String),
@@ -41,14 +38,6 @@ pub enum Error {
 }
 
 impl Error {
-    /// An IO error while doing `what`.
-    pub fn io(what: impl Into<String>, source: std::io::Error) -> Error {
-        Error::Io {
-            what: what.into(),
-            source,
-        }
-    }
-
     /// A librqbit error (its whole chain of causes).
     pub fn torrent(e: impl Display) -> Error {
         Error::Torrent(format!("{e:#}"))

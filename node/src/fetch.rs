@@ -59,7 +59,7 @@ impl Fetcher {
     /// Start the session listening on `listen`.
     pub async fn start(data: Arc<DataDir>, listen: SocketAddr) -> Result<Fetcher> {
         std::fs::create_dir_all(data.session_dir())
-            .map_err(|e| Error::io(data.session_dir().display().to_string(), e))?;
+            .map_err(|e| daemon::IoError::new(data.session_dir().display().to_string(), e))?;
         let session = Session::new_with_opts(
             data.shards_dir(),
             SessionOptions {
@@ -376,7 +376,7 @@ impl Fetcher {
         })
         .await
         .map_err(|e| Error::Shard(format!("{what}: {e}")))?
-        .map_err(|e| Error::io(what, e))
+        .map_err(|e| daemon::IoError::new(what, e).into())
     }
 }
 

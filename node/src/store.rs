@@ -37,13 +37,13 @@ impl DataDir {
     /// Open (creating if needed) and lock `root`. Fails if another node holds the lock.
     pub fn open(root: &Path) -> Result<DataDir> {
         std::fs::create_dir_all(root.join("shards"))
-            .map_err(|e| Error::io(format!("data dir {}", root.display()), e))?;
+            .map_err(|e| daemon::IoError::new(format!("data dir {}", root.display()), e))?;
         let lock = File::options()
             .create(true)
             .truncate(false)
             .write(true)
             .open(root.join(".lock"))
-            .map_err(|e| Error::io(format!("locking {}", root.display()), e))?;
+            .map_err(|e| daemon::IoError::new(format!("locking {}", root.display()), e))?;
         // SAFETY: flock on a file descriptor we own.
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             return Err(Error::Config(format!(
@@ -102,8 +102,8 @@ impl DataDir {
     /// Record that `name` (in `shards/`) has `sha256`.
     pub fn record_verified(&self, name: &str, sha256: &str) -> Result<()> {
         let path = self.shards_dir().join(name);
-        let meta =
-            std::fs::metadata(&path).map_err(|e| Error::io(path.display().to_string(), e))?;
+        let meta = std::fs::metadata(&path)
+            .map_err(|e| daemon::IoError::new(path.display().to_string(), e))?;
         let mut records = self.records();
         records.insert(
             name.to_owned(),

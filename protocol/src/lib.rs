@@ -8,7 +8,10 @@
 //! write the wire by hand.
 
 pub mod data;
+mod params;
 pub mod seeder;
+
+pub use params::*;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -380,143 +383,6 @@ impl From<Control> for Command {
             params: tagged["params"].take(),
         }
     }
-}
-
-/// A shard a node holds and has verified.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HeldShard {
-    pub shard_id: u32,
-    pub sha256: String,
-}
-
-/// What a node can take.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct Capacity {
-    pub ram_bytes: u64,
-    pub disk_free_bytes: u64,
-    pub threads: u32,
-}
-
-/// `REGISTER`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RegisterParams {
-    /// Generated once, persisted in the node's data dir.
-    pub node_id: String,
-    pub protocol_version: u32,
-    pub name: String,
-    /// BitTorrent port other nodes reach this node's shards on.
-    pub peer_port: u16,
-    /// Inference data channel address (null until the node serves one).
-    pub data_addr: Option<String>,
-    pub shards: Vec<HeldShard>,
-    pub capacity: Capacity,
-    /// Shared secret (or the HTTP `Authorization: Bearer` header).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub token: Option<String>,
-}
-
-/// `REGISTERED`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RegisteredParams {
-    /// sha256 of the source model (or the split id when it came in parts).
-    pub model_sha256: String,
-    pub split_id: String,
-    /// Seconds between heartbeats the coordinator expects.
-    pub heartbeat_interval_secs: u64,
-}
-
-/// `LOAD_SHARD`: fetch and verify a shard, then keep seeding it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LoadShardParams {
-    pub shard_id: u32,
-    /// File name (`shard-K.gguf`).
-    pub file: String,
-    pub size: u64,
-    pub info_hash: String,
-    pub magnet: String,
-    pub torrent_url: String,
-    pub sha256: String,
-    /// Nodes (ip:port) that hold or are fetching this shard: connect to them first.
-    #[serde(default)]
-    pub peers: Vec<String>,
-    /// Use the seeder's tracker too. False makes a replica fetch from `peers` only, so the
-    /// seeder sends the shard once; the coordinator turns it back on if those peers go away.
-    #[serde(default = "yes")]
-    pub use_tracker: bool,
-    /// The seeder's own peer address, to count bytes from it apart from bytes from nodes.
-    #[serde(default)]
-    pub seeder_peer: Option<String>,
-}
-
-fn yes() -> bool {
-    true
-}
-
-/// `SHARD_PROGRESS`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ShardProgressParams {
-    pub shard_id: u32,
-    /// Bytes of the shard verified so far.
-    pub bytes: u64,
-    pub total: u64,
-    /// Bytes fetched this session from the seeder and from other nodes.
-    pub from_seeder: u64,
-    pub from_peers: u64,
-}
-
-/// `SHARD_LOADED`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ShardLoadedParams {
-    pub shard_id: u32,
-    pub sha256: String,
-    pub from_seeder: u64,
-    pub from_peers: u64,
-}
-
-/// `SHARD_FAILED`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ShardFailedParams {
-    pub shard_id: u32,
-    pub code: String,
-    pub message: String,
-}
-
-/// `UNLOAD_SHARD`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct UnloadShardParams {
-    pub shard_id: u32,
-    /// Delete the file too (default: keep it).
-    #[serde(default)]
-    pub delete: bool,
-}
-
-/// `SWARM_READY` / `SWARM_NOT_READY`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SwarmStateParams {
-    pub nodes: usize,
-    pub min_nodes: usize,
-    pub shards_loaded: usize,
-    pub shards: usize,
-}
-
-/// `ROUTE`: the inference pipeline, one node per shard in order; sent to each of them when the
-/// swarm becomes ready (and again whenever the route changes).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RouteParams {
-    /// The stage this node runs (its shard id).
-    pub stage: u32,
-    pub stage_count: u32,
-    /// Data address of the next stage; None on the last stage.
-    pub next: Option<String>,
-    pub model_sha256: String,
-    pub split_id: String,
-}
-
-/// `ERROR`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ErrorParams {
-    pub code: String,
-    pub message: String,
 }
 
 #[cfg(test)]

@@ -82,7 +82,7 @@ impl Catalog {
     pub fn new(seed_dir: &Path, state_dir: &Path, public_url: &str) -> Result<Catalog> {
         let seed_dir = seed_dir
             .canonicalize()
-            .map_err(|e| Error::io(format!("seed dir {}", seed_dir.display()), e))?;
+            .map_err(|e| daemon::IoError::new(format!("seed dir {}", seed_dir.display()), e))?;
         if !seed_dir.is_dir() {
             return Err(Error::Config(format!(
                 "seed dir {} is not a directory",
@@ -90,7 +90,7 @@ impl Catalog {
             )));
         }
         std::fs::create_dir_all(state_dir.join("torrents"))
-            .map_err(|e| Error::io(format!("state dir {}", state_dir.display()), e))?;
+            .map_err(|e| daemon::IoError::new(format!("state dir {}", state_dir.display()), e))?;
         Ok(Catalog {
             seed_dir,
             state_dir: state_dir.to_owned(),
@@ -112,8 +112,9 @@ impl Catalog {
     /// it from a blocking task).
     pub fn scan(&mut self) -> Result<ScanDiff> {
         let mut found: BTreeMap<String, (PathBuf, std::fs::Metadata)> = BTreeMap::new();
-        let entries = std::fs::read_dir(&self.seed_dir)
-            .map_err(|e| Error::io(format!("seed dir {}", self.seed_dir.display()), e))?;
+        let entries = std::fs::read_dir(&self.seed_dir).map_err(|e| {
+            daemon::IoError::new(format!("seed dir {}", self.seed_dir.display()), e)
+        })?;
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if !is_servable_name(&name) {
@@ -164,7 +165,7 @@ impl Catalog {
     /// The file behind a directory entry if we may serve it: a regular file, or a symlink to
     /// one inside the seed directory, that we can open for reading.
     fn resolve(&self, entry: &Path) -> Result<Option<(PathBuf, std::fs::Metadata)>> {
-        let io = |e| Error::io(entry.display().to_string(), e);
+        let io = |e| daemon::IoError::new(entry.display().to_string(), e);
         let link = std::fs::symlink_metadata(entry).map_err(io)?;
         let path = if link.file_type().is_symlink() {
             let target = entry.canonicalize().map_err(io)?;

@@ -7,11 +7,8 @@ pub enum Error {
     /// A flag's value cannot work.
     #[error("{0}")]
     Config(String),
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] daemon::IoError),
     /// A file in the seed dir that is not served, and why.
     #[error("{0}")]
     NotServable(String),
@@ -24,14 +21,6 @@ pub enum Error {
 }
 
 impl Error {
-    /// An IO error while doing `what`.
-    pub fn io(what: impl Into<String>, source: std::io::Error) -> Error {
-        Error::Io {
-            what: what.into(),
-            source,
-        }
-    }
-
     /// A librqbit error (its whole chain of causes).
     pub fn torrent(e: impl std::fmt::Display) -> Error {
         Error::Torrent(format!("{e:#}"))

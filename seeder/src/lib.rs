@@ -138,10 +138,8 @@ impl Config {
                 )))
             }
             Err(e) => {
-                return Err(Error::io(
-                    format!("--seed-dir {}", self.seed_dir.display()),
-                    e,
-                ))
+                let what = format!("--seed-dir {}", self.seed_dir.display());
+                return Err(daemon::IoError::new(what, e).into());
             }
         }
         if let Some(limit) = self.upload_limit {
@@ -165,10 +163,9 @@ impl Config {
             return Ok(d.clone());
         }
         use sha2::Digest;
-        let seed = self
-            .seed_dir
-            .canonicalize()
-            .map_err(|e| Error::io(format!("seed dir {}", self.seed_dir.display()), e))?;
+        let seed = self.seed_dir.canonicalize().map_err(|e| {
+            daemon::IoError::new(format!("seed dir {}", self.seed_dir.display()), e)
+        })?;
         let tag = hex::encode(&sha2::Sha256::digest(seed.as_os_str().as_encoded_bytes())[..6]);
         let base = std::env::var_os("XDG_STATE_HOME")
             .map(PathBuf::from)

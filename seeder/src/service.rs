@@ -237,11 +237,11 @@ pub async fn start(
                 config.listen_addr,
                 config.http_port()
             );
-            Error::io(what, e)
+            daemon::IoError::new(what, e)
         })?;
     let http_addr = http_listener
         .local_addr()
-        .map_err(|e| Error::io("the HTTP address", e))?;
+        .map_err(|e| daemon::IoError::new("the HTTP address", e))?;
     let host = crate::net::advertised_host(config.listen_addr);
     let public_url = config
         .public_url
@@ -272,7 +272,7 @@ pub async fn start(
     };
     let session_dir = state_dir.join("session");
     std::fs::create_dir_all(&session_dir)
-        .map_err(|e| Error::io(session_dir.display().to_string(), e))?;
+        .map_err(|e| daemon::IoError::new(session_dir.display().to_string(), e))?;
     let session = Session::new_with_opts(
         config.seed_dir.clone(),
         SessionOptions {
@@ -356,18 +356,7 @@ pub async fn start(
 
     let cancel = CancellationToken::new();
     tokio::spawn(rescan_loop(seeder.clone(), rescan_rx, cancel.clone()));
-    let app = http(seeder.clone());
-    let shutdown = cancel.clone();
-    let server = tokio::spawn(async move {
-        let serve = axum::serve(
-            http_listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move { shutdown.cancelled().await });
-        if let Err(e) = serve.await {
-            tracing::error!("HTTP server: {e}");
-        }
-    });
+    let server = daemon::serve_http(http_listener, http(seeder.clone()), cancel.clone());
     Ok(Running {
         seeder,
         cancel,

@@ -297,24 +297,32 @@ pub fn python() -> PathBuf {
     p
 }
 
-/// A tiny random-weight model of `arch` written by tests/scripts/make_synthetic_model.py
-/// (the `gguf` package, seeded) at `out`, with `layers` blocks.
-pub fn synthetic_model(arch: &str, layers: usize, out: &Path) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/make_synthetic_model.py");
+/// Run tests/scripts/`script` with the test Python and `args`; fails the test (with the
+/// script's stderr) unless it succeeds.
+pub fn python_script<S: AsRef<std::ffi::OsStr>>(script: &str, args: &[S]) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("scripts")
+        .join(script);
     let result = Command::new(python())
-        .arg(script)
-        .args([
-            arch,
-            &out.display().to_string(),
-            "--layers",
-            &layers.to_string(),
-        ])
+        .arg(path)
+        .args(args)
         .output()
         .expect("run python");
     assert!(
         result.status.success(),
-        "make_synthetic_model.py {arch}: {}",
+        "{script}: {}",
         String::from_utf8_lossy(&result.stderr)
+    );
+}
+
+/// A tiny random-weight model of `arch` written by tests/scripts/make_synthetic_model.py
+/// (the `gguf` package, seeded) at `out`, with `layers` blocks.
+pub fn synthetic_model(arch: &str, layers: usize, out: &Path) {
+    let out = out.display().to_string();
+    let layers = layers.to_string();
+    python_script(
+        "make_synthetic_model.py",
+        &[arch, out.as_str(), "--layers", layers.as_str()],
     );
 }
 

@@ -344,19 +344,17 @@ fn a_windowed_stage_without_its_layer_pattern_is_refused() {
     );
     // The same stage without the key (as an older splitter wrote it): llama.cpp would take the
     // pattern from the renumbered indices.
-    let out = Command::new(tests::python())
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/rewrite_gguf.py"))
-        .arg(&stage)
-        .arg(dir.path().join("stripped.gguf"))
-        .args(["--drop", pattern])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let stripped = dir.path().join("stripped.gguf");
+    tests::python_script(
+        "rewrite_gguf.py",
+        &[
+            stage.as_os_str(),
+            stripped.as_os_str(),
+            "--drop".as_ref(),
+            pattern.as_ref(),
+        ],
     );
-    std::fs::rename(dir.path().join("stripped.gguf"), &stage).unwrap();
+    std::fs::rename(&stripped, &stage).unwrap();
     let report = torrents::validate::validate(shards.path(), 3).unwrap();
     assert!(
         report

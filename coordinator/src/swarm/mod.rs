@@ -121,14 +121,8 @@ pub type Outbox = Vec<(String, Control)>;
 pub struct Swarm {
     pub shards: Vec<ShardSpec>,
     pub nodes: BTreeMap<String, NodeState>,
-    pub min_nodes: usize,
+    pub settings: SwarmSettings,
     pub ready: bool,
-    pub model_sha256: String,
-    pub split_id: String,
-    pub seeder_peer: Option<String>,
-    pub token: Option<String>,
-    pub heartbeat_interval: Duration,
-    pub heartbeat_timeout: Duration,
     /// The inference pipeline while ready: one node per shard, in order.
     pub route: Option<Vec<RouteHop>>,
     /// Route nodes that have loaded their stage (acknowledged ROUTE).
@@ -174,17 +168,11 @@ impl Swarm {
         Swarm {
             shards,
             nodes: BTreeMap::new(),
-            min_nodes: settings.min_nodes,
             ready: false,
-            model_sha256: settings.model_sha256,
-            split_id: settings.split_id,
-            seeder_peer: settings.seeder_peer,
-            token: settings.token,
-            heartbeat_interval: settings.heartbeat_interval,
-            heartbeat_timeout: settings.heartbeat_timeout,
             route: None,
             route_loaded: Default::default(),
             settle_until: Instant::now() + settings.heartbeat_timeout,
+            settings,
         }
     }
 
@@ -198,7 +186,7 @@ impl Swarm {
         conn: u64,
         header_token: Option<&str>,
     ) -> Result<Outbox, Refusal> {
-        if let Some(want) = &self.token {
+        if let Some(want) = &self.settings.token {
             if p.token.as_deref().or(header_token) != Some(want.as_str()) {
                 return Err(Refusal(code::UNAUTHORIZED, "wrong or missing token".into()));
             }
@@ -229,7 +217,7 @@ impl Swarm {
                         code::FOREIGN_SHARDS,
                         format!(
                             "shard {} (sha256 {}) is not part of split {} of this model: clear the node's data dir",
-                            h.shard_id, h.sha256, self.split_id
+                            h.shard_id, h.sha256, self.settings.split_id
                         ),
                     ))
                 }
@@ -267,9 +255,9 @@ impl Swarm {
         // A node that comes back has lost its loaded stage: send the route again.
         self.route = None;
         let reply = RegisteredParams {
-            model_sha256: self.model_sha256.clone(),
-            split_id: self.split_id.clone(),
-            heartbeat_interval_secs: self.heartbeat_interval.as_secs().max(1),
+            model_sha256: self.settings.model_sha256.clone(),
+            split_id: self.settings.split_id.clone(),
+            heartbeat_interval_secs: self.settings.heartbeat_interval.as_secs().max(1),
         };
         let mut out = vec![(
             p.node_id.clone(),
@@ -379,7 +367,7 @@ impl Swarm {
         let dead: Vec<String> = self
             .nodes
             .values()
-            .filter(|n| now.duration_since(n.last_seen) > self.heartbeat_timeout)
+            .filter(|n| now.duration_since(n.last_seen) > self.settings.heartbeat_timeout)
             .map(|n| n.node_id.clone())
             .collect();
         if dead.is_empty() {

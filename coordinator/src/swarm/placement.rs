@@ -49,7 +49,7 @@ impl Swarm {
             sha256: s.sha256.clone(),
             peers,
             use_tracker,
-            seeder_peer: self.seeder_peer.clone(),
+            seeder_peer: self.settings.seeder_peer.clone(),
         };
         (
             node.to_owned(),
@@ -75,7 +75,7 @@ impl Swarm {
             let spec = self.shards[shard_id as usize].clone();
             // Nodes holding nothing first, then nodes holding only replicas; a node that holds
             // a shard nobody else has takes a second one only once no more nodes are awaited.
-            let enough_nodes = self.nodes.len() >= self.min_nodes;
+            let enough_nodes = self.nodes.len() >= self.settings.min_nodes;
             let settled = Instant::now() >= self.settle_until;
             let candidate = self
                 .nodes

@@ -67,8 +67,8 @@ impl Swarm {
                     stage: hop.shard_id,
                     stage_count: route.len() as u32,
                     next: route.get(k + 1).map(|h| h.data_addr.clone()),
-                    model_sha256: self.model_sha256.clone(),
-                    split_id: self.split_id.clone(),
+                    model_sha256: self.settings.model_sha256.clone(),
+                    split_id: self.settings.split_id.clone(),
                 };
                 (
                     hop.node_id.clone(),
@@ -84,7 +84,7 @@ impl Swarm {
 
     pub(super) fn update_ready_flag(&mut self) -> Outbox {
         let loaded = self.loaded_count();
-        let ready = self.nodes.len() >= self.min_nodes
+        let ready = self.nodes.len() >= self.settings.min_nodes
             && loaded == self.shards.len()
             && !self.shards.is_empty();
         if ready == self.ready {
@@ -93,7 +93,7 @@ impl Swarm {
         self.ready = ready;
         let params = SwarmStateParams {
             nodes: self.nodes.len(),
-            min_nodes: self.min_nodes,
+            min_nodes: self.settings.min_nodes,
             shards_loaded: loaded,
             shards: self.shards.len(),
         };

@@ -37,9 +37,9 @@ impl Swarm {
             .collect();
         serde_json::json!({
             "ready": self.ready,
-            "min_nodes": self.min_nodes,
-            "model_sha256": self.model_sha256,
-            "split_id": self.split_id,
+            "min_nodes": self.settings.min_nodes,
+            "model_sha256": self.settings.model_sha256,
+            "split_id": self.settings.split_id,
             "shards": self.shards,
             "shards_loaded": self.loaded_count(),
             "nodes": nodes,
