@@ -27,30 +27,27 @@ pub struct Vocab {
 }
 
 impl Vocab {
-    /// Fetch shard 0 from the seeder into `cache_dir` (unless already there with the right
+    /// Fetch shard 0 from its web seed into `cache_dir` (unless already there with the right
     /// sha256) and load its vocabulary.
-    pub async fn fetch(
-        seeder: &str,
-        shard: &ShardSpec,
-        cache_dir: &Path,
-        model_id: String,
-    ) -> Result<Vocab> {
+    pub async fn fetch(shard: &ShardSpec, cache_dir: &Path, model_id: String) -> Result<Vocab> {
         std::fs::create_dir_all(cache_dir)
             .map_err(|e| daemon::IoError::new(format!("cache dir {}", cache_dir.display()), e))?;
         let path = cache_dir.join(&shard.file);
         let ok = |p: &Path| torrents::hashing::sha256_file(p).is_ok_and(|h| h == shard.sha256);
         if !ok(&path) {
-            let url = format!("{}/seed/{}", seeder.trim_end_matches('/'), shard.file);
+            let url = shard.web_seed.as_deref().ok_or_else(|| {
+                Error::Vocab(format!("the seeder lists no web seed for {}", shard.file))
+            })?;
             tracing::info!("fetching the vocabulary from {url}");
-            let response = reqwest::get(&url)
+            let response = reqwest::get(url)
                 .await
                 .and_then(|r| r.error_for_status())
-                .map_err(|e| Error::seeder(&url, e))?;
-            let bytes = response.bytes().await.map_err(|e| Error::seeder(&url, e))?;
+                .map_err(|e| Error::seeder(url, e))?;
+            let bytes = response.bytes().await.map_err(|e| Error::seeder(url, e))?;
             torrents::manifest::write_atomically(&path, &bytes)
                 .map_err(|e| Error::Vocab(e.to_string()))?;
             if !ok(&path) {
-                return Err(Error::seeder(&url, "does not match the manifest's sha256"));
+                return Err(Error::seeder(url, "does not match the manifest's sha256"));
             }
         }
         Self::load(&path, model_id)

@@ -79,6 +79,7 @@ pub async fn fetch_split(seeder: &str) -> Result<SplitInfo> {
             info_hash: listed.info_hash.clone(),
             magnet: listed.magnet.clone(),
             torrent_url: listed.torrent_url.clone(),
+            web_seed: listed.web_seed.clone(),
         });
     }
     if shards.is_empty() {

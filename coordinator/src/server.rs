@@ -56,16 +56,13 @@ pub async fn start(config: Config) -> Result<Running> {
         .clone()
         .unwrap_or_else(crate::infer::default_cache_dir);
     let model_id = split.model_name.clone();
-    let vocab =
-        match crate::infer::Vocab::fetch(&config.seeder, &split.shards[0], &cache_dir, model_id)
-            .await
-        {
-            Ok(v) => Some(Arc::new(v)),
-            Err(e) => {
-                tracing::warn!("no vocabulary, so no inference API: {e}");
-                None
-            }
-        };
+    let vocab = match crate::infer::Vocab::fetch(&split.shards[0], &cache_dir, model_id).await {
+        Ok(v) => Some(Arc::new(v)),
+        Err(e) => {
+            tracing::warn!("no vocabulary, so no inference API: {e}");
+            None
+        }
+    };
     let swarm = Swarm::new(
         split.shards,
         SwarmSettings {

@@ -15,6 +15,8 @@ pub struct FileEntry {
     pub magnet: String,
     /// Where the `.torrent` is served.
     pub torrent_url: String,
+    /// The file's BEP 19 web seed (the torrent's `url-list`), for a plain HTTP download.
+    pub web_seed: Option<String>,
     /// The shard id, for `shard-K.*` files.
     pub shard: Option<u32>,
 }

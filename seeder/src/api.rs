@@ -112,6 +112,7 @@ fn file_entry(s: &Seeder, f: &SeedFile) -> FileEntry {
             s.bound.public_url,
             url_path_encode(&f.name)
         ),
+        web_seed: f.torrent.web_seeds.first().cloned(),
         shard: f.shard,
     }
 }

@@ -30,6 +30,8 @@ pub struct ShardSpec {
     pub info_hash: String,
     pub magnet: String,
     pub torrent_url: String,
+    /// The seeder's plain HTTP download of the file (BEP 19 web seed).
+    pub web_seed: Option<String>,
 }
 
 /// A node's relation to one shard.

@@ -12,6 +12,7 @@ fn swarm(shards: u32, min_nodes: usize) -> Swarm {
             info_hash: format!("ih{i}"),
             magnet: String::new(),
             torrent_url: String::new(),
+            web_seed: None,
         })
         .collect();
     let mut s = Swarm::new(
