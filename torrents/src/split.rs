@@ -5,7 +5,10 @@
 //! `blk.0`. The first stage keeps the tokenizer and `token_embd`; the last keeps the tokenizer,
 //! `output_norm` and `output` (or the tied `token_embd`); every stage needs `token_embd.weight`,
 //! `output_norm.weight` and `tokenizer.ggml.model` to load, so middle stages get a 1-row F32
-//! `token_embd` stub, `tokenizer.ggml.model = "none"` and `<arch>.vocab_size = 1`.
+//! `token_embd` stub, `tokenizer.ggml.model = "none"` and `<arch>.vocab_size = 1`. What each
+//! stage must say about its layers so llama.cpp treats them as the whole model did (sliced
+//! per-layer keys, explicit window patterns), and which architectures are refused, is
+//! [`crate::arch`]'s.
 //!
 //! Output is deterministic: metadata and tensors keep the source order, nothing time- or
 //! host-dependent is written, so the same input and N give byte-identical shards (and therefore
@@ -317,9 +320,10 @@ pub struct SplitOptions {
 /// Cut `model` into `n` stage files in `target_dir` and write `shards.json`.
 ///
 /// The architecture is checked first ([`arch::stage_rules`]): one whose stages cannot be made
-/// exact is refused before anything is written. All shards are written to temp files first and renamed into place only when every one is
-/// complete, so a failure leaves the directory as it was. Shard files of a previous, larger
-/// split listed in the old manifest are removed, so the directory holds one consistent set.
+/// exact is refused before anything is written. All shards are written to temp files first
+/// and renamed into place only when every one is complete, so a failure leaves the directory
+/// as it was. Shard files of a previous, larger split listed in the old manifest are removed,
+/// so the directory holds one consistent set.
 pub fn split_model(
     model: &GgufModel,
     n: usize,
