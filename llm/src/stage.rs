@@ -82,10 +82,39 @@ pub enum StageOutput {
     Logits(Vec<f32>),
 }
 
+/// One row of a batch of several sequences: which sequence, at which position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Row {
+    pub seq: i32,
+    pub pos: i32,
+}
+
+/// Output of [`Stage::forward_rows`].
+pub enum RowsOutput {
+    /// Hidden states of every row, [rows, n_embd] row-major, in the rows' order.
+    Hidden(Vec<f32>),
+    /// For each sequence in the batch, the logits of its last row, in the order in which the
+    /// sequences' last rows come.
+    Logits(Vec<(i32, Vec<f32>)>),
+}
+
 impl Stage {
     /// Load `path` as a stage. `is_last` stages give logits; others capture their last layer.
     /// The context is the model's trained context length (from the GGUF), at most `max_ctx`.
     pub fn load(path: &Path, is_last: bool, max_ctx: u32, threads: i32) -> Result<Stage, LlmError> {
+        Stage::load_for(path, is_last, max_ctx, threads, 1)
+    }
+
+    /// [`Stage::load`] for `sequences` sequences at once, each with its own KV cache of the
+    /// same context (llama.cpp's `n_seq_max`, not unified): rows of several sequences then go
+    /// through one `llama_decode` ([`Stage::forward_rows`]).
+    pub fn load_for(
+        path: &Path,
+        is_last: bool,
+        max_ctx: u32,
+        threads: i32,
+        sequences: u32,
+    ) -> Result<Stage, LlmError> {
         backend()?;
         let err = |message: String| LlmError::Load {
             path: path.display().to_string(),
@@ -122,7 +151,10 @@ impl Stage {
             let trained = u32::try_from(sys::llama_model_n_ctx_train(model.as_ptr())).unwrap_or(0);
             let n_ctx = protocol::data::stage_context(trained).min(max_ctx);
             let mut cp = sys::llama_context_default_params();
-            cp.n_ctx = n_ctx;
+            let sequences = sequences.max(1);
+            cp.n_seq_max = sequences;
+            cp.kv_unified = false;
+            cp.n_ctx = n_ctx * sequences;
             cp.n_batch = CHUNK_TOKENS as u32;
             cp.n_ubatch = CHUNK_TOKENS as u32;
             cp.n_threads = threads;
@@ -173,56 +205,126 @@ impl Stage {
         unsafe { sys::llama_memory_clear(sys::llama_get_memory(self.ctx.as_ptr()), true) };
     }
 
+    /// Forget one sequence's KV cache (its slot is free for another).
+    pub fn clear_sequence(&mut self, seq: i32) {
+        // SAFETY: a valid context; removing a whole sequence never fails.
+        unsafe {
+            sys::llama_memory_seq_rm(sys::llama_get_memory(self.ctx.as_ptr()), seq, -1, -1);
+        }
+    }
+
+    /// Run tokens (first stage) at `rows`, one token per row.
+    pub fn forward_token_rows(
+        &mut self,
+        tokens: &[i32],
+        rows: &[Row],
+    ) -> Result<RowsOutput, LlmError> {
+        if tokens.len() != rows.len() {
+            return Err(LlmError::Decode(format!(
+                "{} tokens for {} rows",
+                tokens.len(),
+                rows.len()
+            )));
+        }
+        self.forward_rows(Input::Tokens(tokens), rows)
+    }
+
+    /// Run hidden states ([rows, n_embd]) at `rows`.
+    pub fn forward_hidden_rows(
+        &mut self,
+        hidden: &[f32],
+        rows: &[Row],
+    ) -> Result<RowsOutput, LlmError> {
+        if hidden.len() != rows.len() * self.n_embd {
+            return Err(LlmError::Decode(format!(
+                "{} floats for {} rows of {}",
+                hidden.len(),
+                rows.len(),
+                self.n_embd
+            )));
+        }
+        self.forward_rows(Input::Hidden(hidden), rows)
+    }
+
     fn forward(&mut self, input: Input<'_>, pos0: i32) -> Result<StageOutput, LlmError> {
-        let n = input.len(self.n_embd);
+        let n = input.len(self.n_embd) as i32;
+        let rows: Vec<Row> = (pos0..pos0 + n).map(|pos| Row { seq: 0, pos }).collect();
+        Ok(match self.forward_rows(input, &rows)? {
+            RowsOutput::Hidden(h) => StageOutput::Hidden(h),
+            RowsOutput::Logits(mut l) => StageOutput::Logits(
+                l.pop()
+                    .map(|(_, logits)| logits)
+                    .ok_or_else(|| LlmError::Decode("no logits".into()))?,
+            ),
+        })
+    }
+
+    /// Run `input` (one token or one hidden state per row) at `rows`, which may belong to
+    /// several sequences, in decodes of at most [`CHUNK_TOKENS`] rows.
+    fn forward_rows(&mut self, input: Input<'_>, rows: &[Row]) -> Result<RowsOutput, LlmError> {
+        let n = rows.len();
         if n == 0 {
             return Err(LlmError::Decode("empty batch".into()));
         }
+        // The last stage outputs the logits of each sequence's last row only.
+        let outputs: Vec<bool> = (0..n)
+            .map(|i| !self.is_last || !rows[i + 1..].iter().any(|r| r.seq == rows[i].seq))
+            .collect();
         if let Some(c) = self.capture.as_mut() {
             c.data.clear();
         }
+        let mut logits = Vec::new();
         // A long prompt goes through in chunks: llama.cpp sizes its logits buffer by the
         // outputs of one decode, and a non-final stage outputs every token.
         for start in (0..n).step_by(CHUNK_TOKENS) {
             let end = (start + CHUNK_TOKENS).min(n);
             let ret = self.decode(
                 input.slice(start, end, self.n_embd),
-                pos0 + start as i32,
-                end == n,
+                &rows[start..end],
+                &outputs[start..end],
             );
-            if ret != 0 && self.capture.is_none() {
-                return Err(LlmError::Decode(format!("llama_decode returned {ret}")));
-            }
-            if let Some(c) = &self.capture {
-                if c.data.len() != end * self.n_embd {
+            match &self.capture {
+                None if ret != 0 => {
+                    return Err(LlmError::Decode(format!("llama_decode returned {ret}")))
+                }
+                None => {
+                    for (j, row) in rows[start..end].iter().enumerate() {
+                        if outputs[start + j] {
+                            logits.push((row.seq, self.logits(j as i32)?));
+                        }
+                    }
+                }
+                Some(c) if c.data.len() != end * self.n_embd => {
                     return Err(LlmError::Decode(format!(
                         "captured {} floats of {} for {end} tokens (llama_decode returned {ret})",
                         c.data.len(),
                         c.name.to_string_lossy()
                     )));
                 }
+                Some(_) => {}
             }
         }
-        match &mut self.capture {
-            Some(c) => Ok(StageOutput::Hidden(std::mem::take(&mut c.data))),
-            None => {
-                // SAFETY: logits of the last position of the last decode, n_vocab floats.
-                let logits = unsafe {
-                    let p = sys::llama_get_logits_ith(self.ctx.as_ptr(), -1);
-                    if p.is_null() {
-                        return Err(LlmError::Decode("no logits".into()));
-                    }
-                    std::slice::from_raw_parts(p, self.n_vocab).to_vec()
-                };
-                Ok(StageOutput::Logits(logits))
+        Ok(match &mut self.capture {
+            Some(c) => RowsOutput::Hidden(std::mem::take(&mut c.data)),
+            None => RowsOutput::Logits(logits),
+        })
+    }
+
+    /// The logits of output row `i` of the last decode.
+    fn logits(&self, i: i32) -> Result<Vec<f32>, LlmError> {
+        // SAFETY: n_vocab floats of a row the last decode marked as an output.
+        unsafe {
+            let p = sys::llama_get_logits_ith(self.ctx.as_ptr(), i);
+            if p.is_null() {
+                return Err(LlmError::Decode(format!("no logits for row {i}")));
             }
+            Ok(std::slice::from_raw_parts(p, self.n_vocab).to_vec())
         }
     }
 
-    /// One `llama_decode` of at most [`CHUNK_TOKENS`] positions from `pos0`. Non-final stages
-    /// output every token's state; the last stage only the final token's logits (`last`).
-    fn decode(&mut self, input: Input<'_>, pos0: i32, last: bool) -> i32 {
-        let n = input.len(self.n_embd);
+    /// One `llama_decode` of at most [`CHUNK_TOKENS`] rows, each output where `outputs` says.
+    fn decode(&mut self, input: Input<'_>, rows: &[Row], outputs: &[bool]) -> i32 {
+        let n = rows.len();
         let embd = match input {
             Input::Hidden(_) => self.n_embd as i32,
             Input::Tokens(_) => 0,
@@ -236,11 +338,11 @@ impl Stage {
                 Input::Tokens(t) => std::ptr::copy_nonoverlapping(t.as_ptr(), batch.token, n),
                 Input::Hidden(h) => std::ptr::copy_nonoverlapping(h.as_ptr(), batch.embd, h.len()),
             }
-            for i in 0..n {
-                *batch.pos.add(i) = pos0 + i as i32;
+            for (i, row) in rows.iter().enumerate() {
+                *batch.pos.add(i) = row.pos;
                 *batch.n_seq_id.add(i) = 1;
-                **batch.seq_id.add(i) = 0;
-                *batch.logits.add(i) = i8::from(!self.is_last || (last && i + 1 == n));
+                **batch.seq_id.add(i) = row.seq;
+                *batch.logits.add(i) = i8::from(outputs[i]);
             }
             let ret = sys::llama_decode(self.ctx.as_ptr(), batch);
             sys::llama_batch_free(batch);

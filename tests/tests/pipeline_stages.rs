@@ -107,3 +107,98 @@ fn node_reference_prints_the_whole_models_completion() {
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("/nonexistent.gguf"));
 }
+
+/// Several sequences in one chain of stages, rows of all of them in each `llama_decode` and a
+/// sequence joining while the others are generating (what continuous batching does), give
+/// each sequence exactly the greedy tokens it gets alone: what serving many users at once
+/// rests on.
+#[test]
+fn sequences_batched_together_give_each_the_tokens_it_gets_alone() {
+    use llm::stage::{Row, RowsOutput};
+    let _one = tests::swarm_lock();
+    let paragraph = "Pieces travel between peers until every node holds its shard. ";
+    let texts = [
+        "The capital of France is".to_owned(),
+        "<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n".to_owned(),
+        format!("{}In one sentence:", paragraph.repeat(50)),
+    ];
+    let model = tests::default_model::require().unwrap_or_else(|e| panic!("{e}"));
+    let prompts: Vec<Vec<i32>> = texts
+        .iter()
+        .map(|t| llm::tokenize(&model, t).unwrap())
+        .collect();
+    assert!(
+        prompts[2].len() > llm::stage::CHUNK_TOKENS,
+        "one prompt spans two decodes"
+    );
+    const TOKENS: usize = 24;
+    let dir = tests::real_shards(3);
+    let mut alone = load_stages(dir.path(), 3, 2048);
+    let expected: Vec<Vec<i32>> = prompts
+        .iter()
+        .map(|p| {
+            alone.iter_mut().for_each(Stage::clear);
+            pipeline_greedy(&mut alone, p, TOKENS, &[]).tokens
+        })
+        .collect();
+    drop(alone);
+
+    let mut stages: Vec<Stage> = (0..3)
+        .map(|k| {
+            let file = dir.path().join(format!("shard-{k}.gguf"));
+            Stage::load_for(&file, k == 2, 2048, 1, 3).unwrap()
+        })
+        .collect();
+    // Sequence 2 (the long prompt) joins at step 3, while 0 and 1 are generating.
+    let joins = [0usize, 0, 3];
+    let mut got: Vec<Vec<i32>> = vec![Vec::new(); 3];
+    for step in 0..TOKENS + 3 {
+        let (mut tokens, mut rows) = (Vec::new(), Vec::new());
+        for seq in 0..3 {
+            if step < joins[seq] || got[seq].len() == TOKENS {
+                continue;
+            }
+            let start = if step == joins[seq] {
+                0
+            } else {
+                prompts[seq].len() + got[seq].len() - 1
+            };
+            let input: Vec<i32> = if step == joins[seq] {
+                prompts[seq].clone()
+            } else {
+                vec![*got[seq].last().unwrap()]
+            };
+            for (i, t) in input.iter().enumerate() {
+                tokens.push(*t);
+                rows.push(Row {
+                    seq: seq as i32,
+                    pos: (start + i) as i32,
+                });
+            }
+        }
+        if rows.is_empty() {
+            break;
+        }
+        let mut out = stages[0].forward_token_rows(&tokens, &rows).unwrap();
+        for stage in stages[1..].iter_mut() {
+            let RowsOutput::Hidden(h) = out else {
+                panic!("a non-final stage gave logits")
+            };
+            out = stage.forward_hidden_rows(&h, &rows).unwrap();
+        }
+        let RowsOutput::Logits(logits) = out else {
+            panic!("the last stage gave hidden states")
+        };
+        for (seq, l) in logits {
+            got[seq as usize].push(llm::stage::argmax(&l));
+        }
+    }
+    for seq in 0..3 {
+        assert_eq!(
+            got[seq],
+            expected[seq],
+            "sequence {seq} ({} prompt tokens) differs when batched with the others",
+            prompts[seq].len()
+        );
+    }
+}
