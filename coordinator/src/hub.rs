@@ -22,14 +22,14 @@ pub struct Hub {
     pub seeder: String,
     /// The model's vocabulary (from shard 0), for the OpenAI API.
     pub vocab: Option<Arc<Vocab>>,
-    /// Held by the request running through the pipeline: the others queue.
-    pub pipeline: tokio::sync::Mutex<()>,
+    /// One permit per request the pipeline serves at once (`--parallel`): the others queue.
+    pub pipeline: tokio::sync::Semaphore,
     /// The route while every stage on it is loaded ([`Swarm::serving_route`]).
     route: watch::Sender<Option<Vec<RouteHop>>>,
 }
 
 impl Hub {
-    pub fn new(swarm: Swarm, seeder: String, vocab: Option<Arc<Vocab>>) -> Hub {
+    pub fn new(swarm: Swarm, seeder: String, vocab: Option<Arc<Vocab>>, parallel: usize) -> Hub {
         Hub {
             route: watch::Sender::new(swarm.serving_route()),
             swarm: Mutex::new(swarm),
@@ -37,7 +37,7 @@ impl Hub {
             next_conn: AtomicU64::new(1),
             seeder,
             vocab,
-            pipeline: tokio::sync::Mutex::new(()),
+            pipeline: tokio::sync::Semaphore::new(parallel.max(1)),
         }
     }
 

@@ -57,6 +57,10 @@ pub struct Config {
     /// Seconds of silence after which a node is dropped and its shards re-placed.
     #[arg(long, default_value_t = 10)]
     pub heartbeat_timeout: u64,
+    /// Requests the pipeline serves at once (each stage keeps this many sequences, each with
+    /// the model's context); more wait in line.
+    #[arg(long, default_value_t = 8, env = "SHARDSWARM_COORDINATOR_PARALLEL")]
+    pub parallel: u32,
     /// Where shard 0 (for the vocabulary) is cached (default: <tmp>/shardswarm-coordinator).
     #[arg(long, env = "SHARDSWARM_COORDINATOR_CACHE_DIR")]
     pub cache_dir: Option<std::path::PathBuf>,
@@ -72,6 +76,7 @@ impl Default for Config {
             token: None,
             heartbeat_interval: 2,
             heartbeat_timeout: 10,
+            parallel: 8,
             cache_dir: None,
         }
     }
@@ -88,6 +93,9 @@ impl Config {
             return refuse(
                 "--heartbeat-timeout must be longer than --heartbeat-interval (>= 1 s)".into(),
             );
+        }
+        if !(1..=64).contains(&self.parallel) {
+            return refuse(format!("--parallel {} is not within 1..=64", self.parallel));
         }
         if !(self.seeder.starts_with("http://") || self.seeder.starts_with("https://")) {
             return refuse(format!("--seeder {} is not an http:// URL", self.seeder));

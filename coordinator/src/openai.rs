@@ -239,8 +239,10 @@ async fn serve(hub: Arc<Hub>, body: Value, prompt: String, chat: bool) -> Respon
     let (tx, mut rx) = mpsc::channel::<Event>(64);
     let runner = hub.clone();
     tokio::spawn(async move {
-        // One request at a time through the pipeline: queue here.
-        let _turn = runner.pipeline.lock().await;
+        // At most --parallel requests through the pipeline at once: queue here.
+        let Ok(_turn) = runner.pipeline.acquire().await else {
+            return; // the semaphore is never closed
+        };
         run_with_failover(&runner, &vocab, route, (&model, &split), req, tx).await;
     });
     let id = format!(

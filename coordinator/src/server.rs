@@ -73,9 +73,15 @@ pub async fn start(config: Config) -> Result<Running> {
             token: config.token.clone(),
             heartbeat_interval: interval,
             heartbeat_timeout: timeout,
+            parallel: config.parallel,
         },
     );
-    let hub = Arc::new(Hub::new(swarm, config.seeder.clone(), vocab));
+    let hub = Arc::new(Hub::new(
+        swarm,
+        config.seeder.clone(),
+        vocab,
+        config.parallel as usize,
+    ));
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| daemon::IoError::new(format!("binding {}", config.listen), e))?;

@@ -3,11 +3,13 @@
 //! The coordinator's `ROUTE` says which stage this node runs and where the next stage is. A
 //! request (`Forward`) runs the stage's layers; a non-final stage sends its hidden states to the
 //! next stage and answers its caller with the token that comes back; the last stage samples
-//! the token. One request runs at a time on a node (the coordinator queues requests), and the
-//! stage's KV cache belongs to the current session: a new session starts at position 0.
+//! the token. The stage keeps `ROUTE.parallel` sequences, one per session, so up to that many
+//! requests are under way at once and take turns step by step; a new session starts at
+//! position 0 and takes a free sequence (or the least recently used one).
 //!
-//! Tasks: one per data connection. State: [`Pipeline`] behind a tokio mutex, held for a whole
-//! request (it is the node's single llama.cpp context); the route behind a std mutex.
+//! Tasks: one per data connection. State: [`Pipeline`] behind a tokio mutex, held for one
+//! step of one session through this stage and the ones after it (the node's llama.cpp
+//! context is one); the stage itself behind a std mutex for the blocking decode.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -27,8 +29,56 @@ use crate::{Error, Result};
 struct Loaded {
     route: RouteParams,
     stage: Arc<Mutex<Stage>>,
-    session: Option<u64>,
+    /// Which session each of the stage's sequences holds.
+    slots: Slots,
     next: Option<Connection>,
+}
+
+/// The stage's sequences (llama.cpp `seq_id`s), each held by one session: a session keeps its
+/// KV cache between steps while other sessions run; a new session takes a free sequence, or
+/// the least recently used one.
+struct Slots {
+    /// (session, last use) per sequence.
+    held: Vec<Option<(u64, u64)>>,
+    clock: u64,
+}
+
+impl Slots {
+    fn new(sequences: u32) -> Slots {
+        Slots {
+            held: vec![None; sequences.max(1) as usize],
+            clock: 0,
+        }
+    }
+
+    /// The sequence of `session`, if it has one.
+    fn find(&self, session: u64) -> Option<usize> {
+        self.held
+            .iter()
+            .position(|h| h.is_some_and(|(s, _)| s == session))
+    }
+
+    /// The sequence of `session`, and whether it was just given one (its KV cache must then be
+    /// cleared of the sequence's previous holder).
+    fn take(&mut self, session: u64) -> (usize, bool) {
+        self.clock += 1;
+        if let Some(seq) = self.find(session) {
+            self.held[seq] = Some((session, self.clock));
+            return (seq, false);
+        }
+        let seq = (0..self.held.len())
+            .min_by_key(|&i| self.held[i].map_or(0, |(_, used)| used))
+            .expect("at least one sequence");
+        self.held[seq] = Some((session, self.clock));
+        (seq, true)
+    }
+
+    /// Free `session`'s sequence, returning it.
+    fn release(&mut self, session: u64) -> Option<usize> {
+        let seq = self.find(session)?;
+        self.held[seq] = None;
+        Some(seq)
+    }
 }
 
 /// This node's part of the inference pipeline.
@@ -54,6 +104,7 @@ impl Pipeline {
             if l.route.stage == route.stage
                 && l.route.stage_count == route.stage_count
                 && l.route.split_id == route.split_id
+                && l.route.parallel == route.parallel
             {
                 if l.route.next != route.next {
                     l.next = None;
@@ -65,10 +116,12 @@ impl Pipeline {
         let path = self.shards_dir.join(format!("shard-{}.gguf", route.stage));
         let is_last = route.stage + 1 == route.stage_count;
         let threads = self.threads;
-        let stage =
-            tokio::task::spawn_blocking(move || Stage::load(&path, is_last, MAX_CONTEXT, threads))
-                .await
-                .map_err(|e| Error::Pipeline(format!("loading the stage: {e}")))??;
+        let sequences = route.parallel;
+        let stage = tokio::task::spawn_blocking(move || {
+            Stage::load_for(&path, is_last, MAX_CONTEXT, threads, sequences)
+        })
+        .await
+        .map_err(|e| Error::Pipeline(format!("loading the stage: {e}")))??;
         tracing::info!(
             "stage {} of {} loaded in llama.cpp{}",
             route.stage,
@@ -76,9 +129,9 @@ impl Pipeline {
             if is_last { " (last)" } else { "" }
         );
         *loaded = Some(Loaded {
+            slots: Slots::new(route.parallel),
             route,
             stage: Arc::new(Mutex::new(stage)),
-            session: None,
             next: None,
         });
         Ok(())
@@ -175,21 +228,22 @@ async fn forward(
     let l = guard
         .as_mut()
         .ok_or_else(|| Error::Pipeline("this node has no route".into()))?;
-    if l.session != Some(session) {
-        if pos0 != 0 {
-            return Err(Error::Pipeline(format!(
-                "session {session} is not running here (a new session starts at position 0)"
-            )));
-        }
-        l.stage.lock().unwrap().clear();
-        l.session = Some(session);
+    if l.slots.find(session).is_none() && pos0 != 0 {
+        return Err(Error::Pipeline(format!(
+            "session {session} is not running here (a new session starts at position 0)"
+        )));
     }
+    let (seq, fresh) = l.slots.take(session);
+    let seq = seq as i32;
     let stage = l.stage.clone();
     let output = tokio::task::spawn_blocking(move || {
         let mut s = stage.lock().unwrap();
+        if fresh {
+            s.clear_sequence(seq); // whatever its previous session left
+        }
         match &payload {
-            Payload::Tokens(t) => s.forward_tokens(t, pos0 as i32),
-            Payload::Hidden { data, .. } => s.forward_hidden(data, pos0 as i32),
+            Payload::Tokens(t) => s.forward_tokens_of(seq, t, pos0 as i32),
+            Payload::Hidden { data, .. } => s.forward_hidden_of(seq, data, pos0 as i32),
         }
     })
     .await
@@ -229,9 +283,8 @@ async fn end(pipeline: &Pipeline, session: u64) -> Result<()> {
     let Some(l) = guard.as_mut() else {
         return Ok(());
     };
-    if l.session == Some(session) {
-        l.stage.lock().unwrap().clear();
-        l.session = None;
+    if let Some(seq) = l.slots.release(session) {
+        l.stage.lock().unwrap().clear_sequence(seq as i32);
     }
     if l.route.next.is_some() {
         let next = next_hop(l).await?;

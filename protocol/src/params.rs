@@ -130,6 +130,13 @@ pub struct RouteParams {
     pub next: Option<String>,
     pub model_sha256: String,
     pub split_id: String,
+    /// Sequences (requests) each stage keeps at once: the coordinator's `--parallel`.
+    #[serde(default = "one")]
+    pub parallel: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// `ERROR`.

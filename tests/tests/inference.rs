@@ -359,6 +359,68 @@ fn five_stage_gemma3_swarm_gives_the_whole_models_text() {
     );
 }
 
+/// Eight streamed requests at once, with different prompts and lengths: each text equals the
+/// same request alone, and they are served side by side (a later request's first token comes
+/// before an earlier one has finished), not one after another.
+#[test]
+fn eight_concurrent_streams_overlap_and_each_equals_its_request_alone() {
+    use std::io::BufRead;
+    let _one = swarm_lock();
+    let s = swarm(4);
+    let prompts: Vec<String> = (0..8)
+        .map(|k| format!("{} Story number {k}:", PROMPTS[k % PROMPTS.len()]))
+        .collect();
+    let started = std::time::Instant::now();
+    let handles: Vec<_> = (0..8)
+        .map(|k| {
+            let (addr, prompt) = (s.coordinator.clone(), prompts[k].clone());
+            std::thread::spawn(move || {
+                let body = json!({"prompt": prompt, "max_tokens": 12 + 2 * k, "temperature": 0, "stream": true});
+                let resp = reqwest::blocking::Client::new()
+                    .post(format!("http://{addr}/v1/completions"))
+                    .json(&body)
+                    .timeout(Duration::from_secs(120))
+                    .send()
+                    .unwrap();
+                let (mut text, mut first, mut last) = (String::new(), None, None);
+                for line in std::io::BufReader::new(resp).lines() {
+                    let line = line.unwrap();
+                    let Some(data) = line.strip_prefix("data: ") else {
+                        continue;
+                    };
+                    if data == "[DONE]" {
+                        break;
+                    }
+                    let v: Value = serde_json::from_str(data).unwrap();
+                    assert!(v.get("error").is_none(), "stream {k} failed: {v}");
+                    let piece = v["choices"][0]["text"].as_str().unwrap_or("");
+                    if !piece.is_empty() {
+                        first.get_or_insert(started.elapsed());
+                        last = Some(started.elapsed());
+                    }
+                    text.push_str(piece);
+                }
+                (text, first.expect("a token"), last.expect("a token"))
+            })
+        })
+        .collect();
+    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    for (k, (text, _, _)) in results.iter().enumerate() {
+        let alone = llm::reference_completion(&model(), &prompts[k], 12 + 2 * k, 1).unwrap();
+        assert_eq!(
+            text, &alone.text,
+            "stream {k} differs from its request alone"
+        );
+    }
+    let overlapping = results.iter().any(|(_, first_a, last_a)| {
+        results
+            .iter()
+            .any(|(_, first_b, _)| first_b > first_a && first_b < last_a)
+    });
+    let times: Vec<_> = results.iter().map(|(_, f, l)| (f, l)).collect();
+    assert!(overlapping, "the streams ran one after another: {times:?}");
+}
+
 #[test]
 fn two_and_three_stage_swarms_match_the_whole_model() {
     let _one = swarm_lock();

@@ -147,6 +147,8 @@ pub struct SwarmSettings {
     pub token: Option<String>,
     pub heartbeat_interval: Duration,
     pub heartbeat_timeout: Duration,
+    /// Sequences each stage keeps at once (`--parallel`), sent in `ROUTE`.
+    pub parallel: u32,
 }
 
 /// One stage of the inference route.

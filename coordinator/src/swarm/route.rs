@@ -69,6 +69,7 @@ impl Swarm {
                     next: route.get(k + 1).map(|h| h.data_addr.clone()),
                     model_sha256: self.settings.model_sha256.clone(),
                     split_id: self.settings.split_id.clone(),
+                    parallel: self.settings.parallel,
                 };
                 (
                     hop.node_id.clone(),

@@ -25,6 +25,7 @@ fn swarm(shards: u32, min_nodes: usize) -> Swarm {
             token: Some("t".into()),
             heartbeat_interval: Duration::from_secs(2),
             heartbeat_timeout: Duration::from_secs(10),
+            parallel: 1,
         },
     );
     s.settle_until = Instant::now();
