@@ -3,7 +3,7 @@
 //! wakes when the route changes, rather than polling).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use protocol::Control;
@@ -24,12 +24,20 @@ pub struct Hub {
     pub vocab: Option<Arc<Vocab>>,
     /// One permit per request the pipeline serves at once (`--parallel`): the others queue.
     pub pipeline: tokio::sync::Semaphore,
+    /// Bounds the requests waiting for a permit (`--queue`).
+    pub queue: Admission,
     /// The route while every stage on it is loaded ([`Swarm::serving_route`]).
     route: watch::Sender<Option<Vec<RouteHop>>>,
 }
 
 impl Hub {
-    pub fn new(swarm: Swarm, seeder: String, vocab: Option<Arc<Vocab>>, parallel: usize) -> Hub {
+    pub fn new(
+        swarm: Swarm,
+        seeder: String,
+        vocab: Option<Arc<Vocab>>,
+        parallel: usize,
+        queue: usize,
+    ) -> Hub {
         Hub {
             route: watch::Sender::new(swarm.serving_route()),
             swarm: Mutex::new(swarm),
@@ -38,6 +46,7 @@ impl Hub {
             seeder,
             vocab,
             pipeline: tokio::sync::Semaphore::new(parallel.max(1)),
+            queue: Admission::new(queue),
         }
     }
 
@@ -93,5 +102,45 @@ impl Hub {
     /// Watch the serving route.
     pub fn routes(&self) -> watch::Receiver<Option<Vec<RouteHop>>> {
         self.route.subscribe()
+    }
+}
+
+/// A bounded line of requests waiting for the pipeline: past the bound a request is refused at
+/// once (429) instead of waiting without end.
+pub struct Admission {
+    waiting: Arc<AtomicUsize>,
+    limit: usize,
+}
+
+/// A place in the line; leaving it (by taking a pipeline permit, or by giving up) frees it.
+pub struct InLine(Arc<AtomicUsize>);
+
+impl Drop for InLine {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Admission {
+    pub fn new(limit: usize) -> Admission {
+        Admission {
+            waiting: Arc::new(AtomicUsize::new(0)),
+            limit,
+        }
+    }
+
+    /// A place in the line, or `None` when `limit` requests are already waiting.
+    pub fn enter(&self) -> Option<InLine> {
+        self.waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| InLine(self.waiting.clone()))
+    }
+
+    /// Requests waiting now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Acquire)
     }
 }

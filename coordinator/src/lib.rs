@@ -61,6 +61,10 @@ pub struct Config {
     /// the model's context); more wait in line.
     #[arg(long, default_value_t = 8, env = "SHARDSWARM_COORDINATOR_PARALLEL")]
     pub parallel: u32,
+    /// Requests that may wait for the pipeline beyond those it serves; more are refused at
+    /// once with 429 and `Retry-After`.
+    #[arg(long, default_value_t = 64, env = "SHARDSWARM_COORDINATOR_QUEUE")]
+    pub queue: usize,
     /// Where shard 0 (for the vocabulary) is cached (default: <tmp>/shardswarm-coordinator).
     #[arg(long, env = "SHARDSWARM_COORDINATOR_CACHE_DIR")]
     pub cache_dir: Option<std::path::PathBuf>,
@@ -77,6 +81,7 @@ impl Default for Config {
             heartbeat_interval: 2,
             heartbeat_timeout: 10,
             parallel: 8,
+            queue: 64,
             cache_dir: None,
         }
     }

@@ -236,13 +236,28 @@ async fn serve(hub: Arc<Hub>, body: Value, prompt: String, chat: bool) -> Respon
         sampling: c.sampling,
         stop: c.stop,
     };
+    let Some(in_line) = hub.queue.enter() else {
+        let mut response = error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_exceeded",
+            &format!(
+                "{} requests are already waiting for the pipeline: try again shortly",
+                hub.queue.waiting()
+            ),
+        );
+        response
+            .headers_mut()
+            .insert(axum::http::header::RETRY_AFTER, 1.into());
+        return response;
+    };
     let (tx, mut rx) = mpsc::channel::<Event>(64);
     let runner = hub.clone();
     tokio::spawn(async move {
-        // At most --parallel requests through the pipeline at once: queue here.
+        // At most --parallel requests through the pipeline at once: wait in line here.
         let Ok(_turn) = runner.pipeline.acquire().await else {
             return; // the semaphore is never closed
         };
+        drop(in_line);
         run_with_failover(&runner, &vocab, route, (&model, &split), req, tx).await;
     });
     let id = format!(

@@ -81,6 +81,7 @@ pub async fn start(config: Config) -> Result<Running> {
         config.seeder.clone(),
         vocab,
         config.parallel as usize,
+        config.queue,
     ));
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

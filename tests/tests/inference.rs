@@ -17,13 +17,17 @@ struct Swarm {
 }
 
 fn swarm(n: usize) -> Swarm {
-    swarm_serving(tests::real_shards(n), n)
+    swarm_serving(tests::real_shards(n), n, &[])
 }
 
 /// A swarm of `n` nodes for the `n` shards in `seed`.
-fn swarm_serving(seed: tempfile::TempDir, n: usize) -> Swarm {
+/// A swarm of `n` nodes for the `n` shards in `seed`, the coordinator started with `flags`.
+fn swarm_serving(seed: tempfile::TempDir, n: usize, flags: &[&str]) -> Swarm {
     let bed = Bed::serving(seed, &[]);
-    let c = bed.coordinator("127.0.0.1:0", &["--min-nodes", &n.to_string()]);
+    let n_text = n.to_string();
+    let mut all = vec!["--min-nodes", n_text.as_str()];
+    all.extend_from_slice(flags);
+    let c = bed.coordinator("127.0.0.1:0", &all);
     let addr = c.field("http").to_owned();
     let mut procs = vec![c];
     procs.extend(
@@ -330,7 +334,7 @@ fn four_stage_swarm_matches_the_whole_model_streams_and_serves_the_openai_client
 fn five_stage_gemma3_swarm_gives_the_whole_models_text() {
     let _one = swarm_lock();
     let model = tests::gemma3_model();
-    let s = swarm_serving(tests::shards_of(&model, 5), 5);
+    let s = swarm_serving(tests::shards_of(&model, 5), 5, &[]);
     let long = format!(
         "{}Summary in one sentence:",
         "Every node of the swarm holds a few layers of the model and passes its hidden states on. "
@@ -419,6 +423,50 @@ fn eight_concurrent_streams_overlap_and_each_equals_its_request_alone() {
     });
     let times: Vec<_> = results.iter().map(|(_, f, l)| (f, l)).collect();
     assert!(overlapping, "the streams ran one after another: {times:?}");
+}
+
+/// With one request served and one waiting, more are refused at once: 429 in OpenAI's error
+/// shape with `Retry-After`; once the line is free, requests are served again.
+#[test]
+fn a_full_queue_answers_429_with_retry_after() {
+    let _one = swarm_lock();
+    let s = swarm_serving(
+        tests::real_shards(2),
+        2,
+        &["--parallel", "1", "--queue", "1"],
+    );
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let addr = s.coordinator.clone();
+            std::thread::spawn(move || {
+                let r = reqwest::blocking::Client::new()
+                    .post(format!("http://{addr}/v1/completions"))
+                    .json(&json!({"prompt": PROMPTS[1], "max_tokens": 120, "temperature": 0}))
+                    .timeout(Duration::from_secs(120))
+                    .send()
+                    .unwrap();
+                let retry_after = r.headers().get("retry-after").cloned();
+                (r.status().as_u16(), retry_after, r.json::<Value>().unwrap())
+            })
+        })
+        .collect();
+    let answers: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let refused: Vec<_> = answers.iter().filter(|a| a.0 == 429).collect();
+    assert!(
+        !refused.is_empty() && answers.iter().any(|a| a.0 == 200),
+        "{:?}",
+        answers.iter().map(|a| a.0).collect::<Vec<_>>()
+    );
+    for (_, retry_after, body) in refused {
+        assert_eq!(body["error"]["type"], "rate_limit_exceeded", "{body}");
+        assert!(retry_after.is_some(), "429 without Retry-After");
+    }
+    let (status, body) = post(
+        &s.coordinator,
+        "/v1/completions",
+        json!({"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}),
+    );
+    assert_eq!(status, 200, "{body}");
 }
 
 #[test]
