@@ -45,6 +45,24 @@ fn swarm_serving(seed: tempfile::TempDir, n: usize, flags: &[&str]) -> Swarm {
     }
 }
 
+/// Read an SSE completion stream to its `[DONE]`, handing each chunk's text to `piece`; a
+/// chunk with an error fails the test.
+fn read_stream(resp: reqwest::blocking::Response, mut piece: impl FnMut(&str)) {
+    use std::io::BufRead;
+    for line in std::io::BufReader::new(resp).lines() {
+        let line = line.unwrap();
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            break;
+        }
+        let v: Value = serde_json::from_str(data).unwrap();
+        assert!(v.get("error").is_none(), "the stream failed: {v}");
+        piece(v["choices"][0]["text"].as_str().unwrap_or(""));
+    }
+}
+
 fn post(addr: &str, path: &str, body: Value) -> (u16, Value) {
     let r = reqwest::blocking::Client::new()
         .post(format!("http://{addr}{path}"))
@@ -368,7 +386,6 @@ fn five_stage_gemma3_swarm_gives_the_whole_models_text() {
 /// before an earlier one has finished), not one after another.
 #[test]
 fn eight_concurrent_streams_overlap_and_each_equals_its_request_alone() {
-    use std::io::BufRead;
     let _one = swarm_lock();
     let s = swarm(4);
     let prompts: Vec<String> = (0..8)
@@ -387,23 +404,13 @@ fn eight_concurrent_streams_overlap_and_each_equals_its_request_alone() {
                     .send()
                     .unwrap();
                 let (mut text, mut first, mut last) = (String::new(), None, None);
-                for line in std::io::BufReader::new(resp).lines() {
-                    let line = line.unwrap();
-                    let Some(data) = line.strip_prefix("data: ") else {
-                        continue;
-                    };
-                    if data == "[DONE]" {
-                        break;
-                    }
-                    let v: Value = serde_json::from_str(data).unwrap();
-                    assert!(v.get("error").is_none(), "stream {k} failed: {v}");
-                    let piece = v["choices"][0]["text"].as_str().unwrap_or("");
+                read_stream(resp, |piece| {
                     if !piece.is_empty() {
                         first.get_or_insert(started.elapsed());
                         last = Some(started.elapsed());
                     }
                     text.push_str(piece);
-                }
+                });
                 (text, first.expect("a token"), last.expect("a token"))
             })
         })
@@ -503,7 +510,6 @@ fn before_the_swarm_is_ready_requests_get_503() {
 
 #[test]
 fn a_stage_killed_mid_stream_is_replaced_by_its_replica_and_the_answer_is_the_same() {
-    use std::io::{BufRead, BufReader};
     let _one = swarm_lock();
     let bed = Bed::new(4, &[]);
     let c = bed.coordinator("127.0.0.1:0", &["--min-nodes", "4"]);
@@ -548,23 +554,14 @@ fn a_stage_killed_mid_stream_is_replaced_by_its_replica_and_the_answer_is_the_sa
         .unwrap();
     let mut text = String::new();
     let mut killed = false;
-    for line in BufReader::new(resp).lines() {
-        let line = line.unwrap();
-        let Some(data) = line.strip_prefix("data: ") else {
-            continue;
-        };
-        if data == "[DONE]" {
-            break;
-        }
-        let v: Value = serde_json::from_str(data).unwrap();
-        assert!(v.get("error").is_none(), "the stream failed: {v}");
-        text.push_str(v["choices"][0]["text"].as_str().unwrap_or(""));
+    read_stream(resp, |piece| {
+        text.push_str(piece);
         if !killed {
             let k: usize = victim[1..].parse().unwrap();
             nodes[k].take().unwrap().kill();
             killed = true;
         }
-    }
+    });
     assert!(killed);
     assert_eq!(
         text, reference.text,
