@@ -287,10 +287,15 @@ impl Stage {
         if n == 0 {
             return Err(LlmError::Decode("empty batch".into()));
         }
-        // The last stage outputs the logits of each sequence's last row only.
-        let outputs: Vec<bool> = (0..n)
-            .map(|i| !self.is_last || !rows[i + 1..].iter().any(|r| r.seq == rows[i].seq))
-            .collect();
+        // The last stage outputs the logits of each sequence's last row only: walking back,
+        // a row is its sequence's last when that sequence has not been seen yet.
+        let mut outputs = vec![!self.is_last; n];
+        if self.is_last {
+            let mut seen = std::collections::HashSet::new();
+            for (i, row) in rows.iter().enumerate().rev() {
+                outputs[i] = seen.insert(row.seq);
+            }
+        }
         if let Some(c) = self.capture.as_mut() {
             c.data.clear();
         }

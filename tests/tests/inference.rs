@@ -63,13 +63,18 @@ fn read_stream(resp: reqwest::blocking::Response, mut piece: impl FnMut(&str)) {
     }
 }
 
-fn post(addr: &str, path: &str, body: Value) -> (u16, Value) {
-    let r = reqwest::blocking::Client::new()
+/// POST `body` as JSON to the coordinator at `addr` (bounded: 120 s).
+fn send(addr: &str, path: &str, body: &Value) -> reqwest::blocking::Response {
+    reqwest::blocking::Client::new()
         .post(format!("http://{addr}{path}"))
-        .json(&body)
+        .json(body)
         .timeout(Duration::from_secs(120))
         .send()
-        .unwrap();
+        .unwrap()
+}
+
+fn post(addr: &str, path: &str, body: Value) -> (u16, Value) {
+    let r = send(addr, path, &body);
     let status = r.status().as_u16();
     (status, r.json().unwrap_or(Value::Null))
 }
@@ -149,13 +154,7 @@ fn four_stage_swarm_matches_the_whole_model_streams_and_serves_the_openai_client
 
     // Streaming gives the same text as a plain request, and ends with [DONE].
     let body = json!({"prompt": PROMPTS[1], "max_tokens": 20, "temperature": 0, "stream": true});
-    let text = reqwest::blocking::Client::new()
-        .post(format!("http://{addr}/v1/completions"))
-        .json(&body)
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    let text = send(addr, "/v1/completions", &body).text().unwrap();
     let events: Vec<&str> = text
         .lines()
         .filter_map(|l| l.strip_prefix("data: "))
@@ -323,11 +322,7 @@ fn four_stage_swarm_matches_the_whole_model_streams_and_serves_the_openai_client
         use std::io::{BufRead, BufReader};
         let body =
             json!({"prompt": PROMPTS[1], "max_tokens": 200, "temperature": 0, "stream": true});
-        let resp = reqwest::blocking::Client::new()
-            .post(format!("http://{addr}/v1/completions"))
-            .json(&body)
-            .send()
-            .unwrap();
+        let resp = send(addr, "/v1/completions", &body);
         let mut lines = BufReader::new(resp).lines();
         assert!(lines.any(|l| l.is_ok_and(|l| l.starts_with("data: "))));
     } // dropped here: the connection closes
@@ -397,12 +392,7 @@ fn eight_concurrent_streams_overlap_and_each_equals_its_request_alone() {
             let (addr, prompt) = (s.coordinator.clone(), prompts[k].clone());
             std::thread::spawn(move || {
                 let body = json!({"prompt": prompt, "max_tokens": 12 + 2 * k, "temperature": 0, "stream": true});
-                let resp = reqwest::blocking::Client::new()
-                    .post(format!("http://{addr}/v1/completions"))
-                    .json(&body)
-                    .timeout(Duration::from_secs(120))
-                    .send()
-                    .unwrap();
+                let resp = send(&addr, "/v1/completions", &body);
                 let (mut text, mut first, mut last) = (String::new(), None, None);
                 read_stream(resp, |piece| {
                     if !piece.is_empty() {
@@ -446,12 +436,8 @@ fn a_full_queue_answers_429_with_retry_after() {
         .map(|_| {
             let addr = s.coordinator.clone();
             std::thread::spawn(move || {
-                let r = reqwest::blocking::Client::new()
-                    .post(format!("http://{addr}/v1/completions"))
-                    .json(&json!({"prompt": PROMPTS[1], "max_tokens": 120, "temperature": 0}))
-                    .timeout(Duration::from_secs(120))
-                    .send()
-                    .unwrap();
+                let body = json!({"prompt": PROMPTS[1], "max_tokens": 120, "temperature": 0});
+                let r = send(&addr, "/v1/completions", &body);
                 let retry_after = r.headers().get("retry-after").cloned();
                 (r.status().as_u16(), retry_after, r.json::<Value>().unwrap())
             })
@@ -546,12 +532,7 @@ fn a_stage_killed_mid_stream_is_replaced_by_its_replica_and_the_answer_is_the_sa
         .unwrap()
         .to_owned();
     let body = json!({"prompt": prompt, "max_tokens": 48, "temperature": 0, "stream": true});
-    let resp = reqwest::blocking::Client::new()
-        .post(format!("http://{addr}/v1/completions"))
-        .json(&body)
-        .timeout(Duration::from_secs(120))
-        .send()
-        .unwrap();
+    let resp = send(&addr, "/v1/completions", &body);
     let mut text = String::new();
     let mut killed = false;
     read_stream(resp, |piece| {
