@@ -19,20 +19,11 @@ import tempfile
 import time
 import urllib.request
 
-from benchlib import stats, stop, wait_line
+from benchlib import start_local_swarm, stats, stop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(REPO, "target", "release")
 PROMPT = "Once upon a time, in a land of many small machines that shared the work of one large model, there lived"
-
-
-def start(args, log):
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)
-
-
-def status(addr):
-    with urllib.request.urlopen(f"http://{addr}/status", timeout=10) as r:
-        return json.load(r)
 
 
 def stream(addr, max_tokens):
@@ -66,26 +57,7 @@ def main():
     work = tempfile.mkdtemp(prefix="shardswarm-bench-infer.")
     procs = []
     try:
-        shards = os.path.join(work, "shards")
-        subprocess.run([os.path.join(BIN, "shard_loader"), "split", "--model", model, "--shards", "4",
-                        "--target-dir", shards], check=True, capture_output=True)
-        s = start([os.path.join(BIN, "server"), "--listen-addr", "127.0.0.1", "--port", "0", "--http-port", "0",
-                   "--seed-dir", shards, "--state-dir", os.path.join(work, "st")], os.path.join(work, "seeder.log"))
-        procs.append(s)
-        seeder = wait_line(s, r"^\[READY\] http=(\S+)", 300).group(1)
-        c = start([os.path.join(BIN, "coordinator"), "--listen", "127.0.0.1:0", "--seeder", f"http://{seeder}",
-                   "--min-nodes", "4", "--cache-dir", os.path.join(work, "cache")], os.path.join(work, "coord.log"))
-        procs.append(c)
-        coord = wait_line(c, r"^\[READY\] http=(\S+)", 300).group(1)
-        for i in range(4):
-            procs.append(start([os.path.join(BIN, "node"), "--coordinator", f"http://{coord}", "--data-dir",
-                                os.path.join(work, f"n{i}"), "--listen-addr", "127.0.0.1", "--threads", "1"],
-                               os.path.join(work, f"n{i}.log")))
-        deadline = time.time() + 300
-        while not status(coord).get("serving"):
-            if time.time() > deadline:
-                sys.exit("the swarm never served")
-            time.sleep(0.2)
+        coord, procs = start_local_swarm(REPO, work, model)
         stream(coord, 4)  # warm-up: first contexts, connections
         ref_ttft, ref_tps, swarm_ttft, swarm_tps = [], [], [], []
         for run in range(args.runs):

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use protocol::Control;
 use tokio::sync::{mpsc, watch};
 
+use crate::engine::{Engine, EngineSettings};
 use crate::infer::Vocab;
 use crate::swarm::{Outbox, RouteHop, Swarm};
 
@@ -22,10 +23,12 @@ pub struct Hub {
     pub seeder: String,
     /// The model's vocabulary (from shard 0), for the OpenAI API.
     pub vocab: Option<Arc<Vocab>>,
-    /// One permit per request the pipeline serves at once (`--parallel`): the others queue.
-    pub pipeline: tokio::sync::Semaphore,
-    /// Bounds the requests waiting for a permit (`--queue`).
+    /// Serves the requests (none without a vocabulary).
+    pub engine: Option<Engine>,
+    /// Bounds the requests waiting for a slot (`--queue`).
     pub queue: Admission,
+    /// How long a request may take, waiting included (`--deadline`).
+    pub deadline: std::time::Duration,
     /// The route while every stage on it is loaded ([`Swarm::serving_route`]).
     route: watch::Sender<Option<Vec<RouteHop>>>,
 }
@@ -35,18 +38,24 @@ impl Hub {
         swarm: Swarm,
         seeder: String,
         vocab: Option<Arc<Vocab>>,
-        parallel: usize,
+        engine: EngineSettings,
         queue: usize,
+        deadline: std::time::Duration,
     ) -> Hub {
+        let route = watch::Sender::new(swarm.serving_route());
+        let engine = vocab
+            .clone()
+            .map(|v| Engine::start(engine, v, route.subscribe()));
         Hub {
-            route: watch::Sender::new(swarm.serving_route()),
+            route,
             swarm: Mutex::new(swarm),
             conns: Mutex::default(),
             next_conn: AtomicU64::new(1),
             seeder,
             vocab,
-            pipeline: tokio::sync::Semaphore::new(parallel.max(1)),
+            engine,
             queue: Admission::new(queue),
+            deadline,
         }
     }
 
@@ -112,7 +121,7 @@ pub struct Admission {
     limit: usize,
 }
 
-/// A place in the line; leaving it (by taking a pipeline permit, or by giving up) frees it.
+/// A place in the line; leaving it (by taking a slot, or by giving up) frees it.
 pub struct InLine(Arc<AtomicUsize>);
 
 impl Drop for InLine {

@@ -3,20 +3,17 @@
 //! Tokens and text live here, in one place: the coordinator loads the vocabulary (vocab-only,
 //! no weights) of shard 0, which it fetches from the seeder's web seed and checks by sha256, and
 //! does the chat template, tokenizing, detokenizing, stop strings and usage counts. A request
-//! goes to stage 0 over the data channel as token ids; each stage passes hidden states on; the
-//! last samples the next token, which comes back up the chain. Requests run one at a time
-//! (a queue): every stage has one KV cache, for the current session.
+//! goes through the pipeline as token ids, batched with the others by [`crate::engine`]; the
+//! last stage samples each next token, which comes back up the chain.
 
 use std::path::{Path, PathBuf};
 
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::{LlamaChatMessage, LlamaModel};
 use llama_cpp_2::token::LlamaToken;
-use protocol::data::io::Connection;
-use protocol::data::{Frame, Hello, Payload, Sampling};
-use tokio::sync::mpsc;
+use protocol::data::Sampling;
 
-use crate::swarm::{RouteHop, ShardSpec};
+use crate::swarm::ShardSpec;
 use crate::{Error, Result};
 
 /// The model's vocabulary and chat template.
@@ -127,6 +124,8 @@ pub enum Event {
     Done {
         finish: Finish,
         completion_tokens: usize,
+        /// Prompt tokens whose KV the stages still held from an earlier request.
+        cached_tokens: usize,
     },
     Failed(String),
 }
@@ -139,94 +138,52 @@ pub struct Request {
     pub stop: Vec<String>,
 }
 
-/// A data-channel connection to stage 0.
-async fn connect(route: &[RouteHop], model_sha256: &str, split_id: &str) -> Result<Connection> {
-    let first = route
-        .first()
-        .ok_or_else(|| Error::Pipeline("empty route".into()))?;
-    let hello = Hello {
-        model_sha256: model_sha256.into(),
-        split_id: split_id.into(),
-        stage: 0,
-    };
-    Ok(Connection::open(&first.data_addr, hello).await?)
+/// The text side of one generation: tokens in, text out, with stop strings and partial
+/// characters held back until they are settled. It survives a replay: text the client already
+/// has (`sent`, from an attempt that failed part-way) is not sent again, since the same request
+/// gives the same tokens (greedy, or the same seed).
+pub struct Generation {
+    generated: Vec<i32>,
+    sent: String,
 }
 
-/// Send a frame into the pipeline and take its answer.
-async fn call(conn: &mut Connection, frame: &Frame) -> Result<Frame> {
-    conn.send(frame).await?;
-    Ok(conn.receive().await?)
+/// What one more token did.
+pub struct Progress {
+    /// New text for the client.
+    pub text: Option<String>,
+    /// Set when the generation is over.
+    pub finish: Option<Finish>,
 }
 
-/// Why an attempt ended without a completion.
-pub enum AttemptError {
-    /// The client went away: stop.
-    ClientGone,
-    /// The pipeline failed (a stage died or refused): another route may finish the request.
-    Pipeline(Error),
-}
-
-/// One attempt at `req` through `route`. Text the client already has (`sent`, from an earlier
-/// attempt that failed part-way) is not sent again: the same request gives the same tokens
-/// (greedy, or the same seed), so a replay continues where the failed attempt stopped.
-pub async fn attempt(
-    vocab: &Vocab,
-    route: &[RouteHop],
-    ids: (&str, &str),
-    req: &Request,
-    sent: &mut String,
-    events: &mpsc::Sender<Event>,
-) -> Result<(Finish, usize), AttemptError> {
-    let mut conn = connect(route, ids.0, ids.1)
-        .await
-        .map_err(AttemptError::Pipeline)?;
-    let session = random_u64();
-    let result = run(vocab, &mut conn, session, req, sent, events).await;
-    // Free the session on every stage, whatever happened.
-    let _ = call(&mut conn, &Frame::End { session }).await;
-    result
-}
-
-async fn run(
-    vocab: &Vocab,
-    conn: &mut Connection,
-    session: u64,
-    req: &Request,
-    sent: &mut String,
-    events: &mpsc::Sender<Event>,
-) -> Result<(Finish, usize), AttemptError> {
-    let pipeline = AttemptError::Pipeline;
-    let mut generated: Vec<i32> = Vec::new();
-    let mut input = Payload::Tokens(req.prompt.clone());
-    let mut pos = 0u32;
-    let n_input = |p: &Payload| match p {
-        Payload::Tokens(t) => t.len() as u32,
-        Payload::Hidden { .. } => 0,
-    };
-    for _ in 0..req.max_tokens {
-        let step = n_input(&input);
-        let frame = Frame::Forward {
-            session,
-            pos0: pos,
-            sampling: req.sampling,
-            payload: input,
-        };
-        let token = match call(conn, &frame).await.map_err(pipeline)? {
-            Frame::Token { token, .. } => token,
-            Frame::Error(e) => return Err(pipeline(Error::Pipeline(format!("it failed: {e}")))),
-            other => {
-                return Err(pipeline(Error::Pipeline(format!(
-                    "unexpected answer {other:?}"
-                ))))
-            }
-        };
-        pos += step;
-        if vocab.is_end(token) {
-            flush(vocab, &generated, sent, events).await;
-            return Ok((Finish::Stop, generated.len()));
+impl Generation {
+    pub fn new() -> Generation {
+        Generation {
+            generated: Vec::new(),
+            sent: String::new(),
         }
-        generated.push(token);
-        let text = vocab.detokenize(&generated);
+    }
+
+    /// Tokens generated so far (in this attempt).
+    pub fn len(&self) -> usize {
+        self.generated.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.generated.is_empty()
+    }
+
+    /// Start again from the prompt (a replay through another route), keeping what was sent.
+    pub fn restart(&mut self) {
+        self.generated.clear();
+    }
+
+    /// Take the token the pipeline chose.
+    pub fn push(&mut self, vocab: &Vocab, req: &Request, token: i32) -> Progress {
+        if vocab.is_end(token) {
+            return self.finish(vocab, Finish::Stop);
+        }
+        self.generated.push(token);
+        let text = vocab.detokenize(&self.generated);
         if let Some(cut) = req
             .stop
             .iter()
@@ -234,13 +191,18 @@ async fn run(
             .filter_map(|s| text.find(s.as_str()))
             .min()
         {
-            if cut > sent.len() && text.is_char_boundary(cut) {
-                let _ = events
-                    .send(Event::Text(text[sent.len()..cut].to_owned()))
-                    .await;
-                *sent = text[..cut].to_owned();
+            let mut out = None;
+            if cut > self.sent.len() && text.is_char_boundary(cut) {
+                out = Some(text[self.sent.len()..cut].to_owned());
+                self.sent = text[..cut].to_owned();
             }
-            return Ok((Finish::Stop, generated.len()));
+            return Progress {
+                text: out,
+                finish: Some(Finish::Stop),
+            };
+        }
+        if self.generated.len() >= req.max_tokens {
+            return self.finish(vocab, Finish::Length);
         }
         // Hold back text that might still turn into a stop string or is a partial character.
         let hold = req
@@ -250,37 +212,42 @@ async fn run(
             .max()
             .unwrap_or(0);
         let mut upto = text.len().saturating_sub(hold);
-        while upto > sent.len() && !text.is_char_boundary(upto) {
+        while upto > self.sent.len() && !text.is_char_boundary(upto) {
             upto -= 1;
         }
-        if upto > sent.len()
-            && text.starts_with(sent.as_str())
+        let mut out = None;
+        if upto > self.sent.len()
+            && text.starts_with(self.sent.as_str())
             && !text[..upto].ends_with('\u{FFFD}')
         {
-            if events
-                .send(Event::Text(text[sent.len()..upto].to_owned()))
-                .await
-                .is_err()
-            {
-                return Err(AttemptError::ClientGone);
-            }
-            *sent = text[..upto].to_owned();
+            out = Some(text[self.sent.len()..upto].to_owned());
+            self.sent = text[..upto].to_owned();
         }
-        input = Payload::Tokens(vec![token]);
+        Progress {
+            text: out,
+            finish: None,
+        }
     }
-    flush(vocab, &generated, sent, events).await;
-    Ok((Finish::Length, generated.len()))
+
+    /// The end: the text not sent yet (held back for a possible stop string or a partial
+    /// character).
+    fn finish(&mut self, vocab: &Vocab, finish: Finish) -> Progress {
+        let text = vocab.detokenize(&self.generated);
+        let mut out = None;
+        if text.len() > self.sent.len() && text.starts_with(self.sent.as_str()) {
+            out = Some(text[self.sent.len()..].to_owned());
+            self.sent = text;
+        }
+        Progress {
+            text: out,
+            finish: Some(finish),
+        }
+    }
 }
 
-/// Send the text not sent yet (held back for a possible stop string or a partial character)
-/// once generation has ended.
-async fn flush(vocab: &Vocab, generated: &[i32], sent: &mut String, events: &mpsc::Sender<Event>) {
-    let text = vocab.detokenize(generated);
-    if text.len() > sent.len() && text.starts_with(sent.as_str()) {
-        let _ = events
-            .send(Event::Text(text[sent.len()..].to_owned()))
-            .await;
-        *sent = text;
+impl Default for Generation {
+    fn default() -> Self {
+        Generation::new()
     }
 }
 

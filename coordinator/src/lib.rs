@@ -7,6 +7,7 @@
 //! non-blocking bookkeeping of one event; the messages an event produces are sent after the
 //! lock is released.
 
+pub mod engine;
 pub mod error;
 pub mod hub;
 pub mod infer;
@@ -65,6 +66,17 @@ pub struct Config {
     /// once with 429 and `Retry-After`.
     #[arg(long, default_value_t = 64, env = "SHARDSWARM_COORDINATOR_QUEUE")]
     pub queue: usize,
+    /// Micro-batches in the pipeline at once: the running requests are split into this many
+    /// groups, so that several stages work at the same time (0: one per stage).
+    #[arg(
+        long,
+        default_value_t = 0,
+        env = "SHARDSWARM_COORDINATOR_MICRO_BATCHES"
+    )]
+    pub micro_batches: usize,
+    /// Seconds a request may take, waiting for a slot included; then it fails with an error.
+    #[arg(long, default_value_t = 600, env = "SHARDSWARM_COORDINATOR_DEADLINE")]
+    pub deadline: u64,
     /// Where shard 0 (for the vocabulary) is cached (default: <tmp>/shardswarm-coordinator).
     #[arg(long, env = "SHARDSWARM_COORDINATOR_CACHE_DIR")]
     pub cache_dir: Option<std::path::PathBuf>,
@@ -82,6 +94,8 @@ impl Default for Config {
             heartbeat_timeout: 10,
             parallel: 8,
             queue: 64,
+            micro_batches: 0,
+            deadline: 600,
             cache_dir: None,
         }
     }
@@ -101,6 +115,9 @@ impl Config {
         }
         if !(1..=64).contains(&self.parallel) {
             return refuse(format!("--parallel {} is not within 1..=64", self.parallel));
+        }
+        if self.deadline == 0 {
+            return refuse("--deadline must be at least 1 second".into());
         }
         if !(self.seeder.starts_with("http://") || self.seeder.starts_with("https://")) {
             return refuse(format!("--seeder {} is not an http:// URL", self.seeder));

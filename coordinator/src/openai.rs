@@ -4,6 +4,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -15,9 +16,9 @@ use protocol::data::Sampling;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
+use crate::engine::Job;
 use crate::hub::Hub;
-use crate::infer::{attempt, AttemptError, Event, Request};
-use crate::swarm::RouteHop;
+use crate::infer::{Event, Request};
 
 /// An API error in OpenAI's shape: `{"error": {"message", "type", "code"}}`.
 struct ApiError(StatusCode, &'static str, String);
@@ -214,21 +215,13 @@ async fn serve(hub: Arc<Hub>, body: Value, prompt: String, chat: bool) -> Respon
             c.max_tokens
         ));
     }
-    let (route, model, split) = {
-        let s = hub.swarm.lock().unwrap();
-        (
-            s.serving_route(),
-            s.settings.model_sha256.clone(),
-            s.settings.split_id.clone(),
-        )
-    };
-    let Some(route) = route else {
+    if hub.swarm.lock().unwrap().serving_route().is_none() {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",
             "the swarm is not ready: not every shard is loaded on a node and in llama.cpp",
         );
-    };
+    }
     let prompt_tokens = tokens.len();
     let req = Request {
         prompt: tokens,
@@ -250,16 +243,27 @@ async fn serve(hub: Arc<Hub>, body: Value, prompt: String, chat: bool) -> Respon
             .insert(axum::http::header::RETRY_AFTER, 1.into());
         return response;
     };
-    let (tx, mut rx) = mpsc::channel::<Event>(64);
-    let runner = hub.clone();
-    tokio::spawn(async move {
-        // At most --parallel requests through the pipeline at once: wait in line here.
-        let Ok(_turn) = runner.pipeline.acquire().await else {
-            return; // the semaphore is never closed
-        };
-        drop(in_line);
-        run_with_failover(&runner, &vocab, route, (&model, &split), req, tx).await;
-    });
+    let Some(engine) = hub.engine.as_ref() else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the coordinator has no vocabulary, so no inference",
+        );
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
+    let job = Job {
+        req,
+        events: tx,
+        deadline: Instant::now() + hub.deadline,
+        in_line: Some(in_line),
+    };
+    if !engine.submit(job) {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "pipeline_error",
+            "the pipeline stopped",
+        );
+    }
     let id = format!(
         "{}-{}",
         if chat { "chatcmpl" } else { "cmpl" },
@@ -292,13 +296,14 @@ async fn serve(hub: Arc<Hub>, body: Value, prompt: String, chat: bool) -> Respon
         return Sse::new(stream).into_response();
     }
     let mut text = String::new();
-    let (finish, completion_tokens) = loop {
+    let (finish, completion_tokens, cached_tokens) = loop {
         match rx.recv().await {
             Some(Event::Text(t)) => text.push_str(&t),
             Some(Event::Done {
                 finish,
                 completion_tokens,
-            }) => break (finish, completion_tokens),
+                cached_tokens,
+            }) => break (finish, completion_tokens, cached_tokens),
             Some(Event::Failed(e)) => {
                 return error(StatusCode::SERVICE_UNAVAILABLE, "pipeline_error", &e)
             }
@@ -311,7 +316,8 @@ async fn serve(hub: Arc<Hub>, body: Value, prompt: String, chat: bool) -> Respon
             }
         }
     };
-    let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens});
+    let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens,
+                       "prompt_tokens_details": {"cached_tokens": cached_tokens}});
     let choice = if chat {
         json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish.as_str()})
     } else {
@@ -328,7 +334,7 @@ async fn serve(hub: Arc<Hub>, body: Value, prompt: String, chat: bool) -> Respon
 /// Server-sent events from generation events: a chunk per piece of text, a last chunk with the
 /// finish reason, then `[DONE]`.
 fn async_stream(
-    rx: mpsc::Receiver<Event>,
+    rx: mpsc::UnboundedReceiver<Event>,
     chunk: impl Fn(Option<&str>, Option<&str>, bool) -> Value + Send + 'static,
 ) -> impl futures::Stream<Item = Result<SseEvent, Infallible>> {
     let mut first = true;
@@ -359,64 +365,6 @@ fn async_stream(
     })
 }
 
-fn tokio_stream_from(mut rx: mpsc::Receiver<Event>) -> impl futures::Stream<Item = Event> {
+fn tokio_stream_from(mut rx: mpsc::UnboundedReceiver<Event>) -> impl futures::Stream<Item = Event> {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
-}
-
-/// Run a request, replaying it through another route when a stage fails part-way (a replica
-/// of the failed stage's shard takes its place once the coordinator has re-routed). Without a
-/// replica the request fails with a clear error, and the swarm is not ready until the shard
-/// is placed again.
-async fn run_with_failover(
-    hub: &Hub,
-    vocab: &crate::infer::Vocab,
-    mut route: Vec<RouteHop>,
-    ids: (&str, &str),
-    req: Request,
-    events: mpsc::Sender<Event>,
-) {
-    if events.is_closed() {
-        return; // the client left while the request was queued
-    }
-    let mut sent = String::new();
-    for attempt_no in 1..=3 {
-        match attempt(vocab, &route, ids, &req, &mut sent, &events).await {
-            Ok((finish, completion_tokens)) => {
-                let _ = events
-                    .send(Event::Done {
-                        finish,
-                        completion_tokens,
-                    })
-                    .await;
-                return;
-            }
-            Err(AttemptError::ClientGone) => {
-                tracing::info!("the client went away; the session was ended on every stage");
-                return;
-            }
-            Err(AttemptError::Pipeline(e)) => {
-                tracing::warn!("attempt {attempt_no}: {e:#}; waiting for a new route");
-                // Wait (bounded) for the coordinator to drop the failed node and re-route.
-                let mut routes = hub.routes();
-                let changed = routes.wait_for(|r| r.as_ref().is_some_and(|r| *r != route));
-                let next =
-                    match tokio::time::timeout(std::time::Duration::from_secs(30), changed).await {
-                        Ok(Ok(r)) => r.clone(),
-                        _ => None,
-                    };
-                match next {
-                    Some(r) => route = r,
-                    None => {
-                        let message =
-                            format!("a pipeline stage failed and no replica took its place: {e:#}");
-                        let _ = events.send(Event::Failed(message)).await;
-                        return;
-                    }
-                }
-            }
-        }
-    }
-    let _ = events
-        .send(Event::Failed("the pipeline failed three times".into()))
-        .await;
 }

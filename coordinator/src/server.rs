@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
@@ -76,12 +77,19 @@ pub async fn start(config: Config) -> Result<Running> {
             parallel: config.parallel,
         },
     );
+    let engine = crate::engine::EngineSettings {
+        model_sha256: swarm.settings.model_sha256.clone(),
+        split_id: swarm.settings.split_id.clone(),
+        parallel: config.parallel as usize,
+        micro_batches: config.micro_batches,
+    };
     let hub = Arc::new(Hub::new(
         swarm,
         config.seeder.clone(),
         vocab,
-        config.parallel as usize,
+        engine,
         config.queue,
+        Duration::from_secs(config.deadline),
     ));
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -113,7 +121,12 @@ pub async fn start(config: Config) -> Result<Running> {
 }
 
 async fn status(State(hub): State<Arc<Hub>>) -> Json<serde_json::Value> {
-    Json(hub.swarm.lock().unwrap().status())
+    let mut status = hub.swarm.lock().unwrap().status();
+    if let Some(engine) = &hub.engine {
+        let stats = engine.stats.lock().unwrap().clone();
+        status["batching"] = serde_json::to_value(stats).unwrap_or_default();
+    }
+    Json(status)
 }
 
 /// Drop silent nodes once a second.

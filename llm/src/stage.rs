@@ -66,6 +66,9 @@ pub struct Stage {
     capture: Option<Box<Capture>>,
     n_embd: usize,
     n_vocab: usize,
+    /// Positions each sequence holds.
+    context: u32,
+    sequences: u32,
     /// Whether this stage outputs logits (the last stage) rather than hidden states.
     pub is_last: bool,
 }
@@ -173,6 +176,8 @@ impl Stage {
                 capture,
                 n_embd,
                 n_vocab,
+                context: n_ctx,
+                sequences,
                 is_last,
             })
         }
@@ -224,6 +229,32 @@ impl Stage {
     pub fn clear(&mut self) {
         // SAFETY: a valid context.
         unsafe { sys::llama_memory_clear(sys::llama_get_memory(self.ctx.as_ptr()), true) };
+    }
+
+    /// Positions each sequence holds (its context).
+    pub fn context(&self) -> u32 {
+        self.context
+    }
+
+    /// Sequences the stage keeps at once.
+    pub fn sequences(&self) -> u32 {
+        self.sequences
+    }
+
+    /// Forget sequence `seq`'s positions from `pos0` on, keeping those before: the cached
+    /// prefix a new request reuses, or the state a replayed step starts from.
+    pub fn truncate_sequence(&mut self, seq: i32, pos0: i32) -> Result<(), LlmError> {
+        // SAFETY: a valid context; llama.cpp checks the sequence id.
+        let ok = unsafe {
+            sys::llama_memory_seq_rm(sys::llama_get_memory(self.ctx.as_ptr()), seq, pos0, -1)
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(LlmError::Decode(format!(
+                "cannot forget positions {pos0}.. of sequence {seq}"
+            )))
+        }
     }
 
     /// Forget one sequence's KV cache (its slot is free for another).

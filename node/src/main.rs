@@ -104,7 +104,30 @@ fn reference(
     Ok(())
 }
 
+/// llama.cpp runs each decode's threads as an OpenMP team, and libgomp's default lets them spin
+/// for a while after every decode. A stage waits for its neighbours between steps, and nodes may
+/// share a machine's cores: spinning threads take the cores the working stage needs. libgomp
+/// reads `OMP_WAIT_POLICY` only when it is loaded (before `main`), so unless the caller chose a
+/// policy, run again with `PASSIVE` set: idle threads then sleep at once.
+fn idle_threads_sleep() {
+    const POLICY: &str = "OMP_WAIT_POLICY";
+    if std::env::var_os(POLICY).is_some() {
+        return;
+    }
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    use std::os::unix::process::CommandExt;
+    let error = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env(POLICY, "PASSIVE")
+        .exec();
+    // exec returns only when it failed: carry on with the default policy.
+    eprintln!("warning: could not run again with {POLICY}=PASSIVE: {error}");
+}
+
 fn main() -> std::process::ExitCode {
+    idle_threads_sleep();
     daemon::init_logging("info,librqbit=warn,librqbit_dht=warn");
     let cli = Cli::parse();
     let result = match cli.command {

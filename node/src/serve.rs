@@ -1,84 +1,47 @@
 //! Serving a pipeline stage on the data channel.
 //!
-//! The coordinator's `ROUTE` says which stage this node runs and where the next stage is. A
-//! request (`Forward`) runs the stage's layers; a non-final stage sends its hidden states to the
-//! next stage and answers its caller with the token that comes back; the last stage samples
-//! the token. The stage keeps `ROUTE.parallel` sequences, one per session, so up to that many
-//! requests are under way at once and take turns step by step; a new session starts at
-//! position 0 and takes a free sequence (or the least recently used one).
+//! The coordinator's `ROUTE` says which stage this node runs and where the next stage is. The
+//! caller (the coordinator, or the stage before) opens one connection, a *lane*, and sends
+//! `Step`s down it one after another without waiting; this node opens its own lane to the
+//! next stage when the caller's arrives. Each step runs this stage's layers for every
+//! sequence in it (one `llama_decode` per 512 rows), then goes on to the next stage as hidden
+//! states; the last stage samples each sequence's token. Answers (`Sampled`) come back up the
+//! lanes in step order, each stage adding its compute time as the answer passes.
 //!
-//! Tasks: one per data connection. State: [`Pipeline`] behind a tokio mutex, held for one
-//! step of one session through this stage and the ones after it (the node's llama.cpp
-//! context is one); the stage itself behind a std mutex for the blocking decode.
+//! Tasks, per lane: one reading the caller's steps, one writing to the caller, one writing to
+//! the next stage and one relaying its answers up. One worker per node runs the steps of
+//! every lane in arrival order (the node's llama.cpp context is one), so while the next
+//! stage decodes step A this one decodes step B. No lock is held across a network exchange:
+//! tasks hand frames to each other through channels.
+//!
+//! Sequences belong to the coordinator: a step names each sequence's llama.cpp `seq_id` and
+//! the position it starts at, and the stage forgets that sequence's positions from there on
+//! before running it, so a prefix the coordinator knows is cached is kept, and anything else
+//! is overwritten. A lane that outlives a reload of the stage (a new route) is refused: its
+//! sequences' caches are gone.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use llm::sample::sample;
-use llm::stage::{Stage, StageOutput};
-use protocol::data::io::Connection;
-use protocol::data::MAX_CONTEXT;
-use protocol::data::{Frame, Hello, Payload, Sampling};
+use llm::stage::{Row, RowsOutput, Stage};
+use protocol::data::io::{Connection, FrameReader, FrameWriter};
+use protocol::data::{Frame, Group, Hello, Payload, MAX_CONTEXT};
 use protocol::RouteParams;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 
 use crate::{Error, Result};
 
-/// The loaded stage and what it is doing.
+/// The loaded stage.
 struct Loaded {
     route: RouteParams,
     stage: Arc<Mutex<Stage>>,
-    /// Which session each of the stage's sequences holds.
-    slots: Slots,
-    next: Option<Connection>,
-}
-
-/// The stage's sequences (llama.cpp `seq_id`s), each held by one session: a session keeps its
-/// KV cache between steps while other sessions run; a new session takes a free sequence, or
-/// the least recently used one.
-struct Slots {
-    /// (session, last use) per sequence.
-    held: Vec<Option<(u64, u64)>>,
-    clock: u64,
-}
-
-impl Slots {
-    fn new(sequences: u32) -> Slots {
-        Slots {
-            held: vec![None; sequences.max(1) as usize],
-            clock: 0,
-        }
-    }
-
-    /// The sequence of `session`, if it has one.
-    fn find(&self, session: u64) -> Option<usize> {
-        self.held
-            .iter()
-            .position(|h| h.is_some_and(|(s, _)| s == session))
-    }
-
-    /// The sequence of `session`, and whether it was just given one (its KV cache must then be
-    /// cleared of the sequence's previous holder).
-    fn take(&mut self, session: u64) -> (usize, bool) {
-        self.clock += 1;
-        if let Some(seq) = self.find(session) {
-            self.held[seq] = Some((session, self.clock));
-            return (seq, false);
-        }
-        let seq = (0..self.held.len())
-            .min_by_key(|&i| self.held[i].map_or(0, |(_, used)| used))
-            .expect("at least one sequence");
-        self.held[seq] = Some((session, self.clock));
-        (seq, true)
-    }
-
-    /// Free `session`'s sequence, returning it.
-    fn release(&mut self, session: u64) -> Option<usize> {
-        let seq = self.find(session)?;
-        self.held[seq] = None;
-        Some(seq)
-    }
+    /// Bumped at every reload: lanes opened before it are refused.
+    generation: u64,
 }
 
 /// This node's part of the inference pipeline.
@@ -86,6 +49,7 @@ pub struct Pipeline {
     shards_dir: PathBuf,
     threads: i32,
     loaded: tokio::sync::Mutex<Option<Loaded>>,
+    generations: std::sync::atomic::AtomicU64,
 }
 
 impl Pipeline {
@@ -94,22 +58,29 @@ impl Pipeline {
             shards_dir,
             threads,
             loaded: tokio::sync::Mutex::new(None),
+            generations: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
-    /// Take a route: load the stage's shard into llama.cpp (unless already loaded).
+    /// Take a route: load the stage's shard into llama.cpp (unless already loaded). Any change
+    /// of the route ends the lanes opened under the old one.
     pub async fn set_route(&self, route: RouteParams) -> Result<()> {
         let mut loaded = self.loaded.lock().await;
+        let generation = self
+            .generations
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
         if let Some(l) = loaded.as_mut() {
+            if l.route == route {
+                return Ok(());
+            }
             if l.route.stage == route.stage
                 && l.route.stage_count == route.stage_count
                 && l.route.split_id == route.split_id
                 && l.route.parallel == route.parallel
             {
-                if l.route.next != route.next {
-                    l.next = None;
-                }
                 l.route = route;
+                l.generation = generation;
                 return Ok(());
             }
         }
@@ -123,49 +94,137 @@ impl Pipeline {
         .await
         .map_err(|e| Error::Pipeline(format!("loading the stage: {e}")))??;
         tracing::info!(
-            "stage {} of {} loaded in llama.cpp{}",
+            "stage {} of {} loaded in llama.cpp ({} sequences of {} positions){}",
             route.stage,
             route.stage_count,
+            stage.sequences(),
+            stage.context(),
             if is_last { " (last)" } else { "" }
         );
         *loaded = Some(Loaded {
-            slots: Slots::new(route.parallel),
             route,
             stage: Arc::new(Mutex::new(stage)),
-            next: None,
+            generation,
         });
         Ok(())
     }
 }
 
+/// One caller's connection through this stage: where its answers go, and where its steps go
+/// next.
+struct Lane {
+    route: RouteParams,
+    generation: u64,
+    /// Frames for the caller.
+    up: mpsc::UnboundedSender<Frame>,
+    /// Frames for the next stage (none on the last stage).
+    down: Option<mpsc::UnboundedSender<Frame>>,
+    /// This stage's compute time per step still on its way down, added to the step's answer
+    /// when it comes back.
+    busy: Arc<Mutex<HashMap<u64, u32>>>,
+}
+
+/// A step waiting for the worker.
+struct Work {
+    lane: Arc<Lane>,
+    step: u64,
+    groups: Vec<Group>,
+    payload: Payload,
+}
+
 /// Accept data connections until the listener fails.
 pub async fn serve(listener: TcpListener, pipeline: Arc<Pipeline>) {
+    let (work, queue) = mpsc::unbounded_channel();
+    tokio::spawn(worker(queue, pipeline.clone()));
     loop {
         let Ok((stream, peer)) = listener.accept().await else {
             continue;
         };
-        tokio::spawn(connection(stream, peer, pipeline.clone()));
+        tokio::spawn(connection(stream, peer, pipeline.clone(), work.clone()));
     }
 }
 
-async fn connection(stream: TcpStream, peer: SocketAddr, pipeline: Arc<Pipeline>) {
-    let route = pipeline
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    pipeline: Arc<Pipeline>,
+    work: mpsc::UnboundedSender<Work>,
+) {
+    let current = pipeline
         .loaded
         .lock()
         .await
         .as_ref()
-        .map(|l| l.route.clone());
-    let admitted = Connection::accept(stream, |hello| admit(route.as_ref(), hello)).await;
-    let mut conn = match admitted {
-        Ok((conn, _)) => conn,
-        Err(e) => {
+        .map(|l| (l.route.clone(), l.generation));
+    let admitted = Connection::accept(stream, |hello| {
+        admit(current.as_ref().map(|(route, _)| route), hello)
+    })
+    .await;
+    let (conn, (route, generation)) = match (admitted, current) {
+        (Ok((conn, _)), Some(current)) => (conn, current),
+        (Err(e), _) => {
             tracing::debug!("data connection from {peer}: {e}");
             return;
         }
+        (Ok(_), None) => return, // admit refuses without a route
     };
-    if let Err(e) = handle(&mut conn, &pipeline).await {
-        tracing::debug!("data connection from {peer}: {e:#}");
-        let _ = conn.send(&Frame::Error(format!("{e:#}"))).await;
+    let (mut steps, to_caller) = conn.into_split();
+    let (up, up_queue) = mpsc::unbounded_channel();
+    tokio::spawn(write_all(to_caller, up_queue));
+    let busy = Arc::new(Mutex::new(HashMap::new()));
+    let down = match &route.next {
+        None => None,
+        Some(next) => match open_next(&route, next).await {
+            Ok(conn) => {
+                let (answers, to_next) = conn.into_split();
+                let (down, down_queue) = mpsc::unbounded_channel();
+                tokio::spawn(write_all(to_next, down_queue));
+                tokio::spawn(relay(answers, up.clone(), busy.clone(), route.stage + 1));
+                Some(down)
+            }
+            Err(e) => {
+                tracing::warn!("data connection from {peer}: {e}");
+                let _ = up.send(Frame::Error(e.to_string()));
+                return;
+            }
+        },
+    };
+    let lane = Arc::new(Lane {
+        route,
+        generation,
+        up,
+        down,
+        busy,
+    });
+    loop {
+        match steps.receive_or_end().await {
+            Ok(Some(Frame::Step {
+                step,
+                groups,
+                payload,
+            })) => {
+                let w = Work {
+                    lane: lane.clone(),
+                    step,
+                    groups,
+                    payload,
+                };
+                if work.send(w).is_err() {
+                    return;
+                }
+            }
+            Ok(Some(other)) => {
+                let _ = lane
+                    .up
+                    .send(Frame::Error(format!("unexpected frame {other:?}")));
+            }
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!("data connection from {peer}: {e}");
+                let _ = lane.up.send(Frame::Error(e.to_string()));
+                return;
+            }
+        }
     }
 }
 
@@ -193,132 +252,189 @@ fn admit(route: Option<&RouteParams>, hello: &Hello) -> Result<(), String> {
     Ok(())
 }
 
-async fn handle(conn: &mut Connection, pipeline: &Pipeline) -> Result<()> {
-    while let Some(frame) = conn.receive_or_end().await? {
-        let reply = match frame {
-            Frame::Forward {
-                session,
-                pos0,
-                sampling,
-                payload,
-            } => match forward(pipeline, session, pos0, sampling, payload).await {
-                Ok(token) => Frame::Token { session, token },
-                Err(e) => Frame::Error(format!("{e:#}")),
-            },
-            Frame::End { session } => match end(pipeline, session).await {
-                Ok(()) => Frame::Ready,
-                Err(e) => Frame::Error(format!("{e:#}")),
-            },
-            other => Frame::Error(format!("unexpected frame {other:?}")),
-        };
-        conn.send(&reply).await?;
-    }
-    Ok(())
+/// Open this lane's connection to the next stage.
+async fn open_next(route: &RouteParams, next: &str) -> Result<Connection> {
+    let hello = Hello {
+        model_sha256: route.model_sha256.clone(),
+        split_id: route.split_id.clone(),
+        stage: route.stage + 1,
+    };
+    Connection::open(next, hello)
+        .await
+        .map_err(|e| Error::Pipeline(format!("stage {}: {e}", route.stage + 1)))
 }
 
-/// Run one request through this stage and the ones after it.
-async fn forward(
-    pipeline: &Pipeline,
-    session: u64,
-    pos0: u32,
-    sampling: Sampling,
-    payload: Payload,
-) -> Result<i32> {
-    let mut guard = pipeline.loaded.lock().await;
-    let l = guard
-        .as_mut()
-        .ok_or_else(|| Error::Pipeline("this node has no route".into()))?;
-    if l.slots.find(session).is_none() && pos0 != 0 {
-        return Err(Error::Pipeline(format!(
-            "session {session} is not running here (a new session starts at position 0)"
-        )));
+/// Write the frames handed to `queue` until every sender is gone (which closes the
+/// connection's writing side) or the peer stops reading.
+async fn write_all(mut to: FrameWriter, mut queue: mpsc::UnboundedReceiver<Frame>) {
+    while let Some(frame) = queue.recv().await {
+        if let Err(e) = to.send(&frame).await {
+            tracing::debug!("data channel: {e}");
+            return;
+        }
     }
-    let (seq, fresh) = l.slots.take(session);
-    let seq = seq as i32;
-    let stage = l.stage.clone();
-    let output = tokio::task::spawn_blocking(move || {
-        let mut s = stage.lock().unwrap();
-        if fresh {
-            s.clear_sequence(seq); // whatever its previous session left
-        }
-        match &payload {
-            Payload::Tokens(t) => s.forward_tokens_of(seq, t, pos0 as i32),
-            Payload::Hidden { data, .. } => s.forward_hidden_of(seq, data, pos0 as i32),
-        }
-    })
-    .await
-    .map_err(|e| Error::Pipeline(format!("the stage's task failed: {e}")))??;
-    match output {
-        StageOutput::Logits(logits) => Ok(sample(&logits, sampling, pos0)),
-        StageOutput::Hidden(data) => {
-            let n_embd = l.stage.lock().unwrap().n_embd() as u32;
-            let next = next_hop(l).await?;
-            let request = Frame::Forward {
-                session,
-                pos0,
-                sampling,
-                payload: Payload::Hidden { n_embd, data },
-            };
-            match downstream(next, &request).await {
-                Ok(Frame::Token { token, .. }) => Ok(token),
-                Ok(Frame::Error(e)) => {
-                    Err(Error::Pipeline(format!("stage {}: {e}", l.route.stage + 1)))
-                }
-                Ok(other) => Err(Error::Pipeline(format!(
-                    "stage {} answered {other:?}",
-                    l.route.stage + 1
-                ))),
-                Err(e) => {
-                    l.next = None;
-                    Err(e)
+}
+
+/// Pass the next stage's answers up to the caller, each with this stage's compute time for
+/// the step in front of the stages' after it.
+async fn relay(
+    mut answers: FrameReader,
+    up: mpsc::UnboundedSender<Frame>,
+    busy: Arc<Mutex<HashMap<u64, u32>>>,
+    next_stage: u32,
+) {
+    loop {
+        let frame = match answers.receive_or_end().await {
+            Ok(Some(Frame::Sampled {
+                step,
+                tokens,
+                busy_us,
+            })) => {
+                let ours = busy.lock().unwrap().remove(&step).unwrap_or(0);
+                let mut all = Vec::with_capacity(busy_us.len() + 1);
+                all.push(ours);
+                all.extend(busy_us);
+                Frame::Sampled {
+                    step,
+                    tokens,
+                    busy_us: all,
                 }
             }
-        }
-    }
-}
-
-/// End a session here and downstream.
-async fn end(pipeline: &Pipeline, session: u64) -> Result<()> {
-    let mut guard = pipeline.loaded.lock().await;
-    let Some(l) = guard.as_mut() else {
-        return Ok(());
-    };
-    if let Some(seq) = l.slots.release(session) {
-        l.stage.lock().unwrap().clear_sequence(seq as i32);
-    }
-    if l.route.next.is_some() {
-        let next = next_hop(l).await?;
-        if let Err(e) = downstream(next, &Frame::End { session }).await {
-            l.next = None;
-            return Err(e);
-        }
-    }
-    Ok(())
-}
-
-/// The connection to the next stage, opened (and greeted) on first use.
-async fn next_hop(l: &mut Loaded) -> Result<&mut Connection> {
-    if l.next.is_none() {
-        let addr = l
-            .route
-            .next
-            .clone()
-            .ok_or_else(|| Error::Pipeline("no next stage in the route".into()))?;
-        let hello = Hello {
-            model_sha256: l.route.model_sha256.clone(),
-            split_id: l.route.split_id.clone(),
-            stage: l.route.stage + 1,
+            Ok(Some(Frame::Error(e))) => Frame::Error(e),
+            Ok(Some(other)) => Frame::Error(format!("stage {next_stage} answered {other:?}")),
+            Ok(None) => Frame::Error(format!("stage {next_stage} closed the connection")),
+            Err(e) => Frame::Error(format!("stage {next_stage}: {e}")),
         };
-        let conn = Connection::open(&addr, hello)
-            .await
-            .map_err(|e| Error::Pipeline(format!("stage {}: {e}", l.route.stage + 1)))?;
-        l.next = Some(conn);
+        let failed = matches!(frame, Frame::Error(_));
+        if up.send(frame).is_err() || failed {
+            return;
+        }
     }
-    Ok(l.next.as_mut().expect("just set"))
 }
 
-/// Pass a frame to the next stage and take its answer.
-async fn downstream(next: &mut Connection, frame: &Frame) -> Result<Frame> {
-    next.send(frame).await?;
-    Ok(next.receive().await?)
+/// Run every lane's steps, one at a time, in the order they came.
+async fn worker(mut queue: mpsc::UnboundedReceiver<Work>, pipeline: Arc<Pipeline>) {
+    while let Some(w) = queue.recv().await {
+        let started = Instant::now();
+        let result = run_step(&pipeline, &w).await;
+        let busy_us = u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX);
+        let lane = &w.lane;
+        let frame = match result {
+            Ok(RowsOutput::Hidden(data)) => {
+                let Some(down) = &lane.down else {
+                    continue; // a last stage gives logits
+                };
+                let n_embd = (data.len() / w.payload.rows().max(1)) as u32;
+                lane.busy.lock().unwrap().insert(w.step, busy_us);
+                let next = Frame::Step {
+                    step: w.step,
+                    groups: w.groups,
+                    payload: Payload::Hidden { n_embd, data },
+                };
+                // A next stage that is gone is reported by the lane's relay.
+                let _ = down.send(next);
+                continue;
+            }
+            Ok(RowsOutput::Logits(logits)) => sampled(&w, &logits, busy_us),
+            Err(e) => Frame::Error(format!("stage {}: {e:#}", lane.route.stage)),
+        };
+        let _ = lane.up.send(frame);
+    }
+}
+
+/// The last stage's answer: each group that asked for a token gets one, sampled with its own
+/// parameters at its last row's position.
+fn sampled(w: &Work, logits: &[(i32, Vec<f32>)], busy_us: u32) -> Frame {
+    let tokens = w
+        .groups
+        .iter()
+        .filter(|g| g.sample)
+        .filter_map(|g| {
+            let row = logits.iter().find(|(seq, _)| *seq == g.seq as i32)?;
+            let pos = g.pos0 + g.rows - 1;
+            Some((g.seq, sample(&row.1, g.sampling, pos)))
+        })
+        .collect();
+    Frame::Sampled {
+        step: w.step,
+        tokens,
+        busy_us: vec![busy_us],
+    }
+}
+
+/// Check a step against the stage and run it.
+async fn run_step(pipeline: &Pipeline, w: &Work) -> Result<RowsOutput> {
+    let stage = {
+        let loaded = pipeline.loaded.lock().await;
+        match loaded.as_ref() {
+            Some(l) if l.generation == w.lane.generation => l.stage.clone(),
+            _ => {
+                return Err(Error::Pipeline(
+                    "the stage was reloaded for a new route since this connection opened".into(),
+                ))
+            }
+        }
+    };
+    let (groups, payload) = (w.groups.clone(), w.payload.clone());
+    let first = w.lane.route.stage == 0;
+    tokio::task::spawn_blocking(move || {
+        let mut stage = stage.lock().unwrap();
+        let rows = rows_of(&stage, first, &groups, &payload)?;
+        for g in &groups {
+            stage.truncate_sequence(g.seq as i32, g.pos0 as i32)?;
+        }
+        Ok(match &payload {
+            Payload::Tokens(t) => stage.forward_token_rows(t, &rows)?,
+            Payload::Hidden { data, .. } => stage.forward_hidden_rows(data, &rows)?,
+        })
+    })
+    .await
+    .map_err(|e| Error::Pipeline(format!("the stage's task failed: {e}")))?
+}
+
+/// The rows of a step, after checking that it fits this stage: each sequence once and below
+/// the stage's count, positions within its context, tokens only into the first stage and
+/// hidden states of the stage's width after it.
+fn rows_of(stage: &Stage, first: bool, groups: &[Group], payload: &Payload) -> Result<Vec<Row>> {
+    let bad = |m: String| Err(Error::Pipeline(m));
+    match payload {
+        Payload::Tokens(_) if !first => return bad("token ids go to stage 0 only".into()),
+        Payload::Hidden { .. } if first => return bad("stage 0 takes token ids".into()),
+        Payload::Hidden { n_embd, .. } if *n_embd as usize != stage.n_embd() => {
+            return bad(format!(
+                "hidden states {n_embd} wide, but this stage's are {}",
+                stage.n_embd()
+            ))
+        }
+        _ => {}
+    }
+    let mut seen = vec![false; stage.sequences() as usize];
+    let mut rows = Vec::with_capacity(payload.rows());
+    for g in groups {
+        match seen.get_mut(g.seq as usize) {
+            None => {
+                return bad(format!(
+                    "sequence {} is beyond this stage's {}",
+                    g.seq,
+                    stage.sequences()
+                ))
+            }
+            Some(true) => return bad(format!("sequence {} twice in one step", g.seq)),
+            Some(s) => *s = true,
+        }
+        let end = u64::from(g.pos0) + u64::from(g.rows);
+        if g.rows == 0 || end > u64::from(stage.context()) {
+            return bad(format!(
+                "positions {}..{end} of sequence {} are outside its context of {}",
+                g.pos0,
+                g.seq,
+                stage.context()
+            ));
+        }
+        rows.extend((g.pos0..g.pos0 + g.rows).map(|pos| Row {
+            seq: g.seq as i32,
+            pos: pos as i32,
+        }));
+    }
+    Ok(rows)
 }

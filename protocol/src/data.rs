@@ -4,8 +4,9 @@
 //! Frame: `u32` payload length, then the payload: a one-byte kind and its fields, all
 //! little-endian. A connection starts with `Hello` (model sha256, split id, the stage the
 //! sender expects to reach), answered `Ready` or `Error`: a node never runs a stage for
-//! another split or another stage index. Requests flow down the chain; each stage answers its
-//! caller once the stages after it have answered it.
+//! another split or another stage index. Then `Step`s flow down the chain, one after another
+//! without waiting, and their `Sampled` answers flow back up in the same order: each hop is
+//! one connection carrying every sequence.
 
 use serde::{Deserialize, Serialize};
 
@@ -54,28 +55,108 @@ pub enum Payload {
     },
 }
 
+/// One sequence's rows in a [`Frame::Step`]: `rows` consecutive positions from `pos0` of
+/// sequence `seq` (a llama.cpp `seq_id`, below the route's `parallel`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Group {
+    pub seq: u32,
+    /// A stage first forgets the sequence's positions from `pos0` on: a sequence that reuses a
+    /// cached prefix, or a step replayed after a failure, starts from a known state.
+    pub pos0: u32,
+    pub rows: u32,
+    /// Whether the last stage samples a token after this group's last row (false for a chunk
+    /// of a prompt that has more to come).
+    pub sample: bool,
+    pub sampling: Sampling,
+}
+
 /// A data-channel message.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Frame {
     Hello(Hello),
     Ready,
-    /// Run `payload` at positions `pos0..` of `session`; the answer is a `Token`.
-    Forward {
-        session: u64,
-        pos0: u32,
-        sampling: Sampling,
+    /// One pipeline step: the groups' rows, in order, as one payload (tokens into stage 0,
+    /// hidden states after it). Steps flow down the chain without waiting for answers; each
+    /// is answered by one `Sampled` (or an `Error`) coming back up.
+    Step {
+        step: u64,
+        groups: Vec<Group>,
         payload: Payload,
     },
-    /// The token the last stage chose.
-    Token {
-        session: u64,
-        token: i32,
-    },
-    /// Free the session's state on this stage and every stage after it; answered `Ready`.
-    End {
-        session: u64,
+    /// The last stage's answer to a step: a token for each group that asked for one, and each
+    /// stage's compute time for the step in microseconds (stage 0 first; each stage adds its
+    /// own as the answer passes it).
+    Sampled {
+        step: u64,
+        tokens: Vec<(u32, i32)>,
+        busy_us: Vec<u32>,
     },
     Error(String),
+}
+
+impl Payload {
+    /// How many rows (positions) the payload holds.
+    pub fn rows(&self) -> usize {
+        match self {
+            Payload::Tokens(t) => t.len(),
+            Payload::Hidden { n_embd, data } => data.len() / (*n_embd).max(1) as usize,
+        }
+    }
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Payload::Tokens(t) => {
+                out.push(0);
+                out.extend((t.len() as u32).to_le_bytes());
+                t.iter().for_each(|x| out.extend(x.to_le_bytes()));
+            }
+            Payload::Hidden { n_embd, data } => {
+                out.push(1);
+                out.extend(n_embd.to_le_bytes());
+                out.extend((self.rows() as u32).to_le_bytes());
+                data.iter().for_each(|x| out.extend(x.to_le_bytes()));
+            }
+        }
+    }
+
+    fn decode(r: &mut Reader<'_>) -> Result<Payload, FrameError> {
+        Ok(match r.take(1, "payload kind")?[0] {
+            0 => {
+                let n = r.u32("token count")? as usize;
+                let raw = r.take(
+                    n.checked_mul(4).ok_or(FrameError::Truncated("tokens"))?,
+                    "tokens",
+                )?;
+                Payload::Tokens(
+                    raw.chunks_exact(4)
+                        .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
+                        .collect(),
+                )
+            }
+            1 => {
+                let n_embd = r.u32("n_embd")?;
+                let n = r.u32("row count")? as usize;
+                let floats = n
+                    .checked_mul(n_embd as usize)
+                    .ok_or(FrameError::Shape(0, n_embd))?;
+                let raw = r.take(
+                    floats
+                        .checked_mul(4)
+                        .ok_or(FrameError::Shape(floats, n_embd))?,
+                    "hidden states",
+                )?;
+                let data: Vec<f32> = raw
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                    .collect();
+                if n_embd == 0 || data.is_empty() {
+                    return Err(FrameError::Shape(data.len(), n_embd));
+                }
+                Payload::Hidden { n_embd, data }
+            }
+            k => return Err(FrameError::Kind(k)),
+        })
+    }
 }
 
 /// Why bytes are not a frame.
@@ -91,7 +172,14 @@ pub enum FrameError {
     Hello(#[from] serde_json::Error),
     #[error("hidden states: {0} floats is not a whole number of {1}-wide rows")]
     Shape(usize, u32),
+    #[error("a step's groups have {groups} rows but its payload has {payload}")]
+    Rows { groups: u64, payload: usize },
+    #[error("{0} entries is over the limit")]
+    TooMany(usize),
 }
+
+/// The most groups (sequences) one step may carry, and the most stages an answer may list.
+pub const MAX_GROUPS: usize = 4096;
 
 struct Reader<'a>(&'a [u8]);
 
@@ -107,11 +195,29 @@ impl Reader<'_> {
     fn u32(&mut self, what: &'static str) -> Result<u32, FrameError> {
         Ok(u32::from_le_bytes(self.take(4, what)?.try_into().unwrap()))
     }
+    fn i32(&mut self, what: &'static str) -> Result<i32, FrameError> {
+        Ok(i32::from_le_bytes(self.take(4, what)?.try_into().unwrap()))
+    }
     fn u64(&mut self, what: &'static str) -> Result<u64, FrameError> {
         Ok(u64::from_le_bytes(self.take(8, what)?.try_into().unwrap()))
     }
     fn f32(&mut self, what: &'static str) -> Result<f32, FrameError> {
         Ok(f32::from_le_bytes(self.take(4, what)?.try_into().unwrap()))
+    }
+    /// A u32 count, refused above [`MAX_GROUPS`].
+    fn count(&mut self, what: &'static str) -> Result<usize, FrameError> {
+        let n = self.u32(what)? as usize;
+        if n > MAX_GROUPS {
+            return Err(FrameError::TooMany(n));
+        }
+        Ok(n)
+    }
+    fn end(&self) -> Result<(), FrameError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(FrameError::Truncated("trailing bytes"))
+        }
     }
 }
 
@@ -125,40 +231,39 @@ impl Frame {
                 out.extend(serde_json::to_vec(h).expect("hello serialises"));
             }
             Frame::Ready => out.push(2),
-            Frame::Forward {
-                session,
-                pos0,
-                sampling,
+            Frame::Step {
+                step,
+                groups,
                 payload,
             } => {
-                out.push(3);
-                out.extend(session.to_le_bytes());
-                out.extend(pos0.to_le_bytes());
-                out.extend(sampling.temperature.to_le_bytes());
-                out.extend(sampling.top_p.to_le_bytes());
-                out.extend(sampling.seed.to_le_bytes());
-                match payload {
-                    Payload::Tokens(t) => {
-                        out.push(0);
-                        out.extend((t.len() as u32).to_le_bytes());
-                        t.iter().for_each(|x| out.extend(x.to_le_bytes()));
-                    }
-                    Payload::Hidden { n_embd, data } => {
-                        out.push(1);
-                        out.extend(n_embd.to_le_bytes());
-                        out.extend(((data.len() / (*n_embd).max(1) as usize) as u32).to_le_bytes());
-                        data.iter().for_each(|x| out.extend(x.to_le_bytes()));
-                    }
+                out.push(6);
+                out.extend(step.to_le_bytes());
+                out.extend((groups.len() as u32).to_le_bytes());
+                for g in groups {
+                    out.extend(g.seq.to_le_bytes());
+                    out.extend(g.pos0.to_le_bytes());
+                    out.extend(g.rows.to_le_bytes());
+                    out.push(u8::from(g.sample));
+                    out.extend(g.sampling.temperature.to_le_bytes());
+                    out.extend(g.sampling.top_p.to_le_bytes());
+                    out.extend(g.sampling.seed.to_le_bytes());
                 }
+                payload.encode(&mut out);
             }
-            Frame::Token { session, token } => {
-                out.push(4);
-                out.extend(session.to_le_bytes());
-                out.extend(token.to_le_bytes());
-            }
-            Frame::End { session } => {
-                out.push(5);
-                out.extend(session.to_le_bytes());
+            Frame::Sampled {
+                step,
+                tokens,
+                busy_us,
+            } => {
+                out.push(7);
+                out.extend(step.to_le_bytes());
+                out.extend((tokens.len() as u32).to_le_bytes());
+                for (seq, token) in tokens {
+                    out.extend(seq.to_le_bytes());
+                    out.extend(token.to_le_bytes());
+                }
+                out.extend((busy_us.len() as u32).to_le_bytes());
+                busy_us.iter().for_each(|b| out.extend(b.to_le_bytes()));
             }
             Frame::Error(m) => {
                 out.push(255);
@@ -175,73 +280,63 @@ impl Frame {
         }
         let mut r = Reader(bytes);
         let kind = r.take(1, "kind")?[0];
-        Ok(match kind {
-            1 => Frame::Hello(serde_json::from_slice(r.0)?),
+        let frame = match kind {
+            1 => return Ok(Frame::Hello(serde_json::from_slice(r.0)?)),
             2 => Frame::Ready,
-            3 => {
-                let session = r.u64("session")?;
-                let pos0 = r.u32("pos0")?;
-                let sampling = Sampling {
-                    temperature: r.f32("temperature")?,
-                    top_p: r.f32("top_p")?,
-                    seed: r.u64("seed")?,
-                };
-                let payload = match r.take(1, "payload kind")?[0] {
-                    0 => {
-                        let n = r.u32("token count")? as usize;
-                        let raw = r.take(
-                            n.checked_mul(4).ok_or(FrameError::Truncated("tokens"))?,
-                            "tokens",
-                        )?;
-                        Payload::Tokens(
-                            raw.chunks_exact(4)
-                                .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
-                                .collect(),
-                        )
-                    }
-                    1 => {
-                        let n_embd = r.u32("n_embd")?;
-                        let n = r.u32("row count")? as usize;
-                        let floats = n
-                            .checked_mul(n_embd as usize)
-                            .ok_or(FrameError::Shape(0, n_embd))?;
-                        let raw = r.take(
-                            floats
-                                .checked_mul(4)
-                                .ok_or(FrameError::Shape(floats, n_embd))?,
-                            "hidden states",
-                        )?;
-                        let data: Vec<f32> = raw
-                            .chunks_exact(4)
-                            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                            .collect();
-                        if n_embd == 0 || data.is_empty() {
-                            return Err(FrameError::Shape(data.len(), n_embd));
-                        }
-                        Payload::Hidden { n_embd, data }
-                    }
-                    k => return Err(FrameError::Kind(k)),
-                };
-                if !r.0.is_empty() {
-                    return Err(FrameError::Truncated("trailing bytes"));
+            6 => {
+                let step = r.u64("step")?;
+                let n = r.count("group count")?;
+                let mut groups = Vec::with_capacity(n);
+                for _ in 0..n {
+                    groups.push(Group {
+                        seq: r.u32("seq")?,
+                        pos0: r.u32("pos0")?,
+                        rows: r.u32("rows")?,
+                        sample: r.take(1, "sample")?[0] != 0,
+                        sampling: Sampling {
+                            temperature: r.f32("temperature")?,
+                            top_p: r.f32("top_p")?,
+                            seed: r.u64("seed")?,
+                        },
+                    });
                 }
-                Frame::Forward {
-                    session,
-                    pos0,
-                    sampling,
+                let payload = Payload::decode(&mut r)?;
+                let rows: u64 = groups.iter().map(|g| u64::from(g.rows)).sum();
+                if rows != payload.rows() as u64 {
+                    return Err(FrameError::Rows {
+                        groups: rows,
+                        payload: payload.rows(),
+                    });
+                }
+                Frame::Step {
+                    step,
+                    groups,
                     payload,
                 }
             }
-            4 => Frame::Token {
-                session: r.u64("session")?,
-                token: i32::from_le_bytes(r.take(4, "token")?.try_into().unwrap()),
-            },
-            5 => Frame::End {
-                session: r.u64("session")?,
-            },
-            255 => Frame::Error(String::from_utf8_lossy(r.0).into_owned()),
+            7 => {
+                let step = r.u64("step")?;
+                let n = r.count("token count")?;
+                let mut tokens = Vec::with_capacity(n);
+                for _ in 0..n {
+                    tokens.push((r.u32("seq")?, r.i32("token")?));
+                }
+                let n = r.count("stage count")?;
+                let mut busy_us = Vec::with_capacity(n);
+                for _ in 0..n {
+                    busy_us.push(r.u32("busy")?);
+                }
+                Frame::Sampled {
+                    step,
+                    tokens,
+                    busy_us,
+                }
+            }
+            255 => return Ok(Frame::Error(String::from_utf8_lossy(r.0).into_owned())),
             k => return Err(FrameError::Kind(k)),
-        })
+        };
+        r.end()?;
+        Ok(frame)
     }
 }
 
@@ -256,6 +351,21 @@ mod tests {
             top_p: 0.9,
             seed: 7,
         };
+        let group = |seq, pos0, rows| Group {
+            seq,
+            pos0,
+            rows,
+            sample: true,
+            sampling: s,
+        };
+        let hidden_step = Frame::Step {
+            step: 4,
+            groups: vec![group(0, 3, 1), group(2, 0, 1)],
+            payload: Payload::Hidden {
+                n_embd: 2,
+                data: vec![1.0, 2.0, 3.0, 4.0],
+            },
+        };
         for f in [
             Frame::Hello(Hello {
                 model_sha256: "m".into(),
@@ -263,42 +373,42 @@ mod tests {
                 stage: 2,
             }),
             Frame::Ready,
-            Frame::Forward {
-                session: 1,
-                pos0: 3,
-                sampling: s,
+            Frame::Step {
+                step: 1,
+                groups: vec![group(1, 3, 3)],
                 payload: Payload::Tokens(vec![1, -2, 3]),
             },
-            Frame::Forward {
-                session: 1,
-                pos0: 3,
-                sampling: s,
-                payload: Payload::Hidden {
-                    n_embd: 2,
-                    data: vec![1.0, 2.0, 3.0, 4.0],
-                },
+            hidden_step.clone(),
+            Frame::Sampled {
+                step: 9,
+                tokens: vec![(0, 42), (3, -1)],
+                busy_us: vec![10, 20],
             },
-            Frame::Token {
-                session: 9,
-                token: 42,
-            },
-            Frame::End { session: 9 },
             Frame::Error("no".into()),
         ] {
             assert_eq!(Frame::decode(&f.encode()).unwrap(), f);
         }
-        let mut bad = Frame::Forward {
-            session: 1,
-            pos0: 0,
-            sampling: s,
-            payload: Payload::Hidden {
-                n_embd: 2,
-                data: vec![1.0; 4],
-            },
-        }
-        .encode();
+        let mut bad = hidden_step.encode();
         bad.truncate(bad.len() - 1);
         assert!(Frame::decode(&bad).is_err());
+        // Groups that claim more rows than the payload carries.
+        let lying = Frame::Step {
+            step: 1,
+            groups: vec![group(0, 0, 4)],
+            payload: Payload::Tokens(vec![1, 2, 3]),
+        };
+        assert!(matches!(
+            Frame::decode(&lying.encode()),
+            Err(FrameError::Rows {
+                groups: 4,
+                payload: 3
+            })
+        ));
+        // A count far beyond the bytes that follow is refused before anything is allocated.
+        let mut huge = vec![7u8];
+        huge.extend(1u64.to_le_bytes());
+        huge.extend(u32::MAX.to_le_bytes());
+        assert!(matches!(Frame::decode(&huge), Err(FrameError::TooMany(_))));
         assert!(Frame::decode(&[9]).is_err());
         assert!(Frame::decode(&[]).is_err());
     }
@@ -411,6 +521,22 @@ pub mod io {
             &self.peer
         }
 
+        /// Split into a reading and a writing half, so one task can read answers while
+        /// another sends steps (a hop carries many steps at once).
+        pub fn into_split(self) -> (FrameReader, FrameWriter) {
+            let (r, w) = self.stream.into_split();
+            (
+                FrameReader {
+                    half: r,
+                    peer: self.peer.clone(),
+                },
+                FrameWriter {
+                    half: w,
+                    peer: self.peer,
+                },
+            )
+        }
+
         fn io(&self, source: std::io::Error) -> ChannelError {
             ChannelError::Io {
                 peer: self.peer.clone(),
@@ -426,14 +552,60 @@ pub mod io {
         }
     }
 
-    /// Write one frame.
+    /// The reading half of a [`Connection`].
+    pub struct FrameReader {
+        half: tokio::net::tcp::OwnedReadHalf,
+        peer: String,
+    }
+
+    impl FrameReader {
+        /// The next frame, or `None` when the peer ended the connection cleanly. Not
+        /// cancel-safe: keep it in one task rather than in a `select!`.
+        pub async fn receive_or_end(&mut self) -> Result<Option<Frame>, ChannelError> {
+            read_frame(&mut self.half)
+                .await
+                .map_err(|source| ChannelError::Io {
+                    peer: self.peer.clone(),
+                    source,
+                })
+        }
+
+        pub fn peer(&self) -> &str {
+            &self.peer
+        }
+    }
+
+    /// The writing half of a [`Connection`].
+    pub struct FrameWriter {
+        half: tokio::net::tcp::OwnedWriteHalf,
+        peer: String,
+    }
+
+    impl FrameWriter {
+        pub async fn send(&mut self, frame: &Frame) -> Result<(), ChannelError> {
+            write_frame(&mut self.half, frame)
+                .await
+                .map_err(|source| ChannelError::Io {
+                    peer: self.peer.clone(),
+                    source,
+                })
+        }
+
+        pub fn peer(&self) -> &str {
+            &self.peer
+        }
+    }
+
+    /// Write one frame (length prefix and payload in one write).
     pub async fn write_frame<W: tokio::io::AsyncWrite + Unpin>(
         w: &mut W,
         frame: &Frame,
     ) -> std::io::Result<()> {
         let payload = frame.encode();
-        w.write_all(&(payload.len() as u32).to_le_bytes()).await?;
-        w.write_all(&payload).await?;
+        let mut bytes = Vec::with_capacity(4 + payload.len());
+        bytes.extend((payload.len() as u32).to_le_bytes());
+        bytes.extend(payload);
+        w.write_all(&bytes).await?;
         w.flush().await
     }
 

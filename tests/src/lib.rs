@@ -1,6 +1,7 @@
 //! What the whole-system tests share: our binaries as real processes (waiting for their
 //! `[READY]` lines, never sleeping), the real model split into shards, and bounded polling.
 
+pub mod api;
 pub mod default_model;
 
 use std::io::{BufRead, BufReader};

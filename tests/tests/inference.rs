@@ -6,78 +6,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tests::{get_json, node, swarm_lock, wait_for, Bed, Proc};
-
-/// A running swarm with `n` shards on `n` nodes, serving.
-struct Swarm {
-    _bed: Bed,
-    /// The coordinator, then the nodes.
-    procs: Vec<Proc>,
-    coordinator: String,
-}
-
-fn swarm(n: usize) -> Swarm {
-    swarm_serving(tests::real_shards(n), n, &[])
-}
-
-/// A swarm of `n` nodes for the `n` shards in `seed`.
-/// A swarm of `n` nodes for the `n` shards in `seed`, the coordinator started with `flags`.
-fn swarm_serving(seed: tempfile::TempDir, n: usize, flags: &[&str]) -> Swarm {
-    let bed = Bed::serving(seed, &[]);
-    let n_text = n.to_string();
-    let mut all = vec!["--min-nodes", n_text.as_str()];
-    all.extend_from_slice(flags);
-    let c = bed.coordinator("127.0.0.1:0", &all);
-    let addr = c.field("http").to_owned();
-    let mut procs = vec![c];
-    procs.extend(
-        bed.node_dirs(n)
-            .iter()
-            .map(|(name, dir)| node(name, &addr, dir, &[])),
-    );
-    wait_for("the pipeline serving", Duration::from_secs(180), || {
-        (get_json(&format!("http://{addr}/status"))["serving"] == true).then_some(())
-    });
-    Swarm {
-        _bed: bed,
-        procs,
-        coordinator: addr,
-    }
-}
-
-/// Read an SSE completion stream to its `[DONE]`, handing each chunk's text to `piece`; a
-/// chunk with an error fails the test.
-fn read_stream(resp: reqwest::blocking::Response, mut piece: impl FnMut(&str)) {
-    use std::io::BufRead;
-    for line in std::io::BufReader::new(resp).lines() {
-        let line = line.unwrap();
-        let Some(data) = line.strip_prefix("data: ") else {
-            continue;
-        };
-        if data == "[DONE]" {
-            break;
-        }
-        let v: Value = serde_json::from_str(data).unwrap();
-        assert!(v.get("error").is_none(), "the stream failed: {v}");
-        piece(v["choices"][0]["text"].as_str().unwrap_or(""));
-    }
-}
-
-/// POST `body` as JSON to the coordinator at `addr` (bounded: 120 s).
-fn send(addr: &str, path: &str, body: &Value) -> reqwest::blocking::Response {
-    reqwest::blocking::Client::new()
-        .post(format!("http://{addr}{path}"))
-        .json(body)
-        .timeout(Duration::from_secs(120))
-        .send()
-        .unwrap()
-}
-
-fn post(addr: &str, path: &str, body: Value) -> (u16, Value) {
-    let r = send(addr, path, &body);
-    let status = r.status().as_u16();
-    (status, r.json().unwrap_or(Value::Null))
-}
+use tests::api::{post, send, swarm, swarm_serving, PROMPTS};
+use tests::{get_json, swarm_lock, wait_for, Bed};
 
 /// Send one data-channel frame and read the answer (blocking).
 fn data_exchange(addr: &str, frame: &protocol::data::Frame) -> protocol::data::Frame {
@@ -97,12 +27,6 @@ fn data_exchange(addr: &str, frame: &protocol::data::Frame) -> protocol::data::F
 fn model() -> std::path::PathBuf {
     tests::default_model::require().unwrap_or_else(|e| panic!("{e}"))
 }
-
-const PROMPTS: [&str; 3] = [
-    "The capital of France is",
-    "Once upon a time, in a land of many small machines that shared the work of one large model, there lived a careful engineer who",
-    "<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n",
-];
 
 /// Greedy completions through the swarm equal the whole model's, text and token count.
 fn check_equal_to_reference(addr: &str, model: &Path) {
@@ -316,7 +240,7 @@ fn four_stage_swarm_matches_the_whole_model_streams_and_serves_the_openai_client
         .unwrap();
     assert_eq!(r.status().as_u16(), 400);
 
-    // A client that goes away mid-stream: its session is ended on every stage, and the next
+    // A client that goes away mid-stream: its slot is freed within a step, and the next
     // request is answered as before.
     {
         use std::io::{BufRead, BufReader};
@@ -376,92 +300,6 @@ fn five_stage_gemma3_swarm_gives_the_whole_models_text() {
     );
 }
 
-/// Eight streamed requests at once, with different prompts and lengths: each text equals the
-/// same request alone, and they are served side by side (a later request's first token comes
-/// before an earlier one has finished), not one after another.
-#[test]
-fn eight_concurrent_streams_overlap_and_each_equals_its_request_alone() {
-    let _one = swarm_lock();
-    let s = swarm(4);
-    let prompts: Vec<String> = (0..8)
-        .map(|k| format!("{} Story number {k}:", PROMPTS[k % PROMPTS.len()]))
-        .collect();
-    let started = std::time::Instant::now();
-    let handles: Vec<_> = (0..8)
-        .map(|k| {
-            let (addr, prompt) = (s.coordinator.clone(), prompts[k].clone());
-            std::thread::spawn(move || {
-                let body = json!({"prompt": prompt, "max_tokens": 12 + 2 * k, "temperature": 0, "stream": true});
-                let resp = send(&addr, "/v1/completions", &body);
-                let (mut text, mut first, mut last) = (String::new(), None, None);
-                read_stream(resp, |piece| {
-                    if !piece.is_empty() {
-                        first.get_or_insert(started.elapsed());
-                        last = Some(started.elapsed());
-                    }
-                    text.push_str(piece);
-                });
-                (text, first.expect("a token"), last.expect("a token"))
-            })
-        })
-        .collect();
-    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-    for (k, (text, _, _)) in results.iter().enumerate() {
-        let alone = llm::reference_completion(&model(), &prompts[k], 12 + 2 * k, 1).unwrap();
-        assert_eq!(
-            text, &alone.text,
-            "stream {k} differs from its request alone"
-        );
-    }
-    let overlapping = results.iter().any(|(_, first_a, last_a)| {
-        results
-            .iter()
-            .any(|(_, first_b, _)| first_b > first_a && first_b < last_a)
-    });
-    let times: Vec<_> = results.iter().map(|(_, f, l)| (f, l)).collect();
-    assert!(overlapping, "the streams ran one after another: {times:?}");
-}
-
-/// With one request served and one waiting, more are refused at once: 429 in OpenAI's error
-/// shape with `Retry-After`; once the line is free, requests are served again.
-#[test]
-fn a_full_queue_answers_429_with_retry_after() {
-    let _one = swarm_lock();
-    let s = swarm_serving(
-        tests::real_shards(2),
-        2,
-        &["--parallel", "1", "--queue", "1"],
-    );
-    let handles: Vec<_> = (0..4)
-        .map(|_| {
-            let addr = s.coordinator.clone();
-            std::thread::spawn(move || {
-                let body = json!({"prompt": PROMPTS[1], "max_tokens": 120, "temperature": 0});
-                let r = send(&addr, "/v1/completions", &body);
-                let retry_after = r.headers().get("retry-after").cloned();
-                (r.status().as_u16(), retry_after, r.json::<Value>().unwrap())
-            })
-        })
-        .collect();
-    let answers: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-    let refused: Vec<_> = answers.iter().filter(|a| a.0 == 429).collect();
-    assert!(
-        !refused.is_empty() && answers.iter().any(|a| a.0 == 200),
-        "{:?}",
-        answers.iter().map(|a| a.0).collect::<Vec<_>>()
-    );
-    for (_, retry_after, body) in refused {
-        assert_eq!(body["error"]["type"], "rate_limit_exceeded", "{body}");
-        assert!(retry_after.is_some(), "429 without Retry-After");
-    }
-    let (status, body) = post(
-        &s.coordinator,
-        "/v1/completions",
-        json!({"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}),
-    );
-    assert_eq!(status, 200, "{body}");
-}
-
 #[test]
 fn two_and_three_stage_swarms_match_the_whole_model() {
     let _one = swarm_lock();
@@ -492,74 +330,4 @@ fn before_the_swarm_is_ready_requests_get_503() {
         json!({"messages": [{"role": "user", "content": "hi"}]}),
     );
     assert_eq!(status, 503);
-}
-
-#[test]
-fn a_stage_killed_mid_stream_is_replaced_by_its_replica_and_the_answer_is_the_same() {
-    let _one = swarm_lock();
-    let bed = Bed::new(4, &[]);
-    let c = bed.coordinator("127.0.0.1:0", &["--min-nodes", "4"]);
-    let addr = c.field("http").to_owned();
-    let mut nodes: Vec<Option<Proc>> = (0..8)
-        .map(|i| {
-            Some(node(
-                &format!("n{i}"),
-                &addr,
-                &bed.work.path().join(format!("n{i}")),
-                &[],
-            ))
-        })
-        .collect();
-    let status = wait_for(
-        "8 nodes, every shard twice, serving",
-        Duration::from_secs(240),
-        || {
-            let st = get_json(&format!("http://{addr}/status"));
-            (st["serving"] == true && tests::nodes_fully_loaded(&st) == 8).then_some(st)
-        },
-    );
-    let prompt = PROMPTS[1];
-    let reference = llm::reference_completion(&model(), prompt, 48, 1).unwrap();
-    // The node running stage 1 of the route.
-    let hop = &status["route"][1]["node_id"];
-    let victim = status["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| &n["node_id"] == hop)
-        .unwrap()["name"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let body = json!({"prompt": prompt, "max_tokens": 48, "temperature": 0, "stream": true});
-    let resp = send(&addr, "/v1/completions", &body);
-    let mut text = String::new();
-    let mut killed = false;
-    read_stream(resp, |piece| {
-        text.push_str(piece);
-        if !killed {
-            let k: usize = victim[1..].parse().unwrap();
-            nodes[k].take().unwrap().kill();
-            killed = true;
-        }
-    });
-    assert!(killed);
-    assert_eq!(
-        text, reference.text,
-        "the replayed stream differs from the whole model"
-    );
-    let st = get_json(&format!("http://{addr}/status"));
-    assert!(
-        st["route"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|h| h["node_id"] != *hop),
-        "the route still uses the dead node"
-    );
-    assert!(
-        c.stderr_text().contains("waiting for a new route"),
-        "the kill did not land mid-request: {}",
-        c.stderr_text()
-    );
 }

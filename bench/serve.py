@@ -1,0 +1,183 @@
+#!/usr/bin/env python3
+"""Benchmark: serving many clients at once. K = 1, 2, 4, 8, 16 streaming clients, each with its own
+prompt and the same max_tokens (greedy), against the 4-stage pipeline on loopback (1 thread per node)
+and against llama.cpp's own llama-server running the whole model with `-np K` on the same 2 cores.
+For each K: aggregate tokens/s, time to first token, inter-token p50/p99 (medians over RUNS runs), the
+ratios ours / llama-server, each stage's busy fraction (from the coordinator's /status), and how many
+greedy texts equal llama-server's.
+
+Tokens are counted as streamed chunks with text (both servers send one per token, holding back a
+partial character). llama-server is built once from full llama.cpp sources by
+../shared/tools/llama-server.sh (or give --llama-server PATH).
+
+usage: bench/serve.py [--runs 3] [--max-tokens 48] [--clients 1,2,4,8,16] [--micro-batches 0]
+"""
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+from benchlib import start_local_swarm, stop
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOPICS = ["the sea", "a small robot", "winter in the mountains", "a busy kitchen", "the first computer",
+          "a lost key", "bees and flowers", "a train at night", "the moon landing", "an old library",
+          "a desert city", "learning to swim", "a garden in spring", "the northern lights", "a chess game",
+          "a quiet village"]
+
+
+def prompt(i):
+    return f"Write a short story about {TOPICS[i % len(TOPICS)]}. Once upon a time,"
+
+
+def stream(addr, text, max_tokens, out, i):
+    body = json.dumps({"prompt": text, "max_tokens": max_tokens, "temperature": 0, "stream": True}).encode()
+    req = urllib.request.Request(f"http://{addr}/v1/completions", body, {"content-type": "application/json"})
+    t0 = time.monotonic()
+    stamps, pieces = [], []
+    with urllib.request.urlopen(req, timeout=600) as r:
+        for raw in r:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"])
+            piece = chunk["choices"][0].get("text", "")
+            if piece:
+                stamps.append(time.monotonic())
+                pieces.append(piece)
+    out[i] = (t0, stamps, "".join(pieces))
+
+
+def round_of(addr, k, max_tokens):
+    """K clients at once: (aggregate tok/s, TTFTs in ms, inter-token gaps in ms, texts)."""
+    out = [None] * k
+    threads = [threading.Thread(target=stream, args=(addr, prompt(i), max_tokens, out, i)) for i in range(k)]
+    start = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    end = max(s[-1] for _, s, _ in out if s)
+    tokens = sum(len(s) for _, s, _ in out)
+    ttft = [(s[0] - t0) * 1000 for t0, s, _ in out if s]
+    gaps = [(b - a) * 1000 for _, s, _ in out for a, b in zip(s, s[1:])]
+    return tokens / (end - start), ttft, gaps, [t for _, _, t in out]
+
+
+def pct(values, p):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))] if values else float("nan")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_llama_server(binary, model, k, work):
+    port = free_port()
+    log = open(os.path.join(work, f"llama-server-{k}.log"), "w")
+    p = subprocess.Popen([binary, "-m", model, "-t", "2", "-np", str(k), "-c", str(1024 * k), "--host",
+                          "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return p, f"127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.2)
+    stop([p])
+    sys.exit("llama-server did not come up")
+
+
+def busy(addr):
+    with urllib.request.urlopen(f"http://{addr}/status", timeout=10) as r:
+        return json.load(r).get("batching", {}).get("stage_busy_seconds", [])
+
+
+def measure(addr, k, runs, max_tokens, busy_of=None):
+    """Medians over runs: (tok/s, TTFT p50, inter-token p50, p99, stage busy fractions, texts)."""
+    rows = []
+    for _ in range(runs):
+        before = busy_of(addr) if busy_of else []
+        t0 = time.monotonic()
+        tps, ttft, gaps, texts = round_of(addr, k, max_tokens)
+        wall = time.monotonic() - t0
+        after = busy_of(addr) if busy_of else []
+        fractions = [(a - b) / wall for a, b in zip(after, before)]
+        rows.append((tps, statistics.median(ttft), pct(gaps, 50), pct(gaps, 99), fractions, texts))
+    med = lambda j: statistics.median(r[j] for r in rows)
+    fractions = [statistics.median(r[4][i] for r in rows) for i in range(len(rows[0][4]))]
+    return med(0), med(1), med(2), med(3), fractions, rows[0][5]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--clients", default="1,2,4,8,16")
+    ap.add_argument("--micro-batches", type=int, default=0, help="the coordinator's --micro-batches")
+    ap.add_argument("--llama-server", help="llama-server binary (default: build or reuse the cached one)")
+    args = ap.parse_args()
+    ks = [int(k) for k in args.clients.split(",")]
+    subprocess.run(["cargo", "build", "--release", "-q", "--workspace", "--bins"], cwd=REPO, check=True)
+    model = subprocess.run([os.path.join(REPO, "deploy", "fetch-model.sh")], capture_output=True, text=True,
+                           check=True).stdout.strip()
+    binary = args.llama_server or subprocess.run(
+        [os.path.join(REPO, "..", "shared", "tools", "llama-server.sh")], capture_output=True, text=True,
+        check=True).stdout.strip()
+    work = tempfile.mkdtemp(prefix="shardswarm-bench-serve.")
+    ours, theirs = {}, {}
+    procs = []
+    try:
+        coord, procs = start_local_swarm(REPO, work, model, coordinator_flags=[
+            "--parallel", str(max(ks)), "--micro-batches", str(args.micro_batches)])
+        round_of(coord, 2, 4)  # warm-up: contexts, connections
+        for k in ks:
+            ours[k] = measure(coord, k, args.runs, args.max_tokens, busy)
+            print(f"pipeline     K={k:2d}: {ours[k][0]:6.1f} tok/s, TTFT {ours[k][1]:6.0f} ms, inter-token p50 "
+                  f"{ours[k][2]:5.1f} p99 {ours[k][3]:6.1f} ms, stage busy "
+                  + " ".join(f"{f:.2f}" for f in ours[k][4]), flush=True)
+        stop(procs)
+        procs = []
+        for k in ks:
+            server, addr = start_llama_server(binary, model, k, work)
+            try:
+                round_of(addr, 2, 4)
+                theirs[k] = measure(addr, k, args.runs, args.max_tokens)
+            finally:
+                stop([server])
+            print(f"llama-server K={k:2d}: {theirs[k][0]:6.1f} tok/s, TTFT {theirs[k][1]:6.0f} ms, inter-token p50 "
+                  f"{theirs[k][2]:5.1f} p99 {theirs[k][3]:6.1f} ms", flush=True)
+        print()
+        print(f"SmolLM2-135M Q4_1, {args.max_tokens} greedy tokens per client, medians of {args.runs} runs; "
+              f"pipeline: 4 stages on loopback, 1 thread per node; llama-server: whole model, -t 2 -np K")
+        print(f"{'K':>3s} {'ours tok/s':>11s} {'llama-srv':>10s} {'ratio':>6s} {'TTFT ratio':>11s} "
+              f"{'ITL p50/p99 ours':>17s} {'same text':>10s}  stage busy")
+        for k in ks:
+            o, t = ours[k], theirs[k]
+            same = sum(a == b for a, b in zip(o[5], t[5]))
+            print(f"{k:3d} {o[0]:11.1f} {t[0]:10.1f} {o[0] / t[0]:5.2f}x {o[1] / t[1]:10.2f}x "
+                  f"{o[2]:8.1f}/{o[3]:<8.1f} {same:4d} of {k:<3d}  " + " ".join(f"{f:.2f}" for f in o[4]))
+        if 1 in ours and 8 in ours:
+            print(f"goals: K=8 ours/llama-server {ours[8][0] / theirs[8][0]:.2f}x (goal >= 0.8); "
+                  f"K=1 {ours[1][0] / theirs[1][0]:.2f}x (goal >= 0.9)"
+                  + (f"; K=8 -> K=16 ours {ours[16][0] / ours[8][0]:.2f}x (goal > 1)" if 16 in ours else ""))
+    finally:
+        stop(procs)
+        subprocess.run(["rm", "-rf", work])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+//! A serving swarm and its OpenAI-compatible API, as the inference tests use them: start
+//! seeder, coordinator and nodes and wait until they serve; post requests; read SSE streams.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::{get_json, node, wait_for, Bed, Proc};
+
+/// A running swarm with `n` shards on `n` nodes, serving.
+pub struct Swarm {
+    pub bed: Bed,
+    /// The coordinator, then the nodes.
+    pub procs: Vec<Proc>,
+    pub coordinator: String,
+}
+
+/// A swarm of `n` nodes for the real model cut into `n` shards.
+pub fn swarm(n: usize) -> Swarm {
+    swarm_serving(crate::real_shards(n), n, &[])
+}
+
+/// A swarm of `n` nodes for the `n` shards in `seed`, the coordinator started with `flags`.
+pub fn swarm_serving(seed: tempfile::TempDir, n: usize, flags: &[&str]) -> Swarm {
+    let bed = Bed::serving(seed, &[]);
+    let n_text = n.to_string();
+    let mut all = vec!["--min-nodes", n_text.as_str()];
+    all.extend_from_slice(flags);
+    let c = bed.coordinator("127.0.0.1:0", &all);
+    let addr = c.field("http").to_owned();
+    let mut procs = vec![c];
+    procs.extend(
+        bed.node_dirs(n)
+            .iter()
+            .map(|(name, dir)| node(name, &addr, dir, &[])),
+    );
+    wait_for("the pipeline serving", Duration::from_secs(180), || {
+        (get_json(&format!("http://{addr}/status"))["serving"] == true).then_some(())
+    });
+    Swarm {
+        bed,
+        procs,
+        coordinator: addr,
+    }
+}
+
+/// Read an SSE completion stream to its `[DONE]`, handing each chunk's text (completions) or
+/// delta (chat) to `piece`; a chunk with an error fails the test.
+pub fn read_stream(resp: reqwest::blocking::Response, mut piece: impl FnMut(&str)) {
+    use std::io::BufRead;
+    for line in std::io::BufReader::new(resp).lines() {
+        let line = line.unwrap();
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            break;
+        }
+        let v: Value = serde_json::from_str(data).unwrap();
+        assert!(v.get("error").is_none(), "the stream failed: {v}");
+        let choice = &v["choices"][0];
+        let text = choice["text"]
+            .as_str()
+            .or(choice["delta"]["content"].as_str());
+        piece(text.unwrap_or(""));
+    }
+}
+
+/// POST `body` as JSON to the coordinator at `addr` (bounded: 120 s).
+pub fn send(addr: &str, path: &str, body: &Value) -> reqwest::blocking::Response {
+    reqwest::blocking::Client::new()
+        .post(format!("http://{addr}{path}"))
+        .json(body)
+        .timeout(Duration::from_secs(120))
+        .send()
+        .unwrap()
+}
+
+/// POST and read the whole JSON answer: (status, body).
+pub fn post(addr: &str, path: &str, body: Value) -> (u16, Value) {
+    let r = send(addr, path, &body);
+    let status = r.status().as_u16();
+    (status, r.json().unwrap_or(Value::Null))
+}
+
+/// Prompts of different lengths and kinds (plain text, a story opening, a ChatML turn).
+pub const PROMPTS: [&str; 3] = [
+    "The capital of France is",
+    "Once upon a time, in a land of many small machines that shared the work of one large model, there lived a careful engineer who",
+    "<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n",
+];
