@@ -11,6 +11,7 @@ partial character). llama-server is built once from full llama.cpp sources by
 ../shared/tools/llama-server.sh (or give --llama-server PATH).
 
 usage: bench/serve.py [--runs 3] [--max-tokens 48] [--clients 1,2,4,8,16] [--micro-batches 0]
+                      [--node-threads 1] [--skip-llama-server]
 """
 import argparse
 import json
@@ -128,6 +129,8 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--clients", default="1,2,4,8,16")
     ap.add_argument("--micro-batches", type=int, default=0, help="the coordinator's --micro-batches")
+    ap.add_argument("--node-threads", type=int, default=1, help="each node's --threads")
+    ap.add_argument("--skip-llama-server", action="store_true", help="measure the pipeline only")
     ap.add_argument("--llama-server", help="llama-server binary (default: build or reuse the cached one)")
     args = ap.parse_args()
     ks = [int(k) for k in args.clients.split(",")]
@@ -141,7 +144,7 @@ def main():
     ours, theirs = {}, {}
     procs = []
     try:
-        coord, procs = start_local_swarm(REPO, work, model, coordinator_flags=[
+        coord, procs = start_local_swarm(REPO, work, model, threads=args.node_threads, coordinator_flags=[
             "--parallel", str(max(ks)), "--micro-batches", str(args.micro_batches)])
         round_of(coord, 2, 4)  # warm-up: contexts, connections
         for k in ks:
@@ -151,6 +154,8 @@ def main():
                   + " ".join(f"{f:.2f}" for f in ours[k][4]), flush=True)
         stop(procs)
         procs = []
+        if args.skip_llama_server:
+            return
         for k in ks:
             server, addr = start_llama_server(binary, model, k, work)
             try:
@@ -162,7 +167,7 @@ def main():
                   f"{theirs[k][2]:5.1f} p99 {theirs[k][3]:6.1f} ms", flush=True)
         print()
         print(f"SmolLM2-135M Q4_1, {args.max_tokens} greedy tokens per client, medians of {args.runs} runs; "
-              f"pipeline: 4 stages on loopback, 1 thread per node; llama-server: whole model, -t 2 -np K")
+              f"pipeline: 4 stages on loopback, {args.node_threads} thread(s) per node; llama-server: whole model, -t 2 -np K")
         print(f"{'K':>3s} {'ours tok/s':>11s} {'llama-srv':>10s} {'ratio':>6s} {'TTFT ratio':>11s} "
               f"{'ITL p50/p99 ours':>17s} {'same text':>10s}  stage busy")
         for k in ks:

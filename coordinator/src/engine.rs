@@ -468,6 +468,7 @@ impl State {
         self.steps.insert(step, sent);
         Some(Frame::Step {
             step,
+            in_flight: self.steps.len() as u32,
             groups,
             payload: Payload::Tokens(tokens),
         })

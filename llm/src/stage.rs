@@ -69,6 +69,7 @@ pub struct Stage {
     /// Positions each sequence holds.
     context: u32,
     sequences: u32,
+    threads: i32,
     /// Whether this stage outputs logits (the last stage) rather than hidden states.
     pub is_last: bool,
 }
@@ -178,6 +179,7 @@ impl Stage {
                 n_vocab,
                 context: n_ctx,
                 sequences,
+                threads,
                 is_last,
             })
         }
@@ -229,6 +231,16 @@ impl Stage {
     pub fn clear(&mut self) {
         // SAFETY: a valid context.
         unsafe { sys::llama_memory_clear(sys::llama_get_memory(self.ctx.as_ptr()), true) };
+    }
+
+    /// The threads the next decodes use (llama.cpp's `n_threads` and `n_threads_batch`).
+    pub fn set_threads(&mut self, threads: i32) {
+        let threads = threads.max(1);
+        if threads != self.threads {
+            // SAFETY: a valid context.
+            unsafe { sys::llama_set_n_threads(self.ctx.as_ptr(), threads, threads) };
+            self.threads = threads;
+        }
     }
 
     /// Positions each sequence holds (its context).

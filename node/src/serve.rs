@@ -8,6 +8,10 @@
 //! states; the last stage samples each sequence's token. Answers (`Sampled`) come back up the
 //! lanes in step order, each stage adding its compute time as the answer passes.
 //!
+//! Threads: a step says how many steps were in the pipeline when it was sent, and `ROUTE` how
+//! many of the route's stages share this machine; a stage that works alone takes every thread
+//! (`--threads`), stages that work at once on one machine share its cores ([`threads_for`]).
+//!
 //! Tasks, per lane: one reading the caller's steps, one writing to the caller, one writing to
 //! the next stage and one relaying its answers up. One worker per node runs the steps of
 //! every lane in arrival order (the node's llama.cpp context is one), so while the next
@@ -128,6 +132,7 @@ struct Lane {
 struct Work {
     lane: Arc<Lane>,
     step: u64,
+    in_flight: u32,
     groups: Vec<Group>,
     payload: Payload,
 }
@@ -200,12 +205,14 @@ async fn connection(
         match steps.receive_or_end().await {
             Ok(Some(Frame::Step {
                 step,
+                in_flight,
                 groups,
                 payload,
             })) => {
                 let w = Work {
                     lane: lane.clone(),
                     step,
+                    in_flight,
                     groups,
                     payload,
                 };
@@ -312,11 +319,45 @@ async fn relay(
     }
 }
 
+/// The one thread that runs the stage's decodes. llama.cpp's OpenMP team belongs to the thread
+/// that calls it: tokio's blocking pool would hand each decode to whichever of its threads is
+/// free, each with a team of its own, so that a node with N threads could run several times N.
+struct DecodeThread {
+    jobs: std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>,
+}
+
+impl DecodeThread {
+    fn start() -> DecodeThread {
+        let (jobs, incoming) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
+        std::thread::Builder::new()
+            .name("stage-decode".into())
+            .spawn(move || {
+                for job in incoming {
+                    job();
+                }
+            })
+            .expect("spawning the decode thread");
+        DecodeThread { jobs }
+    }
+
+    /// Run `f` on the decode thread and wait for its result.
+    async fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job = Box::new(move || {
+            let _ = tx.send(f());
+        });
+        let gone = || Error::Pipeline("the decode thread stopped".into());
+        self.jobs.send(job).map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())
+    }
+}
+
 /// Run every lane's steps, one at a time, in the order they came.
 async fn worker(mut queue: mpsc::UnboundedReceiver<Work>, pipeline: Arc<Pipeline>) {
+    let decoder = DecodeThread::start();
     while let Some(w) = queue.recv().await {
         let started = Instant::now();
-        let result = run_step(&pipeline, &w).await;
+        let result = run_step(&pipeline, &decoder, &w).await;
         let busy_us = u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX);
         let lane = &w.lane;
         let frame = match result {
@@ -328,6 +369,7 @@ async fn worker(mut queue: mpsc::UnboundedReceiver<Work>, pipeline: Arc<Pipeline
                 lane.busy.lock().unwrap().insert(w.step, busy_us);
                 let next = Frame::Step {
                     step: w.step,
+                    in_flight: w.in_flight,
                     groups: w.groups,
                     payload: Payload::Hidden { n_embd, data },
                 };
@@ -363,7 +405,7 @@ fn sampled(w: &Work, logits: &[(i32, Vec<f32>)], busy_us: u32) -> Frame {
 }
 
 /// Check a step against the stage and run it.
-async fn run_step(pipeline: &Pipeline, w: &Work) -> Result<RowsOutput> {
+async fn run_step(pipeline: &Pipeline, decoder: &DecodeThread, w: &Work) -> Result<RowsOutput> {
     let stage = {
         let loaded = pipeline.loaded.lock().await;
         match loaded.as_ref() {
@@ -377,19 +419,31 @@ async fn run_step(pipeline: &Pipeline, w: &Work) -> Result<RowsOutput> {
     };
     let (groups, payload) = (w.groups.clone(), w.payload.clone());
     let first = w.lane.route.stage == 0;
-    tokio::task::spawn_blocking(move || {
-        let mut stage = stage.lock().unwrap();
-        let rows = rows_of(&stage, first, &groups, &payload)?;
-        for g in &groups {
-            stage.truncate_sequence(g.seq as i32, g.pos0 as i32)?;
-        }
-        Ok(match &payload {
-            Payload::Tokens(t) => stage.forward_token_rows(t, &rows)?,
-            Payload::Hidden { data, .. } => stage.forward_hidden_rows(data, &rows)?,
+    let threads = threads_for(pipeline.threads, &w.lane.route, w.in_flight);
+    decoder
+        .run(move || {
+            let mut stage = stage.lock().unwrap();
+            stage.set_threads(threads);
+            let rows = rows_of(&stage, first, &groups, &payload)?;
+            for g in &groups {
+                stage.truncate_sequence(g.seq as i32, g.pos0 as i32)?;
+            }
+            Ok(match &payload {
+                Payload::Tokens(t) => stage.forward_token_rows(t, &rows)?,
+                Payload::Hidden { data, .. } => stage.forward_hidden_rows(data, &rows)?,
+            })
         })
-    })
-    .await
-    .map_err(|e| Error::Pipeline(format!("the stage's task failed: {e}")))?
+        .await?
+}
+
+/// The threads for a step: all of this node's when its stage works alone on the machine, else
+/// a share. At most `in_flight` stages work at once (one step each), and of those at most
+/// `co_located` on this machine; one thread each is the floor. Stages on machines of their own
+/// (`co_located` 1) always take every thread. Cores are shared fairly only if the nodes on a
+/// machine are given its cores (`--threads`) alike.
+fn threads_for(threads: i32, route: &RouteParams, in_flight: u32) -> i32 {
+    let sharing = route.co_located.min(in_flight).max(1) as i32;
+    (threads / sharing).max(1)
 }
 
 /// The rows of a step, after checking that it fits this stage: each sequence once and below
@@ -437,4 +491,34 @@ fn rows_of(stage: &Stage, first: bool, groups: &[Group], payload: &Payload) -> R
         }));
     }
     Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(co_located: u32) -> RouteParams {
+        RouteParams {
+            stage: 0,
+            stage_count: 4,
+            next: None,
+            model_sha256: "m".into(),
+            split_id: "s".into(),
+            parallel: 8,
+            co_located,
+        }
+    }
+
+    #[test]
+    fn a_stage_alone_takes_every_thread_and_stages_at_work_together_share() {
+        // Four stages on one 2-core machine: alone (one step in flight) 2 threads, else 1.
+        assert_eq!(threads_for(2, &route(4), 1), 2);
+        assert_eq!(threads_for(2, &route(4), 2), 1);
+        assert_eq!(threads_for(2, &route(4), 4), 1);
+        // Eight threads shared by the two stages that can work at once on this machine.
+        assert_eq!(threads_for(8, &route(2), 4), 4);
+        // A machine of its own: every thread, however many steps are in flight.
+        assert_eq!(threads_for(8, &route(1), 4), 8);
+        assert_eq!(threads_for(1, &route(4), 0), 1);
+    }
 }

@@ -80,6 +80,10 @@ pub enum Frame {
     /// is answered by one `Sampled` (or an `Error`) coming back up.
     Step {
         step: u64,
+        /// Steps in the pipeline when this one was sent, itself included: at most that many
+        /// stages work at once, which tells stages that share a machine how many threads to
+        /// take.
+        in_flight: u32,
         groups: Vec<Group>,
         payload: Payload,
     },
@@ -233,11 +237,13 @@ impl Frame {
             Frame::Ready => out.push(2),
             Frame::Step {
                 step,
+                in_flight,
                 groups,
                 payload,
             } => {
                 out.push(6);
                 out.extend(step.to_le_bytes());
+                out.extend(in_flight.to_le_bytes());
                 out.extend((groups.len() as u32).to_le_bytes());
                 for g in groups {
                     out.extend(g.seq.to_le_bytes());
@@ -285,6 +291,7 @@ impl Frame {
             2 => Frame::Ready,
             6 => {
                 let step = r.u64("step")?;
+                let in_flight = r.u32("in flight")?;
                 let n = r.count("group count")?;
                 let mut groups = Vec::with_capacity(n);
                 for _ in 0..n {
@@ -310,6 +317,7 @@ impl Frame {
                 }
                 Frame::Step {
                     step,
+                    in_flight,
                     groups,
                     payload,
                 }
@@ -360,6 +368,7 @@ mod tests {
         };
         let hidden_step = Frame::Step {
             step: 4,
+            in_flight: 2,
             groups: vec![group(0, 3, 1), group(2, 0, 1)],
             payload: Payload::Hidden {
                 n_embd: 2,
@@ -375,6 +384,7 @@ mod tests {
             Frame::Ready,
             Frame::Step {
                 step: 1,
+                in_flight: 1,
                 groups: vec![group(1, 3, 3)],
                 payload: Payload::Tokens(vec![1, -2, 3]),
             },
@@ -394,6 +404,7 @@ mod tests {
         // Groups that claim more rows than the payload carries.
         let lying = Frame::Step {
             step: 1,
+            in_flight: 1,
             groups: vec![group(0, 0, 4)],
             payload: Payload::Tokens(vec![1, 2, 3]),
         };

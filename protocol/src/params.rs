@@ -133,6 +133,10 @@ pub struct RouteParams {
     /// Sequences (requests) each stage keeps at once: the coordinator's `--parallel`.
     #[serde(default = "one")]
     pub parallel: u32,
+    /// Stages of the route on this node's machine (by the host of their data addresses), this
+    /// one included: such stages share the machine's cores when they work at the same time.
+    #[serde(default = "one")]
+    pub co_located: u32,
 }
 
 fn one() -> u32 {

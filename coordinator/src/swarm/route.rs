@@ -70,6 +70,10 @@ impl Swarm {
                     model_sha256: self.settings.model_sha256.clone(),
                     split_id: self.settings.split_id.clone(),
                     parallel: self.settings.parallel,
+                    co_located: route
+                        .iter()
+                        .filter(|h| host_of(&h.data_addr) == host_of(&hop.data_addr))
+                        .count() as u32,
                 };
                 (
                     hop.node_id.clone(),
@@ -138,4 +142,9 @@ impl Swarm {
         (self.ready && route.iter().all(|h| self.route_loaded.contains(&h.node_id)))
             .then(|| route.clone())
     }
+}
+
+/// The host part of `host:port` (an IPv6 address keeps its brackets).
+fn host_of(addr: &str) -> &str {
+    addr.rsplit_once(':').map_or(addr, |(host, _)| host)
 }
