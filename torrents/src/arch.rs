@@ -254,17 +254,27 @@ pub fn stage_rules(
     if let Some(a) = entry {
         check_size_class(model, a, layers, ranges)?;
     }
-    let windowed = match entry.and_then(|a| a.window) {
-        Some(period) if has_window(model, &arch) => {
-            Some(window_flags(model, &arch, layers, period)?)
-        }
-        _ => None,
-    };
+    let windowed = windowed_layers(model)?;
     Ok(StageRules {
         arch,
         windowed,
         unverified,
     })
+}
+
+/// The whole model's windowed-layer flags, for an architecture of the table with windowed
+/// layers (else `None`).
+pub fn windowed_layers(model: &GgufModel) -> Result<Option<Vec<bool>>> {
+    let arch = model.architecture()?;
+    match lookup(&arch).and_then(|a| a.window) {
+        Some(period) if has_window(model, &arch) => Ok(Some(window_flags(
+            model,
+            &arch,
+            model.block_count()?,
+            period,
+        )?)),
+        _ => Ok(None),
+    }
 }
 
 /// Whether the model has windowed layers at all (`<arch>.attention.sliding_window` > 0).
@@ -445,11 +455,22 @@ pub fn check_stage(stage: &GgufModel) -> StageFindings {
     }
     if entry.and_then(|a| a.window).is_some() && has_window(stage, &arch) {
         let key = format!("{arch}.{SWA_PATTERN}");
-        if !matches!(stage.get(&key), Some(Value::Array(..))) {
-            f.problems.push(format!(
+        match stage.get(&key) {
+            Some(Value::Array(_, flags)) => {
+                if !flags
+                    .iter()
+                    .any(|v| matches!(v, Value::Bool(true)) || v.as_u64().is_some_and(|x| x != 0))
+                {
+                    f.problems.push(format!(
+                        "{key}: every layer of the stage has full attention, and llama.cpp \
+                         aborts on a model of a windowed architecture without a windowed layer"
+                    ));
+                }
+            }
+            _ => f.problems.push(format!(
                 "{key} is not a per-layer array: llama.cpp would derive the stage's windowed \
                  layers from their renumbered indices"
-            ));
+            )),
         }
     }
     f

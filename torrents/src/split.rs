@@ -95,7 +95,16 @@ pub fn head_cost(model: &GgufModel) -> u64 {
 /// plus `head` on the last stage ([`head_cost`]). First the smallest possible largest stage,
 /// then, among cuts that reach it, the smallest sum of squares (so no stage is needlessly
 /// small), earlier stages taking the larger share on ties.
-pub fn plan_stages(layer_bytes: &[u64], head: u64, n: usize) -> Result<Vec<LayerRange>> {
+///
+/// `windowed` (for architectures with sliding-window layers) gives each layer's kind: every
+/// stage must hold at least one windowed layer, since llama.cpp aborts when it makes the KV
+/// cache of a windowed model without one (`GGML_ASSERT(hparams.is_swa_any())`).
+pub fn plan_stages(
+    layer_bytes: &[u64],
+    head: u64,
+    windowed: Option<&[bool]>,
+    n: usize,
+) -> Result<Vec<LayerRange>> {
     let layers = layer_bytes.len();
     if n == 0 || n > layers {
         return Err(Error::Split(format!(
@@ -106,10 +115,15 @@ pub fn plan_stages(layer_bytes: &[u64], head: u64, n: usize) -> Result<Vec<Layer
     for (i, b) in layer_bytes.iter().enumerate() {
         prefix[i + 1] = prefix[i] + u128::from(*b);
     }
-    // Layers a..b (exclusive), with the head when the range ends the model.
-    let cost =
-        |a: usize, b: usize| prefix[b] - prefix[a] + if b == layers { u128::from(head) } else { 0 };
     const INF: u128 = u128::MAX;
+    // Layers a..b (exclusive), with the head when the range ends the model; INF for a range
+    // that cannot be a stage.
+    let cost = |a: usize, b: usize| {
+        if windowed.is_some_and(|w| !w[a..b].contains(&true)) {
+            return INF;
+        }
+        prefix[b] - prefix[a] + if b == layers { u128::from(head) } else { 0 }
+    };
     // Phase 1: minimal largest stage. best[k][i] = min over cuts of layers i.. into k stages.
     let mut best = vec![vec![INF; layers + 1]; n + 1];
     best[0][layers] = 0;
@@ -124,6 +138,12 @@ pub fn plan_stages(layer_bytes: &[u64], head: u64, n: usize) -> Result<Vec<Layer
         }
     }
     let cap = best[n][0];
+    if cap == INF {
+        return Err(Error::Split(format!(
+            "no cut into {n} stages gives every stage a windowed (sliding-window) layer, which \
+             llama.cpp needs in every stage of this architecture: use fewer shards"
+        )));
+    }
     // Phase 2: smallest sum of squares with every stage <= cap.
     let mut sq = vec![vec![INF; layers + 1]; n + 1];
     sq[0][layers] = 0;
@@ -131,8 +151,11 @@ pub fn plan_stages(layer_bytes: &[u64], head: u64, n: usize) -> Result<Vec<Layer
         for i in (0..layers).rev() {
             for j in i + 1..=layers {
                 let c = cost(i, j);
+                if c == INF {
+                    continue; // a longer range may hold a windowed layer
+                }
                 if c > cap {
-                    break;
+                    break; // finite costs grow with the range
                 }
                 if sq[k - 1][j] != INF {
                     sq[k][i] = sq[k][i].min(c * c + sq[k - 1][j]);
@@ -356,7 +379,13 @@ pub fn split_model(
     options: SplitOptions,
     progress: &dyn Fn(&str),
 ) -> Result<Manifest> {
-    let ranges = plan_stages(&layer_bytes(model)?, head_cost(model), n)?;
+    let windowed = arch::windowed_layers(model)?;
+    let ranges = plan_stages(
+        &layer_bytes(model)?,
+        head_cost(model),
+        windowed.as_deref(),
+        n,
+    )?;
     let rules = arch::stage_rules(model, &ranges, options.allow_unverified)?;
     if rules.unverified {
         tracing::warn!(
@@ -456,7 +485,7 @@ mod tests {
 
     #[test]
     fn uniform_layers_give_larger_early_stages() {
-        let r = plan_stages(&[10; 30], 0, 4).unwrap();
+        let r = plan_stages(&[10; 30], 0, None, 4).unwrap();
         assert_eq!(sizes(&r), [8, 8, 7, 7]);
         assert_eq!(r[0].first, 0);
         assert_eq!(r[3].last, 29);
@@ -465,20 +494,38 @@ mod tests {
     #[test]
     fn the_output_head_takes_layers_off_the_last_stage() {
         // A head worth 10 layers: the last stage keeps one, the others share the rest.
-        let r = plan_stages(&[10; 30], 100, 4).unwrap();
+        let r = plan_stages(&[10; 30], 100, None, 4).unwrap();
         assert_eq!(sizes(&r), [10, 10, 9, 1]);
     }
 
     #[test]
+    fn every_stage_of_a_windowed_model_holds_a_windowed_layer() {
+        // gemma3's pattern: every sixth layer has full attention. With a heavy head the last
+        // stage would be layer 11 alone; it takes 10..=11 instead.
+        let windowed: Vec<bool> = (0..12).map(|il| il % 6 != 5).collect();
+        let r = plan_stages(&[10; 12], 100, Some(&windowed), 4).unwrap();
+        for s in &r {
+            assert!(
+                windowed[s.first as usize..=s.last as usize].contains(&true),
+                "{r:?}"
+            );
+        }
+        assert_eq!(r[3].first, 10, "{r:?}");
+        // Twelve stages would need a stage of layer 5 alone.
+        let e = plan_stages(&[10; 12], 0, Some(&windowed), 12).unwrap_err();
+        assert!(e.to_string().contains("windowed"), "{e}");
+    }
+
+    #[test]
     fn heavy_layers_get_their_own_stage() {
-        let r = plan_stages(&[1, 1, 1, 10, 1, 1, 1], 0, 3).unwrap();
+        let r = plan_stages(&[1, 1, 1, 10, 1, 1, 1], 0, None, 3).unwrap();
         assert_eq!(sizes(&r), [3, 1, 3]);
     }
 
     #[test]
     fn every_count_from_one_to_layers() {
         for n in 1..=12 {
-            let r = plan_stages(&[5; 12], 0, n).unwrap();
+            let r = plan_stages(&[5; 12], 0, None, n).unwrap();
             assert_eq!(r.len(), n);
             assert!(r.windows(2).all(|w| w[1].first == w[0].last + 1));
             assert_eq!(r.last().unwrap().last, 11);
@@ -487,9 +534,9 @@ mod tests {
 
     #[test]
     fn bad_counts_are_refused_with_the_range() {
-        let e = plan_stages(&[5; 12], 0, 0).unwrap_err().to_string();
+        let e = plan_stages(&[5; 12], 0, None, 0).unwrap_err().to_string();
         assert!(e.contains("1..=12"), "{e}");
-        assert!(plan_stages(&[5; 12], 0, 13).is_err());
+        assert!(plan_stages(&[5; 12], 0, None, 13).is_err());
     }
 
     #[test]
