@@ -37,6 +37,7 @@ def stats(values):
 
 
 def start_local_swarm(repo, work, model, nodes=4, shards=4, coordinator_flags=(), threads=1, limit=300):
+    # threads=None: the node's default (every core).
     """Split `model` into `shards`, start a seeder, a coordinator and `nodes` nodes on loopback
     (their logs in `work`), and wait until the coordinator serves. Returns (coordinator address,
     processes): stop them with `stop`."""
@@ -65,7 +66,8 @@ def start_local_swarm(repo, work, model, nodes=4, shards=4, coordinator_flags=()
         coord = wait_line(c, r"^\[READY\] http=(\S+)", limit).group(1)
         for i in range(nodes):
             start([os.path.join(bin_dir, "node"), "--coordinator", f"http://{coord}", "--data-dir",
-                   os.path.join(work, f"n{i}"), "--listen-addr", "127.0.0.1", "--threads", str(threads)], f"n{i}.log")
+                   os.path.join(work, f"n{i}"), "--listen-addr", "127.0.0.1",
+                   *(["--threads", str(threads)] if threads else [])], f"n{i}.log")
         deadline = time.time() + limit
         while True:
             with urllib.request.urlopen(f"http://{coord}/status", timeout=10) as r:

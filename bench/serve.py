@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Benchmark: serving many clients at once. K = 1, 2, 4, 8, 16 streaming clients, each with its own
-prompt and the same max_tokens (greedy), against the 4-stage pipeline on loopback (1 thread per node)
-and against llama.cpp's own llama-server running the whole model with `-np K` on the same 2 cores.
+prompt and the same max_tokens (greedy), against the 4-stage pipeline on loopback
+(nodes with every core, shared while several stages work) and against llama.cpp's own llama-server
+running the whole model with `-np K` on the same 2 cores.
 For each K: aggregate tokens/s, time to first token, inter-token p50/p99 (medians over RUNS runs), the
 ratios ours / llama-server, each stage's busy fraction (from the coordinator's /status), and how many
 greedy texts equal llama-server's.
@@ -129,7 +130,8 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--clients", default="1,2,4,8,16")
     ap.add_argument("--micro-batches", type=int, default=0, help="the coordinator's --micro-batches")
-    ap.add_argument("--node-threads", type=int, default=1, help="each node's --threads")
+    ap.add_argument("--node-threads", type=int, default=0,
+                    help="each node's --threads (default: the node's own, every core)")
     ap.add_argument("--skip-llama-server", action="store_true", help="measure the pipeline only")
     ap.add_argument("--llama-server", help="llama-server binary (default: build or reuse the cached one)")
     args = ap.parse_args()
@@ -167,7 +169,8 @@ def main():
                   f"{theirs[k][2]:5.1f} p99 {theirs[k][3]:6.1f} ms", flush=True)
         print()
         print(f"SmolLM2-135M Q4_1, {args.max_tokens} greedy tokens per client, medians of {args.runs} runs; "
-              f"pipeline: 4 stages on loopback, {args.node_threads} thread(s) per node; llama-server: whole model, -t 2 -np K")
+              f"pipeline: 4 stages on loopback, {args.node_threads or os.cpu_count()} thread(s) per node "
+              f"(shared while stages work at once); llama-server: whole model, -t 2 -np K")
         print(f"{'K':>3s} {'ours tok/s':>11s} {'llama-srv':>10s} {'ratio':>6s} {'TTFT ratio':>11s} "
               f"{'ITL p50/p99 ours':>17s} {'same text':>10s}  stage busy")
         for k in ks:

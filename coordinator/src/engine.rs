@@ -38,6 +38,9 @@ pub const PREFILL_ROWS: usize = 256;
 /// How long running requests wait for a new route after a stage failed.
 pub const REROUTE_WAIT: Duration = Duration::from_secs(30);
 
+/// How long opening the lane to stage 0 may take.
+const CONNECT_WAIT: Duration = Duration::from_secs(10);
+
 /// How many times a request is started over after failures before it fails.
 const MAX_ATTEMPTS: u32 = 3;
 
@@ -357,7 +360,14 @@ impl State {
             split_id: self.settings.split_id.clone(),
             stage: 0,
         };
-        match Connection::open(&first.data_addr, hello).await {
+        let opened = tokio::time::timeout(CONNECT_WAIT, Connection::open(&first.data_addr, hello))
+            .await
+            .unwrap_or_else(|_| {
+                Err(protocol::data::io::ChannelError::Closed {
+                    peer: format!("{} (no answer within {CONNECT_WAIT:?})", first.data_addr),
+                })
+            });
+        match opened {
             Ok(conn) => {
                 let (mut reader, writer) = conn.into_split();
                 let (tx, answers) = mpsc::unbounded_channel();
