@@ -324,58 +324,73 @@ impl Stage {
     }
 
     /// Run `input` (one token or one hidden state per row) at `rows`, which may belong to
-    /// several sequences, in decodes of at most [`CHUNK_TOKENS`] rows.
+    /// several sequences (each one run of consecutive rows), in decodes of at most
+    /// [`CHUNK_TOKENS`] rows.
+    ///
+    /// Why the decodes are planned here: with a KV cache per sequence, llama.cpp cuts a batch
+    /// into micro-batches of equal length per sequence (`split_equal`), taking only runs of
+    /// consecutive, increasing sequence ids. A batch of sequence 0 with 13 rows and sequence 1
+    /// with 5 runs as [0's first 5, 1's 5] then [0's other 8], so the captured `l_out` rows
+    /// would come in another order than the rows went in, and the next stage would run one
+    /// sequence's states as another's (garbage text, found with 16 streams at once). Each decode
+    /// here therefore holds runs of one length in increasing sequence order, which
+    /// `split_equal` keeps as they are; a run longer than a decode goes alone, in chunks.
     fn forward_rows(&mut self, input: Input<'_>, rows: &[Row]) -> Result<RowsOutput, LlmError> {
         let n = rows.len();
         if n == 0 {
             return Err(LlmError::Decode("empty batch".into()));
         }
-        // The last stage outputs the logits of each sequence's last row only: walking back,
-        // a row is its sequence's last when that sequence has not been seen yet.
-        let mut outputs = vec![!self.is_last; n];
-        if self.is_last {
-            let mut seen = std::collections::HashSet::new();
-            for (i, row) in rows.iter().enumerate().rev() {
-                outputs[i] = seen.insert(row.seq);
+        let decodes = plan_decodes(rows)?;
+        let mut hidden = if self.capture.is_some() {
+            vec![0f32; n * self.n_embd]
+        } else {
+            Vec::new()
+        };
+        let mut logits: Vec<(usize, i32, Vec<f32>)> = Vec::new();
+        for indices in decodes {
+            let part_rows: Vec<Row> = indices.iter().map(|&i| rows[i]).collect();
+            let part_input = input.gather(&indices, self.n_embd);
+            // The last stage outputs the logits of each sequence's last row only.
+            let outputs: Vec<bool> = indices
+                .iter()
+                .map(|&i| !self.is_last || i + 1 == n || rows[i + 1].seq != rows[i].seq)
+                .collect();
+            if let Some(c) = self.capture.as_mut() {
+                c.data.clear();
             }
-        }
-        if let Some(c) = self.capture.as_mut() {
-            c.data.clear();
-        }
-        let mut logits = Vec::new();
-        // A long prompt goes through in chunks: llama.cpp sizes its logits buffer by the
-        // outputs of one decode, and a non-final stage outputs every token.
-        for start in (0..n).step_by(CHUNK_TOKENS) {
-            let end = (start + CHUNK_TOKENS).min(n);
-            let ret = self.decode(
-                input.slice(start, end, self.n_embd),
-                &rows[start..end],
-                &outputs[start..end],
-            );
+            let ret = self.decode(part_input.as_input(), &part_rows, &outputs);
             match &self.capture {
                 None if ret != 0 => {
                     return Err(LlmError::Decode(format!("llama_decode returned {ret}")))
                 }
                 None => {
-                    for (j, row) in rows[start..end].iter().enumerate() {
-                        if outputs[start + j] {
-                            logits.push((row.seq, self.logits(j as i32)?));
+                    for (j, &i) in indices.iter().enumerate() {
+                        if outputs[j] {
+                            logits.push((i, rows[i].seq, self.logits(j as i32)?));
                         }
                     }
                 }
-                Some(c) if c.data.len() != end * self.n_embd => {
+                Some(c) if c.data.len() != indices.len() * self.n_embd => {
                     return Err(LlmError::Decode(format!(
-                        "captured {} floats of {} for {end} tokens (llama_decode returned {ret})",
+                        "captured {} floats of {} for {} rows (llama_decode returned {ret})",
                         c.data.len(),
-                        c.name.to_string_lossy()
+                        c.name.to_string_lossy(),
+                        indices.len()
                     )));
                 }
-                Some(_) => {}
+                Some(c) => {
+                    let w = self.n_embd;
+                    for (j, &i) in indices.iter().enumerate() {
+                        hidden[i * w..(i + 1) * w].copy_from_slice(&c.data[j * w..(j + 1) * w]);
+                    }
+                }
             }
         }
-        Ok(match &mut self.capture {
-            Some(c) => RowsOutput::Hidden(std::mem::take(&mut c.data)),
-            None => RowsOutput::Logits(logits),
+        Ok(if self.capture.is_some() {
+            RowsOutput::Hidden(hidden)
+        } else {
+            logits.sort_by_key(|(i, _, _)| *i);
+            RowsOutput::Logits(logits.into_iter().map(|(_, seq, l)| (seq, l)).collect())
         })
     }
 
@@ -420,6 +435,65 @@ impl Stage {
     }
 }
 
+/// The decodes of a batch, as indices into its rows: each sequence's rows are one run; runs of
+/// one length go together, in increasing sequence order, at most [`CHUNK_TOKENS`] rows a
+/// decode; a run longer than that goes alone, in chunks (see [`Stage::forward_rows`]).
+fn plan_decodes(rows: &[Row]) -> Result<Vec<Vec<usize>>, LlmError> {
+    // (seq, first index, length) of each run.
+    let mut runs: Vec<(i32, usize, usize)> = Vec::new();
+    for (i, row) in rows.iter().enumerate() {
+        match runs.last_mut() {
+            Some((seq, _, len)) if *seq == row.seq => *len += 1,
+            _ => runs.push((row.seq, i, 1)),
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    if let Some((seq, _, _)) = runs.iter().find(|(seq, _, _)| !seen.insert(*seq)) {
+        return Err(LlmError::Decode(format!(
+            "sequence {seq}'s rows are not one run in the batch"
+        )));
+    }
+    runs.sort_by_key(|&(seq, _, len)| (len, seq));
+    let mut decodes: Vec<Vec<usize>> = Vec::new();
+    let mut current: Vec<usize> = Vec::new();
+    let mut current_len = 0;
+    for (_, first, len) in runs {
+        if len > CHUNK_TOKENS {
+            decodes.extend(
+                (first..first + len)
+                    .collect::<Vec<_>>()
+                    .chunks(CHUNK_TOKENS)
+                    .map(<[usize]>::to_vec),
+            );
+            continue;
+        }
+        if !current.is_empty() && (len != current_len || current.len() + len > CHUNK_TOKENS) {
+            decodes.push(std::mem::take(&mut current));
+        }
+        current_len = len;
+        current.extend(first..first + len);
+    }
+    if !current.is_empty() {
+        decodes.push(current);
+    }
+    Ok(decodes)
+}
+
+/// Rows of an [`Input`] picked out for one decode.
+enum Gathered {
+    Tokens(Vec<i32>),
+    Hidden(Vec<f32>),
+}
+
+impl Gathered {
+    fn as_input(&self) -> Input<'_> {
+        match self {
+            Gathered::Tokens(t) => Input::Tokens(t),
+            Gathered::Hidden(h) => Input::Hidden(h),
+        }
+    }
+}
+
 #[derive(Clone, Copy)]
 enum Input<'a> {
     Tokens(&'a [i32]),
@@ -434,11 +508,16 @@ impl<'a> Input<'a> {
         }
     }
 
-    /// Positions `start..end`.
-    fn slice(&self, start: usize, end: usize, n_embd: usize) -> Input<'a> {
+    /// The rows at `indices`, in that order.
+    fn gather(&self, indices: &[usize], n_embd: usize) -> Gathered {
         match *self {
-            Input::Tokens(t) => Input::Tokens(&t[start..end]),
-            Input::Hidden(h) => Input::Hidden(&h[start * n_embd..end * n_embd]),
+            Input::Tokens(t) => Gathered::Tokens(indices.iter().map(|&i| t[i]).collect()),
+            Input::Hidden(h) => Gathered::Hidden(
+                indices
+                    .iter()
+                    .flat_map(|&i| h[i * n_embd..(i + 1) * n_embd].iter().copied())
+                    .collect(),
+            ),
         }
     }
 }
@@ -463,4 +542,30 @@ pub fn argmax(logits: &[f32]) -> i32 {
         }
     }
     best as i32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(runs: &[(i32, usize)]) -> Vec<Row> {
+        runs.iter()
+            .flat_map(|&(seq, len)| (0..len).map(move |p| Row { seq, pos: p as i32 }))
+            .collect()
+    }
+
+    #[test]
+    fn decodes_hold_runs_of_one_length_in_increasing_sequence_order() {
+        // seq 3: 2 rows (0..2), seq 0: 1 row (2), seq 5: 2 rows (3..5), seq 1: 1 row (5).
+        let plan = plan_decodes(&rows(&[(3, 2), (0, 1), (5, 2), (1, 1)])).unwrap();
+        assert_eq!(plan, vec![vec![2, 5], vec![0, 1, 3, 4]]);
+        // A run longer than a decode goes alone, in chunks.
+        let long = plan_decodes(&rows(&[(1, CHUNK_TOKENS + 3), (0, 1)])).unwrap();
+        assert_eq!(long.len(), 3);
+        assert!(long.contains(&vec![CHUNK_TOKENS + 3]), "{long:?}");
+        assert!(long.contains(&(0..CHUNK_TOKENS).collect::<Vec<_>>()));
+        assert!(long.contains(&(CHUNK_TOKENS..CHUNK_TOKENS + 3).collect::<Vec<_>>()));
+        // A sequence in two places of one batch is refused.
+        assert!(plan_decodes(&rows(&[(0, 1), (1, 1), (0, 1)])).is_err());
+    }
 }
