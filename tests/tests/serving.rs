@@ -57,6 +57,23 @@ fn eight_concurrent_streams_overlap_and_each_equals_its_request_alone() {
             "stream {k} differs from its request alone"
         );
     }
+    // A second round reuses the cached prefixes, so its steps mix prompt remainders of
+    // different lengths with decode rows (what once swapped two sequences' hidden states).
+    let again: Vec<_> = (0..8)
+        .map(|k| {
+            let (addr, prompt) = (s.coordinator.clone(), format!("{} Again, {k}:", prompts[k]));
+            std::thread::spawn(move || {
+                let body =
+                    json!({"prompt": prompt, "max_tokens": 16, "temperature": 0, "stream": true});
+                (prompt, stream_timed(&addr, &body, started).0)
+            })
+        })
+        .collect();
+    for (k, h) in again.into_iter().enumerate() {
+        let (prompt, text) = h.join().unwrap();
+        let alone = llm::reference_completion(&model(), &prompt, 16, 1).unwrap();
+        assert_eq!(text, alone.text, "second round, stream {k}");
+    }
     let overlapping = results.iter().any(|(_, first_a, last_a)| {
         results
             .iter()
