@@ -70,7 +70,7 @@ echo "coordinator: http://$coordinator"
 
 for i in $(seq 1 "$nodes"); do
     target/release/node --coordinator "http://$coordinator" --data-dir "$out/nodes/node-$i" --name "node-$i" \
-        --listen-addr 127.0.0.1 --threads 1 >"$out/logs/node-$i.out" 2>"$out/logs/node-$i.log" &
+        --listen-addr 127.0.0.1 >"$out/logs/node-$i.out" 2>"$out/logs/node-$i.log" &
     pids+=($!)
 done
 
