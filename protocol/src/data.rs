@@ -508,7 +508,7 @@ pub mod io {
         pub async fn send(&mut self, frame: &Frame) -> Result<(), ChannelError> {
             write_frame(&mut self.stream, frame)
                 .await
-                .map_err(|source| self.io(source))
+                .map_err(io_error(&self.peer))
         }
 
         /// The next frame; a connection that ends is an error here.
@@ -524,7 +524,7 @@ pub mod io {
         pub async fn receive_or_end(&mut self) -> Result<Option<Frame>, ChannelError> {
             read_frame(&mut self.stream)
                 .await
-                .map_err(|source| self.io(source))
+                .map_err(io_error(&self.peer))
         }
 
         /// Who is at the other end.
@@ -548,13 +548,6 @@ pub mod io {
             )
         }
 
-        fn io(&self, source: std::io::Error) -> ChannelError {
-            ChannelError::Io {
-                peer: self.peer.clone(),
-                source,
-            }
-        }
-
         fn refused(&self, reason: String) -> ChannelError {
             ChannelError::Refused {
                 peer: self.peer.clone(),
@@ -575,14 +568,7 @@ pub mod io {
         pub async fn receive_or_end(&mut self) -> Result<Option<Frame>, ChannelError> {
             read_frame(&mut self.half)
                 .await
-                .map_err(|source| ChannelError::Io {
-                    peer: self.peer.clone(),
-                    source,
-                })
-        }
-
-        pub fn peer(&self) -> &str {
-            &self.peer
+                .map_err(io_error(&self.peer))
         }
     }
 
@@ -596,14 +582,15 @@ pub mod io {
         pub async fn send(&mut self, frame: &Frame) -> Result<(), ChannelError> {
             write_frame(&mut self.half, frame)
                 .await
-                .map_err(|source| ChannelError::Io {
-                    peer: self.peer.clone(),
-                    source,
-                })
+                .map_err(io_error(&self.peer))
         }
+    }
 
-        pub fn peer(&self) -> &str {
-            &self.peer
+    /// An I/O failure on the connection with `peer`.
+    fn io_error(peer: &str) -> impl FnOnce(std::io::Error) -> ChannelError + '_ {
+        move |source| ChannelError::Io {
+            peer: peer.to_owned(),
+            source,
         }
     }
 
