@@ -33,12 +33,23 @@ fn swarm(shards: u32, min_nodes: usize) -> Swarm {
 }
 
 fn register(s: &mut Swarm, id: &str, held: &[u32]) -> Result<Outbox, Refusal> {
+    register_at(s, id, held, "127.0.0.1", None)
+}
+
+/// Register `id` from `ip`, with a data channel on `data_addr` if given.
+fn register_at(
+    s: &mut Swarm,
+    id: &str,
+    held: &[u32],
+    ip: &str,
+    data_addr: Option<&str>,
+) -> Result<Outbox, Refusal> {
     let p = RegisterParams {
         node_id: id.into(),
         protocol_version: PROTOCOL_VERSION,
         name: id.into(),
         peer_port: 7000,
-        data_addr: None,
+        data_addr: data_addr.map(str::to_owned),
         shards: held
             .iter()
             .map(|i| protocol::HeldShard {
@@ -53,7 +64,7 @@ fn register(s: &mut Swarm, id: &str, held: &[u32]) -> Result<Outbox, Refusal> {
         },
         token: Some("t".into()),
     };
-    s.register("r", &p, "127.0.0.1".parse().unwrap(), 1, None)
+    s.register("r", &p, ip.parse().unwrap(), 1, None)
 }
 
 fn loads(out: &Outbox) -> Vec<(String, LoadShardParams)> {
@@ -249,4 +260,36 @@ fn nodes_without_room_get_nothing() {
     s.shards[0].size = 5000;
     let out = register(&mut s, "a", &[]).unwrap();
     assert!(loads(&out).is_empty());
+}
+
+/// `ROUTE` tells each stage how many of the route's stages share its machine (by the host of
+/// the data addresses), so that stages working at once on one machine share its cores.
+#[test]
+fn the_route_counts_the_stages_on_each_machine() {
+    let mut s = swarm(4, 4);
+    let mut out = Vec::new();
+    for (id, ip) in [
+        ("a", "10.0.0.1"),
+        ("b", "10.0.0.1"),
+        ("c", "10.0.0.2"),
+        ("d", "10.0.0.1"),
+    ] {
+        out.extend(register_at(&mut s, id, &[], ip, Some("0.0.0.0:9000")).unwrap());
+    }
+    let mut out = load_all(&mut s, &out);
+    // Every stage acknowledges its ROUTE by loading it; the messages carry the counts.
+    out.retain(|(_, c)| matches!(c.message, Message::Route(_)));
+    let mut counts: Vec<(String, u32)> = out
+        .iter()
+        .filter_map(|(to, c)| match &c.message {
+            Message::Route(protocol::Route::Assign(p)) => Some((to.clone(), p.co_located)),
+            _ => None,
+        })
+        .collect();
+    counts.sort();
+    let expected: Vec<(String, u32)> = [("a", 3), ("b", 3), ("c", 1), ("d", 3)]
+        .iter()
+        .map(|(n, k)| (n.to_string(), *k))
+        .collect();
+    assert_eq!(counts, expected);
 }
