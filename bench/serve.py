@@ -4,8 +4,9 @@ prompt and the same max_tokens (greedy), against the 4-stage pipeline on loopbac
 (nodes with every core, shared while several stages work) and against llama.cpp's own llama-server
 running the whole model with `-np K` on the same 2 cores.
 For each K: aggregate tokens/s, time to first token, inter-token p50/p99 (medians over RUNS runs), the
-ratios ours / llama-server, each stage's busy fraction (from the coordinator's /status), and how many
-greedy texts equal llama-server's.
+ratios ours / llama-server, the servers' CPU time per token (all our processes; llama-server's one),
+each stage's busy fraction (from the coordinator's /status), and how many greedy texts equal
+llama-server's.
 
 Tokens are counted as streamed chunks with text (both servers send one per token, holding back a
 partial character). llama-server is built once from full llama.cpp sources by
@@ -60,7 +61,7 @@ def stream(addr, text, max_tokens, out, i):
 
 
 def round_of(addr, k, max_tokens):
-    """K clients at once: (aggregate tok/s, TTFTs in ms, inter-token gaps in ms, texts)."""
+    """K clients at once: (aggregate tok/s, TTFTs in ms, inter-token gaps in ms, texts, tokens)."""
     out = [None] * k
     threads = [threading.Thread(target=stream, args=(addr, prompt(i), max_tokens, out, i)) for i in range(k)]
     start = time.monotonic()
@@ -72,7 +73,7 @@ def round_of(addr, k, max_tokens):
     tokens = sum(len(s) for _, s, _ in out)
     ttft = [(s[0] - t0) * 1000 for t0, s, _ in out if s]
     gaps = [(b - a) * 1000 for _, s, _ in out for a, b in zip(s, s[1:])]
-    return tokens / (end - start), ttft, gaps, [t for _, _, t in out]
+    return tokens / (end - start), ttft, gaps, [t for _, _, t in out], tokens
 
 
 def pct(values, p):
@@ -108,20 +109,36 @@ def busy(addr):
         return json.load(r).get("batching", {}).get("stage_busy_seconds", [])
 
 
-def measure(addr, k, runs, max_tokens, busy_of=None):
-    """Medians over runs: (tok/s, TTFT p50, inter-token p50, p99, stage busy fractions, texts)."""
+def cpu_seconds(pids):
+    """User + system CPU time of processes so far (from /proc), in seconds."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except OSError:
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def measure(addr, k, runs, max_tokens, pids, busy_of=None):
+    """Medians over runs: (tok/s, TTFT p50, inter-token p50, p99, stage busy fractions, texts,
+    server CPU ms per token)."""
     rows = []
     for _ in range(runs):
         before = busy_of(addr) if busy_of else []
+        cpu0 = cpu_seconds(pids)
         t0 = time.monotonic()
-        tps, ttft, gaps, texts = round_of(addr, k, max_tokens)
+        tps, ttft, gaps, texts, tokens = round_of(addr, k, max_tokens)
         wall = time.monotonic() - t0
+        cpu_ms = (cpu_seconds(pids) - cpu0) * 1000 / max(tokens, 1)
         after = busy_of(addr) if busy_of else []
         fractions = [(a - b) / wall for a, b in zip(after, before)]
-        rows.append((tps, statistics.median(ttft), pct(gaps, 50), pct(gaps, 99), fractions, texts))
+        rows.append((tps, statistics.median(ttft), pct(gaps, 50), pct(gaps, 99), fractions, texts, cpu_ms))
     med = lambda j: statistics.median(r[j] for r in rows)
     fractions = [statistics.median(r[4][i] for r in rows) for i in range(len(rows[0][4]))]
-    return med(0), med(1), med(2), med(3), fractions, rows[0][5]
+    return med(0), med(1), med(2), med(3), fractions, rows[0][5], med(6)
 
 
 def main():
@@ -150,9 +167,9 @@ def main():
             "--parallel", str(max(ks)), "--micro-batches", str(args.micro_batches)])
         round_of(coord, 2, 4)  # warm-up: contexts, connections
         for k in ks:
-            ours[k] = measure(coord, k, args.runs, args.max_tokens, busy)
+            ours[k] = measure(coord, k, args.runs, args.max_tokens, [p.pid for p in procs], busy)
             print(f"pipeline     K={k:2d}: {ours[k][0]:6.1f} tok/s, TTFT {ours[k][1]:6.0f} ms, inter-token p50 "
-                  f"{ours[k][2]:5.1f} p99 {ours[k][3]:6.1f} ms, stage busy "
+                  f"{ours[k][2]:5.1f} p99 {ours[k][3]:6.1f} ms, CPU {ours[k][6]:5.1f} ms/token, stage busy "
                   + " ".join(f"{f:.2f}" for f in ours[k][4]), flush=True)
         stop(procs)
         procs = []
@@ -162,22 +179,23 @@ def main():
             server, addr = start_llama_server(binary, model, k, work)
             try:
                 round_of(addr, 2, 4)
-                theirs[k] = measure(addr, k, args.runs, args.max_tokens)
+                theirs[k] = measure(addr, k, args.runs, args.max_tokens, [server.pid])
             finally:
                 stop([server])
             print(f"llama-server K={k:2d}: {theirs[k][0]:6.1f} tok/s, TTFT {theirs[k][1]:6.0f} ms, inter-token p50 "
-                  f"{theirs[k][2]:5.1f} p99 {theirs[k][3]:6.1f} ms", flush=True)
+                  f"{theirs[k][2]:5.1f} p99 {theirs[k][3]:6.1f} ms, CPU {theirs[k][6]:5.1f} ms/token", flush=True)
         print()
         print(f"SmolLM2-135M Q4_1, {args.max_tokens} greedy tokens per client, medians of {args.runs} runs; "
               f"pipeline: 4 stages on loopback, {args.node_threads or os.cpu_count()} thread(s) per node "
               f"(shared while stages work at once); llama-server: whole model, -t 2 -np K")
         print(f"{'K':>3s} {'ours tok/s':>11s} {'llama-srv':>10s} {'ratio':>6s} {'TTFT ratio':>11s} "
-              f"{'ITL p50/p99 ours':>17s} {'same text':>10s}  stage busy")
+              f"{'ITL p50/p99 ours':>17s} {'CPU ms/tok ours/srv':>20s} {'same text':>10s}  stage busy")
         for k in ks:
             o, t = ours[k], theirs[k]
             same = sum(a == b for a, b in zip(o[5], t[5]))
             print(f"{k:3d} {o[0]:11.1f} {t[0]:10.1f} {o[0] / t[0]:5.2f}x {o[1] / t[1]:10.2f}x "
-                  f"{o[2]:8.1f}/{o[3]:<8.1f} {same:4d} of {k:<3d}  " + " ".join(f"{f:.2f}" for f in o[4]))
+                  f"{o[2]:8.1f}/{o[3]:<8.1f} {o[6]:10.1f}/{t[6]:<9.1f} {same:4d} of {k:<3d}  "
+                  + " ".join(f"{f:.2f}" for f in o[4]))
         if 1 in ours and 8 in ours:
             print(f"goals: K=8 ours/llama-server {ours[8][0] / theirs[8][0]:.2f}x (goal >= 0.8); "
                   f"K=1 {ours[1][0] / theirs[1][0]:.2f}x (goal >= 0.9)"
