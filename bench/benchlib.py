@@ -1,11 +1,14 @@
 """What the benchmark scripts share: waiting (bounded) for a process's output line, stopping
-processes gracefully, and min/median/max."""
+processes gracefully, min/median/max, and a local swarm on loopback."""
+import json
+import os
 import re
 import signal
 import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 
 
 def wait_line(proc, pattern, limit):
@@ -37,14 +40,10 @@ def stats(values):
 
 
 def start_local_swarm(repo, work, model, nodes=4, shards=4, coordinator_flags=(), threads=1, limit=300):
-    # threads=None: the node's default (every core).
     """Split `model` into `shards`, start a seeder, a coordinator and `nodes` nodes on loopback
-    (their logs in `work`), and wait until the coordinator serves. Returns (coordinator address,
-    processes): stop them with `stop`."""
-    import json
-    import os
-    import urllib.request
-
+    (their logs in `work`; each node with `threads` llama.cpp threads, or its default, every core,
+    for None), and wait until the coordinator serves. Returns (coordinator address, processes):
+    stop them with `stop`."""
     bin_dir = os.path.join(repo, "target", "release")
     procs = []
 

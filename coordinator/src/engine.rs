@@ -316,13 +316,16 @@ impl State {
             split_id: self.settings.split_id.clone(),
             stage: 0,
         };
-        let opened = tokio::time::timeout(CONNECT_WAIT, Connection::open(&first.data_addr, hello))
-            .await
-            .unwrap_or_else(|_| {
-                Err(protocol::data::io::ChannelError::Closed {
-                    peer: format!("{} (no answer within {CONNECT_WAIT:?})", first.data_addr),
-                })
-            });
+        let opened =
+            match tokio::time::timeout(CONNECT_WAIT, Connection::open(&first.data_addr, hello))
+                .await
+            {
+                Ok(opened) => opened.map_err(|e| e.to_string()),
+                Err(_) => Err(format!(
+                    "{}: no answer within {CONNECT_WAIT:?}",
+                    first.data_addr
+                )),
+            };
         match opened {
             Ok(conn) => {
                 let (mut reader, writer) = conn.into_split();
@@ -349,8 +352,8 @@ impl State {
                 self.failure = None;
             }
             Err(e) => {
-                self.failure = Some((Instant::now(), Some(route), e.to_string()));
                 self.reset(&format!("stage 0: {e}"));
+                self.failure = Some((Instant::now(), Some(route), e));
             }
         }
     }
@@ -456,11 +459,7 @@ impl State {
                 "an answer to step {step}, which is not in the pipeline"
             ));
         };
-        {
-            let mut stats = self.stats.lock().unwrap();
-            stats.steps += 1;
-            stats.add_busy(&busy_us);
-        }
+        let (mut generated, mut cached) = (0u64, 0u64);
         for s in sent {
             let Some(r) = self.slots[s.seq].running.as_mut() else {
                 continue; // its request left while the step was on its way
@@ -478,7 +477,7 @@ impl State {
                     s.seq
                 ));
             };
-            self.stats.lock().unwrap().generated_tokens += 1;
+            generated += 1;
             let progress = r.generation.push(&self.vocab, &r.job.req, token);
             if let Some(text) = progress.text {
                 if r.job.events.send(Event::Text(text)).is_err() {
@@ -493,12 +492,17 @@ impl State {
                         completion_tokens: r.generation.len(),
                         cached_tokens: r.cached_tokens,
                     });
-                    self.stats.lock().unwrap().cached_prompt_tokens += r.cached_tokens as u64;
+                    cached += r.cached_tokens as u64;
                     self.release(s.seq);
                 }
                 None => r.tokens.push(token),
             }
         }
+        let mut stats = self.stats.lock().unwrap();
+        stats.steps += 1;
+        stats.add_busy(&busy_us);
+        stats.generated_tokens += generated;
+        stats.cached_prompt_tokens += cached;
     }
 
     fn client_left(&mut self, seq: usize) {

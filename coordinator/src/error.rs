@@ -17,11 +17,6 @@ pub enum Error {
     /// The model's vocabulary or chat template could not be used.
     #[error("{0}")]
     Vocab(String),
-    #[error(transparent)]
-    Channel(#[from] protocol::data::io::ChannelError),
-    /// The pipeline answered something other than what the data channel promises.
-    #[error("the pipeline: {0}")]
-    Pipeline(String),
 }
 
 impl Error {

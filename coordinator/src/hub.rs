@@ -107,11 +107,6 @@ impl Hub {
             changed
         });
     }
-
-    /// Watch the serving route.
-    pub fn routes(&self) -> watch::Receiver<Option<Vec<RouteHop>>> {
-        self.route.subscribe()
-    }
 }
 
 /// A bounded line of requests waiting for the pipeline: past the bound a request is refused at

@@ -191,32 +191,12 @@ impl Stage {
 
     /// Run tokens (first stage) at positions `pos0..` of sequence 0.
     pub fn forward_tokens(&mut self, tokens: &[i32], pos0: i32) -> Result<StageOutput, LlmError> {
-        self.forward_tokens_of(0, tokens, pos0)
+        self.forward(Input::Tokens(tokens), pos0)
     }
 
     /// Run hidden states from the previous stage ([n_tokens, n_embd]) at positions `pos0..` of
     /// sequence 0.
     pub fn forward_hidden(&mut self, hidden: &[f32], pos0: i32) -> Result<StageOutput, LlmError> {
-        self.forward_hidden_of(0, hidden, pos0)
-    }
-
-    /// Run tokens at positions `pos0..` of sequence `seq`.
-    pub fn forward_tokens_of(
-        &mut self,
-        seq: i32,
-        tokens: &[i32],
-        pos0: i32,
-    ) -> Result<StageOutput, LlmError> {
-        self.forward(Input::Tokens(tokens), seq, pos0)
-    }
-
-    /// Run hidden states ([n_tokens, n_embd]) at positions `pos0..` of sequence `seq`.
-    pub fn forward_hidden_of(
-        &mut self,
-        seq: i32,
-        hidden: &[f32],
-        pos0: i32,
-    ) -> Result<StageOutput, LlmError> {
         if hidden.is_empty() || !hidden.len().is_multiple_of(self.n_embd) {
             return Err(LlmError::Decode(format!(
                 "{} floats is not a whole number of {}-wide rows",
@@ -224,7 +204,7 @@ impl Stage {
                 self.n_embd
             )));
         }
-        self.forward(Input::Hidden(hidden), seq, pos0)
+        self.forward(Input::Hidden(hidden), pos0)
     }
 
     /// Forget the KV cache (a new session).
@@ -269,14 +249,6 @@ impl Stage {
         }
     }
 
-    /// Forget one sequence's KV cache (its slot is free for another).
-    pub fn clear_sequence(&mut self, seq: i32) {
-        // SAFETY: a valid context; removing a whole sequence never fails.
-        unsafe {
-            sys::llama_memory_seq_rm(sys::llama_get_memory(self.ctx.as_ptr()), seq, -1, -1);
-        }
-    }
-
     /// Run tokens (first stage) at `rows`, one token per row.
     pub fn forward_token_rows(
         &mut self,
@@ -310,9 +282,10 @@ impl Stage {
         self.forward_rows(Input::Hidden(hidden), rows)
     }
 
-    fn forward(&mut self, input: Input<'_>, seq: i32, pos0: i32) -> Result<StageOutput, LlmError> {
+    /// Run `input` at positions `pos0..` of sequence 0.
+    fn forward(&mut self, input: Input<'_>, pos0: i32) -> Result<StageOutput, LlmError> {
         let n = input.len(self.n_embd) as i32;
-        let rows: Vec<Row> = (pos0..pos0 + n).map(|pos| Row { seq, pos }).collect();
+        let rows: Vec<Row> = (pos0..pos0 + n).map(|pos| Row { seq: 0, pos }).collect();
         Ok(match self.forward_rows(input, &rows)? {
             RowsOutput::Hidden(h) => StageOutput::Hidden(h),
             RowsOutput::Logits(mut l) => StageOutput::Logits(

@@ -356,28 +356,29 @@ impl DecodeThread {
 async fn worker(mut queue: mpsc::UnboundedReceiver<Work>, pipeline: Arc<Pipeline>) {
     let decoder = DecodeThread::start();
     while let Some(w) = queue.recv().await {
+        let (lane, step, in_flight) = (w.lane.clone(), w.step, w.in_flight);
         let started = Instant::now();
-        let result = run_step(&pipeline, &decoder, &w).await;
+        let result = run_step(&pipeline, &decoder, w).await;
         let busy_us = u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX);
-        let lane = &w.lane;
         let frame = match result {
-            Ok(RowsOutput::Hidden(data)) => {
+            Ok((groups, RowsOutput::Hidden(data))) => {
                 let Some(down) = &lane.down else {
                     continue; // a last stage gives logits
                 };
-                let n_embd = (data.len() / w.payload.rows().max(1)) as u32;
-                lane.busy.lock().unwrap().insert(w.step, busy_us);
+                let rows: usize = groups.iter().map(|g| g.rows as usize).sum();
+                let n_embd = (data.len() / rows.max(1)) as u32;
+                lane.busy.lock().unwrap().insert(step, busy_us);
                 let next = Frame::Step {
-                    step: w.step,
-                    in_flight: w.in_flight,
-                    groups: w.groups,
+                    step,
+                    in_flight,
+                    groups,
                     payload: Payload::Hidden { n_embd, data },
                 };
                 // A next stage that is gone is reported by the lane's relay.
                 let _ = down.send(next);
                 continue;
             }
-            Ok(RowsOutput::Logits(logits)) => sampled(&w, &logits, busy_us),
+            Ok((groups, RowsOutput::Logits(logits))) => sampled(step, &groups, &logits, busy_us),
             Err(e) => Frame::Error(format!("stage {}: {e:#}", lane.route.stage)),
         };
         let _ = lane.up.send(frame);
@@ -386,9 +387,8 @@ async fn worker(mut queue: mpsc::UnboundedReceiver<Work>, pipeline: Arc<Pipeline
 
 /// The last stage's answer: each group that asked for a token gets one, sampled with its own
 /// parameters at its last row's position.
-fn sampled(w: &Work, logits: &[(i32, Vec<f32>)], busy_us: u32) -> Frame {
-    let tokens = w
-        .groups
+fn sampled(step: u64, groups: &[Group], logits: &[(i32, Vec<f32>)], busy_us: u32) -> Frame {
+    let tokens = groups
         .iter()
         .filter(|g| g.sample)
         .filter_map(|g| {
@@ -398,14 +398,18 @@ fn sampled(w: &Work, logits: &[(i32, Vec<f32>)], busy_us: u32) -> Frame {
         })
         .collect();
     Frame::Sampled {
-        step: w.step,
+        step,
         tokens,
         busy_us: vec![busy_us],
     }
 }
 
-/// Check a step against the stage and run it.
-async fn run_step(pipeline: &Pipeline, decoder: &DecodeThread, w: &Work) -> Result<RowsOutput> {
+/// Check a step against the stage and run it; the step's groups come back with the output.
+async fn run_step(
+    pipeline: &Pipeline,
+    decoder: &DecodeThread,
+    w: Work,
+) -> Result<(Vec<Group>, RowsOutput)> {
     let stage = {
         let loaded = pipeline.loaded.lock().await;
         match loaded.as_ref() {
@@ -417,9 +421,9 @@ async fn run_step(pipeline: &Pipeline, decoder: &DecodeThread, w: &Work) -> Resu
             }
         }
     };
-    let (groups, payload) = (w.groups.clone(), w.payload.clone());
     let first = w.lane.route.stage == 0;
     let threads = threads_for(pipeline.threads, &w.lane.route, w.in_flight);
+    let (groups, payload) = (w.groups, w.payload);
     decoder
         .run(move || {
             let mut stage = stage.lock().unwrap();
@@ -428,10 +432,11 @@ async fn run_step(pipeline: &Pipeline, decoder: &DecodeThread, w: &Work) -> Resu
             for g in &groups {
                 stage.truncate_sequence(g.seq as i32, g.pos0 as i32)?;
             }
-            Ok(match &payload {
+            let output = match &payload {
                 Payload::Tokens(t) => stage.forward_token_rows(t, &rows)?,
                 Payload::Hidden { data, .. } => stage.forward_hidden_rows(data, &rows)?,
-            })
+            };
+            Ok((groups, output))
         })
         .await?
 }

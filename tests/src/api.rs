@@ -83,6 +83,11 @@ pub fn post(addr: &str, path: &str, body: Value) -> (u16, Value) {
     (status, r.json().unwrap_or(Value::Null))
 }
 
+/// The default real model (SmolLM2), fetched by `.ci/run`; the tests fail without it.
+pub fn model() -> std::path::PathBuf {
+    crate::default_model::require().unwrap_or_else(|e| panic!("{e}"))
+}
+
 /// Prompts of different lengths and kinds (plain text, a story opening, a ChatML turn).
 pub const PROMPTS: [&str; 3] = [
     "The capital of France is",

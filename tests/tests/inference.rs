@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tests::api::{post, send, swarm, swarm_serving, PROMPTS};
+use tests::api::{model, post, send, swarm, swarm_serving, PROMPTS};
 use tests::{get_json, swarm_lock, wait_for, Bed};
 
 /// Send one data-channel frame and read the answer (blocking).
@@ -22,10 +22,6 @@ fn data_exchange(addr: &str, frame: &protocol::data::Frame) -> protocol::data::F
     let mut buf = vec![0u8; u32::from_le_bytes(len) as usize];
     s.read_exact(&mut buf).unwrap();
     protocol::data::Frame::decode(&buf).unwrap()
-}
-
-fn model() -> std::path::PathBuf {
-    tests::default_model::require().unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Greedy completions through the swarm equal the whole model's, text and token count.

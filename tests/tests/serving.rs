@@ -5,12 +5,8 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tests::api::{post, read_stream, send, swarm, swarm_serving, PROMPTS};
+use tests::api::{model, post, read_stream, send, swarm, swarm_serving, PROMPTS};
 use tests::{get_json, node, swarm_lock, wait_for, Bed, Proc};
-
-fn model() -> std::path::PathBuf {
-    tests::default_model::require().unwrap_or_else(|e| panic!("{e}"))
-}
 
 /// Stream a completion: its text, and when its first and last pieces came (from `started`).
 fn stream_timed(
