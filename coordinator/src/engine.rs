@@ -5,8 +5,12 @@
 //! step is one decode row for every running sequence that is not already in the pipeline, plus
 //! chunks of new prompts (at most [`PREFILL_ROWS`] prompt rows a step, so running streams keep
 //! flowing while a long prompt goes in). A new request joins at the next step. The sequences
-//! are split into micro-batches (`--micro-batches`, one per stage by default): while stage 2
-//! runs group A, stage 1 runs group B. Steps go down without waiting; their answers come back
+//! are split into micro-batches (`--micro-batches`), so that stages on different machines work
+//! at the same time: while stage 2 runs group A, stage 1 runs group B. By default there is one
+//! micro-batch per machine of the route, not per stage: stages on one machine share its cores,
+//! and a batch cut smaller only costs there (a 2-row decode takes about twice a 1-row one, an
+//! 8-row decode about five times; on loopback one micro-batch of 8 streams gave 214 tokens/s
+//! against 155 with four of 2). Steps go down without waiting; their answers come back
 //! in order, each with the tokens the last stage sampled and every stage's compute time.
 //!
 //! Prompt cache: a finished request's sequence keeps its KV on the stages until the slot is
@@ -33,7 +37,7 @@ pub use stats::ServingStats;
 
 use crate::hub::InLine;
 use crate::infer::{Event, Generation, Request, Vocab};
-use crate::swarm::RouteHop;
+use crate::swarm::{machines_in, RouteHop};
 
 /// The most prompt rows one step carries: a long prompt goes in over several steps while the
 /// running sequences get their next token in each.
@@ -65,7 +69,7 @@ pub struct EngineSettings {
     pub split_id: String,
     /// Sequences every stage keeps (`--parallel`).
     pub parallel: usize,
-    /// Micro-batches in flight; 0 = one per stage.
+    /// Micro-batches in flight; 0 = one per machine of the route.
     pub micro_batches: usize,
 }
 
@@ -360,9 +364,11 @@ impl State {
 
     /// Send steps while fewer than the micro-batch count are in the pipeline.
     async fn send_steps(&mut self) {
-        let stages = self.lane.as_ref().map_or(1, |l| l.route.len().max(1));
         let in_flight_limit = match self.settings.micro_batches {
-            0 => stages,
+            0 => self
+                .lane
+                .as_ref()
+                .map_or(1, |l| machines_in(&l.route).max(1)),
             m => m,
         };
         while self.lane.is_some() && self.steps.len() < in_flight_limit {

@@ -67,7 +67,8 @@ pub struct Config {
     #[arg(long, default_value_t = 64, env = "SHARDSWARM_COORDINATOR_QUEUE")]
     pub queue: usize,
     /// Micro-batches in the pipeline at once: the running requests are split into this many
-    /// groups, so that several stages work at the same time (0: one per stage).
+    /// groups, so that stages on different machines work at the same time (0: one per machine
+    /// the route's stages run on; stages sharing a machine share its cores).
     #[arg(
         long,
         default_value_t = 0,

@@ -8,6 +8,8 @@
 
 mod placement;
 mod route;
+
+pub use route::machines_in;
 mod status;
 
 use std::collections::BTreeMap;

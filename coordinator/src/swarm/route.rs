@@ -144,6 +144,14 @@ impl Swarm {
     }
 }
 
+/// How many machines a route's stages run on (judged by their data addresses' hosts): the
+/// stages that can compute at the same time without sharing cores.
+pub fn machines_in(route: &[RouteHop]) -> usize {
+    let hosts: std::collections::BTreeSet<&str> =
+        route.iter().map(|h| host_of(&h.data_addr)).collect();
+    hosts.len()
+}
+
 /// The host part of `host:port` (an IPv6 address keeps its brackets).
 fn host_of(addr: &str) -> &str {
     addr.rsplit_once(':').map_or(addr, |(host, _)| host)

@@ -292,4 +292,8 @@ fn the_route_counts_the_stages_on_each_machine() {
         .map(|(n, k)| (n.to_string(), *k))
         .collect();
     assert_eq!(counts, expected);
+    // The engine keeps one micro-batch in flight per machine.
+    let route = s.route.clone().expect("a route");
+    assert_eq!(super::machines_in(&route), 2);
+    assert_eq!(super::machines_in(&route[..2]), 1);
 }
