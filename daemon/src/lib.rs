@@ -32,6 +32,15 @@ pub fn serve_http(
     app: axum::Router,
     stop: tokio_util::sync::CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
+    // Streamed tokens are small writes a few milliseconds apart: with Nagle's algorithm on, a
+    // write may wait for the client's (delayed, up to 40 ms on Linux) ACK of the one before.
+    // axum leaves TCP_NODELAY off, so set it on every connection.
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("TCP_NODELAY on an HTTP connection: {e}");
+        }
+    });
     tokio::spawn(async move {
         let serve = axum::serve(
             listener,
