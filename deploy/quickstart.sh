@@ -20,6 +20,7 @@ command -v clang >/dev/null || need+=(clang)
 ls /usr/lib/llvm-*/lib/libclang*.so >/dev/null 2>&1 || need+=(libclang-dev)
 python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 command -v curl >/dev/null || need+=(curl)
+command -v patch >/dev/null || need+=(patch)
 if [ ${#need[@]} -gt 0 ]; then
     echo "== installing ${need[*]}"
     sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
@@ -28,6 +29,7 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 echo "== building (the first build compiles llama.cpp: 5-25 minutes)"
+deploy/patch-crates.sh
 cargo build --release --workspace
 
 echo "== fetching the model"

@@ -201,6 +201,8 @@ async fn session(
             threads: config.threads.unwrap_or_else(|| {
                 std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
             }),
+            uplink_mbit: config.uplink_mbit,
+            downlink_mbit: config.downlink_mbit,
         },
         token: config.token.clone(),
     };

@@ -22,20 +22,10 @@ use crate::{Error, Result};
 
 /// How often a fetch reports progress.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// Every how many progress reports a fetch logs where its bytes came from.
+const LOG_EVERY_REPORTS: u64 = 10;
 /// How often a fetch looks at its progress.
-const STALL_CHECK: Duration = Duration::from_millis(250);
-/// A replica that has made no progress for this long reconnects to its source. It trails a
-/// node that is still fetching, and librqbit 9.1 loses track of that node's new pieces in two
-/// ways: a piece the source completes between sending its bitfield and receiving ours is never
-/// announced (no HAVE goes to a peer whose bitfield it lacks), and a peer that had nothing to
-/// request sleeps 5 s before it looks again (a HAVE does not wake it). Both leave the replica
-/// idle while its source has what it needs; a new connection starts with the source's whole
-/// bitfield and asks at once. bench/swarm.py at N=8: 1.5 s gave 1.44x the bound (median of
-/// 3), 750 ms 1.27x; a replica gets ~30 pieces a second while it trails, so 750 ms without
-/// one is idleness.
-const STALL_AFTER: Duration = Duration::from_millis(750);
-/// The longest a replica waits between reconnects while its source has nothing new.
-const STALL_AFTER_MAX: Duration = Duration::from_secs(8);
+const PROGRESS_CHECK: Duration = Duration::from_millis(250);
 
 /// What a fetch reports to the control channel.
 #[derive(Debug)]
@@ -87,6 +77,11 @@ impl Fetcher {
         })
     }
 
+    /// What the session uploads right now, in Mbit/s (librqbit's estimate is in MiB/s).
+    fn upload_mbit(&self) -> u32 {
+        (self.session.stats_snapshot().upload_speed.mbps * 8.0 * 1.048_576).round() as u32
+    }
+
     /// The BitTorrent port other nodes reach us on.
     pub fn peer_port(&self) -> u16 {
         self.session.listen_addr().map_or(0, |a| a.port())
@@ -134,6 +129,7 @@ impl Fetcher {
                     sha256: sha,
                     from_seeder: 0,
                     from_peers: 0,
+                    by_source: Default::default(),
                 });
             }
         }
@@ -146,55 +142,57 @@ impl Fetcher {
             ));
         }
         let handle = self.add(p).await.map_err(|e| ("torrent", e))?;
-        let replica = !p.use_tracker && !p.peers.is_empty();
-        let seeder: Option<String> = p.seeder_peer.clone();
-        let mut tick = tokio::time::interval(STALL_CHECK);
+        let mut tick = tokio::time::interval(PROGRESS_CHECK);
         let mut last_report: Option<tokio::time::Instant> = None;
-        let mut last_progress = (0, tokio::time::Instant::now());
-        let mut stall_after = STALL_AFTER;
-        // Bytes counted on connections a reconnect has closed (librqbit's per-peer counters
-        // start again with each connection).
-        let mut earlier = (0, 0);
-        let (mut from_seeder, mut from_peers);
+        let mut sources = SourceBytes::default();
+        let mut reports = 0u64;
         loop {
             tick.tick().await;
             let stats = handle.stats();
-            let now_counted = split_by_source(&handle, seeder.as_deref());
-            (from_seeder, from_peers) = (earlier.0 + now_counted.0, earlier.1 + now_counted.1);
+            sources.update(&handle);
             if let Some(e) = stats.error {
                 return Err(("torrent", Error::Torrent(e)));
             }
             let now = tokio::time::Instant::now();
             if last_report.is_none_or(|t| now - t >= PROGRESS_EVERY) {
                 last_report = Some(now);
+                let (from_seeder, from_peers) = sources.split(p.seeder_peer.as_deref());
+                reports += 1;
+                if reports % LOG_EVERY_REPORTS == 1 {
+                    tracing::info!(
+                        "{}: {} of {} bytes; from {}",
+                        p.file,
+                        verified_bytes(&stats),
+                        stats.total_bytes,
+                        sources.describe(p.seeder_peer.as_deref())
+                    );
+                }
                 let _ = events.send(FetchEvent::Progress(ShardProgressParams {
                     shard_id: p.shard_id,
-                    bytes: stats.progress_bytes,
+                    bytes: verified_bytes(&stats),
                     total: stats.total_bytes,
                     from_seeder,
                     from_peers,
+                    by_source: sources.totals(),
+                    upload_mbit: Some(self.upload_mbit()),
                 }));
             }
             if stats.finished {
+                // librqbit asks a second peer for a piece that is slow to come ("steals" it);
+                // the first peer's chunks then arrive all the same and are dropped.
+                let (s, p_) = sources.split(p.seeder_peer.as_deref());
+                let used = stats.live.as_ref().map_or(0, |l| l.snapshot.fetched_bytes);
+                if s + p_ > used + used / 50 {
+                    tracing::info!(
+                        "{}: received {} bytes, used {used}: the rest came for pieces another peer had already sent",
+                        p.file,
+                        s + p_
+                    );
+                }
                 break;
             }
-            if stats.progress_bytes != last_progress.0 {
-                last_progress = (stats.progress_bytes, now);
-                stall_after = STALL_AFTER;
-            } else if replica && now - last_progress.1 >= stall_after {
-                // See STALL_AFTER: a new connection brings the source's whole bitfield.
-                tracing::debug!(
-                    "shard {}: no progress, reconnecting to its source",
-                    p.shard_id
-                );
-                earlier = (from_seeder, from_peers);
-                last_progress.1 = now;
-                // A source with nothing new (itself waiting for the seeder) is not asked
-                // again and again: the wait doubles until progress resumes.
-                stall_after = (stall_after * 2).min(STALL_AFTER_MAX);
-                self.reconnect(&handle).await.map_err(|e| ("torrent", e))?;
-            }
         }
+        let (from_seeder, from_peers) = sources.split(p.seeder_peer.as_deref());
         let path = self.data.shards_dir().join(&p.file);
         let check = path.clone();
         let sha = tokio::task::spawn_blocking(move || torrents::hashing::sha256_file(&check))
@@ -231,6 +229,7 @@ impl Fetcher {
             sha256: sha,
             from_seeder,
             from_peers,
+            by_source: sources.totals(),
         })
     }
 
@@ -273,14 +272,6 @@ impl Fetcher {
             )));
         }
         let mut peers: Vec<SocketAddr> = p.peers.iter().filter_map(|a| a.parse().ok()).collect();
-        let replica = !p.use_tracker && !peers.is_empty();
-        if replica {
-            if let Err(e) = self.prime_first_piece(&meta).await {
-                // Not fatal: reconnecting on a stall still brings the source's pieces, only
-                // in steps.
-                tracing::warn!("{}: no first piece from the web seed: {e:#}", p.file);
-            }
-        }
         if p.use_tracker {
             peers.extend(
                 p.seeder_peer
@@ -288,10 +279,11 @@ impl Fetcher {
                     .and_then(|a| a.parse::<SocketAddr>().ok()),
             );
         }
-        // A replica talks to the nodes it was given and no one else: without the cap, peer
-        // exchange (always on in librqbit) would hand it the seeder's address and it would pull
-        // half the shard from there, which is what replicas are for avoiding.
-        let peer_limit = replica.then_some(peers.len());
+        // A replica fetches from the shard's other holders and those that fetch it with it,
+        // never from the seeder, so the seeder sends each piece about once: it has no tracker.
+        // Holders that come later connect to it. Peer exchange is off for every shard (our
+        // librqbit patch 0003): the coordinator names each node's peers, and exchange would
+        // hand a replica the seeder's address through the first holder.
         // librqbit 9.1 ignores `disable_trackers` per torrent (only the session's counts), so a
         // torrent that must not use the tracker is added without its announce URLs; the info
         // dictionary, and so the info hash, is the same.
@@ -309,7 +301,7 @@ impl Fetcher {
             output_folder: Some(self.data.shards_dir().display().to_string()),
             disable_trackers: !p.use_tracker,
             initial_peers: Some(peers),
-            peer_limit,
+            disable_pex: true,
             ..Default::default()
         };
         let handle = self
@@ -324,81 +316,77 @@ impl Fetcher {
     }
 }
 
-impl Fetcher {
-    /// Drop the torrent's connections and connect again (to its initial peers; replicas have no
-    /// tracker). Pausing keeps the verified pieces, so nothing is checked or fetched again.
-    async fn reconnect(&self, handle: &Arc<librqbit::ManagedTorrent>) -> Result<()> {
-        self.session.pause(handle).await.map_err(Error::torrent)?;
-        self.session.unpause(handle).await.map_err(Error::torrent)
+/// Bytes a fetch got from each peer address. librqbit counts per connection, so a peer that
+/// reconnects starts from zero: what its earlier connections brought is kept here.
+#[derive(Default)]
+struct SourceBytes {
+    /// The count of the current connection, and the sum of the closed ones.
+    by_addr: HashMap<String, (u64, u64)>,
+}
+
+impl SourceBytes {
+    fn update(&mut self, handle: &librqbit::ManagedTorrent) {
+        let Some(live) = handle.live() else {
+            return;
+        };
+        // PeerStatsFilter is not nameable outside librqbit; it deserialises from {"state":"all"}.
+        let Ok(filter) = serde_json::from_value(serde_json::json!({"state": "all"})) else {
+            return;
+        };
+        for (addr, stats) in live.per_peer_stats_snapshot(filter).peers {
+            let now = stats.counters.fetched_bytes;
+            let (current, closed) = self.by_addr.entry(addr).or_default();
+            if now < *current {
+                *closed += *current;
+            }
+            *current = now;
+        }
     }
 
-    /// Give an empty replica its first piece from the torrent's web seed (BEP 19) before it
-    /// meets its source. librqbit (9.1) sends a bitfield only when it holds a piece, and sends
-    /// HAVE only to peers whose bitfield it has, so a source would never tell an empty replica
-    /// about the pieces it gets while the replica trails it. One piece from the seeder (32 KiB
-    /// of a 48 MB shard) makes the source announce every later piece.
-    async fn prime_first_piece(&self, meta: &torrents::metainfo::Metainfo) -> Result<()> {
-        let path = self.data.shards_dir().join(&meta.name);
-        if std::fs::metadata(&path).is_ok_and(|m| m.len() > 0) {
-            return Ok(()); // resuming: librqbit's check finds the pieces already there
+    /// Bytes from each address that sent any.
+    fn totals(&self) -> std::collections::BTreeMap<String, u64> {
+        self.by_addr
+            .iter()
+            .map(|(addr, (current, closed))| (addr.clone(), current + closed))
+            .filter(|(_, bytes)| *bytes > 0)
+            .collect()
+    }
+
+    /// "seeder 1000, 127.0.0.1:6881 2000" (or "nobody yet").
+    fn describe(&self, seeder: Option<&str>) -> String {
+        let totals = self.totals();
+        if totals.is_empty() {
+            return "nobody yet".into();
         }
-        let Some(web_seed) = meta.web_seeds.first() else {
-            return Ok(()); // no web seed: the replica still fetches, only without trailing
-        };
-        let len = meta
-            .piece_size(0)
-            .ok_or_else(|| Error::Shard(format!("the torrent of {} has no pieces", meta.name)))?;
-        let response = reqwest::Client::new()
-            .get(web_seed)
-            .header(reqwest::header::RANGE, format!("bytes=0-{}", len - 1))
-            .send()
-            .await
-            .and_then(|r| r.error_for_status())
-            .map_err(|e| Error::http(web_seed, e))?;
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| Error::http(web_seed, e))?;
-        use sha1::Digest;
-        if bytes.len() as u64 != len
-            || meta.piece_hash(0) != Some(sha1::Sha1::digest(&bytes).as_slice())
-        {
-            return Err(Error::http(web_seed, "a bad first piece"));
-        }
-        let file = path.clone();
-        let size = meta.length;
-        let what = format!("writing the first piece of {}", meta.name);
-        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&file)?;
-            f.write_all(&bytes)?;
-            f.set_len(size)
+        totals
+            .iter()
+            .map(|(addr, bytes)| match Some(addr.as_str()) == seeder {
+                true => format!("seeder {bytes}"),
+                false => format!("{addr} {bytes}"),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// (from the seeder's address, from everyone else).
+    fn split(&self, seeder: Option<&str>) -> (u64, u64) {
+        self.totals().iter().fold((0, 0), |(s, p), (addr, bytes)| {
+            match Some(addr.as_str()) == seeder {
+                true => (s + bytes, p),
+                false => (s, p + bytes),
+            }
         })
-        .await
-        .map_err(|e| Error::Shard(format!("{what}: {e}")))?
-        .map_err(|e| daemon::IoError::new(what, e).into())
     }
 }
 
-/// Bytes fetched this session from the seeder's address and from everyone else.
-fn split_by_source(handle: &librqbit::ManagedTorrent, seeder: Option<&str>) -> (u64, u64) {
-    let Some(live) = handle.live() else {
-        return (0, 0);
-    };
-    // PeerStatsFilter is not nameable outside librqbit; it deserialises from {"state":"all"}.
-    let Ok(filter) = serde_json::from_value(serde_json::json!({"state": "all"})) else {
-        return (0, 0);
-    };
-    let snapshot = live.per_peer_stats_snapshot(filter);
-    let (mut s, mut p) = (0, 0);
-    for (addr, stats) in &snapshot.peers {
-        if Some(addr.as_str()) == seeder {
-            s += stats.counters.fetched_bytes;
-        } else {
-            p += stats.counters.fetched_bytes;
-        }
+/// The bytes of the shard verified so far. While librqbit checks what is on disk (a torrent
+/// being added), its `progress_bytes` counts the bytes *checked*, which reach the whole size
+/// whatever the file holds: that is not progress, so it counts as none.
+fn verified_bytes(stats: &librqbit::TorrentStats) -> u64 {
+    match stats.state {
+        librqbit::TorrentStatsState::Initializing { .. } => 0,
+        _ => stats.progress_bytes,
     }
-    (s, p)
 }
 
 fn info_hash(hex_hash: &str) -> Result<[u8; 20]> {

@@ -40,6 +40,13 @@ pub struct Config {
     /// Port of the inference data channel (0: any free port).
     #[arg(long, default_value_t = 0)]
     pub data_port: u16,
+    /// This node's uplink in Mbit/s, if known: the coordinator gives first copies of shards to
+    /// fast uplinks and lets slow nodes trail as replicas.
+    #[arg(long, env = "SHARDSWARM_NODE_UPLINK_MBIT")]
+    pub uplink_mbit: Option<u32>,
+    /// This node's downlink in Mbit/s, if known (shown in the coordinator's /status).
+    #[arg(long, env = "SHARDSWARM_NODE_DOWNLINK_MBIT")]
+    pub downlink_mbit: Option<u32>,
 }
 
 impl Default for Config {
@@ -53,6 +60,8 @@ impl Default for Config {
             listen_addr: IpAddr::from([0, 0, 0, 0]),
             threads: None,
             data_port: 0,
+            uplink_mbit: None,
+            downlink_mbit: None,
         }
     }
 }

@@ -1,5 +1,7 @@
 //! The `params` of each control command: what the typed [`crate::Message`] variants carry.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 /// A shard a node holds and has verified.
@@ -15,6 +17,12 @@ pub struct Capacity {
     pub ram_bytes: u64,
     pub disk_free_bytes: u64,
     pub threads: u32,
+    /// The node's links as its operator declared them (Mbit/s): first copies of shards go to
+    /// fast uplinks, slow nodes trail as replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uplink_mbit: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downlink_mbit: Option<u32>,
 }
 
 /// `REGISTER`.
@@ -73,7 +81,7 @@ fn yes() -> bool {
 }
 
 /// `SHARD_PROGRESS`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShardProgressParams {
     pub shard_id: u32,
     /// Bytes of the shard verified so far.
@@ -82,6 +90,14 @@ pub struct ShardProgressParams {
     /// Bytes fetched this session from the seeder and from other nodes.
     pub from_seeder: u64,
     pub from_peers: u64,
+    /// Bytes fetched this session from each peer, by its BitTorrent address (the seeder's
+    /// included): where the shard came from, shown per node in `/status`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub by_source: BTreeMap<String, u64>,
+    /// The node's upload rate over all its shards right now (Mbit/s, librqbit's estimate): a
+    /// measured uplink for nodes that declared none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload_mbit: Option<u32>,
 }
 
 /// `SHARD_LOADED`.
@@ -91,6 +107,9 @@ pub struct ShardLoadedParams {
     pub sha256: String,
     pub from_seeder: u64,
     pub from_peers: u64,
+    /// As in `SHARD_PROGRESS`: bytes from each peer address.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub by_source: BTreeMap<String, u64>,
 }
 
 /// `SHARD_FAILED`.

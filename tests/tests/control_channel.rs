@@ -74,6 +74,8 @@ fn register(token: &str) -> Command {
             ram_bytes: 1,
             disk_free_bytes: 0,
             threads: 1,
+            uplink_mbit: None,
+            downlink_mbit: None,
         },
         token: Some(token.into()),
     };

@@ -342,3 +342,189 @@ fn a_lost_holder_is_replaced_and_a_restarted_coordinator_needs_no_download() {
         "nothing is downloaded again after a coordinator restart"
     );
 }
+
+/// A node's bytes of `shard` by source, from `/status` (`seeder`, a node id, or the address of a
+/// node that connected to it).
+fn fetched_from(status: &serde_json::Value, node_id: &str, shard: &str) -> Vec<(String, u64)> {
+    let node = status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node_id"] == node_id)
+        .unwrap();
+    node["fetched_from"][shard]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), v.as_u64().unwrap()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The bytes the seeder sent over BitTorrent, from its `/metrics`.
+fn seeder_sent(bed: &Bed) -> u64 {
+    let url = format!("http://{}/metrics", bed.seeder.field("http"));
+    metric_sum(
+        &reqwest::blocking::get(url).unwrap().text().unwrap(),
+        "shardswarm_seeder_uploaded_bytes_total",
+        "source=\"bittorrent\"",
+    )
+}
+
+/// 12 nodes, 4 shards: 3 copies of each with the seeder's uplink capped, so replicas must serve
+/// each other. Each shard's first holder is fed by the seeder; its replicas fetch from every
+/// holder of the shard, so some replica gets bytes from another replica.
+#[test]
+fn twelve_nodes_hold_three_copies_and_replicas_serve_each_other() {
+    let _one = swarm_lock();
+    let bed = Bed::new(4, &["--upload-limit", "20000000"]);
+    let c = bed.coordinator("127.0.0.1:0", &["--min-nodes", "4"]);
+    let (dirs, _nodes) = start_nodes(&bed, &c, 12);
+    let st = wait_for(
+        "12 nodes with every shard 3 times",
+        Duration::from_secs(300),
+        || {
+            let st = status(&c);
+            let full = st["placement"]
+                .as_object()
+                .unwrap()
+                .values()
+                .all(|h| h.as_array().unwrap().len() == 3);
+            (st["ready"] == true && full && nodes_fully_loaded(&st) == 12).then_some(st)
+        },
+    );
+    check_node_files(&st, bed.seed.path(), &dirs);
+    let d: u64 = st["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["size"].as_u64().unwrap())
+        .sum();
+    let sent = seeder_sent(&bed);
+    assert!(
+        sent as f64 <= 1.3 * d as f64,
+        "the seeder sent {sent} bytes for 3 copies of {d} (> 1.3 D)"
+    );
+    // Per shard: the holder fed by the seeder, and replicas with bytes from anyone else.
+    let mut from_replicas = Vec::new();
+    for (shard, holders) in st["placement"].as_object().unwrap() {
+        let holders: Vec<&str> = holders
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h.as_str().unwrap())
+            .collect();
+        let fed: Vec<&str> = holders
+            .iter()
+            .copied()
+            .filter(|h| {
+                fetched_from(&st, h, shard)
+                    .iter()
+                    .any(|(k, _)| k == "seeder")
+            })
+            .collect();
+        assert_eq!(
+            fed.len(),
+            1,
+            "shard {shard}: one holder fetches from the seeder: {fed:?}"
+        );
+        for replica in holders.iter().filter(|h| **h != fed[0]) {
+            for (source, bytes) in fetched_from(&st, replica, shard) {
+                if source != fed[0] && bytes > 0 {
+                    from_replicas.push((shard.clone(), replica.to_string(), source, bytes));
+                }
+            }
+        }
+    }
+    assert!(
+        !from_replicas.is_empty(),
+        "no replica received bytes from another replica"
+    );
+}
+
+/// Two shards on 6 nodes (3 copies each). The first holder of a shard is killed while both its
+/// replicas are part-way: the one furthest along is sent to the seeder's tracker, the other keeps
+/// fetching from it, and neither starts over: each keeps what it had verified when its source
+/// died, and the one sent to the tracker takes only the rest from the seeder.
+#[test]
+fn replicas_whose_source_dies_finish_from_the_other_holders_without_starting_over() {
+    let _one = swarm_lock();
+    // 4 MB/s for two first holders: each shard takes over twenty seconds.
+    let bed = Bed::new(2, &["--upload-limit", "4000000"]);
+    let c = bed.coordinator("127.0.0.1:0", &["--min-nodes", "2"]);
+    let (dirs, mut nodes) = start_nodes(&bed, &c, 6);
+    let u = |h: &serde_json::Value, key: &str| h[key].as_u64().unwrap_or(0);
+    // (replica, verified bytes) of the two replicas behind a source.
+    let (source, shard, replicas, size) = wait_for(
+        "two replicas part-way behind their source",
+        Duration::from_secs(120),
+        || {
+            let st = status(&c);
+            let all = holdings(&st);
+            all.iter().find_map(|(src, id, h)| {
+                let total = h["total"].as_u64()?;
+                if h["state"] != "fetching" || h["use_tracker"] != true || u(h, "bytes") > total / 2
+                {
+                    return None;
+                }
+                let behind: Vec<(String, u64)> = all
+                    .iter()
+                    .filter(|(n, other, r)| {
+                        n != src
+                            && other == id
+                            && r["state"] == "fetching"
+                            && u(r, "bytes") > total / 10
+                    })
+                    .map(|(n, _, r)| (n.to_string(), u(r, "bytes")))
+                    .collect();
+                (behind.len() == 2).then(|| (src.to_string(), id.to_string(), behind, total))
+            })
+        },
+    );
+    kill_node(&mut nodes, &source);
+    // While they finish: the verified bytes each reports (0 while librqbit checks the file of a
+    // fetch that starts again with the tracker) never fall below what it had.
+    let mut lowest: Vec<u64> = vec![u64::MAX; replicas.len()];
+    let st = wait_for("the replicas loaded", READY_WITHIN, || {
+        let st = status(&c);
+        let mut done = true;
+        for (k, (r, _)) in replicas.iter().enumerate() {
+            let h = holding(&st, r, &shard).unwrap_or_default();
+            match h["state"].as_str() {
+                Some("loaded") => {}
+                _ if u(&h, "bytes") > 0 => {
+                    lowest[k] = lowest[k].min(u(&h, "bytes"));
+                    done = false;
+                }
+                _ => done = false,
+            }
+        }
+        done.then_some(st)
+    });
+    let mut took_over = Vec::new();
+    for (k, (r, had)) in replicas.iter().enumerate() {
+        assert!(
+            lowest[k] == u64::MAX || lowest[k] >= *had,
+            "{r} had {had} bytes of shard {shard} when {source} died, later {}: it started over",
+            lowest[k]
+        );
+        let h = holding(&st, r, &shard).unwrap();
+        // Sent to the tracker: its new fetch took from the seeder only what it lacked.
+        let from_seeder = u(&h, "from_seeder");
+        if from_seeder > 0 {
+            assert!(
+                from_seeder <= size - had + size / 20,
+                "{r} had {had} of {size} bytes and took {from_seeder} from the seeder: it started over"
+            );
+            took_over.push(r.clone());
+        }
+    }
+    assert_eq!(
+        took_over.len(),
+        1,
+        "one replica takes over the feed: {took_over:?}"
+    );
+    let st = wait_ready(&c, true);
+    check_node_files(&st, bed.seed.path(), &dirs);
+}

@@ -93,6 +93,13 @@ pub struct NodeState {
     pub data_addr: Option<String>,
     pub capacity: Capacity,
     pub shards: BTreeMap<u32, Holding>,
+    /// Per shard, the bytes it fetched from each peer address (as the node saw them); `/status`
+    /// shows them by node name.
+    #[serde(skip)]
+    pub fetched_from: BTreeMap<u32, BTreeMap<String, u64>>,
+    /// The highest upload rate it reported while fetching (Mbit/s).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub measured_uplink_mbit: Option<u32>,
     /// Which connection it registered on (a reconnect replaces it).
     #[serde(skip)]
     pub conn: u64,
@@ -107,6 +114,16 @@ impl NodeState {
             .filter(|(_, h)| h.counts())
             .map(|(id, _)| shards[*id as usize].size)
             .sum()
+    }
+
+    /// Its uplink in Mbit/s: as declared, else the highest rate it was seen uploading, else
+    /// unknown (0: ranked after every node with a known uplink).
+    fn uplink_mbit(&self) -> u64 {
+        match (self.capacity.uplink_mbit, self.measured_uplink_mbit) {
+            (Some(declared), _) => u64::from(declared),
+            (None, Some(measured)) => u64::from(measured),
+            (None, None) => 0,
+        }
     }
 
     fn has_room_for(&self, shard: &ShardSpec, shards: &[ShardSpec]) -> bool {
@@ -247,6 +264,8 @@ impl Swarm {
                 }),
             capacity: p.capacity,
             shards: held,
+            fetched_from: BTreeMap::new(),
+            measured_uplink_mbit: None,
             conn,
             last_seen: Instant::now(),
         };
@@ -286,6 +305,12 @@ impl Swarm {
     }
 
     pub fn progress(&mut self, node: &str, p: &ShardProgressParams) -> Outbox {
+        if let Some(n) = self.nodes.get_mut(node) {
+            n.fetched_from.insert(p.shard_id, p.by_source.clone());
+            if let Some(up) = p.upload_mbit.filter(|u| *u > 0) {
+                n.measured_uplink_mbit = Some(n.measured_uplink_mbit.map_or(up, |m| m.max(up)));
+            }
+        }
         if let Some(Holding::Fetching {
             bytes,
             total,
@@ -307,6 +332,9 @@ impl Swarm {
         let Some(n) = self.nodes.get_mut(node) else {
             return Vec::new();
         };
+        if !p.by_source.is_empty() {
+            n.fetched_from.insert(p.shard_id, p.by_source.clone());
+        }
         match self.shards.get(p.shard_id as usize) {
             Some(s) if s.sha256 == p.sha256 => {
                 tracing::info!(

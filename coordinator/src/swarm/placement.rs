@@ -1,8 +1,9 @@
 //! Placement: a node keeps the verified shards it registers with; every shard without a holder
 //! goes to a node with room that holds nothing, else to one holding only replicas, else (once
-//! `min_nodes` are registered, so no more are awaited) to the least loaded; a node holding
-//! nothing gets a replica of the least-covered shard. A replica first fetches from the nodes
-//! already holding or fetching its shard and not from the seeder's tracker, so the seeder sends
+//! `min_nodes` are registered, so no more are awaited) to the least loaded, the fastest uplink
+//! first among equals (declared at REGISTER, else measured while fetching); a node holding
+//! nothing gets a replica of the least-covered shard. A replica fetches from the nodes already
+//! holding or fetching its shard (and they from it), not from the seeder, so the seeder sends
 //! each shard about once; if those nodes go away it is told to use the tracker again.
 
 use std::time::Instant;
@@ -67,6 +68,20 @@ impl Swarm {
     /// Place uncovered shards and replicas, fix stranded replicas, and update readiness.
     pub fn place(&mut self) -> Outbox {
         let mut out = Vec::new();
+        // When nodes declare their links, nothing is placed before the nodes the swarm awaits
+        // have come (or the settling time is over), so that first copies go to the fastest
+        // uplinks, not to the first nodes to register.
+        let links_known = self
+            .nodes
+            .values()
+            .any(|n| n.capacity.uplink_mbit.is_some());
+        if links_known
+            && self.nodes.len() < self.settings.min_nodes
+            && Instant::now() < self.settle_until
+        {
+            out.extend(self.update_ready());
+            return out;
+        }
         // Every shard on at least one node.
         for shard_id in 0..self.shards.len() as u32 {
             if self.coverage(shard_id) > 0 {
@@ -98,11 +113,12 @@ impl Swarm {
                     } else {
                         2
                     };
-                    (rank, counted.len(), n.node_id.clone())
+                    let fastest_first = std::cmp::Reverse(n.uplink_mbit());
+                    (rank, counted.len(), fastest_first, n.node_id.clone())
                 })
-                .filter(|(rank, _, _)| *rank == 0 || (settled && (*rank < 2 || enough_nodes)))
+                .filter(|(rank, ..)| *rank == 0 || (settled && (*rank < 2 || enough_nodes)))
                 .min()
-                .map(|(_, _, id)| id);
+                .map(|(.., id)| id);
             match candidate {
                 Some(node) => {
                     self.assign(&node, shard_id);
@@ -150,13 +166,48 @@ impl Swarm {
                 })
             })
             .collect();
+        // A shard whose holders are all replicas still fetching has lost what fed them (its
+        // first holder went away mid-transfer): the one furthest along goes to the seeder's
+        // tracker and feeds the others, which keep what they have.
+        let mut promoted: Vec<(String, u32)> = Vec::new();
+        for shard_id in 0..self.shards.len() as u32 {
+            let fed = self.nodes.values().any(|n| {
+                matches!(
+                    n.shards.get(&shard_id),
+                    Some(
+                        Holding::Loaded { .. }
+                            | Holding::Fetching {
+                                use_tracker: true,
+                                ..
+                            }
+                    )
+                )
+            });
+            let furthest = self
+                .nodes
+                .values()
+                .filter_map(|n| match n.shards.get(&shard_id) {
+                    Some(Holding::Fetching { bytes, .. }) => Some((*bytes, n.node_id.clone())),
+                    _ => None,
+                })
+                .max();
+            if let (false, Some((_, node))) = (fed, furthest) {
+                promoted.push((node, shard_id));
+            }
+        }
         for (node, shard_id, waiting) in replicas {
             let has_source = self.sources(&node, shard_id).next().is_some();
             let use_tracker = match (waiting, has_source) {
+                _ if promoted.contains(&(node.clone(), shard_id)) => true,
                 (true, true) => false,
                 (_, false) => true,
                 (false, true) => continue,
             };
+            if use_tracker && has_source {
+                tracing::info!(
+                    "shard {shard_id}: no holder is fed by the seeder any more; {node} fetches the rest through the tracker"
+                );
+            }
             let total = self.shards[shard_id as usize].size;
             self.nodes
                 .get_mut(&node)
@@ -179,13 +230,11 @@ impl Swarm {
     }
 
     /// Give `shard_id` to `node`. The first holder fetches it through the seeder's tracker at
-    /// once; a replica (started by [`Swarm::place`]) fetches from the first holder only,
-    /// trailing it piece by piece, so the seeder sends each shard once and the replica lands
-    /// shortly after its source (bench/swarm.py, N=8: makespan 1.25x the bound, 1.01 copies
-    /// from the seeder). Copying only a finished shard was 1.88x: the two big shards took one
-    /// more whole transfer over a node's uplink. The node works around three librqbit 9.1
-    /// problems for this (`node::fetch`: `STALL_AFTER`, `prime_first_piece`, and replicas added
-    /// without announce URLs).
+    /// once; a replica (started by [`Swarm::place`]) fetches from every node that holds or
+    /// fetches the shard, and those that start later fetch from it too: the shard's holders are
+    /// a swarm of their own, fed by the first holder, so the seeder sends each shard about once
+    /// and every new holder adds its uplink. Before, a replica trailed the first holder alone,
+    /// and k replicas shared that one uplink (bench/swarm.py, N=16: 2.08x the bound).
     pub(super) fn assign(&mut self, node: &str, shard_id: u32) {
         let primary = self.coverage(shard_id) == 0;
         let total = self.shards[shard_id as usize].size;

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use super::{Holding, Swarm};
+use super::{Holding, NodeState, Swarm};
 
 impl Swarm {
     /// The `/status` document.
@@ -32,6 +32,7 @@ impl Swarm {
             .map(|n| {
                 let mut v = serde_json::to_value(n).expect("node serialises");
                 v["last_heartbeat_secs_ago"] = now.duration_since(n.last_seen).as_secs_f64().into();
+                v["fetched_from"] = self.fetched_from(n).into();
                 v
             })
             .collect();
@@ -48,5 +49,30 @@ impl Swarm {
             "route": self.route,
             "serving": self.serving_route().is_some(),
         })
+    }
+
+    /// A node's bytes per shard by source: `seeder`, another node's id (a peer address it
+    /// registered), or the address itself (a node that connected to this one comes from a port
+    /// of its own choosing).
+    fn fetched_from(&self, n: &NodeState) -> serde_json::Map<String, serde_json::Value> {
+        let name = |addr: &str| -> String {
+            if self.settings.seeder_peer.as_deref() == Some(addr) {
+                return "seeder".into();
+            }
+            self.nodes
+                .values()
+                .find(|m| m.peer_addr.to_string() == addr)
+                .map_or_else(|| addr.to_string(), |m| m.node_id.clone())
+        };
+        n.fetched_from
+            .iter()
+            .map(|(shard, sources)| {
+                let mut named = BTreeMap::<String, u64>::new();
+                for (addr, bytes) in sources {
+                    *named.entry(name(addr)).or_default() += bytes;
+                }
+                (shard.to_string(), serde_json::json!(named))
+            })
+            .collect()
     }
 }

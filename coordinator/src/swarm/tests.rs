@@ -44,6 +44,18 @@ fn register_at(
     ip: &str,
     data_addr: Option<&str>,
 ) -> Result<Outbox, Refusal> {
+    register_with(s, id, held, ip, data_addr, None)
+}
+
+/// [`register_at`] with a declared uplink.
+fn register_with(
+    s: &mut Swarm,
+    id: &str,
+    held: &[u32],
+    ip: &str,
+    data_addr: Option<&str>,
+    uplink_mbit: Option<u32>,
+) -> Result<Outbox, Refusal> {
     let p = RegisterParams {
         node_id: id.into(),
         protocol_version: PROTOCOL_VERSION,
@@ -61,6 +73,8 @@ fn register_at(
             ram_bytes: 1000,
             disk_free_bytes: 1000,
             threads: 1,
+            uplink_mbit,
+            downlink_mbit: None,
         },
         token: Some("t".into()),
     };
@@ -86,6 +100,7 @@ fn load_all(s: &mut Swarm, out: &Outbox) -> Outbox {
                 sha256: p.sha256.clone(),
                 from_seeder: 0,
                 from_peers: 0,
+                by_source: Default::default(),
             },
         ));
     }
@@ -149,9 +164,92 @@ fn replicas_trail_the_first_holder_and_fall_back_to_the_tracker() {
         sha256: "sha1".into(),
         from_seeder: 0,
         from_peers: 100,
+        by_source: Default::default(),
     };
     s.loaded("d", &done);
     assert!(loads(&s.disconnected("b", 1)).iter().all(|(n, _)| n != "d"));
+}
+
+/// Replicas fetch from every node that holds or fetches their shard; when the first holder goes
+/// mid-transfer, the replica furthest along is sent to the tracker and the others keep
+/// fetching from it and each other.
+#[test]
+fn replicas_fetch_from_every_holder_and_the_furthest_takes_over_a_lost_feed() {
+    let mut s = swarm(2, 2);
+    let mut out = Vec::new();
+    for id in ["a", "b", "c", "d", "e"] {
+        out.extend(register(&mut s, id, &[]).unwrap());
+    }
+    let l = loads(&out);
+    let (_, e) = l.iter().find(|(n, _)| n == "e").expect("e loads");
+    assert_eq!(e.shard_id, 0, "the third copy of shard 0");
+    let mut peers = e.peers.clone();
+    peers.sort();
+    assert_eq!(
+        peers.len(),
+        2,
+        "a and c, which hold or fetch shard 0: {peers:?}"
+    );
+    assert!(!e.use_tracker);
+    for (node, bytes) in [("c", 300), ("e", 700)] {
+        s.progress(
+            node,
+            &ShardProgressParams {
+                shard_id: 0,
+                bytes,
+                total: 1000,
+                from_seeder: 0,
+                from_peers: bytes,
+                by_source: Default::default(),
+                upload_mbit: None,
+            },
+        );
+    }
+    let l = loads(&s.disconnected("a", 1));
+    let to_tracker: Vec<&str> = l
+        .iter()
+        .filter(|(_, p)| p.shard_id == 0 && p.use_tracker)
+        .map(|(n, _)| n.as_str())
+        .collect();
+    assert_eq!(to_tracker, ["e"], "{l:?}");
+    assert!(
+        l.iter().all(|(n, _)| n != "c"),
+        "c keeps fetching from e: {l:?}"
+    );
+}
+
+/// Nodes that declare their uplinks: first copies wait for the awaited nodes and go to the
+/// fastest uplinks; the slow nodes trail as replicas.
+#[test]
+fn first_copies_go_to_the_fastest_declared_uplinks() {
+    let mut s = swarm(2, 4);
+    s.settle_until = Instant::now() + Duration::from_secs(60);
+    let mut out = Vec::new();
+    for (id, up) in [("a", 10), ("b", 100), ("c", 10)] {
+        out.extend(register_with(&mut s, id, &[], "127.0.0.1", None, Some(up)).unwrap());
+    }
+    assert!(
+        loads(&out).is_empty(),
+        "first copies wait for the 4th node: {out:?}"
+    );
+    out.extend(register_with(&mut s, "d", &[], "127.0.0.1", None, Some(80)).unwrap());
+    let mut first: Vec<&str> = loads(&out)
+        .iter()
+        .filter(|(_, p)| p.use_tracker)
+        .map(|(n, _)| match n.as_str() {
+            "b" => "b",
+            "d" => "d",
+            other => panic!("{other}, a slow node, got a first copy"),
+        })
+        .collect();
+    first.sort();
+    assert_eq!(first, ["b", "d"]);
+    let replicas: Vec<String> = loads(&out)
+        .into_iter()
+        .filter(|(_, p)| !p.use_tracker)
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(replicas.len(), 2, "a and c trail as replicas: {replicas:?}");
 }
 
 #[test]
