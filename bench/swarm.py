@@ -6,13 +6,19 @@ Every host is a network namespace on a bridge (198.18.0.0/24, the benchmarking r
 route anywhere else), each link capped with `tc tbf`: seeder uplink u_s, node uplink u, and
 downlink d (method and the aria2c/libtorrent/HTTP figures for the same shapes:
 shared/bench-notes.md). The seeder and coordinator share the seeder's host; N nodes start
-empty. Printed per shape: our makespan (nodes started -> SWARM_READY), the lower bound
-max(D/u_s, F_max/d, sum(F)/(u_s + N*u)) with D the bytes of the distinct shards and F_i the
-bytes node i needs, the makespan of every node fetching its shards over plain HTTP from the
-seeder's web seed, the ratios, and the seeder's upload in copies of D (from its veth's
-tx_bytes). Shapes: 4 shards on N=4 and on N=8 (2 replicas each).
+empty, each declaring its uplink (`--uplink-mbit`). Shapes: 4 shards on N nodes (N/4 copies of
+each); from N=32 on every cap is a quarter (so the machine's 2 cores, not the emulation, set the
+pace). `--uneven`: half the nodes have a quarter of the uplink.
 
-usage (root): bench/swarm.py [--us 80] [--u 40] [--d 200] [--runs 1]   (Mbit/s)
+Printed per shape (medians over runs): the lower bound max(D/u_s, F_max/d, sum(F)/(u_s + sum(u)))
+with D the bytes of the distinct shards and F_i the bytes node i needs; per-node completion (the
+moment each node holds its shard) p50 and p99 over the nodes of a run, and both against the bound
+(Kraken's way of reporting); the seeder's upload in copies of D (from its veth's tx_bytes); the
+time to the first completion token from empty nodes (start -> every shard fetched and loaded in
+llama.cpp -> first streamed token); and every node fetching its shard over plain HTTP from the
+seeder's web seed (up to N=16: beyond, it takes many minutes).
+
+usage (root): bench/swarm.py [--us 80] [--u 40] [--d 200] [--shapes 4,8,16,32] [--runs 1] [--uneven]
 """
 import argparse
 import json
@@ -22,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from benchlib import stop, wait_line
@@ -73,7 +80,36 @@ def start(ns, args, log):
                             stderr=open(log, "w"), text=True)
 
 
-def run_swarm(work, shards_dir, n, seeder_dev):
+def node_uplink(i, n, u, uneven):
+    """Node i's uplink (1-based): with --uneven, every second node has a quarter."""
+    return max(u // 4, 1) if uneven and i % 2 == 0 else u
+
+
+def first_token(seeder_ns, limit):
+    """Stream one completion through the coordinator (again while it answers that it is not
+    serving yet); the monotonic time of its first token."""
+    body = json.dumps({"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0, "stream": True})
+    deadline = time.monotonic() + limit
+    answer = ""
+    while time.monotonic() < deadline:
+        p = subprocess.Popen(["ip", "netns", "exec", seeder_ns, "curl", "-sN", "--max-time", str(limit), "-H",
+                              "content-type: application/json", "-d", body, "http://198.18.0.1:51830/v1/completions"],
+                             stdout=subprocess.PIPE, text=True)
+        try:
+            answer = ""
+            for line in p.stdout:
+                answer += line
+                if line.startswith("data: {") and '"text":' in line and '"text":""' not in line:
+                    return time.monotonic()
+        finally:
+            p.kill()
+            p.wait()
+        time.sleep(0.2)
+    sys.exit(f"no token within {limit} s; the last answer: {answer[:500]}")
+
+
+def run_swarm(work, shards_dir, n, seeder_dev, caps, uneven):
+    us, u, d = caps
     seeder_ns = ns_name(0)
     procs = []
     try:
@@ -91,28 +127,42 @@ def run_swarm(work, shards_dir, n, seeder_dev):
         for i in range(1, n + 1):
             procs.append(start(ns_name(i), [os.path.join(BIN, "node"), "--coordinator", "http://198.18.0.1:51830",
                                             "--data-dir", os.path.join(work, f"node{i}"), "--name", f"n{i}",
-                                            "--listen-addr", f"198.18.0.{i + 1}", "--threads", "1"],
+                                            "--listen-addr", f"198.18.0.{i + 1}", "--threads", "1",
+                                            "--uplink-mbit", str(node_uplink(i, n, u, uneven)),
+                                            "--downlink-mbit", str(d)],
                                os.path.join(work, f"node{i}.log")))
         wait_line(c, r"^\[SWARM_READY\]", 900)
         ready = time.monotonic() - t0
-        # Replicas may still be copying: the makespan is when every node holds its shard.
+        token = {}
+        asker = threading.Thread(target=lambda: token.setdefault("t", first_token(seeder_ns, 600)))
+        asker.start()
+        # Replicas may still be copying: each node's completion is when it holds its shard.
+        done = {}
         deadline = time.time() + 900
-        while time.time() < deadline:
+        while time.time() < deadline and len(done) < n:
             out = sh("ip", "netns", "exec", seeder_ns, "curl", "-sf", "http://198.18.0.1:51830/status", check=False).stdout
             try:
                 nodes = json.loads(out)["nodes"]
             except (ValueError, KeyError):
                 nodes = []
-            if len(nodes) == n and all(n_["shards"] and all(h["state"] == "loaded" for h in n_["shards"].values())
-                                       for n_ in nodes):
-                break
+            now = time.monotonic() - t0
+            for node in nodes:
+                if node["shards"] and all(h["state"] == "loaded" for h in node["shards"].values()):
+                    done.setdefault(node["name"], now)
             time.sleep(0.2)
-        else:
+        if len(done) < n:
             sys.exit("the nodes never all loaded their shards")
-        makespan = time.monotonic() - t0
-        return makespan, ready, tx_bytes(seeder_ns, seeder_dev) - tx0
+        asker.join()
+        ttft = token["t"] - t0
+        return sorted(done.values()), ready, ttft, tx_bytes(seeder_ns, seeder_dev) - tx0
     finally:
         stop(procs)
+
+
+def pct(values, p):
+    """The nearest-rank percentile p of values."""
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, -(-len(values) * p // 100) - 1))]
 
 
 def run_http(work, shards_dir, n, sizes):
@@ -145,7 +195,10 @@ def main():
     ap.add_argument("--u", type=int, default=40, help="node uplink, Mbit/s")
     ap.add_argument("--d", type=int, default=200, help="downlink, Mbit/s")
     ap.add_argument("--runs", type=int, default=1)
-    ap.add_argument("--shapes", default="4,8", help="node counts")
+    ap.add_argument("--shapes", default="4,8,16,32", help="node counts")
+    ap.add_argument("--quarter-from", type=int, default=32, help="shapes this large run with every cap quartered")
+    ap.add_argument("--http-up-to", type=int, default=16, help="measure plain HTTP for shapes up to this size")
+    ap.add_argument("--uneven", action="store_true", help="half the nodes with a quarter of the uplink")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (logs) and print its path")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -158,33 +211,38 @@ def main():
     shapes = [int(x) for x in args.shapes.split(",")]
     hosts = max(shapes) + 1
     results = []
+    mbit = lambda b, rate: b * 8 / (rate * 1_000_000)
     try:
         shards_dir = os.path.join(work, "shards")
         subprocess.run([os.path.join(BIN, "shard_loader"), "split", "--model", model, "--shards", "4",
                         "--target-dir", shards_dir], check=True, capture_output=True)
         sizes = [os.path.getsize(os.path.join(shards_dir, f"shard-{k}.gguf")) for k in range(4)]
-        sh("ip", "link", "add", BRIDGE, "type", "bridge")
-        sh("ip", "link", "set", BRIDGE, "up")
-        _, seeder_dev = add_host(0, args.us, args.d)
-        for i in range(1, hosts):
-            add_host(i, args.u, args.d)
-        mbit = lambda b, rate: b * 8 / (rate * 1_000_000)
+        D = sum(sizes)
         for n in shapes:
+            q = 4 if n >= args.quarter_from else 1
+            caps = (args.us // q, args.u // q, args.d // q)
+            # Fresh links per shape: the caps differ.
+            teardown(hosts)
+            sh("ip", "link", "add", BRIDGE, "type", "bridge")
+            sh("ip", "link", "set", BRIDGE, "up")
+            _, seeder_dev = add_host(0, caps[0], caps[2])
+            for i in range(1, n + 1):
+                add_host(i, node_uplink(i, n, caps[1], args.uneven), caps[2])
             need = [sizes[(i - 1) % 4] for i in range(1, n + 1)]
-            D = sum(sizes)
-            bound = max(mbit(D, args.us), mbit(max(need), args.d), mbit(sum(need), args.us + n * args.u))
-            ours, readies, uploads, http = [], [], [], []
+            uplinks = sum(node_uplink(i, n, caps[1], args.uneven) for i in range(1, n + 1))
+            bound = max(mbit(D, caps[0]), mbit(max(need), caps[2]), mbit(sum(need), caps[0] + uplinks))
+            runs = []
             for r in range(args.runs):
                 rundir = os.path.join(work, f"n{n}-r{r}")
                 os.makedirs(rundir)
-                t, ready, sent = run_swarm(rundir, shards_dir, n, seeder_dev)
-                ours.append(t)
-                readies.append(ready)
-                uploads.append(sent / D)
-                http.append(run_http(rundir, shards_dir, n, sizes))
-                print(f"N={n} run {r + 1}: every node loaded {t:.1f} s (SWARM_READY {ready:.1f} s, seeder sent"
-                      f" {sent / D:.2f} x D), HTTP {http[-1]:.1f} s", flush=True)
-            results.append((n, bound, ours, http, uploads, readies))
+                done, ready, ttft, sent = run_swarm(rundir, shards_dir, n, seeder_dev, caps, args.uneven)
+                http = run_http(rundir, shards_dir, n, sizes) if n <= args.http_up_to else None
+                runs.append({"p50": pct(done, 50), "p99": pct(done, 99), "all": done[-1], "ready": ready,
+                             "ttft": ttft, "sent": sent / D, "http": http})
+                print(f"N={n} run {r + 1}: nodes done p50 {pct(done, 50):.1f} s p99 {pct(done, 99):.1f} s "
+                      f"(bound {bound:.1f} s), SWARM_READY {ready:.1f} s, first token {ttft:.1f} s, seeder sent "
+                      f"{sent / D:.2f} x D" + (f", HTTP {http:.1f} s" if http else ""), flush=True)
+            results.append((n, caps, bound, runs))
     finally:
         teardown(hosts)
         if args.keep:
@@ -192,15 +250,23 @@ def main():
         else:
             shutil.rmtree(work, ignore_errors=True)
 
+    med = lambda runs, key: statistics.median(r[key] for r in runs)
     print()
-    print(f"4 shards ({sum(sizes)} bytes), u_s={args.us} u={args.u} d={args.d} Mbit/s, {args.runs} run(s) each")
-    print("ours = nodes started until every node holds its shard(s); SWARM_READY comes earlier")
-    print(f"{'shape':8s} {'bound s':>8s} {'ours s (min/med/max)':>22s} {'ours/bound':>10s} {'READY s':>8s} "
-          f"{'HTTP s':>8s} {'HTTP/bound':>10s} {'seeder upload (x D)':>20s}")
-    for n, bound, ours, http, uploads, readies in results:
-        o, h, u = statistics.median(ours), statistics.median(http), statistics.median(uploads)
-        print(f"N={n:<6d} {bound:8.1f} {min(ours):7.1f}/{o:5.1f}/{max(ours):5.1f} {o / bound:10.2f} "
-              f"{statistics.median(readies):8.1f} {h:8.1f} {h / bound:10.2f} {u:20.2f}")
+    print(f"4 shards ({D} bytes), {args.runs} run(s) each, medians; links in Mbit/s (u_s/u/d)"
+          + (", half the nodes with a quarter of u" if args.uneven else ""))
+    print("per-node completion: when each node holds its shard (p50/p99 over the nodes of a run); "
+          "first token: start -> every shard loaded -> first streamed token")
+    print(f"{'shape':6s} {'links':>11s} {'bound s':>8s} {'p50 s':>7s} {'p99 s':>7s} {'p50/bound':>9s} "
+          f"{'p99/bound':>9s} {'seeder xD':>9s} {'READY s':>8s} {'1st tok s':>9s} {'HTTP s':>7s} {'HTTP/p99':>8s}")
+    for n, caps, bound, runs in results:
+        p50, p99 = med(runs, "p50"), med(runs, "p99")
+        https = [r["http"] for r in runs if r["http"]]
+        http = statistics.median(https) if https else None
+        links = "/".join(str(c) for c in caps)
+        print(f"N={n:<4d} {links:>11s} {bound:8.1f} {p50:7.1f} {p99:7.1f} {p50 / bound:9.2f} {p99 / bound:9.2f} "
+              f"{med(runs, 'sent'):9.2f} {med(runs, 'ready'):8.1f} {med(runs, 'ttft'):9.1f} "
+              + (f"{http:7.1f} {http / p99:8.2f}" if http else f"{'-':>7s} {'-':>8s}"))
+    print("goals: p99/bound <= 1.3 at N=8, 16 (80/40/200) and 32 (20/10/50); seeder <= 1.2 D; HTTP/p99 >= 3 at N=16")
 
 
 if __name__ == "__main__":

@@ -37,12 +37,16 @@ pub enum FetchEvent {
     Failed(ShardFailedParams),
 }
 
+/// How a torrent was added: with the tracker on or not, and the peers it was given. A LOAD_SHARD
+/// that changes either adds it again (the data on disk is kept).
+type AddedAs = (bool, Vec<String>);
+
 /// The node's BitTorrent side.
 pub struct Fetcher {
     pub session: Arc<Session>,
     pub data: Arc<DataDir>,
-    /// Info hash → whether this process added it with the tracker on.
-    modes: Mutex<HashMap<[u8; 20], bool>>,
+    /// Info hash → how this process added it.
+    modes: Mutex<HashMap<[u8; 20], AddedAs>>,
 }
 
 impl Fetcher {
@@ -246,9 +250,10 @@ impl Fetcher {
     async fn add(&self, p: &LoadShardParams) -> Result<Arc<librqbit::ManagedTorrent>> {
         let h = info_hash(&p.info_hash)?;
         let id = Id20::new(h);
-        let known_mode = self.modes.lock().unwrap().get(&h).copied();
+        let mode = (p.use_tracker, p.peers.clone());
+        let known_mode = self.modes.lock().unwrap().get(&h).cloned();
         if let Some(existing) = self.session.get(id.into()) {
-            if known_mode == Some(p.use_tracker) {
+            if known_mode.as_ref() == Some(&mode) {
                 return Ok(existing);
             }
             // Restored from fast resume, or its sources changed: add it again with the new
@@ -302,6 +307,7 @@ impl Fetcher {
             disable_trackers: !p.use_tracker,
             initial_peers: Some(peers),
             disable_pex: true,
+            disable_steal: true,
             ..Default::default()
         };
         let handle = self
@@ -311,7 +317,7 @@ impl Fetcher {
             .map_err(Error::torrent)?
             .into_handle()
             .ok_or_else(|| Error::Torrent("librqbit did not add the torrent".into()))?;
-        self.modes.lock().unwrap().insert(h, p.use_tracker);
+        self.modes.lock().unwrap().insert(h, mode);
         Ok(handle)
     }
 }

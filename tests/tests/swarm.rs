@@ -406,6 +406,17 @@ fn twelve_nodes_hold_three_copies_and_replicas_serve_each_other() {
         sent as f64 <= 1.3 * d as f64,
         "the seeder sent {sent} bytes for 3 copies of {d} (> 1.3 D)"
     );
+    // Each holder received its shard once: no piece came twice (librqbit patch 0004).
+    for (name, id, h) in holdings(&st) {
+        let received = h["from_seeder"].as_u64().unwrap() + h["from_peers"].as_u64().unwrap();
+        let size = st["shards"][id.parse::<usize>().unwrap()]["size"]
+            .as_u64()
+            .unwrap();
+        assert!(
+            received <= size + size / 50,
+            "{name} received {received} bytes for shard {id} of {size}"
+        );
+    }
     // Per shard: the holder fed by the seeder, and replicas with bytes from anyone else.
     let mut from_replicas = Vec::new();
     for (shard, holders) in st["placement"].as_object().unwrap() {

@@ -97,6 +97,13 @@ pub struct NodeState {
     /// shows them by node name.
     #[serde(skip)]
     pub fetched_from: BTreeMap<u32, BTreeMap<String, u64>>,
+    /// Per shard, when it was given the shard (a swarm-wide count): a replica's place in the
+    /// shard's chain of holders.
+    #[serde(skip)]
+    pub shard_order: BTreeMap<u32, u64>,
+    /// Per shard, the peers its last LOAD_SHARD named.
+    #[serde(skip)]
+    pub given_peers: BTreeMap<u32, Vec<String>>,
     /// The highest upload rate it reported while fetching (Mbit/s).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub measured_uplink_mbit: Option<u32>,
@@ -152,6 +159,8 @@ pub struct Swarm {
     /// re-register one by one, and a shard whose holder has not come back yet must not be
     /// fetched again by a node that has come back.
     pub settle_until: Instant,
+    /// The next [`NodeState::shard_order`].
+    pub next_order: u64,
 }
 
 /// The swarm's fixed settings: what was served and what the operator chose.
@@ -195,6 +204,7 @@ impl Swarm {
             route: None,
             route_loaded: Default::default(),
             settle_until: Instant::now() + settings.heartbeat_timeout,
+            next_order: 0,
             settings,
         }
     }
@@ -265,6 +275,8 @@ impl Swarm {
             capacity: p.capacity,
             shards: held,
             fetched_from: BTreeMap::new(),
+            shard_order: BTreeMap::new(),
+            given_peers: BTreeMap::new(),
             measured_uplink_mbit: None,
             conn,
             last_seen: Instant::now(),
@@ -322,8 +334,13 @@ impl Swarm {
             .get_mut(node)
             .and_then(|n| n.shards.get_mut(&p.shard_id))
         {
+            let first_piece = *bytes == 0 && p.bytes > 0;
             (*bytes, *total, *from_seeder, *from_peers) =
                 (p.bytes, p.total, p.from_seeder, p.from_peers);
+            if first_piece {
+                // Replicas waiting for a live source can start now.
+                return self.place();
+            }
         }
         Vec::new()
     }

@@ -29,17 +29,51 @@ impl Swarm {
         })
     }
 
+    /// The peers `node` fetches `shard_id` from: the shard's holders are a chain in the order
+    /// they were given it (fast uplinks first), each fetching from the one before while it is
+    /// itself fetching, so every uplink carries the shard about once and pieces flow down the
+    /// chain as they arrive. Holders that have the whole shard serve everyone after them.
+    /// With no holder before it in the chain, every source.
+    fn chain_peers(&self, node: &str, shard_id: u32) -> Vec<String> {
+        let mine = self
+            .nodes
+            .get(node)
+            .and_then(|n| n.shard_order.get(&shard_id).copied());
+        let before = |n: &NodeState| {
+            n.shard_order
+                .get(&shard_id)
+                .is_some_and(|o| mine.is_none_or(|m| *o < m))
+        };
+        let mut peers: Vec<&NodeState> = self
+            .sources(node, shard_id)
+            .filter(|n| matches!(n.shards.get(&shard_id), Some(Holding::Loaded { .. })))
+            .collect();
+        let predecessor = self
+            .sources(node, shard_id)
+            .filter(|n| matches!(n.shards.get(&shard_id), Some(Holding::Fetching { .. })))
+            .filter(|n| before(n))
+            .max_by_key(|n| n.shard_order.get(&shard_id).copied());
+        peers.extend(predecessor);
+        if peers.is_empty() {
+            peers = self.sources(node, shard_id).collect();
+        }
+        let mut addrs: Vec<String> = peers.iter().map(|n| n.peer_addr.to_string()).collect();
+        addrs.sort();
+        addrs.dedup();
+        addrs
+    }
+
     pub(super) fn load_shard(
-        &self,
+        &mut self,
         node: &str,
         shard_id: u32,
         use_tracker: bool,
     ) -> (String, Control) {
+        let peers = self.chain_peers(node, shard_id);
+        if let Some(n) = self.nodes.get_mut(node) {
+            n.given_peers.insert(shard_id, peers.clone());
+        }
         let s = &self.shards[shard_id as usize];
-        let peers = self
-            .sources(node, shard_id)
-            .map(|n| n.peer_addr.to_string())
-            .collect();
         let params = LoadShardParams {
             shard_id,
             file: s.file.clone(),
@@ -132,12 +166,15 @@ impl Swarm {
             }
         }
         // Nodes holding nothing get a replica of the least-covered shard.
-        let idle: Vec<String> = self
+        // Fast uplinks first: they come earlier in their shard's chain.
+        let mut idle: Vec<(std::cmp::Reverse<u64>, String)> = self
             .nodes
             .values()
             .filter(|n| !n.shards.values().any(Holding::counts))
-            .map(|n| n.node_id.clone())
+            .map(|n| (std::cmp::Reverse(n.uplink_mbit()), n.node_id.clone()))
             .collect();
+        idle.sort();
+        let idle: Vec<String> = idle.into_iter().map(|(_, id)| id).collect();
         for node in idle {
             let best = (0..self.shards.len() as u32)
                 .filter(|id| {
@@ -197,10 +234,35 @@ impl Swarm {
         }
         for (node, shard_id, waiting) in replicas {
             let has_source = self.sources(&node, shard_id).next().is_some();
+            // A waiting replica starts once a source has verified a piece: its torrent is then
+            // live and takes connections. Started with a source that is still adding its
+            // torrent, the replica's connection is refused and librqbit retries only after a
+            // back-off (seen: 12 s idle at the start of bench/swarm.py, N=8).
+            let chain = self.chain_peers(&node, shard_id);
+            let live_source = self.sources(&node, shard_id).any(|n| {
+                chain.contains(&n.peer_addr.to_string())
+                    && matches!(
+                        n.shards.get(&shard_id),
+                        Some(Holding::Loaded { .. } | Holding::Fetching { bytes: 1.., .. })
+                    )
+            });
+            // A fetching replica that lost a peer it was given (the holder before it in the
+            // chain went away) is told its new peers.
+            let current: Vec<String> = self
+                .sources(&node, shard_id)
+                .map(|n| n.peer_addr.to_string())
+                .collect();
+            let lost_a_peer = self.nodes[&node]
+                .given_peers
+                .get(&shard_id)
+                .is_some_and(|given| given.iter().any(|p| !current.contains(p)));
+            let chain_changed = !waiting && lost_a_peer && live_source;
             let use_tracker = match (waiting, has_source) {
                 _ if promoted.contains(&(node.clone(), shard_id)) => true,
+                (true, true) if !live_source => continue,
                 (true, true) => false,
                 (_, false) => true,
+                (false, true) if chain_changed => false,
                 (false, true) => continue,
             };
             if use_tracker && has_source {
@@ -209,20 +271,27 @@ impl Swarm {
                 );
             }
             let total = self.shards[shard_id as usize].size;
-            self.nodes
+            let holding = self
+                .nodes
                 .get_mut(&node)
                 .expect("known node")
                 .shards
-                .insert(
-                    shard_id,
-                    Holding::Fetching {
+                .entry(shard_id)
+                .or_insert(Holding::Waiting);
+            match holding {
+                Holding::Fetching {
+                    use_tracker: mode, ..
+                } => *mode = use_tracker,
+                other => {
+                    *other = Holding::Fetching {
                         bytes: 0,
                         total,
                         from_seeder: 0,
                         from_peers: 0,
                         use_tracker,
-                    },
-                );
+                    }
+                }
+            }
             out.push(self.load_shard(&node, shard_id, use_tracker));
         }
         out.extend(self.update_ready());
@@ -249,11 +318,11 @@ impl Swarm {
         } else {
             Holding::Waiting
         };
-        self.nodes
-            .get_mut(node)
-            .expect("assigning to a known node")
-            .shards
-            .insert(shard_id, holding);
+        let order = self.next_order;
+        self.next_order += 1;
+        let n = self.nodes.get_mut(node).expect("assigning to a known node");
+        n.shards.insert(shard_id, holding);
+        n.shard_order.insert(shard_id, order);
         tracing::info!(
             "placing shard {shard_id} on node {node}{}",
             if primary { "" } else { " (replica)" }

@@ -60,7 +60,7 @@ fn register_with(
         node_id: id.into(),
         protocol_version: PROTOCOL_VERSION,
         name: id.into(),
-        peer_port: 7000,
+        peer_port: peer_port(id),
         data_addr: data_addr.map(str::to_owned),
         shards: held
             .iter()
@@ -79,6 +79,40 @@ fn register_with(
         token: Some("t".into()),
     };
     s.register("r", &p, ip.parse().unwrap(), 1, None)
+}
+
+/// `node` reports `bytes` of `shard` verified (of 1000).
+fn progress(s: &mut Swarm, node: &str, shard: u32, bytes: u64) -> Outbox {
+    s.progress(
+        node,
+        &ShardProgressParams {
+            shard_id: shard,
+            bytes,
+            total: 1000,
+            from_seeder: 0,
+            from_peers: bytes,
+            by_source: Default::default(),
+            upload_mbit: None,
+        },
+    )
+}
+
+/// Every first holder in `out` reports its first piece: the replicas waiting for it start.
+fn first_pieces(s: &mut Swarm, out: &Outbox) -> Outbox {
+    let mut next = Vec::new();
+    for (node, p) in loads(out).into_iter().filter(|(_, p)| p.use_tracker) {
+        next.extend(progress(s, &node, p.shard_id, 1));
+    }
+    next
+}
+
+/// Node `id`'s BitTorrent port in these tests: 7000 + its first letter.
+fn peer_port(id: &str) -> u16 {
+    7000 + u16::from(id.as_bytes()[0])
+}
+
+fn peer(id: &str) -> String {
+    format!("127.0.0.1:{}", peer_port(id))
 }
 
 fn loads(out: &Outbox) -> Vec<(String, LoadShardParams)> {
@@ -132,7 +166,9 @@ fn replicas_trail_the_first_holder_and_fall_back_to_the_tracker() {
         .iter()
         .flat_map(|id| register(&mut s, id, &[]).unwrap())
         .collect();
-    let l = loads(&out);
+    let mut l = loads(&out);
+    assert_eq!(l.len(), 2, "replicas wait for a live source: {l:?}");
+    l.extend(loads(&first_pieces(&mut s, &out)));
     assert_eq!(l.len(), 4, "{l:?}");
     for (node, primary, shard) in [
         ("a", true, 0),
@@ -148,7 +184,8 @@ fn replicas_trail_the_first_holder_and_fall_back_to_the_tracker() {
         );
         if !primary {
             // A replica starts at once from the node still fetching, not from the seeder.
-            assert_eq!(p.peers, ["127.0.0.1:7000"], "{node}");
+            let source = if shard == 0 { "a" } else { "b" };
+            assert_eq!(p.peers, [peer(source)], "{node}");
         }
     }
     // The primary of shard 0 goes away before finishing: its replica fetches via the tracker.
@@ -170,9 +207,9 @@ fn replicas_trail_the_first_holder_and_fall_back_to_the_tracker() {
     assert!(loads(&s.disconnected("b", 1)).iter().all(|(n, _)| n != "d"));
 }
 
-/// Replicas fetch from every node that holds or fetches their shard; when the first holder goes
-/// mid-transfer, the replica furthest along is sent to the tracker and the others keep
-/// fetching from it and each other.
+/// A shard's holders form a chain, each replica fetching from the holder before it once that
+/// one has a piece; when the first holder goes mid-transfer, the replica furthest along is sent
+/// to the tracker and the others keep what they have.
 #[test]
 fn replicas_fetch_from_every_holder_and_the_furthest_takes_over_a_lost_feed() {
     let mut s = swarm(2, 2);
@@ -180,30 +217,28 @@ fn replicas_fetch_from_every_holder_and_the_furthest_takes_over_a_lost_feed() {
     for id in ["a", "b", "c", "d", "e"] {
         out.extend(register(&mut s, id, &[]).unwrap());
     }
-    let l = loads(&out);
-    let (_, e) = l.iter().find(|(n, _)| n == "e").expect("e loads");
-    assert_eq!(e.shard_id, 0, "the third copy of shard 0");
-    let mut peers = e.peers.clone();
-    peers.sort();
+    let fed = first_pieces(&mut s, &out);
+    let (_, c) = loads(&fed)
+        .into_iter()
+        .find(|(n, _)| n == "c")
+        .expect("c loads");
+    assert_eq!(c.peers, [peer("a")]);
+    assert!(
+        loads(&fed).iter().all(|(n, _)| n != "e"),
+        "e waits for c, the holder before it, to have a piece"
+    );
+    let (_, e) = loads(&progress(&mut s, "c", 0, 1))
+        .into_iter()
+        .find(|(n, _)| n == "e")
+        .expect("e loads");
     assert_eq!(
-        peers.len(),
-        2,
-        "a and c, which hold or fetch shard 0: {peers:?}"
+        e.peers,
+        [peer("c")],
+        "the chain a -> c -> e: each fetches from the one before"
     );
     assert!(!e.use_tracker);
     for (node, bytes) in [("c", 300), ("e", 700)] {
-        s.progress(
-            node,
-            &ShardProgressParams {
-                shard_id: 0,
-                bytes,
-                total: 1000,
-                from_seeder: 0,
-                from_peers: bytes,
-                by_source: Default::default(),
-                upload_mbit: None,
-            },
-        );
+        progress(&mut s, node, 0, bytes);
     }
     let l = loads(&s.disconnected("a", 1));
     let to_tracker: Vec<&str> = l
@@ -212,9 +247,11 @@ fn replicas_fetch_from_every_holder_and_the_furthest_takes_over_a_lost_feed() {
         .map(|(n, _)| n.as_str())
         .collect();
     assert_eq!(to_tracker, ["e"], "{l:?}");
-    assert!(
-        l.iter().all(|(n, _)| n != "c"),
-        "c keeps fetching from e: {l:?}"
+    let (_, c) = l.iter().find(|(n, _)| n == "c").expect("c is told");
+    assert_eq!(
+        (c.peers.clone(), c.use_tracker),
+        (vec![peer("e")], false),
+        "c, which lost the holder before it, fetches from e"
     );
 }
 
@@ -233,6 +270,8 @@ fn first_copies_go_to_the_fastest_declared_uplinks() {
         "first copies wait for the 4th node: {out:?}"
     );
     out.extend(register_with(&mut s, "d", &[], "127.0.0.1", None, Some(80)).unwrap());
+    let fed = first_pieces(&mut s, &out);
+    out.extend(fed);
     let mut first: Vec<&str> = loads(&out)
         .iter()
         .filter(|(_, p)| p.use_tracker)
