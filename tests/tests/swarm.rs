@@ -66,6 +66,16 @@ fn holding(status: &serde_json::Value, name: &str, shard: &str) -> Option<serde_
         .map(|(_, _, h)| h.clone())
 }
 
+/// Ready, every shard on `copies` nodes, and all `nodes` with their shards loaded.
+fn every_shard_loaded(st: &serde_json::Value, copies: usize, nodes: usize) -> bool {
+    let full = st["placement"]
+        .as_object()
+        .unwrap()
+        .values()
+        .all(|h| h.as_array().unwrap().len() == copies);
+    st["ready"] == true && full && nodes_fully_loaded(st) == nodes
+}
+
 /// Every node's loaded shards equal the source files.
 fn check_node_files(
     status: &serde_json::Value,
@@ -127,12 +137,7 @@ fn eight_nodes_hold_two_replicas_and_the_seeder_sends_each_shard_about_once() {
     let st = wait_for("8 nodes with every shard twice", READY_WITHIN, || {
         let st = status(&c);
         trailed |= replica_trails_a_fetching_holder(&st);
-        let full = st["placement"]
-            .as_object()
-            .unwrap()
-            .values()
-            .all(|h| h.as_array().unwrap().len() == 2);
-        (st["ready"] == true && full && nodes_fully_loaded(&st) == 8).then_some(st)
+        every_shard_loaded(&st, 2, 8).then_some(st)
     });
     check_node_files(&st, bed.seed.path(), &dirs);
     let received: u64 = st["shards"]
@@ -141,15 +146,7 @@ fn eight_nodes_hold_two_replicas_and_the_seeder_sends_each_shard_about_once() {
         .iter()
         .map(|s| 2 * s["size"].as_u64().unwrap())
         .sum();
-    let metrics = reqwest::blocking::get(format!("http://{}/metrics", bed.seeder.field("http")))
-        .unwrap()
-        .text()
-        .unwrap();
-    let sent = metric_sum(
-        &metrics,
-        "shardswarm_seeder_uploaded_bytes_total",
-        "source=\"bittorrent\"",
-    );
+    let sent = seeder_sent(&bed);
     assert!(
         (sent as f64) <= 0.75 * received as f64,
         "the seeder sent {sent} bytes for {received} received by nodes (> 0.75x)"
@@ -386,12 +383,7 @@ fn twelve_nodes_hold_three_copies_and_replicas_serve_each_other() {
         Duration::from_secs(300),
         || {
             let st = status(&c);
-            let full = st["placement"]
-                .as_object()
-                .unwrap()
-                .values()
-                .all(|h| h.as_array().unwrap().len() == 3);
-            (st["ready"] == true && full && nodes_fully_loaded(&st) == 12).then_some(st)
+            every_shard_loaded(&st, 3, 12).then_some(st)
         },
     );
     check_node_files(&st, bed.seed.path(), &dirs);
