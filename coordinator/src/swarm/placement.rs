@@ -2,9 +2,10 @@
 //! goes to a node with room that holds nothing, else to one holding only replicas, else (once
 //! `min_nodes` are registered, so no more are awaited) to the least loaded, the fastest uplink
 //! first among equals (declared at REGISTER, else measured while fetching); a node holding
-//! nothing gets a replica of the least-covered shard. A replica fetches from the nodes already
-//! holding or fetching its shard (and they from it), not from the seeder, so the seeder sends
-//! each shard about once; if those nodes go away it is told to use the tracker again.
+//! nothing gets a replica of the least-covered shard. A shard's holders form a chain: each
+//! replica fetches from the holder before it and from complete holders ([`Swarm::chain_peers`]),
+//! never from the seeder, so the seeder sends each shard about once; if the first holder goes
+//! away mid-transfer, the replica furthest along is told to use the tracker.
 
 use std::time::Instant;
 
