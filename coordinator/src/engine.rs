@@ -143,6 +143,8 @@ struct Running {
 /// a task of its own, since reading a frame cannot be cancelled half-way).
 struct Lane {
     route: Vec<RouteHop>,
+    /// The machines its stages run on: the default number of micro-batches in flight.
+    machines: usize,
     writer: FrameWriter,
     answers: mpsc::UnboundedReceiver<Result<Frame, String>>,
 }
@@ -349,6 +351,7 @@ impl State {
                 });
                 tracing::info!("serving through {}", describe(&route));
                 self.lane = Some(Lane {
+                    machines: machines_in(&route).max(1),
                     route,
                     writer,
                     answers,
@@ -365,10 +368,7 @@ impl State {
     /// Send steps while fewer than the micro-batch count are in the pipeline.
     async fn send_steps(&mut self) {
         let in_flight_limit = match self.settings.micro_batches {
-            0 => self
-                .lane
-                .as_ref()
-                .map_or(1, |l| machines_in(&l.route).max(1)),
+            0 => self.lane.as_ref().map_or(1, |l| l.machines),
             m => m,
         };
         while self.lane.is_some() && self.steps.len() < in_flight_limit {

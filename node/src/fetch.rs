@@ -150,7 +150,7 @@ impl Fetcher {
         let mut last_report: Option<tokio::time::Instant> = None;
         let mut sources = SourceBytes::default();
         let mut reports = 0u64;
-        loop {
+        let stats = loop {
             tick.tick().await;
             let stats = handle.stats();
             sources.update(&handle);
@@ -182,21 +182,20 @@ impl Fetcher {
                 }));
             }
             if stats.finished {
-                // librqbit asks a second peer for a piece that is slow to come ("steals" it);
-                // the first peer's chunks then arrive all the same and are dropped.
-                let (s, p_) = sources.split(p.seeder_peer.as_deref());
-                let used = stats.live.as_ref().map_or(0, |l| l.snapshot.fetched_bytes);
-                if s + p_ > used + used / 50 {
-                    tracing::info!(
-                        "{}: received {} bytes, used {used}: the rest came for pieces another peer had already sent",
-                        p.file,
-                        s + p_
-                    );
-                }
-                break;
+                break stats;
             }
-        }
+        };
         let (from_seeder, from_peers) = sources.split(p.seeder_peer.as_deref());
+        // Chunks of a piece another peer had already sent (librqbit "stealing" a slow piece,
+        // off for shards since patch 0004) arrive all the same and are dropped.
+        let used = stats.live.as_ref().map_or(0, |l| l.snapshot.fetched_bytes);
+        let received = from_seeder + from_peers;
+        if received > used + used / 50 {
+            tracing::info!(
+                "{}: received {received} bytes, used {used}: the rest came for pieces another peer had already sent",
+                p.file
+            );
+        }
         let path = self.data.shards_dir().join(&p.file);
         let check = path.clone();
         let sha = tokio::task::spawn_blocking(move || torrents::hashing::sha256_file(&check))

@@ -66,6 +66,16 @@ fn holding(status: &serde_json::Value, name: &str, shard: &str) -> Option<serde_
         .map(|(_, _, h)| h.clone())
 }
 
+/// The bytes of all the split's shards (D), from a `/status`.
+fn split_bytes(st: &serde_json::Value) -> u64 {
+    st["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["size"].as_u64().unwrap())
+        .sum()
+}
+
 /// Ready, every shard on `copies` nodes, and all `nodes` with their shards loaded.
 fn every_shard_loaded(st: &serde_json::Value, copies: usize, nodes: usize) -> bool {
     let full = st["placement"]
@@ -140,12 +150,7 @@ fn eight_nodes_hold_two_replicas_and_the_seeder_sends_each_shard_about_once() {
         every_shard_loaded(&st, 2, 8).then_some(st)
     });
     check_node_files(&st, bed.seed.path(), &dirs);
-    let received: u64 = st["shards"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| 2 * s["size"].as_u64().unwrap())
-        .sum();
+    let received = 2 * split_bytes(&st);
     let sent = seeder_sent(&bed);
     assert!(
         (sent as f64) <= 0.75 * received as f64,
@@ -387,12 +392,7 @@ fn twelve_nodes_hold_three_copies_and_replicas_serve_each_other() {
         },
     );
     check_node_files(&st, bed.seed.path(), &dirs);
-    let d: u64 = st["shards"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["size"].as_u64().unwrap())
-        .sum();
+    let d = split_bytes(&st);
     let sent = seeder_sent(&bed);
     assert!(
         sent as f64 <= 1.3 * d as f64,
