@@ -23,6 +23,7 @@ usage (root): bench/swarm.py [--us 80] [--u 40] [--d 200] [--shapes 4,8,16,32] [
 import argparse
 import json
 import os
+import secrets
 import shutil
 import statistics
 import subprocess
@@ -35,6 +36,7 @@ from benchlib import stop, wait_line
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(REPO, "target", "release")
+API_KEY = secrets.token_hex(16)
 PREFIX = f"sswb{os.getpid() % 10000}"
 BRIDGE = f"{PREFIX}br"
 
@@ -93,7 +95,8 @@ def first_token(seeder_ns, limit):
     answer = ""
     while time.monotonic() < deadline:
         p = subprocess.Popen(["ip", "netns", "exec", seeder_ns, "curl", "-sN", "--max-time", str(limit), "-H",
-                              "content-type: application/json", "-d", body, "http://198.18.0.1:51830/v1/completions"],
+                              "content-type: application/json", "-H", f"Authorization: Bearer {API_KEY}", "-d", body,
+                              "http://198.18.0.1:51830/v1/completions"],
                              stdout=subprocess.PIPE, text=True)
         try:
             answer = ""
@@ -118,8 +121,13 @@ def run_swarm(work, shards_dir, n, seeder_dev, caps, uneven):
                               os.path.join(work, "seeder-state")], os.path.join(work, "seeder.log"))
         procs.append(s)
         wait_line(s, r"^\[READY\]", 300)
+        # As on a real network: nodes join with the swarm token, the API asks for a key.
+        token_file = os.path.join(work, "token")
+        with open(token_file, "w") as f:
+            f.write(secrets.token_hex(32) + "\n")
         c = start(seeder_ns, [os.path.join(BIN, "coordinator"), "--listen", "198.18.0.1:51830", "--seeder",
-                              "http://198.18.0.1:51821", "--min-nodes", str(n)], os.path.join(work, "coordinator.log"))
+                              "http://198.18.0.1:51821", "--min-nodes", str(n), "--token-file", token_file,
+                              "--api-key", API_KEY], os.path.join(work, "coordinator.log"))
         procs.append(c)
         wait_line(c, r"^\[READY\]", 60)
         tx0 = tx_bytes(seeder_ns, seeder_dev)
@@ -127,6 +135,7 @@ def run_swarm(work, shards_dir, n, seeder_dev, caps, uneven):
         for i in range(1, n + 1):
             procs.append(start(ns_name(i), [os.path.join(BIN, "node"), "--coordinator", "http://198.18.0.1:51830",
                                             "--data-dir", os.path.join(work, f"node{i}"), "--name", f"n{i}",
+                                            "--token-file", token_file,
                                             "--listen-addr", f"198.18.0.{i + 1}", "--threads", "1",
                                             "--uplink-mbit", str(node_uplink(i, n, u, uneven)),
                                             "--downlink-mbit", str(d)],
@@ -140,7 +149,8 @@ def run_swarm(work, shards_dir, n, seeder_dev, caps, uneven):
         done = {}
         deadline = time.time() + 900
         while time.time() < deadline and len(done) < n:
-            out = sh("ip", "netns", "exec", seeder_ns, "curl", "-sf", "http://198.18.0.1:51830/status", check=False).stdout
+            out = sh("ip", "netns", "exec", seeder_ns, "curl", "-sf", "-H", f"Authorization: Bearer {API_KEY}",
+                     "http://198.18.0.1:51830/status", check=False).stdout
             try:
                 nodes = json.loads(out)["nodes"]
             except (ValueError, KeyError):

@@ -7,6 +7,7 @@
 //! non-blocking bookkeeping of one event; the messages an event produces are sent after the
 //! lock is released.
 
+pub mod access;
 pub mod engine;
 pub mod error;
 pub mod hub;
@@ -33,7 +34,10 @@ pub use error::{Error, Result};
 from the seeder's /manifest and /files, places every shard on at least one node (extra nodes get \
 replicas, fetched from the first holder rather than the seeder), sends LOAD_SHARD, and broadcasts \
 SWARM_READY once --min-nodes nodes are registered and every shard is loaded.\n\nHTTP: GET /status \
-(JSON), GET /healthz. Prints `[READY] http=ADDR` once serving."
+(JSON), GET /healthz, the OpenAI API under /v1. Prints `[READY] http=ADDR` once serving.\n\n\
+Access: on loopback with no token or API key set, everything is open. On any other address a \
+missing token and API key are made, kept in --state-dir and printed ([JOIN], [API-KEY]); \
+--insecure runs open there."
 )]
 pub struct Config {
     /// Address to listen on (port 0: any free port).
@@ -49,9 +53,34 @@ pub struct Config {
     /// Nodes that must be registered for the swarm to be ready.
     #[arg(long, default_value_t = 4)]
     pub min_nodes: usize,
-    /// Shared secret nodes must present (params.token or `Authorization: Bearer`).
-    #[arg(long, env = "SHARDSWARM_TOKEN")]
+    /// Shared secret nodes must present (params.token or `Authorization: Bearer`). On an
+    /// address other than loopback, one is made and kept in --state-dir when none is given.
+    #[arg(long, env = "SHARDSWARM_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Read the token from this file (its first line) instead.
+    #[arg(long, env = "SHARDSWARM_COORDINATOR_TOKEN_FILE")]
+    pub token_file: Option<std::path::PathBuf>,
+    /// An API key clients must present as `Authorization: Bearer KEY` on /v1/*, /status and
+    /// /metrics (repeat for several). On an address other than loopback, one is made and kept
+    /// in --state-dir when none is given.
+    #[arg(
+        long,
+        env = "SHARDSWARM_COORDINATOR_API_KEY",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_key: Vec<String>,
+    /// Read API keys from this file, one per line (`#` comments and blank lines skipped).
+    #[arg(long, env = "SHARDSWARM_COORDINATOR_API_KEY_FILE")]
+    pub api_key_file: Vec<std::path::PathBuf>,
+    /// Run open (no token, no API key) on an address other than loopback. Anyone who can
+    /// reach the port can then join the swarm and use the API.
+    #[arg(long, env = "SHARDSWARM_COORDINATOR_INSECURE")]
+    pub insecure: bool,
+    /// Where the coordinator keeps what it makes (token, API key) across restarts (default:
+    /// $STATE_DIRECTORY, else $XDG_STATE_HOME or ~/.local/state, /shardswarm-coordinator).
+    #[arg(long, env = "SHARDSWARM_COORDINATOR_STATE_DIR")]
+    pub state_dir: Option<std::path::PathBuf>,
     /// Seconds between node heartbeats.
     #[arg(long, default_value_t = 2)]
     pub heartbeat_interval: u64,
@@ -91,6 +120,11 @@ impl Default for Config {
             seeder: "http://127.0.0.1:51821".into(),
             min_nodes: 4,
             token: None,
+            token_file: None,
+            api_key: Vec::new(),
+            api_key_file: Vec::new(),
+            insecure: false,
+            state_dir: None,
             heartbeat_interval: 2,
             heartbeat_timeout: 10,
             parallel: 8,
@@ -124,6 +158,13 @@ impl Config {
             return refuse(format!("--seeder {} is not an http:// URL", self.seeder));
         }
         Ok(())
+    }
+
+    /// Where made secrets are kept.
+    pub fn state_dir(&self) -> std::path::PathBuf {
+        self.state_dir
+            .clone()
+            .unwrap_or_else(access::default_state_dir)
     }
 
     pub(crate) fn heartbeat(&self) -> (Duration, Duration) {

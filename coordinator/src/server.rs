@@ -44,6 +44,7 @@ impl Running {
 /// Learn the split from the seeder, then listen.
 pub async fn start(config: Config) -> Result<Running> {
     config.check()?;
+    let access = Arc::new(crate::access::Access::resolve(&config)?);
     let split = crate::seeder_client::fetch_split_with_retry(&config.seeder).await?;
     tracing::info!(
         "split {} of model {}: {} shards",
@@ -71,7 +72,7 @@ pub async fn start(config: Config) -> Result<Running> {
             model_sha256: split.model_sha256,
             split_id: split.split_id,
             seeder_peer: split.seeder_peer,
-            token: config.token.clone(),
+            token: access.token.clone(),
             heartbeat_interval: interval,
             heartbeat_timeout: timeout,
             parallel: config.parallel,
@@ -98,8 +99,8 @@ pub async fn start(config: Config) -> Result<Running> {
         .local_addr()
         .map_err(|e| daemon::IoError::new("the listening address", e))?;
     let cancel = CancellationToken::new();
-    let app = Router::new()
-        .route("/control", get(control))
+    // Behind an API key when one is set: the API, and what /status tells about the swarm.
+    let api = Router::new()
         .route("/status", get(status))
         .route("/v1/models", get(crate::openai::models))
         .route(
@@ -110,6 +111,13 @@ pub async fn start(config: Config) -> Result<Running> {
             "/v1/chat/completions",
             axum::routing::post(crate::openai::chat_completions),
         )
+        .route_layer(axum::middleware::from_fn_with_state(
+            access,
+            crate::access::require_api_key,
+        ));
+    let app = Router::new()
+        .route("/control", get(control))
+        .merge(api)
         .route(
             "/healthz",
             get(|| async { Json(serde_json::json!({"status": "ok"})) }),

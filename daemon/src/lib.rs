@@ -71,3 +71,5 @@ impl IoError {
         }
     }
 }
+
+pub mod secret;

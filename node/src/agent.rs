@@ -51,8 +51,17 @@ fn control_url(coordinator: &str) -> String {
 }
 
 /// Run the node until a signal, or until the coordinator refuses it.
-pub(crate) async fn run(config: Config) -> Result<()> {
+pub(crate) async fn run(mut config: Config) -> Result<()> {
     let required = |flag: &str| Error::Config(format!("{flag} is required"));
+    if let Some(file) = &config.token_file {
+        if config.token.is_some() {
+            return Err(Error::Config(
+                "give the token by --token (or SHARDSWARM_TOKEN) or by --token-file, not both"
+                    .into(),
+            ));
+        }
+        config.token = Some(daemon::secret::read_secret_file(file)?);
+    }
     let coordinator = config
         .coordinator
         .clone()

@@ -25,9 +25,12 @@ pub struct Config {
     /// A name for logs and /status (default: the host name).
     #[arg(long)]
     pub name: Option<String>,
-    /// Shared secret of the swarm.
-    #[arg(long, env = "SHARDSWARM_TOKEN")]
+    /// Shared secret of the swarm (the coordinator prints it as `[JOIN]`).
+    #[arg(long, env = "SHARDSWARM_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Read the token from this file (its first line) instead.
+    #[arg(long, env = "SHARDSWARM_NODE_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
     /// BitTorrent port other nodes fetch shards from (0: any free port).
     #[arg(long, default_value_t = 0)]
     pub peer_port: u16,
@@ -56,6 +59,7 @@ impl Default for Config {
             data_dir: None,
             name: None,
             token: None,
+            token_file: None,
             peer_port: 0,
             listen_addr: IpAddr::from([0, 0, 0, 0]),
             threads: None,

@@ -1,9 +1,10 @@
 """Talk to the swarm with the official `openai` Python client: one chat completion and one
 streamed, printed as JSON {"chat": text, "streamed": text}.
 
-usage: openai_client.py BASE_URL MODEL PROMPT MAX_TOKENS
+usage: openai_client.py BASE_URL MODEL PROMPT MAX_TOKENS   (the API key from $OPENAI_API_KEY, if set)
 """
 import json
+import os
 import sys
 
 from openai import OpenAI
@@ -11,7 +12,7 @@ from openai import OpenAI
 
 def main() -> None:
     base, model, prompt, max_tokens = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-    client = OpenAI(base_url=base, api_key="unused", max_retries=0, timeout=120)
+    client = OpenAI(base_url=base, api_key=os.environ.get("OPENAI_API_KEY", "unused"), max_retries=0, timeout=120)
     messages = [{"role": "user", "content": prompt}]
     chat = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0)
     parts = []

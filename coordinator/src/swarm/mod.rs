@@ -220,7 +220,8 @@ impl Swarm {
         header_token: Option<&str>,
     ) -> Result<Outbox, Refusal> {
         if let Some(want) = &self.settings.token {
-            if p.token.as_deref().or(header_token) != Some(want.as_str()) {
+            let presented = p.token.as_deref().or(header_token);
+            if !presented.is_some_and(|got| daemon::secret::same_secret(want, got)) {
                 return Err(Refusal(code::UNAUTHORIZED, "wrong or missing token".into()));
             }
         }

@@ -1,0 +1,193 @@
+//! Who may use the coordinator: on loopback with nothing set it is open; on any other address
+//! it makes a swarm token and an API key, keeps them across restarts and prints how to use
+//! them, unless `--insecure`; API keys guard `/v1/*` and `/status` with OpenAI's 401.
+//! The "public" coordinator listens on 0.0.0.0 and is reached through loopback only.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::Value;
+use tests::{node, swarm_lock, wait_for, Bed, Proc};
+
+/// GET `path` with an optional bearer key: (status, JSON body or Null).
+fn get(addr: &str, path: &str, key: Option<&str>) -> (u16, Value) {
+    let mut req = reqwest::blocking::Client::new()
+        .get(format!("http://{addr}{path}"))
+        .timeout(Duration::from_secs(30));
+    if let Some(k) = key {
+        req = req.bearer_auth(k);
+    }
+    let r = req.send().unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().unwrap_or(Value::Null))
+}
+
+/// The `[READY]` address of a coordinator on 0.0.0.0, reached through loopback.
+fn via_loopback(c: &Proc) -> String {
+    let port = c.field("http").rsplit_once(':').unwrap().1;
+    format!("127.0.0.1:{port}")
+}
+
+/// The value after `prefix` in a stdout line of `c`.
+fn printed(c: &Proc, prefix: &str) -> Option<String> {
+    c.stdout_lines()
+        .iter()
+        .find_map(|l| l.strip_prefix(prefix).map(str::to_owned))
+}
+
+fn assert_unauthorized(addr: &str, path: &str, key: Option<&str>) {
+    let (status, body) = get(addr, path, key);
+    assert_eq!(status, 401, "{path} with {key:?}: {body}");
+    assert_eq!(body["error"]["code"], "invalid_api_key", "{body}");
+    assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+    assert!(body["error"]["message"].is_string(), "{body}");
+}
+
+#[test]
+fn a_public_coordinator_makes_keeps_and_requires_a_token_and_an_api_key() {
+    let _one = swarm_lock();
+    let bed = Bed::new(2, &[]);
+    let state = bed.work.path().join("coordinator-state");
+    let state_flag = state.display().to_string();
+    let c = bed.coordinator(
+        "0.0.0.0:0",
+        &["--min-nodes", "2", "--state-dir", &state_flag],
+    );
+    let addr = via_loopback(&c);
+
+    // Made, kept in the state dir (owner only), printed with how to use them.
+    let join = printed(&c, "[JOIN] ").expect("a [JOIN] line");
+    let token = join.rsplit_once("--token ").unwrap().1.to_owned();
+    let key = printed(&c, "[API-KEY] Authorization: Bearer ").expect("an [API-KEY] line");
+    let read = |name: &str| std::fs::read_to_string(state.join(name)).unwrap();
+    assert_eq!(read("token").trim(), token);
+    assert_eq!(read("api-key").trim(), key);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(state.join("token"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "the token file is readable by others");
+
+    // The API and /status need the key; /healthz does not.
+    for path in ["/status", "/v1/models"] {
+        assert_unauthorized(&addr, path, None);
+        assert_unauthorized(&addr, path, Some("not-the-key"));
+        assert_eq!(get(&addr, path, Some(&key)).0, 200, "{path} with the key");
+    }
+    assert_eq!(get(&addr, "/healthz", None).0, 200);
+
+    // A node without the token is turned away; with the token (from a file) it joins.
+    let dirs = bed.node_dirs(2);
+    let (status, stderr) =
+        node("stranger", &addr, &dirs[0].1, &[]).wait_exit(Duration::from_secs(60));
+    assert!(!status.success());
+    assert!(stderr.contains("token"), "{stderr}");
+    let token_file = state.join("token").display().to_string();
+    let _nodes: Vec<Proc> = dirs
+        .iter()
+        .map(|(name, dir)| node(name, &addr, dir, &["--token-file", &token_file]))
+        .collect();
+    wait_for("the pipeline serving", Duration::from_secs(180), || {
+        (get(&addr, "/status", Some(&key)).1["serving"] == true).then_some(())
+    });
+
+    // The official openai client with the key gets completions; without it, an error.
+    let model_id = get(&addr, "/v1/models", Some(&key)).1["data"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let client = |api_key: &str| {
+        std::process::Command::new(tests::python())
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/openai_client.py"))
+            .args([
+                &format!("http://{addr}/v1"),
+                &model_id,
+                "Name a colour.",
+                "8",
+            ])
+            .env("OPENAI_API_KEY", api_key)
+            .output()
+            .unwrap()
+    };
+    let ok = client(&key);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let refused = client("wrong");
+    assert!(!refused.status.success());
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        why.contains("401") || why.contains("AuthenticationError"),
+        "{why}"
+    );
+
+    // A second coordinator on the same state dir uses the same secrets.
+    let again = bed.coordinator(
+        "0.0.0.0:0",
+        &["--min-nodes", "2", "--state-dir", &state_flag],
+    );
+    let again_token = printed(&again, "[JOIN] ").unwrap();
+    assert_eq!(again_token.rsplit_once("--token ").unwrap().1, token);
+    assert_eq!(
+        printed(&again, "[API-KEY] Authorization: Bearer ").unwrap(),
+        key
+    );
+    assert_eq!(get(&via_loopback(&again), "/status", Some(&key)).0, 200);
+}
+
+#[test]
+fn insecure_runs_open_and_keys_on_loopback_guard_the_api() {
+    let _one = swarm_lock();
+    let bed = Bed::new(2, &[]);
+    let state = bed.work.path().join("st").display().to_string();
+
+    // --insecure on a public address: nothing made, nothing asked.
+    let open = bed.coordinator("0.0.0.0:0", &["--insecure", "--state-dir", &state]);
+    let addr = via_loopback(&open);
+    assert!(printed(&open, "[JOIN] ").is_none());
+    assert_eq!(get(&addr, "/status", None).0, 200);
+    assert!(!bed.work.path().join("st/token").exists());
+    assert!(open.stderr_text().contains("--insecure"), "no warning");
+    drop(open);
+
+    // Loopback with keys from a flag and a file: each key works, nothing else does.
+    let keys = bed.work.path().join("keys");
+    std::fs::write(&keys, "# team keys\nfile-key\n").unwrap();
+    let keys_flag = keys.display().to_string();
+    let c = bed.coordinator(
+        "127.0.0.1:0",
+        &["--api-key", "flag-key", "--api-key-file", &keys_flag],
+    );
+    let addr = c.field("http");
+    assert_unauthorized(addr, "/v1/models", None);
+    assert_unauthorized(addr, "/status", Some("flag-keyX"));
+    assert_eq!(get(addr, "/v1/models", Some("flag-key")).0, 200);
+    assert_eq!(get(addr, "/status", Some("file-key")).0, 200);
+    assert_eq!(get(addr, "/healthz", None).0, 200);
+
+    // An empty key file is refused at start, naming the file.
+    std::fs::write(&keys, "\n# none yet\n").unwrap();
+    let mut args = vec![
+        "--listen".to_string(),
+        "127.0.0.1:0".into(),
+        "--seeder".into(),
+        format!("http://{}", bed.seeder.field("http")),
+        "--api-key-file".into(),
+        keys_flag.clone(),
+    ];
+    args.push("--cache-dir".into());
+    args.push(bed.work.path().join("cache").display().to_string());
+    let out = std::process::Command::new(tests::bin("coordinator", "coordinator"))
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&keys_flag) && err.contains("holds no secret"),
+        "{err}"
+    );
+}
