@@ -317,21 +317,19 @@ impl State {
         let Some(first) = route.first() else {
             return;
         };
-        let hello = Hello {
-            model_sha256: self.settings.model_sha256.clone(),
-            split_id: self.settings.split_id.clone(),
-            stage: 0,
+        let hello = Hello::new(&self.settings.model_sha256, &self.settings.split_id, 0);
+        let opened = match tokio::time::timeout(
+            CONNECT_WAIT,
+            Connection::open(&first.data_addr, hello, &first.key),
+        )
+        .await
+        {
+            Ok(opened) => opened.map_err(|e| e.to_string()),
+            Err(_) => Err(format!(
+                "{}: no answer within {CONNECT_WAIT:?}",
+                first.data_addr
+            )),
         };
-        let opened =
-            match tokio::time::timeout(CONNECT_WAIT, Connection::open(&first.data_addr, hello))
-                .await
-            {
-                Ok(opened) => opened.map_err(|e| e.to_string()),
-                Err(_) => Err(format!(
-                    "{}: no answer within {CONNECT_WAIT:?}",
-                    first.data_addr
-                )),
-            };
         match opened {
             Ok(conn) => {
                 let (mut reader, writer) = conn.into_split();

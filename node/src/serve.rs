@@ -137,15 +137,32 @@ struct Work {
     payload: Payload,
 }
 
+/// Connections that may be in their handshake at once; more wait to be read. A route has one
+/// caller per stage, so only strangers (or a storm of reconnects) come near it.
+const PENDING_HANDSHAKES: usize = 32;
+
+/// How long a caller has to prove the route key before the connection is closed.
+const HANDSHAKE_TIME: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Accept data connections until the listener fails.
 pub async fn serve(listener: TcpListener, pipeline: Arc<Pipeline>) {
     let (work, queue) = mpsc::unbounded_channel();
     tokio::spawn(worker(queue, pipeline.clone()));
+    let pending = Arc::new(tokio::sync::Semaphore::new(PENDING_HANDSHAKES));
     loop {
+        let Ok(permit) = pending.clone().acquire_owned().await else {
+            return;
+        };
         let Ok((stream, peer)) = listener.accept().await else {
             continue;
         };
-        tokio::spawn(connection(stream, peer, pipeline.clone(), work.clone()));
+        tokio::spawn(connection(
+            stream,
+            peer,
+            pipeline.clone(),
+            work.clone(),
+            permit,
+        ));
     }
 }
 
@@ -154,6 +171,7 @@ async fn connection(
     peer: SocketAddr,
     pipeline: Arc<Pipeline>,
     work: mpsc::UnboundedSender<Work>,
+    handshake: tokio::sync::OwnedSemaphorePermit,
 ) {
     let current = pipeline
         .loaded
@@ -161,17 +179,25 @@ async fn connection(
         .await
         .as_ref()
         .map(|l| (l.route.clone(), l.generation));
-    let admitted = Connection::accept(stream, |hello| {
-        admit(current.as_ref().map(|(route, _)| route), hello)
-    })
+    let admitted = tokio::time::timeout(
+        HANDSHAKE_TIME,
+        Connection::accept(stream, |hello| {
+            admit(current.as_ref().map(|(route, _)| route), hello)
+        }),
+    )
     .await;
+    drop(handshake);
     let (conn, (route, generation)) = match (admitted, current) {
-        (Ok((conn, _)), Some(current)) => (conn, current),
-        (Err(e), _) => {
-            tracing::debug!("data connection from {peer}: {e}");
+        (Ok(Ok((conn, _))), Some(current)) => (conn, current),
+        (Ok(Err(e)), _) => {
+            tracing::info!("data connection from {peer} refused: {e}");
             return;
         }
-        (Ok(_), None) => return, // admit refuses without a route
+        (Err(_), _) => {
+            tracing::info!("data connection from {peer}: no handshake within {HANDSHAKE_TIME:?}");
+            return;
+        }
+        (Ok(Ok(_)), None) => return, // admit refuses without a route
     };
     let (mut steps, to_caller) = conn.into_split();
     let (up, up_queue) = mpsc::unbounded_channel();
@@ -235,8 +261,9 @@ async fn connection(
     }
 }
 
-/// A caller may talk to this node only about the stage, split and model it runs.
-fn admit(route: Option<&RouteParams>, hello: &Hello) -> Result<(), String> {
+/// A caller may talk to this node only about the stage, split and model it runs, and must
+/// then prove the route's key for this hop: the key is what `admit` gives back.
+fn admit(route: Option<&RouteParams>, hello: &Hello) -> Result<String, String> {
     let Some(route) = route else {
         return Err("this node has no route yet".into());
     };
@@ -256,17 +283,17 @@ fn admit(route: Option<&RouteParams>, hello: &Hello) -> Result<(), String> {
             route.stage, route.split_id, hello.stage, hello.split_id
         ));
     }
-    Ok(())
+    if route.key.is_empty() {
+        return Err("refused: the coordinator gave this route no key".into());
+    }
+    Ok(route.key.clone())
 }
 
 /// Open this lane's connection to the next stage.
 async fn open_next(route: &RouteParams, next: &str) -> Result<Connection> {
-    let hello = Hello {
-        model_sha256: route.model_sha256.clone(),
-        split_id: route.split_id.clone(),
-        stage: route.stage + 1,
-    };
-    Connection::open(next, hello)
+    let hello = Hello::new(&route.model_sha256, &route.split_id, route.stage + 1);
+    let key = route.next_key.as_deref().unwrap_or_default();
+    Connection::open(next, hello, key)
         .await
         .map_err(|e| Error::Pipeline(format!("stage {}: {e}", route.stage + 1)))
 }
@@ -511,6 +538,8 @@ mod tests {
             split_id: "s".into(),
             parallel: 8,
             co_located,
+            key: "k".into(),
+            next_key: None,
         }
     }
 

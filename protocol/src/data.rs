@@ -10,6 +10,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod auth;
+
 /// The longest context a stage keeps (prompt and completion tokens together), whatever the
 /// model was trained for: it bounds the KV cache and batch buffers of every stage.
 pub const MAX_CONTEXT: u32 = 4096;
@@ -33,7 +35,13 @@ pub struct Hello {
     pub split_id: String,
     /// The stage (shard id) the caller wants to talk to.
     pub stage: u32,
+    /// The caller's fresh random nonce (hex), which the callee's proof covers.
+    pub nonce: String,
 }
+
+/// Frames a peer may send before it has proved the route key: enough for a `Hello`, far
+/// below [`MAX_FRAME`], so that a stranger cannot make a node allocate much.
+pub const MAX_HANDSHAKE_FRAME: usize = 16 << 10;
 
 /// How the last stage picks the next token.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -74,6 +82,14 @@ pub struct Group {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Frame {
     Hello(Hello),
+    /// The callee's answer to `Hello`: its nonce and its proof of the route key
+    /// ([`auth::callee_proof`]).
+    Challenge {
+        nonce: [u8; auth::PROOF_LEN],
+        proof: auth::Proof,
+    },
+    /// The caller's proof of the route key ([`auth::caller_proof`]); answered `Ready`.
+    Proof(auth::Proof),
     Ready,
     /// One pipeline step: the groups' rows, in order, as one payload (tokens into stage 0,
     /// hidden states after it). Steps flow down the chain without waiting for answers; each
@@ -226,6 +242,19 @@ impl Reader<'_> {
 }
 
 impl Frame {
+    /// The frame's name, for messages (without its contents, which may be megabytes).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Frame::Hello(_) => "Hello",
+            Frame::Challenge { .. } => "Challenge",
+            Frame::Proof(_) => "Proof",
+            Frame::Ready => "Ready",
+            Frame::Step { .. } => "Step",
+            Frame::Sampled { .. } => "Sampled",
+            Frame::Error(_) => "Error",
+        }
+    }
+
     /// The payload (without the length prefix).
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
@@ -235,6 +264,15 @@ impl Frame {
                 out.extend(serde_json::to_vec(h).expect("hello serialises"));
             }
             Frame::Ready => out.push(2),
+            Frame::Challenge { nonce, proof } => {
+                out.push(3);
+                out.extend(nonce);
+                out.extend(proof);
+            }
+            Frame::Proof(proof) => {
+                out.push(4);
+                out.extend(proof);
+            }
             Frame::Step {
                 step,
                 in_flight,
@@ -289,6 +327,11 @@ impl Frame {
         let frame = match kind {
             1 => return Ok(Frame::Hello(serde_json::from_slice(r.0)?)),
             2 => Frame::Ready,
+            3 => Frame::Challenge {
+                nonce: r.take(auth::PROOF_LEN, "nonce")?.try_into().unwrap(),
+                proof: r.take(auth::PROOF_LEN, "proof")?.try_into().unwrap(),
+            },
+            4 => Frame::Proof(r.take(auth::PROOF_LEN, "proof")?.try_into().unwrap()),
             6 => {
                 let step = r.u64("step")?;
                 let in_flight = r.u32("in flight")?;
@@ -380,7 +423,13 @@ mod tests {
                 model_sha256: "m".into(),
                 split_id: "s".into(),
                 stage: 2,
+                nonce: "ab".into(),
             }),
+            Frame::Challenge {
+                nonce: [1; auth::PROOF_LEN],
+                proof: [2; auth::PROOF_LEN],
+            },
+            Frame::Proof([3; auth::PROOF_LEN]),
             Frame::Ready,
             Frame::Step {
                 step: 1,

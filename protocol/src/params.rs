@@ -156,6 +156,13 @@ pub struct RouteParams {
     /// one included: such stages share the machine's cores when they work at the same time.
     #[serde(default = "one")]
     pub co_located: u32,
+    /// The key the caller of this stage must prove on the data channel (and this stage proves
+    /// back): made by the coordinator for this hop of this route, known only to the two ends.
+    #[serde(default)]
+    pub key: String,
+    /// The key of the hop to the next stage; None on the last stage.
+    #[serde(default)]
+    pub next_key: Option<String>,
 }
 
 fn one() -> u32 {

@@ -9,11 +9,19 @@ use serde_json::{json, Value};
 use tests::api::{model, post, send, swarm, swarm_serving, PROMPTS};
 use tests::{get_json, swarm_lock, wait_for, Bed};
 
-/// Send one data-channel frame and read the answer (blocking).
-fn data_exchange(addr: &str, frame: &protocol::data::Frame) -> protocol::data::Frame {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
+/// A raw data-channel connection (blocking, reads bounded by 10 s).
+fn data_connect(addr: &str) -> std::net::TcpStream {
+    let s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+/// Send one data-channel frame and read the answer.
+fn data_exchange(
+    s: &mut std::net::TcpStream,
+    frame: &protocol::data::Frame,
+) -> protocol::data::Frame {
+    use std::io::{Read, Write};
     let payload = frame.encode();
     s.write_all(&(payload.len() as u32).to_le_bytes()).unwrap();
     s.write_all(&payload).unwrap();
@@ -143,18 +151,49 @@ fn four_stage_swarm_matches_the_whole_model_streams_and_serves_the_openai_client
         "sampled with a seed"
     );
 
-    // A data connection that asks for the wrong stage is refused.
+    // The data channel takes only the predecessor the coordinator named. What /status
+    // publishes is not enough: a Hello for the wrong stage is refused at once; one for the
+    // right stage gets a challenge, and a proof made without the route's key is refused.
     let st = get_json(&format!("http://{addr}/status"));
     let stage0 = st["route"][0]["data_addr"].as_str().unwrap();
-    let hello = protocol::data::Frame::Hello(protocol::data::Hello {
-        model_sha256: st["model_sha256"].as_str().unwrap().into(),
-        split_id: st["split_id"].as_str().unwrap().into(),
-        stage: 1,
-    });
-    let refused = data_exchange(stage0, &hello);
+    let public_hello = |stage| {
+        protocol::data::Frame::Hello(protocol::data::Hello {
+            model_sha256: st["model_sha256"].as_str().unwrap().into(),
+            split_id: st["split_id"].as_str().unwrap().into(),
+            stage,
+            nonce: "00".into(),
+        })
+    };
+    let mut s = data_connect(stage0);
+    let refused = data_exchange(&mut s, &public_hello(1));
     assert!(
         matches!(&refused, protocol::data::Frame::Error(e) if e.contains("refused")),
         "{refused:?}"
+    );
+    let mut s = data_connect(stage0);
+    let challenge = data_exchange(&mut s, &public_hello(0));
+    assert!(
+        matches!(challenge, protocol::data::Frame::Challenge { .. }),
+        "{challenge:?}"
+    );
+    let guessed = data_exchange(&mut s, &protocol::data::Frame::Proof([0; 32]));
+    assert!(
+        matches!(&guessed, protocol::data::Frame::Error(e) if e.contains("route key")),
+        "{guessed:?}"
+    );
+    // Before the handshake, a frame over 16 KiB ends the connection: nothing is allocated
+    // for a stranger's 200 MB.
+    let mut s = data_connect(stage0);
+    use std::io::{Read, Write};
+    s.write_all(&(200u32 << 20).to_le_bytes()).unwrap();
+    let mut rest = Vec::new();
+    match s.read_to_end(&mut rest) {
+        Ok(_) => assert!(rest.is_empty(), "{rest:?}"),
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+    }
+    assert!(
+        st["route"][0].get("key").is_none(),
+        "/status shows a route key"
     );
 
     // Stop strings cut the text.

@@ -186,6 +186,9 @@ pub struct RouteHop {
     pub node_id: String,
     /// The node's data-channel address.
     pub data_addr: String,
+    /// The key the caller of this stage proves on the data channel (never shown).
+    #[serde(skip)]
+    pub key: String,
 }
 
 /// Why a registration is refused: the `ERROR` code and the message.

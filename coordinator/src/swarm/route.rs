@@ -36,6 +36,7 @@ impl Swarm {
                                 shard_id: id,
                                 node_id: n.node_id.clone(),
                                 data_addr: addr.clone(),
+                                key: String::new(),
                             }),
                             _ => None,
                         })
@@ -44,9 +45,26 @@ impl Swarm {
         } else {
             None
         };
-        if route == self.route {
-            return Vec::new();
+        let same_stages = |a: &[RouteHop], b: &[RouteHop]| {
+            a.len() == b.len()
+                && a.iter().zip(b).all(|(x, y)| {
+                    (x.shard_id, &x.node_id, &x.data_addr) == (y.shard_id, &y.node_id, &y.data_addr)
+                })
+        };
+        match (&route, &self.route) {
+            (None, None) => return Vec::new(),
+            (Some(new), Some(old)) if same_stages(new, old) => return Vec::new(),
+            _ => {}
         }
+        // A new route, new keys: nobody outside it can open its data connections.
+        let route = route.map(|hops| {
+            hops.into_iter()
+                .map(|hop| RouteHop {
+                    key: daemon::secret::random_hex(32),
+                    ..hop
+                })
+                .collect::<Vec<_>>()
+        });
         self.route = route.clone();
         let Some(route) = route else {
             return Vec::new();
@@ -74,6 +92,8 @@ impl Swarm {
                         .iter()
                         .filter(|h| host_of(&h.data_addr) == host_of(&hop.data_addr))
                         .count() as u32,
+                    key: hop.key.clone(),
+                    next_key: route.get(k + 1).map(|h| h.key.clone()),
                 };
                 (
                     hop.node_id.clone(),

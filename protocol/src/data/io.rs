@@ -1,7 +1,8 @@
 //! Reading and writing frames on an async stream, and the data-channel connection (feature
 //! `io`).
 
-use super::{Frame, FrameError, Hello, MAX_FRAME};
+use super::auth::{self, PROOF_LEN};
+use super::{Frame, FrameError, Hello, MAX_FRAME, MAX_HANDSHAKE_FRAME};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -19,17 +20,42 @@ pub enum ChannelError {
     Refused { peer: String, reason: String },
 }
 
-/// One data-channel connection: length-prefixed frames both ways over TCP, opened by a
-/// `Hello` that the callee answers `Ready` (or `Error`) before any other frame. The
-/// coordinator holds one to stage 0 and each stage one to the next.
+impl Hello {
+    /// A greeting for `stage` of a split, with a fresh nonce.
+    pub fn new(model_sha256: &str, split_id: &str, stage: u32) -> Hello {
+        Hello {
+            model_sha256: model_sha256.to_owned(),
+            split_id: split_id.to_owned(),
+            stage,
+            nonce: random_bytes::<16>()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+        }
+    }
+}
+
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    // Only a broken system has no random source; no connection can be made safely then.
+    getrandom::fill(&mut b).expect("the OS random source");
+    b
+}
+
+/// One data-channel connection: length-prefixed frames both ways over TCP. It opens with a
+/// handshake in which both ends prove the hop's route key ([`auth`]): `Hello` (caller),
+/// `Challenge` (callee), `Proof` (caller), `Ready` (callee); either side answers `Error` and
+/// closes instead. Until then frames are limited to [`MAX_HANDSHAKE_FRAME`]. The coordinator
+/// holds one to stage 0 and each stage one to the next.
 pub struct Connection {
     stream: TcpStream,
     peer: String,
 }
 
 impl Connection {
-    /// Connect to `addr` and greet it; fails unless the callee answers `Ready`.
-    pub async fn open(addr: &str, hello: Hello) -> Result<Connection, ChannelError> {
+    /// Connect to `addr` and run the handshake with the hop's `key`; fails unless the callee
+    /// proves the key and answers `Ready`.
+    pub async fn open(addr: &str, hello: Hello, key: &str) -> Result<Connection, ChannelError> {
         let stream = TcpStream::connect(addr)
             .await
             .map_err(|source| ChannelError::Io {
@@ -41,39 +67,81 @@ impl Connection {
             stream,
             peer: addr.to_owned(),
         };
-        conn.send(&Frame::Hello(hello)).await?;
-        match conn.receive().await? {
+        conn.send(&Frame::Hello(hello.clone())).await?;
+        let nonce = match conn.receive_handshake().await? {
+            Frame::Challenge { nonce, proof }
+                if auth::is_callee_proof(key, &hello, &nonce, &proof) =>
+            {
+                nonce
+            }
+            Frame::Challenge { .. } => {
+                let reason = "it does not hold this hop's route key".to_owned();
+                let _ = conn.send(&Frame::Error(reason.clone())).await;
+                return Err(conn.refused(reason));
+            }
+            Frame::Error(reason) => return Err(conn.refused(reason)),
+            other => return Err(conn.refused(format!("answered {} to Hello", other.kind()))),
+        };
+        conn.send(&Frame::Proof(auth::caller_proof(key, &hello, &nonce)))
+            .await?;
+        match conn.receive_handshake().await? {
             Frame::Ready => Ok(conn),
             Frame::Error(reason) => Err(conn.refused(reason)),
-            other => Err(conn.refused(format!("answered {other:?} to Hello"))),
+            other => Err(conn.refused(format!("answered {} to Proof", other.kind()))),
         }
     }
 
-    /// Take an incoming connection: read its `Hello` and answer `Ready` if `admit` accepts
-    /// it, else `Error` with admit's reason (and fail).
+    /// Take an incoming connection: read its `Hello`, ask `admit` for the key of the hop it
+    /// names (or the reason to refuse it), prove the key and check the caller's proof, then
+    /// answer `Ready`. A refusal is answered `Error` with the reason (and fails).
     pub async fn accept(
         stream: TcpStream,
-        admit: impl FnOnce(&Hello) -> Result<(), String>,
+        admit: impl FnOnce(&Hello) -> Result<String, String>,
     ) -> Result<(Connection, Hello), ChannelError> {
         let peer = stream
             .peer_addr()
             .map_or_else(|_| "a peer".to_owned(), |a| a.to_string());
         let _ = stream.set_nodelay(true);
         let mut conn = Connection { stream, peer };
-        let hello = match conn.receive().await? {
+        let hello = match conn.receive_handshake().await? {
             Frame::Hello(h) => h,
-            _ => {
-                let reason = "a data connection starts with Hello".to_owned();
-                let _ = conn.send(&Frame::Error(reason.clone())).await;
-                return Err(conn.refused(reason));
-            }
+            _ => return Err(conn.refuse("a data connection starts with Hello").await),
         };
-        if let Err(reason) = admit(&hello) {
-            let _ = conn.send(&Frame::Error(reason.clone())).await;
-            return Err(conn.refused(reason));
+        let key = match admit(&hello) {
+            Ok(key) => key,
+            Err(reason) => return Err(conn.refuse(&reason).await),
+        };
+        let nonce = random_bytes::<PROOF_LEN>();
+        let proof = auth::callee_proof(&key, &hello, &nonce);
+        conn.send(&Frame::Challenge { nonce, proof }).await?;
+        match conn.receive_handshake().await? {
+            Frame::Proof(p) if auth::is_caller_proof(&key, &hello, &nonce, &p) => {}
+            Frame::Proof(_) => {
+                return Err(conn
+                    .refuse("refused: wrong proof of the route key (not the predecessor the coordinator named)")
+                    .await)
+            }
+            Frame::Error(reason) => return Err(conn.refused(reason)),
+            _ => return Err(conn.refuse("expected Proof").await),
         }
         conn.send(&Frame::Ready).await?;
         Ok((conn, hello))
+    }
+
+    /// Answer `Error(reason)` and give the error to return.
+    async fn refuse(&mut self, reason: &str) -> ChannelError {
+        let _ = self.send(&Frame::Error(reason.to_owned())).await;
+        self.refused(reason.to_owned())
+    }
+
+    /// The next handshake frame: small, or the connection fails.
+    async fn receive_handshake(&mut self) -> Result<Frame, ChannelError> {
+        read_frame_within(&mut self.stream, MAX_HANDSHAKE_FRAME)
+            .await
+            .map_err(io_error(&self.peer))?
+            .ok_or_else(|| ChannelError::Closed {
+                peer: self.peer.clone(),
+            })
     }
 
     /// Send one frame.
@@ -183,6 +251,14 @@ pub async fn write_frame<W: tokio::io::AsyncWrite + Unpin>(
 pub async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
     r: &mut R,
 ) -> std::io::Result<Option<Frame>> {
+    read_frame_within(r, MAX_FRAME).await
+}
+
+/// Read one frame of at most `limit` bytes (`None` at a clean end of stream).
+pub async fn read_frame_within<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut R,
+    limit: usize,
+) -> std::io::Result<Option<Frame>> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len).await {
         Ok(_) => {}
@@ -190,7 +266,7 @@ pub async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
         Err(e) => return Err(e),
     }
     let len = u32::from_le_bytes(len) as usize;
-    if len > MAX_FRAME {
+    if len > limit {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             FrameError::TooLarge(len),
@@ -201,4 +277,81 @@ pub async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
     Frame::decode(&buf)
         .map(Some)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Run a handshake on loopback: the caller with `caller_key`, the callee with
+    /// `callee_key`. Returns what each side made of it.
+    async fn handshake(
+        caller_key: &str,
+        callee_key: &str,
+    ) -> (Result<(), String>, Result<(), String>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let callee_key = callee_key.to_owned();
+        let callee = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            Connection::accept(stream, |h| {
+                assert_eq!(h.stage, 3);
+                Ok(callee_key)
+            })
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+        });
+        let caller = Connection::open(&addr, Hello::new("m", "s", 3), caller_key)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string());
+        (caller, callee.await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn both_ends_must_hold_the_hops_key() {
+        assert_eq!(handshake("k", "k").await, (Ok(()), Ok(())));
+        // Keys that differ (an impostor at the next stage's address, or a caller from an old
+        // route): the caller finds out first and says so; the callee fails too.
+        let (caller, callee) = handshake("k", "impostor").await;
+        assert!(caller.unwrap_err().contains("does not hold"));
+        assert!(callee.unwrap_err().contains("does not hold"));
+
+        // A stranger who knows only the public Hello: its guessed proof is refused.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let callee = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            Connection::accept(stream, |_| Ok("k".to_owned()))
+                .await
+                .map(|_| ())
+        });
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        write_frame(&mut s, &Frame::Hello(Hello::new("m", "s", 3)))
+            .await
+            .unwrap();
+        let challenge = read_frame(&mut s).await.unwrap().unwrap();
+        assert_eq!(challenge.kind(), "Challenge");
+        write_frame(&mut s, &Frame::Proof([0; PROOF_LEN]))
+            .await
+            .unwrap();
+        let answer = read_frame(&mut s).await.unwrap().unwrap();
+        assert!(
+            matches!(&answer, Frame::Error(e) if e.contains("wrong proof")),
+            "{answer:?}"
+        );
+        assert!(callee
+            .await
+            .unwrap()
+            .unwrap_err()
+            .to_string()
+            .contains("wrong proof"));
+    }
+
+    #[test]
+    fn nonces_are_fresh() {
+        assert_ne!(Hello::new("m", "s", 0).nonce, Hello::new("m", "s", 0).nonce);
+        assert_eq!(Hello::new("m", "s", 0).nonce.len(), 32);
+    }
 }
