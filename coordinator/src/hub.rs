@@ -13,11 +13,23 @@ use crate::engine::{Engine, EngineSettings};
 use crate::infer::Vocab;
 use crate::swarm::{Outbox, RouteHop, Swarm};
 
+/// Commands that may wait to be written to one node. A node reads its control channel all
+/// the time; one that lets this many pile up is stuck (or hostile) and is disconnected
+/// rather than allowed to grow the coordinator's memory.
+pub const CONTROL_QUEUE: usize = 256;
+
+/// A registered node's connection: its id, its outbound channel, and the token that ends it.
+struct Conn {
+    id: u64,
+    tx: mpsc::Sender<Control>,
+    close: tokio_util::sync::CancellationToken,
+}
+
 /// Shared state: the swarm and the connections.
 pub struct Hub {
     pub swarm: Mutex<Swarm>,
     /// node id → (connection id, outbound channel).
-    conns: Mutex<HashMap<String, (u64, mpsc::UnboundedSender<Control>)>>,
+    conns: Mutex<HashMap<String, Conn>>,
     next_conn: AtomicU64,
     /// The seeder's HTTP base URL.
     pub seeder: String,
@@ -65,38 +77,71 @@ impl Hub {
     }
 
     /// `node` registered on connection `conn`: its messages go to `tx` from now on.
-    pub fn connected(&self, node: &str, conn: u64, tx: mpsc::UnboundedSender<Control>) {
-        self.conns
-            .lock()
-            .unwrap()
-            .insert(node.to_owned(), (conn, tx));
+    /// `close` ends the connection when the coordinator drops the node.
+    pub fn connected(
+        &self,
+        node: &str,
+        conn: u64,
+        tx: mpsc::Sender<Control>,
+        close: tokio_util::sync::CancellationToken,
+    ) {
+        let old = self.conns.lock().unwrap().insert(
+            node.to_owned(),
+            Conn {
+                id: conn,
+                tx,
+                close,
+            },
+        );
+        if let Some(old) = old {
+            old.close.cancel(); // the same node on a new connection: the old one is stale
+        }
     }
 
     /// Connection `conn` of `node` closed (a newer connection of the same node stays).
     pub fn closed(&self, node: &str, conn: u64) {
         let mut conns = self.conns.lock().unwrap();
-        if conns.get(node).is_some_and(|(c, _)| *c == conn) {
+        if conns.get(node).is_some_and(|c| c.id == conn) {
             conns.remove(node);
         }
     }
 
-    /// Drop `node`'s outbound channel, which ends its connection.
+    /// End `node`'s connection.
     pub fn disconnect(&self, node: &str) {
-        self.conns.lock().unwrap().remove(node);
+        if let Some(c) = self.conns.lock().unwrap().remove(node) {
+            c.close.cancel();
+        }
     }
 
     /// Send each message to its node, or to every registered node for a broadcast; then
     /// publish the serving route if the event changed it. Called after every swarm event.
     pub fn dispatch(&self, out: Outbox) {
         {
-            let conns = self.conns.lock().unwrap();
+            let mut conns = self.conns.lock().unwrap();
+            let mut stuck = Vec::new();
             for (to, msg) in out {
-                if to == protocol::BROADCAST {
-                    for (_, tx) in conns.values() {
-                        let _ = tx.send(msg.clone());
+                let targets: Vec<&String> = if to == protocol::BROADCAST {
+                    conns.keys().collect()
+                } else {
+                    conns
+                        .get_key_value(&to)
+                        .map(|(k, _)| k)
+                        .into_iter()
+                        .collect()
+                };
+                for node in targets {
+                    use mpsc::error::TrySendError::Full;
+                    if let Err(Full(_)) = conns[node].tx.try_send(msg.clone()) {
+                        stuck.push(node.clone());
                     }
-                } else if let Some((_, tx)) = conns.get(&to) {
-                    let _ = tx.send(msg);
+                }
+            }
+            for node in stuck {
+                if let Some(c) = conns.remove(&node) {
+                    c.close.cancel();
+                    tracing::warn!(
+                        "{node} has {CONTROL_QUEUE} commands waiting unread: disconnecting it"
+                    );
                 }
             }
         }

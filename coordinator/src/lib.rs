@@ -107,6 +107,13 @@ pub struct Config {
     /// Seconds a request may take, waiting for a slot included; then it fails with an error.
     #[arg(long, default_value_t = 600, env = "SHARDSWARM_COORDINATOR_DEADLINE")]
     pub deadline: u64,
+    /// HTTP connections (API clients and nodes) open at once; more wait until one closes.
+    #[arg(
+        long,
+        default_value_t = 1024,
+        env = "SHARDSWARM_COORDINATOR_MAX_CONNECTIONS"
+    )]
+    pub max_connections: usize,
     /// Where shard 0 (for the vocabulary) is cached (default: <tmp>/shardswarm-coordinator).
     #[arg(long, env = "SHARDSWARM_COORDINATOR_CACHE_DIR")]
     pub cache_dir: Option<std::path::PathBuf>,
@@ -131,6 +138,7 @@ impl Default for Config {
             queue: 64,
             micro_batches: 0,
             deadline: 600,
+            max_connections: 1024,
             cache_dir: None,
         }
     }
@@ -150,6 +158,12 @@ impl Config {
         }
         if !(1..=64).contains(&self.parallel) {
             return refuse(format!("--parallel {} is not within 1..=64", self.parallel));
+        }
+        if self.max_connections < 8 {
+            return refuse(format!(
+                "--max-connections {} leaves no room for nodes and clients (at least 8)",
+                self.max_connections
+            ));
         }
         if self.deadline == 0 {
             return refuse("--deadline must be at least 1 second".into());

@@ -123,7 +123,11 @@ pub async fn start(config: Config) -> Result<Running> {
             get(|| async { Json(serde_json::json!({"status": "ok"})) }),
         )
         .with_state(hub.clone());
-    daemon::serve_http(listener, app, cancel.clone());
+    let limits = daemon::HttpLimits {
+        max_connections: config.max_connections,
+        ..daemon::HttpLimits::default()
+    };
+    daemon::serve_http(listener, app, cancel.clone(), limits);
     tokio::spawn(sweep_heartbeats(hub.clone(), cancel.clone()));
     Ok(Running { http, hub, cancel })
 }
@@ -169,11 +173,25 @@ async fn control(
         .into_response()
 }
 
+/// Queue `msg` for a connection; one whose queue is full (a peer that does not read) is
+/// closed instead.
+fn queue(tx: &mpsc::Sender<Control>, close: &CancellationToken, msg: Control) {
+    if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(msg) {
+        if !close.is_cancelled() {
+            tracing::warn!(
+                "a control connection let {} replies pile up unread: closing it",
+                crate::hub::CONTROL_QUEUE
+            );
+        }
+        close.cancel();
+    }
+}
+
 /// One node connection: frames in, commands out, until either side closes.
 async fn connection(socket: WebSocket, hub: Arc<Hub>, remote: SocketAddr, bearer: Option<String>) {
     let conn = hub.next_connection_id();
     let (mut sink, mut stream) = socket.split();
-    let (tx, mut rx) = mpsc::unbounded_channel::<Control>();
+    let (tx, mut rx) = mpsc::channel::<Control>(crate::hub::CONTROL_QUEUE);
     let writer = tokio::spawn(async move {
         while let Some(msg) = rx.recv().await {
             if sink.send(Message::Text(msg.encode().into())).await.is_err() {
@@ -189,17 +207,25 @@ async fn connection(socket: WebSocket, hub: Arc<Hub>, remote: SocketAddr, bearer
         ip => ip,
     };
     let mut node: Option<String> = None;
-    while let Some(frame) = stream.next().await {
+    // Cancelled when the coordinator drops the node (silent, stuck, or registered anew).
+    let close = CancellationToken::new();
+    loop {
+        let frame = tokio::select! {
+            frame = stream.next() => frame,
+            _ = close.cancelled() => break,
+        };
+        let Some(frame) = frame else { break };
         let text = match frame {
             Ok(Message::Text(t)) => t.to_string(),
             Ok(Message::Binary(_)) => {
-                let _ = tx.send(Control::error(
+                let msg = Control::error(
                     "",
                     COORDINATOR,
                     "",
                     code::BAD_JSON,
                     "binary frames are not commands",
-                ));
+                );
+                queue(&tx, &close, msg);
                 continue;
             }
             Ok(Message::Close(_)) | Err(_) => break,
@@ -208,7 +234,7 @@ async fn connection(socket: WebSocket, hub: Arc<Hub>, remote: SocketAddr, bearer
         let req = match Control::decode(&text) {
             Ok(c) => c,
             Err(e) => {
-                let _ = tx.send(undecodable(&e, node.as_deref()));
+                queue(&tx, &close, undecodable(&e, node.as_deref()));
                 continue;
             }
         };
@@ -219,7 +245,7 @@ async fn connection(socket: WebSocket, hub: Arc<Hub>, remote: SocketAddr, bearer
             ip,
             conn,
             bearer.as_deref(),
-            &tx,
+            (&tx, &close),
         )
         .await
         {
@@ -265,25 +291,16 @@ async fn handle(
     ip: std::net::IpAddr,
     conn: u64,
     bearer: Option<&str>,
-    tx: &mpsc::UnboundedSender<Control>,
+    (tx, close): (&mpsc::Sender<Control>, &CancellationToken),
 ) -> Result<Option<String>, Close> {
     let from = node.unwrap_or(&req.from);
     let reply = |message: protocol::Message| {
-        let _ = tx.send(Control::reply_to(
-            &req.request_id,
-            COORDINATOR,
-            from,
-            message,
-        ));
+        let msg = Control::reply_to(&req.request_id, COORDINATOR, from, message);
+        queue(tx, close, msg);
     };
     let reply_error = |code: &str, message: &str| {
-        let _ = tx.send(Control::error(
-            &req.request_id,
-            COORDINATOR,
-            from,
-            code,
-            message,
-        ));
+        let msg = Control::error(&req.request_id, COORDINATOR, from, code, message);
+        queue(tx, close, msg);
     };
     if let protocol::Message::Register(p) = &req.message {
         let result = hub
@@ -298,9 +315,9 @@ async fn handle(
                     to == &p.node_id && matches!(c.message, protocol::Message::Registered(_))
                 });
                 for (_, c) in mine {
-                    let _ = tx.send(c);
+                    queue(tx, close, c);
                 }
-                hub.connected(&p.node_id, conn, tx.clone());
+                hub.connected(&p.node_id, conn, tx.clone(), close.clone());
                 hub.dispatch(rest);
                 Ok(Some(p.node_id.clone()))
             }

@@ -25,22 +25,45 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// Bounds on what HTTP clients may take of a service: every service on an open network needs
+/// them, so [`serve_http`] applies them to every route.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    /// Connections open at once; further ones wait in the kernel's backlog until one closes.
+    pub max_connections: usize,
+    /// Request body bytes (larger bodies get 413).
+    pub max_body: usize,
+}
+
+impl Default for HttpLimits {
+    /// 1,024 connections, 1 MiB bodies (a 4,096-token prompt is well under 100 KiB).
+    /// Headers are bounded by hyper: 100 of them, about 400 KiB in all (431 beyond).
+    fn default() -> HttpLimits {
+        HttpLimits {
+            max_connections: 1024,
+            max_body: 1 << 20,
+        }
+    }
+}
+
 /// Serve `app` on `listener` (with each request's peer address available to handlers) until
 /// `stop` is cancelled, then finish the requests under way: the HTTP side of every service.
 pub fn serve_http(
     listener: tokio::net::TcpListener,
     app: axum::Router,
     stop: tokio_util::sync::CancellationToken,
+    limits: HttpLimits,
 ) -> tokio::task::JoinHandle<()> {
     // Streamed tokens are small writes a few milliseconds apart: with Nagle's algorithm on, a
     // write may wait for the client's (delayed, up to 40 ms on Linux) ACK of the one before.
     // axum leaves TCP_NODELAY off, so set it on every connection.
     use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
+    let listener = http::Capped::new(listener, limits.max_connections).tap_io(|conn| {
+        if let Err(e) = conn.stream().set_nodelay(true) {
             tracing::debug!("TCP_NODELAY on an HTTP connection: {e}");
         }
     });
+    let app = app.layer(axum::extract::DefaultBodyLimit::max(limits.max_body));
     tokio::spawn(async move {
         let serve = axum::serve(
             listener,
@@ -72,4 +95,5 @@ impl IoError {
     }
 }
 
+mod http;
 pub mod secret;

@@ -78,11 +78,12 @@ async fn announce(
     ConnectInfo(remote): ConnectInfo<SocketAddr>,
     RawQuery(q): RawQuery,
 ) -> Response {
+    let ip = tracker::canonical(remote.ip());
+    if !s.tracker.allow(ip) {
+        return throttled();
+    }
     match tracker::parse_announce(q.as_deref().unwrap_or("")) {
-        Ok(req) => bencoded(
-            StatusCode::OK,
-            s.tracker.announce(&req, tracker::canonical(remote.ip())),
-        ),
+        Ok(req) => bencoded(StatusCode::OK, s.tracker.announce(&req, ip)),
         Err(e) => bencoded(
             StatusCode::BAD_REQUEST,
             tracker::failure(&format!("bad announce: {e}")),
@@ -90,7 +91,14 @@ async fn announce(
     }
 }
 
-async fn scrape(State(s): State<AppState>, RawQuery(q): RawQuery) -> Response {
+async fn scrape(
+    State(s): State<AppState>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    RawQuery(q): RawQuery,
+) -> Response {
+    if !s.tracker.allow(tracker::canonical(remote.ip())) {
+        return throttled();
+    }
     match tracker::parse_scrape(q.as_deref().unwrap_or("")) {
         Ok(hashes) => bencoded(StatusCode::OK, s.tracker.scrape(&hashes)),
         Err(e) => bencoded(
@@ -98,6 +106,14 @@ async fn scrape(State(s): State<AppState>, RawQuery(q): RawQuery) -> Response {
             tracker::failure(&format!("bad scrape: {e}")),
         ),
     }
+}
+
+/// A BEP 3 refusal for an address over its announce rate.
+fn throttled() -> Response {
+    bencoded(
+        StatusCode::OK,
+        tracker::failure("too many announces from this address; wait and announce again"),
+    )
 }
 
 fn file_entry(s: &Seeder, f: &SeedFile) -> FileEntry {
@@ -441,6 +457,7 @@ async fn metrics(State(s): State<AppState>) -> Response {
     out.push_str(&tracker_peers);
     let _ = writeln!(out, "# HELP shardswarm_tracker_announces_total Announces answered.\n# TYPE shardswarm_tracker_announces_total counter\nshardswarm_tracker_announces_total {}", s.tracker.announces.load(Ordering::Relaxed));
     let _ = writeln!(out, "# HELP shardswarm_tracker_scrapes_total Scrapes answered.\n# TYPE shardswarm_tracker_scrapes_total counter\nshardswarm_tracker_scrapes_total {}", s.tracker.scrapes.load(Ordering::Relaxed));
+    let _ = writeln!(out, "# HELP shardswarm_tracker_throttled_total Announces and scrapes refused for their address's rate.\n# TYPE shardswarm_tracker_throttled_total counter\nshardswarm_tracker_throttled_total {}", s.tracker.throttled.load(Ordering::Relaxed));
     let _ = writeln!(out, "# HELP shardswarm_seeder_files Files served.\n# TYPE shardswarm_seeder_files gauge\nshardswarm_seeder_files {}", snap.by_name.len());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }

@@ -83,6 +83,17 @@ pub struct Config {
     /// Seconds between rescans of the seed dir (SIGHUP rescans at once).
     #[arg(long, default_value_t = 30)]
     pub rescan_interval: u64,
+    /// Announces and scrapes per second one IP address may make on average (bursts of 10 s
+    /// worth allowed); beyond it the tracker answers a `failure reason` (0: no limit).
+    #[arg(long, default_value_t = 10, env = "SHARDSWARM_SEEDER_ANNOUNCE_RATE")]
+    pub announce_rate: u32,
+    /// Peers one swarm (torrent) may list; further new peers are refused.
+    #[arg(long, default_value_t = 5000, env = "SHARDSWARM_SEEDER_MAX_PEERS")]
+    pub max_peers: usize,
+    /// Peers one IP address may add to one swarm (loopback is not limited: a test or a
+    /// proxy on this machine).
+    #[arg(long, default_value_t = 32, env = "SHARDSWARM_SEEDER_MAX_PEERS_PER_IP")]
+    pub max_peers_per_ip: usize,
 }
 
 /// The flags' defaults, serving the directory `seeds`.
@@ -97,6 +108,9 @@ impl Default for Config {
             state_dir: None,
             public_url: None,
             open_tracker: false,
+            announce_rate: 10,
+            max_peers: 5000,
+            max_peers_per_ip: 32,
             dht: false,
             upload_limit: None,
             rescan_interval: 30,

@@ -333,7 +333,14 @@ pub async fn start(
         },
         config: config.clone(),
         session,
-        tracker: Tracker::new(config.open_tracker),
+        tracker: Tracker::new(
+            config.open_tracker,
+            crate::tracker::Limits {
+                announce_rate: config.announce_rate,
+                max_peers: config.max_peers,
+                max_peers_per_ip: config.max_peers_per_ip,
+            },
+        ),
         snapshot: RwLock::new(Arc::new(Snapshot::default())),
         counters: HttpCounters::default(),
         self_peer,
@@ -356,7 +363,12 @@ pub async fn start(
 
     let cancel = CancellationToken::new();
     tokio::spawn(rescan_loop(seeder.clone(), rescan_rx, cancel.clone()));
-    let server = daemon::serve_http(http_listener, http(seeder.clone()), cancel.clone());
+    let server = daemon::serve_http(
+        http_listener,
+        http(seeder.clone()),
+        cancel.clone(),
+        daemon::HttpLimits::default(),
+    );
     Ok(Running {
         seeder,
         cancel,

@@ -12,7 +12,6 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use lava_torrent::bencode::BencodeElem;
-use percent_encoding::percent_decode_str;
 
 /// Announce interval while a swarm has leechers: short, so peers find each other quickly.
 pub const INTERVAL_FORMING: Duration = Duration::from_secs(15);
@@ -21,119 +20,8 @@ pub const INTERVAL_SETTLED: Duration = Duration::from_secs(120);
 /// Peers that miss this many intervals (plus a grace period) are dropped.
 const EXPIRY_INTERVALS: u32 = 2;
 const EXPIRY_GRACE: Duration = Duration::from_secs(30);
-const DEFAULT_NUMWANT: usize = 50;
-const MAX_NUMWANT: usize = 200;
 
-/// `event=` of an announce.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Event {
-    None,
-    Started,
-    Completed,
-    Stopped,
-}
-
-/// A parsed announce query.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AnnounceRequest {
-    pub info_hash: [u8; 20],
-    pub peer_id: [u8; 20],
-    pub port: u16,
-    pub left: u64,
-    pub event: Event,
-    pub compact: bool,
-    pub no_peer_id: bool,
-    pub numwant: usize,
-    /// `ip=`: honoured only for announces from loopback (a local proxy or test).
-    pub ip: Option<IpAddr>,
-}
-
-/// Query pairs with percent-decoding to bytes (info_hash and peer_id are binary).
-fn query_pairs(query: &str) -> Vec<(String, Vec<u8>)> {
-    query
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|pair| {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            let k = percent_decode_str(k).decode_utf8_lossy().into_owned();
-            (k, percent_decode_str(v).collect())
-        })
-        .collect()
-}
-
-fn hash20(v: &[u8], what: &str) -> Result<[u8; 20], String> {
-    v.try_into()
-        .map_err(|_| format!("{what} must be 20 bytes, got {}", v.len()))
-}
-
-fn number<T: std::str::FromStr>(v: &[u8], what: &str) -> Result<T, String> {
-    std::str::from_utf8(v)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("{what} is not a valid number"))
-}
-
-/// Parse an announce query string.
-pub fn parse_announce(query: &str) -> Result<AnnounceRequest, String> {
-    let mut info_hash = None;
-    let mut peer_id = None;
-    let mut port = None;
-    let mut left = 0;
-    let mut event = Event::None;
-    let mut compact = false;
-    let mut no_peer_id = false;
-    let mut numwant = DEFAULT_NUMWANT;
-    let mut ip = None;
-    for (k, v) in query_pairs(query) {
-        match k.as_str() {
-            "info_hash" => info_hash = Some(hash20(&v, "info_hash")?),
-            "peer_id" => peer_id = Some(hash20(&v, "peer_id")?),
-            "port" => port = Some(number::<u16>(&v, "port")?),
-            "left" => left = number(&v, "left")?,
-            "compact" => compact = v == b"1",
-            "no_peer_id" => no_peer_id = v == b"1",
-            "numwant" => numwant = number::<usize>(&v, "numwant")?.min(MAX_NUMWANT),
-            "ip" => ip = std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok()),
-            "event" => {
-                event = match v.as_slice() {
-                    b"started" => Event::Started,
-                    b"completed" => Event::Completed,
-                    b"stopped" => Event::Stopped,
-                    b"" | b"empty" | b"paused" => Event::None,
-                    _ => return Err("event must be started, completed or stopped".into()),
-                }
-            }
-            "uploaded" | "downloaded" => {
-                number::<u64>(&v, &k)?;
-            }
-            _ => {}
-        }
-    }
-    let port = port.ok_or("port missing")?;
-    if port == 0 {
-        return Err("port 0".into());
-    }
-    Ok(AnnounceRequest {
-        info_hash: info_hash.ok_or("info_hash missing")?,
-        peer_id: peer_id.ok_or("peer_id missing")?,
-        port,
-        left,
-        event,
-        compact,
-        no_peer_id,
-        numwant,
-        ip,
-    })
-}
-
-/// The info hashes of a scrape query (possibly none: scrape everything).
-pub fn parse_scrape(query: &str) -> Result<Vec<[u8; 20]>, String> {
-    query_pairs(query)
-        .into_iter()
-        .filter(|(k, _)| k == "info_hash")
-        .map(|(_, v)| hash20(&v, "info_hash"))
-        .collect()
-}
+pub use torrents::tracker_query::{parse_announce, parse_scrape, AnnounceRequest, Event};
 
 /// A bencoded `failure reason` response.
 pub fn failure(reason: &str) -> Vec<u8> {
@@ -182,9 +70,47 @@ pub struct Tracker {
     swarms: Mutex<HashMap<[u8; 20], Swarm>>,
     served: Mutex<HashSet<[u8; 20]>>,
     open: bool,
+    limits: Limits,
+    /// Each address's announce allowance (a token bucket).
+    allowance: Mutex<HashMap<IpAddr, Bucket>>,
+    /// Announces and scrapes refused for their rate.
+    pub throttled: AtomicU64,
     /// Announces answered (including refusals).
     pub announces: AtomicU64,
     pub scrapes: AtomicU64,
+}
+
+/// What one address may do to the tracker: a tracker on an open network must not let one
+/// client flood a swarm with made-up peers or keep the tracker busy.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Announces and scrapes per second per IP on average (0: unlimited).
+    pub announce_rate: u32,
+    /// Peers per swarm.
+    pub max_peers: usize,
+    /// Peers per IP per swarm (loopback exempt).
+    pub max_peers_per_ip: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            announce_rate: 10,
+            max_peers: 5000,
+            max_peers_per_ip: 32,
+        }
+    }
+}
+
+/// Seconds of the average rate a burst may use at once.
+const BURST_SECONDS: f64 = 10.0;
+/// Addresses whose allowance is remembered; beyond it, full (idle) buckets are forgotten.
+const REMEMBERED_ADDRESSES: usize = 10_000;
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
 }
 
 /// The peer id under which the seeder lists itself.
@@ -192,11 +118,14 @@ const SELF_ID: [u8; 20] = *b"-SS0100-shardswarm00";
 
 impl Tracker {
     /// A tracker for the torrents we serve, or for any info hash when `open`.
-    pub fn new(open: bool) -> Tracker {
+    pub fn new(open: bool, limits: Limits) -> Tracker {
         Tracker {
             swarms: Mutex::default(),
             served: Mutex::default(),
             open,
+            limits,
+            allowance: Mutex::default(),
+            throttled: AtomicU64::new(0),
             announces: AtomicU64::new(0),
             scrapes: AtomicU64::new(0),
         }
@@ -223,6 +152,33 @@ impl Tracker {
         self.swarms.lock().unwrap().remove(info_hash);
     }
 
+    /// Whether `ip` may make one more announce or scrape now (and count it).
+    pub fn allow(&self, ip: IpAddr) -> bool {
+        let rate = f64::from(self.limits.announce_rate);
+        if rate == 0.0 {
+            return true;
+        }
+        let burst = rate * BURST_SECONDS;
+        let now = Instant::now();
+        let mut buckets = self.allowance.lock().unwrap();
+        if buckets.len() >= REMEMBERED_ADDRESSES {
+            buckets.retain(|_, b| b.tokens + now.duration_since(b.at).as_secs_f64() * rate < burst);
+        }
+        let b = buckets.entry(ip).or_insert(Bucket {
+            tokens: burst,
+            at: now,
+        });
+        b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * rate).min(burst);
+        b.at = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            true
+        } else {
+            self.throttled.fetch_add(1, Ordering::Relaxed);
+            false
+        }
+    }
+
     fn accepts(&self, info_hash: &[u8; 20]) -> bool {
         self.open || self.served.lock().unwrap().contains(info_hash)
     }
@@ -247,6 +203,16 @@ impl Tracker {
         } else {
             INTERVAL_SETTLED
         };
+        let new_peer = !swarm.peers.contains_key(&req.peer_id);
+        if new_peer && req.event != Event::Stopped {
+            if swarm.peers.len() >= self.limits.max_peers {
+                return failure("this swarm is full; try again later");
+            }
+            let from_ip = swarm.peers.values().filter(|p| p.addr.ip() == ip).count();
+            if !ip.is_loopback() && from_ip >= self.limits.max_peers_per_ip {
+                return failure("too many peers from this address in this swarm");
+            }
+        }
         if req.event == Event::Stopped {
             swarm.peers.remove(&req.peer_id);
         } else {
@@ -392,29 +358,8 @@ mod tests {
     const HASH: &str = "%01%02%03%04%05%06%07%08%09%0a%0b%0c%0d%0e%0f%10%11%12%13%14";
 
     #[test]
-    fn parses_binary_hashes_and_refuses_bad_queries() {
-        let q = format!("info_hash={HASH}&peer_id=-AR0001-abcdefghijkl&port=6881&left=10&compact=1&event=started");
-        let r = parse_announce(&q).unwrap();
-        assert_eq!(r.info_hash[0], 1);
-        assert_eq!(r.info_hash[19], 0x14);
-        assert_eq!(
-            (r.port, r.left, r.compact, r.event),
-            (6881, 10, true, Event::Started)
-        );
-        for bad in [
-            "peer_id=-AR0001-abcdefghijkl&port=1",
-            "info_hash=abc&peer_id=-AR0001-abcdefghijkl&port=1",
-            &format!("info_hash={HASH}&peer_id=-AR0001-abcdefghijkl&port=99999"),
-            &format!("info_hash={HASH}&peer_id=-AR0001-abcdefghijkl&port=1&event=bogus"),
-            &format!("info_hash={HASH}&peer_id=-AR0001-abcdefghijkl&port=1&left=-3"),
-        ] {
-            assert!(parse_announce(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
     fn seeder_is_listed_first_and_requester_is_not_listed() {
-        let t = Tracker::new(false);
+        let t = Tracker::new(false, Limits::default());
         let ih = [1u8; 20];
         t.add_torrent(ih, "198.18.0.1:51820".parse().unwrap());
         let q = format!("info_hash={HASH}&peer_id=-AR0001-abcdefghijkl&port=7000&left=5&compact=1");
@@ -442,5 +387,70 @@ mod tests {
         req.info_hash = [9; 20];
         let refused = t.announce(&req, "127.0.0.1".parse().unwrap());
         assert!(String::from_utf8_lossy(&refused).contains("failure reason"));
+    }
+
+    fn announce_from(t: &Tracker, ih: [u8; 20], peer: u8, ip: &str) -> String {
+        let mut peer_id = [b'p'; 20];
+        peer_id[19] = peer;
+        let req = AnnounceRequest {
+            info_hash: ih,
+            peer_id,
+            port: 7000,
+            left: 1,
+            event: Event::Started,
+            compact: true,
+            no_peer_id: true,
+            numwant: 50,
+            ip: None,
+        };
+        String::from_utf8_lossy(&t.announce(&req, ip.parse().unwrap())).into_owned()
+    }
+
+    #[test]
+    fn swarms_and_addresses_are_capped() {
+        let limits = Limits {
+            announce_rate: 0,
+            max_peers: 5,
+            max_peers_per_ip: 2,
+        };
+        let t = Tracker::new(false, limits);
+        let ih = [1u8; 20];
+        t.add_torrent(ih, "198.18.0.1:51820".parse().unwrap());
+        // Two peers from one address, a third refused; an existing peer may announce again.
+        assert!(!announce_from(&t, ih, 1, "10.0.0.1").contains("failure"));
+        assert!(!announce_from(&t, ih, 2, "10.0.0.1").contains("failure"));
+        assert!(announce_from(&t, ih, 3, "10.0.0.1").contains("too many peers from this address"));
+        assert!(!announce_from(&t, ih, 2, "10.0.0.1").contains("failure"));
+        // The swarm (the seeder and four peers) fills up; loopback is not limited per address.
+        assert!(!announce_from(&t, ih, 4, "127.0.0.1").contains("failure"));
+        assert!(!announce_from(&t, ih, 5, "127.0.0.1").contains("failure"));
+        assert!(announce_from(&t, ih, 6, "127.0.0.1").contains("this swarm is full"));
+        assert_eq!(t.counts(&ih).unwrap().incomplete, 4);
+    }
+
+    #[test]
+    fn an_address_over_its_rate_is_refused_and_others_are_not() {
+        let t = Tracker::new(
+            false,
+            Limits {
+                announce_rate: 2,
+                ..Limits::default()
+            },
+        );
+        let flood = "10.0.0.9".parse().unwrap();
+        // A burst of 10 s worth (20), then refusals; nowhere near enough time passes here
+        // to earn another (0.5 s per announce).
+        let allowed = (0..100).filter(|_| t.allow(flood)).count();
+        assert!((20..=21).contains(&allowed), "{allowed}");
+        assert_eq!(t.throttled.load(Ordering::Relaxed), 100 - allowed as u64);
+        assert!(t.allow("10.0.0.10".parse().unwrap()));
+        assert!(Tracker::new(
+            false,
+            Limits {
+                announce_rate: 0,
+                ..Limits::default()
+            }
+        )
+        .allow(flood));
     }
 }

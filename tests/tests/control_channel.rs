@@ -209,3 +209,56 @@ fn a_node_holding_another_splits_shard_is_refused_and_says_why() {
     assert!(!status.success());
     assert!(stderr.contains("unauthorized"), "{stderr}");
 }
+
+#[test]
+fn a_node_that_never_reads_its_replies_is_disconnected() {
+    let _one = swarm_lock();
+    let seed = real_shards(2);
+    let work = tempfile::tempdir().unwrap();
+    let s = seeder(seed.path(), &work.path().join("seeder"), &[]);
+    let c = coordinator("127.0.0.1:0", s.field("http"), &["--min-nodes", "1"]);
+    let addr = c.field("http").to_owned();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut ws = connect(&addr).await;
+        send(&mut ws, &register("any")).await;
+        assert_eq!(next(&mut ws).await.unwrap().command, cmd::REGISTERED);
+        // Heartbeats, as fast as they go, and not a reply read: the replies fill the socket
+        // buffers, then the coordinator's queue for this connection, which closes it.
+        let (mut sink, mut stream) = ws.split();
+        let flood = tokio::spawn(async move {
+            let beat = Message::Text(bare(cmd::HEARTBEAT).encode().into());
+            for _ in 0..400_000 {
+                if sink.send(beat.clone()).await.is_err() {
+                    return true;
+                }
+            }
+            false
+        });
+        let closed = tokio::time::timeout(Duration::from_secs(120), async {
+            let stuck = || c.stderr_text().contains("pile up unread");
+            while !stuck() && !flood.is_finished() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            // Now read: what was queued, then the end of the connection.
+            let mut replies = 0u64;
+            while let Some(Ok(m)) = stream.next().await {
+                if matches!(m, Message::Close(_)) {
+                    break;
+                }
+                replies += 1;
+            }
+            replies
+        })
+        .await
+        .expect("the connection was never closed");
+        assert!(
+            c.stderr_text().contains("pile up unread"),
+            "closed for another reason after {closed} replies"
+        );
+        let _ = flood.await;
+    });
+    // The coordinator carries on.
+    let st = tests::get_json(&format!("http://{addr}/status"));
+    assert_eq!(st["nodes"].as_array().unwrap().len(), 0, "{st}");
+}

@@ -12,6 +12,7 @@ pub mod map;
 pub mod metainfo;
 pub mod safetensors;
 pub mod split;
+pub mod tracker_query;
 pub mod validate;
 
 pub use error::{Error, Result};
