@@ -129,7 +129,9 @@ enum TorrentCommand {
         output: Option<PathBuf>,
     },
     /// Show what a .torrent holds: name, info hash, size, pieces, trackers, web seeds, magnet.
+    /// Given a magnet link instead, show what the link says.
     Show {
+        /// A .torrent file, or a `magnet:?` link.
         file: PathBuf,
         #[arg(long)]
         json: bool,
@@ -326,6 +328,30 @@ fn run(cli: Cli) -> Result<ExitCode> {
             torrents::manifest::write_atomically(&output, &bytes)?;
             eprintln!("wrote {}", output.display());
             print_metainfo(&m);
+        }
+        Command::Torrent(TorrentCommand::Show { file, json })
+            if file.to_string_lossy().starts_with("magnet:") =>
+        {
+            let m = torrents::magnet::parse(&file.to_string_lossy())?;
+            if json {
+                let v = serde_json::json!({
+                    "info_hash": m.info_hash_hex(),
+                    "name": m.name,
+                    "length": m.length,
+                    "trackers": m.trackers,
+                    "web_seeds": m.web_seeds,
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("info hash  {}", m.info_hash_hex());
+                println!("name       {}", m.name.as_deref().unwrap_or("-"));
+                println!(
+                    "length     {}",
+                    m.length.map_or("-".into(), |l| format!("{l} bytes"))
+                );
+                m.trackers.iter().for_each(|t| println!("tracker    {t}"));
+                m.web_seeds.iter().for_each(|w| println!("web seed   {w}"));
+            }
         }
         Command::Torrent(TorrentCommand::Show { file, json }) => {
             let m = metainfo::read_file(&file)?;

@@ -149,6 +149,21 @@ fn real_shards_match_mktorrent_and_every_tool_reads_them() {
             magnet.contains("&ws=http%3A%2F%2F127.0.0.1%3A9%2Fseed%2Fa%2520b"),
             "{magnet}"
         );
+        // The link reads back as what the torrent says.
+        let back = common::shard_loader(["torrent", "show", magnet, "--json"]);
+        assert!(back.status.success(), "{}", common::stderr(&back));
+        let m: serde_json::Value = serde_json::from_slice(&back.stdout).unwrap();
+        assert_eq!(m["info_hash"], hash);
+        assert_eq!(m["length"], size);
+        assert_eq!(m["name"], format!("shard-{k}.gguf"));
+        let tiers: Vec<serde_json::Value> = v["trackers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|tier| tier.as_array().unwrap().clone())
+            .collect();
+        assert_eq!(m["trackers"], serde_json::Value::Array(tiers));
+        assert_eq!(m["web_seeds"], v["web_seeds"]);
         third_party_tools_agree(&t, hash);
         let o = common::tool("transmission-show", &[t.to_str().unwrap()]);
         assert!(

@@ -166,8 +166,20 @@ impl GgufModel {
     pub fn open(path: &Path) -> Result<GgufModel> {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        GgufModel::read_header(BufReader::with_capacity(1 << 20, file), len, path)
+    }
+
+    /// Parse a GGUF file held in memory (its header; tensor data is only checked to lie
+    /// within `bytes`). Errors name the file as `<memory>`.
+    pub fn parse(bytes: &[u8]) -> Result<GgufModel> {
+        let path = Path::new("<memory>");
+        GgufModel::read_header(std::io::Cursor::new(bytes), bytes.len() as u64, path)
+    }
+
+    /// Parse the header of a GGUF file of `len` bytes read from `inner`.
+    fn read_header<R: Read + Seek>(inner: R, len: u64, path: &Path) -> Result<GgufModel> {
         let mut r = HeaderReader {
-            inner: BufReader::with_capacity(1 << 20, file),
+            inner,
             pos: 0,
             len,
             path,

@@ -13,12 +13,21 @@ const MAX_HEADER: u64 = 100_000_000;
 /// The tensor names of a safetensors file, after checking that its header is well formed and
 /// that the tensors' byte ranges exactly fill the rest of the file.
 pub fn read_tensor_names(path: &Path) -> Result<Vec<String>> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    tensor_names_from(file, len, path)
+}
+
+/// [`read_tensor_names`] of a file held in memory (errors name it `<memory>`).
+pub fn tensor_names_in(bytes: &[u8]) -> Result<Vec<String>> {
+    tensor_names_from(bytes, bytes.len() as u64, Path::new("<memory>"))
+}
+
+fn tensor_names_from(mut file: impl Read, len: u64, path: &Path) -> Result<Vec<String>> {
     let bad = |message: String| Error::Safetensors {
         path: path.to_owned(),
         message,
     };
-    let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     let mut n = [0u8; 8];
     file.read_exact(&mut n)
         .map_err(|_| bad(format!("only {len} bytes: no header")))?;
