@@ -24,13 +24,14 @@
 //! [`REROUTE_WAIT`] the requests fail with a clear error.
 
 mod stats;
+mod step;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use protocol::data::io::{Connection, FrameWriter};
-use protocol::data::{Frame, Group, Hello, Payload};
+use protocol::data::{Frame, Hello};
 use tokio::sync::{mpsc, watch};
 
 pub use stats::ServingStats;
@@ -85,6 +86,7 @@ impl Engine {
         settings: EngineSettings,
         vocab: Arc<Vocab>,
         routes: watch::Receiver<Option<Vec<RouteHop>>>,
+        sampler: Option<crate::verify::Sampler>,
     ) -> Engine {
         let (jobs, incoming) = mpsc::unbounded_channel();
         let stats = Arc::new(Mutex::new(ServingStats::default()));
@@ -103,6 +105,7 @@ impl Engine {
             next_step: 1,
             next_serial: 1,
             clock: 0,
+            sampler,
         };
         tokio::spawn(state.run(incoming));
         Engine { jobs, stats }
@@ -179,6 +182,8 @@ struct State {
     next_step: u64,
     next_serial: u64,
     clock: u64,
+    /// Offered every finished request, to check a fraction of them ([`crate::verify`]).
+    sampler: Option<crate::verify::Sampler>,
 }
 
 impl State {
@@ -381,72 +386,6 @@ impl State {
         }
     }
 
-    /// The next step: sequences with work that are not in the pipeline yet, decoding ones
-    /// first, then prompt chunks (oldest request first), at most a share of the running
-    /// sequences so that the micro-batches stay even.
-    fn next_step(&mut self, micro_batches: usize) -> Option<Frame> {
-        let running = self.running();
-        let per_step = running.div_ceil(micro_batches).max(1);
-        let mut ready: Vec<usize> = (0..self.slots.len())
-            .filter(|&i| {
-                self.slots[i]
-                    .running
-                    .as_ref()
-                    .is_some_and(|r| !r.in_flight && r.fed < r.tokens.len())
-            })
-            .collect();
-        if ready.is_empty() {
-            return None;
-        }
-        ready.sort_by_key(|&i| {
-            let r = self.slots[i].running.as_ref().expect("filtered");
-            (r.tokens.len() - r.fed > 1, r.serial)
-        });
-        let mut prompt_rows = PREFILL_ROWS;
-        let mut groups = Vec::new();
-        let mut tokens = Vec::new();
-        let mut sent = Vec::new();
-        for seq in ready.into_iter().take(per_step) {
-            let r = self.slots[seq].running.as_mut().expect("filtered");
-            let left = r.tokens.len() - r.fed;
-            let rows = if left == 1 { 1 } else { left.min(prompt_rows) };
-            if rows == 0 {
-                continue;
-            }
-            if left > 1 {
-                prompt_rows -= rows;
-            }
-            let sample = r.fed + rows == r.tokens.len();
-            groups.push(Group {
-                seq: seq as u32,
-                pos0: r.fed as u32,
-                rows: rows as u32,
-                sample,
-                sampling: r.job.req.sampling,
-            });
-            tokens.extend_from_slice(&r.tokens[r.fed..r.fed + rows]);
-            r.fed += rows;
-            r.in_flight = true;
-            sent.push(Sent {
-                seq,
-                serial: r.serial,
-                sample,
-            });
-        }
-        if groups.is_empty() {
-            return None;
-        }
-        let step = self.next_step;
-        self.next_step += 1;
-        self.steps.insert(step, sent);
-        Some(Frame::Step {
-            step,
-            in_flight: self.steps.len() as u32,
-            groups,
-            payload: Payload::Tokens(tokens),
-        })
-    }
-
     /// An answer from the pipeline.
     fn answered(&mut self, frame: Frame) {
         let (step, tokens, busy_us) = match frame {
@@ -497,6 +436,9 @@ impl State {
                         cached_tokens: r.cached_tokens,
                     });
                     cached += r.cached_tokens as u64;
+                    if let Some(sampler) = &mut self.sampler {
+                        sampler.offer(&r.tokens[..r.fed]);
+                    }
                     self.release(s.seq);
                 }
                 None => r.tokens.push(token),

@@ -43,6 +43,8 @@ pub struct Hub {
     pub deadline: std::time::Duration,
     /// The route while every stage on it is loaded ([`Swarm::serving_route`]).
     route: watch::Sender<Option<Vec<RouteHop>>>,
+    /// What the checks of holders' outputs found ([`crate::verify`]).
+    pub verify_stats: Arc<Mutex<crate::verify::VerifyStats>>,
 }
 
 impl Hub {
@@ -51,13 +53,16 @@ impl Hub {
         seeder: String,
         vocab: Option<Arc<Vocab>>,
         engine: EngineSettings,
-        queue: usize,
-        deadline: std::time::Duration,
+        (queue, deadline): (usize, std::time::Duration),
+        (sampler, verify_stats): (
+            Option<crate::verify::Sampler>,
+            Arc<Mutex<crate::verify::VerifyStats>>,
+        ),
     ) -> Hub {
         let route = watch::Sender::new(swarm.serving_route());
         let engine = vocab
             .clone()
-            .map(|v| Engine::start(engine, v, route.subscribe()));
+            .map(|v| Engine::start(engine, v, route.subscribe(), sampler));
         Hub {
             route,
             swarm: Mutex::new(swarm),
@@ -68,6 +73,7 @@ impl Hub {
             engine,
             queue: Admission::new(queue),
             deadline,
+            verify_stats,
         }
     }
 

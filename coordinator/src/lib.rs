@@ -16,6 +16,7 @@ pub mod openai;
 pub mod seeder_client;
 pub mod server;
 pub mod swarm;
+pub mod verify;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -107,6 +108,22 @@ pub struct Config {
     /// Seconds a request may take, waiting for a slot included; then it fails with an error.
     #[arg(long, default_value_t = 600, env = "SHARDSWARM_COORDINATOR_DEADLINE")]
     pub deadline: u64,
+    /// Fraction of finished requests replayed through every holder of each shard to catch a
+    /// node whose outputs differ from the others' (0: never; 1: every request).
+    #[arg(
+        long,
+        default_value_t = 0.01,
+        env = "SHARDSWARM_COORDINATOR_VERIFY_FRACTION"
+    )]
+    pub verify_fraction: f64,
+    /// Largest relative L2 difference between two holders' outputs that still counts as
+    /// agreement (honest holders differ by floating-point rounding only).
+    #[arg(
+        long,
+        default_value_t = 0.01,
+        env = "SHARDSWARM_COORDINATOR_VERIFY_TOLERANCE"
+    )]
+    pub verify_tolerance: f32,
     /// HTTP connections (API clients and nodes) open at once; more wait until one closes.
     #[arg(
         long,
@@ -139,6 +156,8 @@ impl Default for Config {
             micro_batches: 0,
             deadline: 600,
             max_connections: 1024,
+            verify_fraction: 0.01,
+            verify_tolerance: 0.01,
             cache_dir: None,
         }
     }
@@ -163,6 +182,18 @@ impl Config {
             return refuse(format!(
                 "--max-connections {} leaves no room for nodes and clients (at least 8)",
                 self.max_connections
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.verify_fraction) {
+            return refuse(format!(
+                "--verify-fraction {} is not within 0..=1",
+                self.verify_fraction
+            ));
+        }
+        if !(self.verify_tolerance > 0.0 && self.verify_tolerance < 1.0) {
+            return refuse(format!(
+                "--verify-tolerance {} is not between 0 and 1",
+                self.verify_tolerance
             ));
         }
         if self.deadline == 0 {

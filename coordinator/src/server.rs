@@ -78,6 +78,9 @@ pub async fn start(config: Config) -> Result<Running> {
             parallel: config.parallel,
         },
     );
+    let (verify, verify_stats) =
+        crate::verify::new(config.verify_fraction, config.verify_tolerance);
+    let (sampler, checker) = verify.unzip();
     let engine = crate::engine::EngineSettings {
         model_sha256: swarm.settings.model_sha256.clone(),
         split_id: swarm.settings.split_id.clone(),
@@ -89,9 +92,12 @@ pub async fn start(config: Config) -> Result<Running> {
         config.seeder.clone(),
         vocab,
         engine,
-        config.queue,
-        Duration::from_secs(config.deadline),
+        (config.queue, Duration::from_secs(config.deadline)),
+        (sampler, verify_stats),
     ));
+    if let Some(checker) = checker {
+        checker.spawn(hub.clone());
+    }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| daemon::IoError::new(format!("binding {}", config.listen), e))?;
@@ -138,6 +144,8 @@ async fn status(State(hub): State<Arc<Hub>>) -> Json<serde_json::Value> {
         let stats = engine.stats.lock().unwrap().clone();
         status["batching"] = serde_json::to_value(stats).unwrap_or_default();
     }
+    let verify = hub.verify_stats.lock().unwrap().clone();
+    status["verify"] = serde_json::to_value(verify).unwrap_or_default();
     Json(status)
 }
 
@@ -343,10 +351,11 @@ async fn handle(
             reply(M::Heartbeat(protocol::Empty {}));
             Vec::new()
         }
-        M::Route(_) => {
-            hub.swarm.lock().unwrap().route_acked(node);
+        M::Route(protocol::Route::Loaded(p)) if p.loaded => {
+            hub.swarm.lock().unwrap().route_acked(node, p.stage);
             Vec::new()
         }
+        M::Route(_) => Vec::new(),
         M::ShardProgress(p) => hub.swarm.lock().unwrap().progress(node, p),
         M::ShardLoaded(p) => hub.swarm.lock().unwrap().loaded(node, p),
         M::ShardFailed(p) => hub.swarm.lock().unwrap().failed(node, p),

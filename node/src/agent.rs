@@ -81,7 +81,7 @@ pub(crate) async fn run(mut config: Config) -> Result<()> {
     let threads = config
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
-    let pipeline = crate::serve::Pipeline::new(data.shards_dir(), threads as i32);
+    let pipeline = crate::serve::Pipeline::new(data.shards_dir(), threads as i32, config.test_lie);
     let what = format!(
         "binding the data channel on {}:{}",
         config.listen_addr, config.data_port
@@ -275,7 +275,7 @@ async fn session(
                         });
                     }
                     M::Error(e) => {
-                        if !registered && [code::UNAUTHORIZED, code::FOREIGN_SHARDS, code::PROTOCOL_VERSION].contains(&e.code.as_str()) {
+                        if !registered && [code::UNAUTHORIZED, code::FOREIGN_SHARDS, code::PROTOCOL_VERSION, code::EVICTED].contains(&e.code.as_str()) {
                             return Err(Error::Refused { code: e.code, message: e.message });
                         }
                         tracing::warn!("coordinator error {}: {}", e.code, e.message);

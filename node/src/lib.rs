@@ -50,6 +50,10 @@ pub struct Config {
     /// This node's downlink in Mbit/s, if known (shown in the coordinator's /status).
     #[arg(long, env = "SHARDSWARM_NODE_DOWNLINK_MBIT")]
     pub downlink_mbit: Option<u32>,
+    /// For tests of the coordinator's checks only: corrupt every output this node computes
+    /// by about this fraction of its size (a lying or broken node).
+    #[arg(long, default_value_t = 0.0, hide = true)]
+    pub test_lie: f32,
 }
 
 impl Default for Config {
@@ -66,6 +70,7 @@ impl Default for Config {
             data_port: 0,
             uplink_mbit: None,
             downlink_mbit: None,
+            test_lie: 0.0,
         }
     }
 }

@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use llm::sample::sample;
-use llm::stage::{Row, RowsOutput, Stage};
+use llm::stage::{RowsOutput, Stage};
 use protocol::data::io::{Connection, FrameReader, FrameWriter};
 use protocol::data::{Frame, Group, Hello, Payload, MAX_CONTEXT};
 use protocol::RouteParams;
@@ -39,6 +39,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
 use crate::{Error, Result};
+
+mod rows;
+use rows::{corrupt, rows_of, threads_for};
 
 /// The loaded stage.
 struct Loaded {
@@ -52,15 +55,22 @@ struct Loaded {
 pub struct Pipeline {
     shards_dir: PathBuf,
     threads: i32,
+    /// Test only (`--test-lie`): scale of the error this node adds to every output, so that
+    /// the tests can check that the coordinator catches a lying node. 0 for an honest node.
+    lie: f32,
     loaded: tokio::sync::Mutex<Option<Loaded>>,
     generations: std::sync::atomic::AtomicU64,
 }
 
 impl Pipeline {
-    pub fn new(shards_dir: PathBuf, threads: i32) -> Arc<Pipeline> {
+    pub fn new(shards_dir: PathBuf, threads: i32, lie: f32) -> Arc<Pipeline> {
+        if lie != 0.0 {
+            tracing::warn!("--test-lie {lie}: this node corrupts every output it computes");
+        }
         Arc::new(Pipeline {
             shards_dir,
             threads,
+            lie,
             loaded: tokio::sync::Mutex::new(None),
             generations: std::sync::atomic::AtomicU64::new(0),
         })
@@ -91,7 +101,8 @@ impl Pipeline {
         let path = self.shards_dir.join(format!("shard-{}.gguf", route.stage));
         let is_last = route.stage + 1 == route.stage_count;
         let threads = self.threads;
-        let sequences = route.parallel;
+        // The coordinator's sequences, and one more kept for its probes.
+        let sequences = route.parallel + 1;
         let stage = tokio::task::spawn_blocking(move || {
             Stage::load_for(&path, is_last, MAX_CONTEXT, threads, sequences)
         })
@@ -119,6 +130,8 @@ impl Pipeline {
 struct Lane {
     route: RouteParams,
     generation: u64,
+    /// A probe lane: outputs go back to the caller, steps use only the probe sequence.
+    probe: bool,
     /// Frames for the caller.
     up: mpsc::UnboundedSender<Frame>,
     /// Frames for the next stage (none on the last stage).
@@ -187,8 +200,8 @@ async fn connection(
     )
     .await;
     drop(handshake);
-    let (conn, (route, generation)) = match (admitted, current) {
-        (Ok(Ok((conn, _))), Some(current)) => (conn, current),
+    let (conn, probe, (route, generation)) = match (admitted, current) {
+        (Ok(Ok((conn, hello))), Some(current)) => (conn, hello.probe, current),
         (Ok(Err(e)), _) => {
             tracing::info!("data connection from {peer} refused: {e}");
             return;
@@ -204,6 +217,7 @@ async fn connection(
     tokio::spawn(write_all(to_caller, up_queue));
     let busy = Arc::new(Mutex::new(HashMap::new()));
     let down = match &route.next {
+        _ if probe => None,
         None => None,
         Some(next) => match open_next(&route, next).await {
             Ok(conn) => {
@@ -223,6 +237,7 @@ async fn connection(
     let lane = Arc::new(Lane {
         route,
         generation,
+        probe,
         up,
         down,
         busy,
@@ -283,10 +298,19 @@ fn admit(route: Option<&RouteParams>, hello: &Hello) -> Result<String, String> {
             route.stage, route.split_id, hello.stage, hello.split_id
         ));
     }
-    if route.key.is_empty() {
-        return Err("refused: the coordinator gave this route no key".into());
+    let key = if hello.probe {
+        &route.probe_key
+    } else {
+        &route.key
+    };
+    if key.is_empty() {
+        return Err(if hello.probe {
+            "refused: the coordinator gave this node no probe key".into()
+        } else {
+            "refused: this node holds its stage as a replica, off the route".into()
+        });
     }
-    Ok(route.key.clone())
+    Ok(key.clone())
 }
 
 /// Open this lane's connection to the next stage.
@@ -388,6 +412,21 @@ async fn worker(mut queue: mpsc::UnboundedReceiver<Work>, pipeline: Arc<Pipeline
         let result = run_step(&pipeline, &decoder, w).await;
         let busy_us = u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX);
         let frame = match result {
+            Ok((groups, RowsOutput::Hidden(data))) if lane.probe => {
+                let rows: usize = groups.iter().map(|g| g.rows as usize).sum();
+                let width = (data.len() / rows.max(1)) as u32;
+                Frame::Output { step, width, data }
+            }
+            Ok((groups, RowsOutput::Logits(logits))) if lane.probe => {
+                let width = logits.first().map_or(1, |(_, l)| l.len()) as u32;
+                // In the order of the step's sampled groups.
+                let data = groups
+                    .iter()
+                    .filter_map(|g| logits.iter().find(|(seq, _)| *seq == g.seq as i32))
+                    .flat_map(|(_, l)| l.iter().copied())
+                    .collect();
+                Frame::Output { step, width, data }
+            }
             Ok((groups, RowsOutput::Hidden(data))) => {
                 let Some(down) = &lane.down else {
                     continue; // a last stage gives logits
@@ -450,109 +489,23 @@ async fn run_step(
     };
     let first = w.lane.route.stage == 0;
     let threads = threads_for(pipeline.threads, &w.lane.route, w.in_flight);
-    let (groups, payload) = (w.groups, w.payload);
+    let (groups, payload, probe, lie) = (w.groups, w.payload, w.lane.probe, pipeline.lie);
     decoder
         .run(move || {
             let mut stage = stage.lock().unwrap();
             stage.set_threads(threads);
-            let rows = rows_of(&stage, first, &groups, &payload)?;
+            let rows = rows_of(&stage, first, probe, &groups, &payload)?;
             for g in &groups {
                 stage.truncate_sequence(g.seq as i32, g.pos0 as i32)?;
             }
-            let output = match &payload {
+            let mut output = match &payload {
                 Payload::Tokens(t) => stage.forward_token_rows(t, &rows)?,
                 Payload::Hidden { data, .. } => stage.forward_hidden_rows(data, &rows)?,
             };
+            if lie != 0.0 {
+                corrupt(&mut output, lie);
+            }
             Ok((groups, output))
         })
         .await?
-}
-
-/// The threads for a step: all of this node's when its stage works alone on the machine, else
-/// a share. At most `in_flight` stages work at once (one step each), and of those at most
-/// `co_located` on this machine; one thread each is the floor. Stages on machines of their own
-/// (`co_located` 1) always take every thread. Cores are shared fairly only if the nodes on a
-/// machine are given its cores (`--threads`) alike.
-fn threads_for(threads: i32, route: &RouteParams, in_flight: u32) -> i32 {
-    let sharing = route.co_located.min(in_flight).max(1) as i32;
-    (threads / sharing).max(1)
-}
-
-/// The rows of a step, after checking that it fits this stage: each sequence once and below
-/// the stage's count, positions within its context, tokens only into the first stage and
-/// hidden states of the stage's width after it.
-fn rows_of(stage: &Stage, first: bool, groups: &[Group], payload: &Payload) -> Result<Vec<Row>> {
-    let bad = |m: String| Err(Error::Pipeline(m));
-    match payload {
-        Payload::Tokens(_) if !first => return bad("token ids go to stage 0 only".into()),
-        Payload::Hidden { .. } if first => return bad("stage 0 takes token ids".into()),
-        Payload::Hidden { n_embd, .. } if *n_embd as usize != stage.n_embd() => {
-            return bad(format!(
-                "hidden states {n_embd} wide, but this stage's are {}",
-                stage.n_embd()
-            ))
-        }
-        _ => {}
-    }
-    let mut seen = vec![false; stage.sequences() as usize];
-    let mut rows = Vec::with_capacity(payload.rows());
-    for g in groups {
-        match seen.get_mut(g.seq as usize) {
-            None => {
-                return bad(format!(
-                    "sequence {} is beyond this stage's {}",
-                    g.seq,
-                    stage.sequences()
-                ))
-            }
-            Some(true) => return bad(format!("sequence {} twice in one step", g.seq)),
-            Some(s) => *s = true,
-        }
-        let end = u64::from(g.pos0) + u64::from(g.rows);
-        if g.rows == 0 || end > u64::from(stage.context()) {
-            return bad(format!(
-                "positions {}..{end} of sequence {} are outside its context of {}",
-                g.pos0,
-                g.seq,
-                stage.context()
-            ));
-        }
-        rows.extend((g.pos0..g.pos0 + g.rows).map(|pos| Row {
-            seq: g.seq as i32,
-            pos: pos as i32,
-        }));
-    }
-    Ok(rows)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn route(co_located: u32) -> RouteParams {
-        RouteParams {
-            stage: 0,
-            stage_count: 4,
-            next: None,
-            model_sha256: "m".into(),
-            split_id: "s".into(),
-            parallel: 8,
-            co_located,
-            key: "k".into(),
-            next_key: None,
-        }
-    }
-
-    #[test]
-    fn a_stage_alone_takes_every_thread_and_stages_at_work_together_share() {
-        // Four stages on one 2-core machine: alone (one step in flight) 2 threads, else 1.
-        assert_eq!(threads_for(2, &route(4), 1), 2);
-        assert_eq!(threads_for(2, &route(4), 2), 1);
-        assert_eq!(threads_for(2, &route(4), 4), 1);
-        // Eight threads shared by the two stages that can work at once on this machine.
-        assert_eq!(threads_for(8, &route(2), 4), 4);
-        // A machine of its own: every thread, however many steps are in flight.
-        assert_eq!(threads_for(8, &route(1), 4), 8);
-        assert_eq!(threads_for(1, &route(4), 0), 1);
-    }
 }

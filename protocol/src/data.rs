@@ -37,6 +37,11 @@ pub struct Hello {
     pub stage: u32,
     /// The caller's fresh random nonce (hex), which the callee's proof covers.
     pub nonce: String,
+    /// A probe lane (the coordinator checking this node's stage): each step is answered with
+    /// the stage's own output (`Output`), nothing goes on to a next stage, and steps use only
+    /// the sequence kept for probes. Proved with the node's probe key, not a hop key.
+    #[serde(default)]
+    pub probe: bool,
 }
 
 /// Frames a peer may send before it has proved the route key: enough for a `Hello`, far
@@ -110,6 +115,14 @@ pub enum Frame {
         step: u64,
         tokens: Vec<(u32, i32)>,
         busy_us: Vec<u32>,
+    },
+    /// A probe's answer: the stage's output for the step's rows, `width` floats per row:
+    /// hidden states of every row, or the logits of each sampled group's last row on the
+    /// last stage.
+    Output {
+        step: u64,
+        width: u32,
+        data: Vec<f32>,
     },
     Error(String),
 }
@@ -251,6 +264,7 @@ impl Frame {
             Frame::Ready => "Ready",
             Frame::Step { .. } => "Step",
             Frame::Sampled { .. } => "Sampled",
+            Frame::Output { .. } => "Output",
             Frame::Error(_) => "Error",
         }
     }
@@ -308,6 +322,13 @@ impl Frame {
                 }
                 out.extend((busy_us.len() as u32).to_le_bytes());
                 busy_us.iter().for_each(|b| out.extend(b.to_le_bytes()));
+            }
+            Frame::Output { step, width, data } => {
+                out.push(8);
+                out.extend(step.to_le_bytes());
+                out.extend(width.to_le_bytes());
+                out.extend((data.len() as u32).to_le_bytes());
+                data.iter().for_each(|x| out.extend(x.to_le_bytes()));
             }
             Frame::Error(m) => {
                 out.push(255);
@@ -383,6 +404,23 @@ impl Frame {
                     busy_us,
                 }
             }
+            8 => {
+                let step = r.u64("step")?;
+                let width = r.u32("width")?;
+                let n = r.u32("float count")? as usize;
+                let raw = r.take(
+                    n.checked_mul(4).ok_or(FrameError::Truncated("output"))?,
+                    "output",
+                )?;
+                if width == 0 || !n.is_multiple_of(width as usize) {
+                    return Err(FrameError::Shape(n, width));
+                }
+                let data = raw
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                    .collect();
+                Frame::Output { step, width, data }
+            }
             255 => return Ok(Frame::Error(String::from_utf8_lossy(r.0).into_owned())),
             k => return Err(FrameError::Kind(k)),
         };
@@ -424,7 +462,13 @@ mod tests {
                 split_id: "s".into(),
                 stage: 2,
                 nonce: "ab".into(),
+                probe: true,
             }),
+            Frame::Output {
+                step: 5,
+                width: 2,
+                data: vec![0.5, -1.0, 2.0, 3.0],
+            },
             Frame::Challenge {
                 nonce: [1; auth::PROOF_LEN],
                 proof: [2; auth::PROOF_LEN],

@@ -50,6 +50,8 @@ pub mod code {
     pub const NOT_REGISTERED: &str = "not_registered";
     pub const PROTOCOL_VERSION: &str = "protocol_version";
     pub const FOREIGN_SHARDS: &str = "foreign_shards";
+    /// The coordinator caught this node computing wrong outputs and will not take it back.
+    pub const EVICTED: &str = "evicted";
     pub const SEEDER_UNAVAILABLE: &str = "seeder_unavailable";
 }
 

@@ -160,9 +160,14 @@ pub struct RouteParams {
     /// back): made by the coordinator for this hop of this route, known only to the two ends.
     #[serde(default)]
     pub key: String,
-    /// The key of the hop to the next stage; None on the last stage.
+    /// The key of the hop to the next stage; None on the last stage (and on a node that
+    /// holds the stage only as a replica: it runs probes, not the pipeline).
     #[serde(default)]
     pub next_key: Option<String>,
+    /// The key the coordinator proves when it probes this node's stage (replays a request
+    /// through it to compare its output with other holders').
+    #[serde(default)]
+    pub probe_key: String,
 }
 
 fn one() -> u32 {

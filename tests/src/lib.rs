@@ -360,7 +360,7 @@ pub fn coordinator(listen: &str, seeder_http: &str, extra: &[&str]) -> Proc {
     Proc::start("coordinator", &bin("coordinator", "coordinator"), &args)
 }
 
-/// A node with one thread on loopback.
+/// A node on loopback, with one thread unless `extra` says otherwise.
 pub fn node(name: &str, coordinator_http: &str, data_dir: &Path, extra: &[&str]) -> Proc {
     let mut args: Vec<String> = vec![
         "--coordinator".into(),
@@ -371,9 +371,10 @@ pub fn node(name: &str, coordinator_http: &str, data_dir: &Path, extra: &[&str])
         name.into(),
         "--listen-addr".into(),
         "127.0.0.1".into(),
-        "--threads".into(),
-        "1".into(),
     ];
+    if !extra.contains(&"--threads") {
+        args.extend(["--threads".into(), "1".into()]);
+    }
     args.extend(extra.iter().map(|s| s.to_string()));
     Proc::start(name, &bin("node", "node"), &args)
 }

@@ -161,6 +161,35 @@ pub struct Swarm {
     pub settle_until: Instant,
     /// The next [`NodeState::shard_order`].
     pub next_order: u64,
+    /// The `ROUTE` last sent to each node: the route's stages, and every other node that has
+    /// a shard loaded runs it as a replica (probed, ready to take over).
+    pub assigned: BTreeMap<String, protocol::RouteParams>,
+    /// The stage each node has loaded (it acknowledged its `ROUTE`).
+    pub stage_loaded: BTreeMap<String, u32>,
+    /// Each node's probe key (made at its first `ROUTE`).
+    probe_keys: BTreeMap<String, String>,
+    /// Nodes caught computing wrong outputs: refused from then on.
+    pub evicted: BTreeMap<String, Eviction>,
+}
+
+/// A node the coordinator evicted, and why.
+#[derive(Debug, Clone, Serialize)]
+pub struct Eviction {
+    pub name: String,
+    pub shard_id: u32,
+    pub reason: String,
+    /// Seconds since the Unix epoch.
+    pub at: u64,
+}
+
+/// A holder of a shard whose stage the coordinator can probe.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProbeTarget {
+    pub node_id: String,
+    pub data_addr: String,
+    pub probe_key: String,
+    /// Whether it is the route's stage for this shard.
+    pub on_route: bool,
 }
 
 /// The swarm's fixed settings: what was served and what the operator chose.
@@ -208,6 +237,10 @@ impl Swarm {
             route_loaded: Default::default(),
             settle_until: Instant::now() + settings.heartbeat_timeout,
             next_order: 0,
+            assigned: BTreeMap::new(),
+            stage_loaded: BTreeMap::new(),
+            probe_keys: BTreeMap::new(),
+            evicted: BTreeMap::new(),
             settings,
         }
     }
@@ -227,6 +260,15 @@ impl Swarm {
             if !presented.is_some_and(|got| daemon::secret::same_secret(want, got)) {
                 return Err(Refusal(code::UNAUTHORIZED, "wrong or missing token".into()));
             }
+        }
+        if let Some(e) = self.evicted.get(&p.node_id) {
+            return Err(Refusal(
+                code::EVICTED,
+                format!(
+                    "this node was evicted for wrong outputs on shard {}: {}",
+                    e.shard_id, e.reason
+                ),
+            ));
         }
         if p.protocol_version != PROTOCOL_VERSION {
             return Err(Refusal(
@@ -404,6 +446,59 @@ impl Swarm {
             );
         }
         self.place()
+    }
+
+    /// Evict `node` for computing wrong outputs on `shard_id`: it is dropped, its shards are
+    /// placed elsewhere, and it may not come back. Returns the messages (the caller closes its
+    /// connection).
+    pub fn evict(&mut self, node: &str, shard_id: u32, reason: String) -> Outbox {
+        let Some(n) = self.nodes.remove(node) else {
+            return Vec::new();
+        };
+        tracing::error!(
+            "evicting node {node} ({}): shard {shard_id}: {reason}",
+            n.name
+        );
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.evicted.insert(
+            node.to_owned(),
+            Eviction {
+                name: n.name,
+                shard_id,
+                reason,
+                at,
+            },
+        );
+        self.place()
+    }
+
+    /// Every shard's holders that run its stage and can be probed, route holder first.
+    pub fn probe_targets(&self) -> Vec<Vec<ProbeTarget>> {
+        (0..self.shards.len() as u32)
+            .map(|shard| {
+                let mut holders: Vec<ProbeTarget> = self
+                    .assigned
+                    .iter()
+                    .filter(|(node, params)| {
+                        params.stage == shard
+                            && self.stage_loaded.get(*node) == Some(&shard)
+                            && self.nodes.contains_key(*node)
+                    })
+                    .filter_map(|(node, params)| {
+                        Some(ProbeTarget {
+                            node_id: node.clone(),
+                            data_addr: self.nodes[node].data_addr.clone()?,
+                            probe_key: params.probe_key.clone(),
+                            on_route: !params.key.is_empty(),
+                        })
+                    })
+                    .collect();
+                holders.sort_by_key(|t| !t.on_route);
+                holders
+            })
+            .collect()
     }
 
     /// A connection closed: its node is gone (unless it already re-registered elsewhere).

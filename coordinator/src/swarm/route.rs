@@ -51,60 +51,107 @@ impl Swarm {
                     (x.shard_id, &x.node_id, &x.data_addr) == (y.shard_id, &y.node_id, &y.data_addr)
                 })
         };
-        match (&route, &self.route) {
-            (None, None) => return Vec::new(),
-            (Some(new), Some(old)) if same_stages(new, old) => return Vec::new(),
-            _ => {}
-        }
-        // A new route, new keys: nobody outside it can open its data connections.
-        let route = route.map(|hops| {
-            hops.into_iter()
-                .map(|hop| RouteHop {
-                    key: daemon::secret::random_hex(32),
-                    ..hop
-                })
-                .collect::<Vec<_>>()
-        });
-        self.route = route.clone();
-        let Some(route) = route else {
-            return Vec::new();
+        let changed = match (&route, &self.route) {
+            (None, None) => false,
+            (Some(new), Some(old)) => !same_stages(new, old),
+            _ => true,
         };
-        tracing::info!(
-            "route: {}",
-            route
-                .iter()
-                .map(|h| h.node_id.as_str())
-                .collect::<Vec<_>>()
-                .join(" -> ")
-        );
-        route
-            .iter()
-            .enumerate()
-            .map(|(k, hop)| {
+        if changed {
+            // A new route, new keys: nobody outside it can open its data connections.
+            self.route = route.map(|hops| {
+                hops.into_iter()
+                    .map(|hop| RouteHop {
+                        key: daemon::secret::random_hex(32),
+                        ..hop
+                    })
+                    .collect::<Vec<_>>()
+            });
+            if let Some(route) = &self.route {
+                tracing::info!(
+                    "route: {}",
+                    route
+                        .iter()
+                        .map(|h| h.node_id.as_str())
+                        .collect::<Vec<_>>()
+                        .join(" -> ")
+                );
+            }
+        }
+        self.send_assignments()
+    }
+
+    /// What each node should run: the route's nodes their stage of it; while ready, every
+    /// other node with a shard loaded that shard's stage as a replica (no hop key: it serves
+    /// only the coordinator's probes, and is ready when failover puts it on the route).
+    /// `ROUTE` goes to each node whose assignment changed.
+    fn send_assignments(&mut self) -> Outbox {
+        let mut want: std::collections::BTreeMap<String, RouteParams> = Default::default();
+        let stage_count = self.shards.len() as u32;
+        let base = |stage: u32| RouteParams {
+            stage,
+            stage_count,
+            next: None,
+            model_sha256: self.settings.model_sha256.clone(),
+            split_id: self.settings.split_id.clone(),
+            parallel: self.settings.parallel,
+            co_located: 1,
+            key: String::new(),
+            next_key: None,
+            probe_key: String::new(),
+        };
+        if let (true, Some(route)) = (self.ready, &self.route) {
+            for (k, hop) in route.iter().enumerate() {
                 let params = RouteParams {
-                    stage: hop.shard_id,
-                    stage_count: route.len() as u32,
                     next: route.get(k + 1).map(|h| h.data_addr.clone()),
-                    model_sha256: self.settings.model_sha256.clone(),
-                    split_id: self.settings.split_id.clone(),
-                    parallel: self.settings.parallel,
                     co_located: route
                         .iter()
                         .filter(|h| host_of(&h.data_addr) == host_of(&hop.data_addr))
                         .count() as u32,
                     key: hop.key.clone(),
                     next_key: route.get(k + 1).map(|h| h.key.clone()),
+                    ..base(hop.shard_id)
                 };
-                (
-                    hop.node_id.clone(),
-                    Control::new(
-                        COORDINATOR,
-                        &hop.node_id,
-                        Message::Route(Route::Assign(params)),
-                    ),
-                )
-            })
-            .collect()
+                want.entry(hop.node_id.clone()).or_insert(params);
+            }
+            for n in self.nodes.values() {
+                let loaded = n
+                    .shards
+                    .iter()
+                    .find(|(_, h)| matches!(h, Holding::Loaded { .. }));
+                if let (Some((&shard, _)), Some(_)) = (loaded, &n.data_addr) {
+                    want.entry(n.node_id.clone()).or_insert_with(|| base(shard));
+                }
+            }
+        }
+        self.probe_keys
+            .retain(|node, _| self.nodes.contains_key(node));
+        self.assigned.retain(|node, _| want.contains_key(node));
+        self.stage_loaded
+            .retain(|node, _| self.nodes.contains_key(node));
+        let mut out = Vec::new();
+        for (node, mut params) in want {
+            params.probe_key = self
+                .probe_keys
+                .entry(node.clone())
+                .or_insert_with(|| daemon::secret::random_hex(32))
+                .clone();
+            if self.assigned.get(&node) == Some(&params) {
+                continue;
+            }
+            if self.assigned.get(&node).map(|p| p.stage) != Some(params.stage) {
+                self.stage_loaded.remove(&node);
+            }
+            out.push((
+                node.clone(),
+                Control::new(
+                    COORDINATOR,
+                    &node,
+                    Message::Route(Route::Assign(params.clone())),
+                ),
+            ));
+            self.assigned.insert(node, params);
+        }
+        out
     }
 
     pub(super) fn update_ready_flag(&mut self) -> Outbox {
@@ -145,8 +192,11 @@ impl Swarm {
         )]
     }
 
-    /// A node says its stage of the route is loaded.
-    pub fn route_acked(&mut self, node: &str) {
+    /// A node says the stage of its `ROUTE` is loaded.
+    pub fn route_acked(&mut self, node: &str, stage: u32) {
+        if self.assigned.get(node).is_some_and(|p| p.stage == stage) {
+            self.stage_loaded.insert(node.to_owned(), stage);
+        }
         if self
             .route
             .as_ref()

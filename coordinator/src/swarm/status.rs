@@ -33,6 +33,7 @@ impl Swarm {
                 let mut v = serde_json::to_value(n).expect("node serialises");
                 v["last_heartbeat_secs_ago"] = now.duration_since(n.last_seen).as_secs_f64().into();
                 v["fetched_from"] = self.fetched_from(n).into();
+                v["stage"] = self.stage_loaded.get(&n.node_id).copied().into();
                 v
             })
             .collect();
@@ -48,6 +49,7 @@ impl Swarm {
             "bytes": {"from_seeder": from_seeder, "from_peers": from_peers},
             "route": self.route,
             "serving": self.serving_route().is_some(),
+            "evicted": self.evicted,
         })
     }
 

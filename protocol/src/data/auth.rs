@@ -69,6 +69,7 @@ mod tests {
             split_id: "s".into(),
             stage: 1,
             nonce: "00ff".into(),
+            probe: false,
         };
         let n = [7u8; PROOF_LEN];
         let callee = callee_proof("k", &hello, &n);

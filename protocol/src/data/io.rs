@@ -31,6 +31,15 @@ impl Hello {
                 .iter()
                 .map(|b| format!("{b:02x}"))
                 .collect(),
+            probe: false,
+        }
+    }
+
+    /// A greeting for a probe lane to `stage` ([`Hello::probe`]).
+    pub fn probe(model_sha256: &str, split_id: &str, stage: u32) -> Hello {
+        Hello {
+            probe: true,
+            ..Hello::new(model_sha256, split_id, stage)
         }
     }
 }

@@ -1,0 +1,128 @@
+//! Lying nodes are caught: the coordinator replays requests through every holder of each
+//! shard and evicts a holder whose outputs differ from the others', while requests keep
+//! their exact text. The liar is a real node started with the test-only `--test-lie`.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tests::api::{model, post, PROMPTS};
+use tests::{get_json, node, nodes_fully_loaded, swarm_lock, wait_for, Bed, Proc};
+
+/// Every node of `st` runs a stage (acknowledged its ROUTE), and `count` nodes are loaded.
+fn all_staged(st: &Value, count: usize) -> bool {
+    let nodes = st["nodes"].as_array().unwrap();
+    st["serving"] == true
+        && nodes.len() == count
+        && nodes_fully_loaded(st) == count
+        && nodes.iter().all(|n| n["stage"].is_u64())
+}
+
+fn assert_reference_text(addr: &str, prompt: &str) {
+    let reference = llm::reference_completion(&model(), prompt, 16, 1).unwrap();
+    let (status, body) = post(
+        addr,
+        "/v1/completions",
+        json!({"prompt": prompt, "max_tokens": 16, "temperature": 0}),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["choices"][0]["text"],
+        reference.text.as_str(),
+        "{prompt:?}"
+    );
+}
+
+#[test]
+fn a_node_with_wrong_outputs_is_evicted_and_requests_stay_exact() {
+    let _one = swarm_lock();
+    let bed = Bed::new(2, &[]);
+    let c = bed.coordinator(
+        "127.0.0.1:0",
+        &[
+            "--min-nodes",
+            "2",
+            "--verify-fraction",
+            "1",
+            "--parallel",
+            "2",
+        ],
+    );
+    let addr = c.field("http").to_owned();
+    let status = || get_json(&format!("http://{addr}/status"));
+
+    // Five honest nodes (one with two threads: its sums may round differently), then a liar,
+    // which the placement makes the third holder of the shard that has two.
+    let dirs = bed.node_dirs(6);
+    let mut nodes: Vec<Proc> = dirs[..5]
+        .iter()
+        .enumerate()
+        .map(|(i, (name, dir))| {
+            let threads: &[&str] = if i == 1 { &["--threads", "2"] } else { &[] };
+            node(name, &addr, dir, threads)
+        })
+        .collect();
+    wait_for(
+        "five nodes running stages",
+        Duration::from_secs(240),
+        || all_staged(&status(), 5).then_some(()),
+    );
+    let liar_dir = bed.work.path().join("liar");
+    let liar = node("liar", &addr, &liar_dir, &["--test-lie", "0.05"]);
+    let liar_id = wait_for("the liar running a stage", Duration::from_secs(240), || {
+        let st = status();
+        let id = st["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == "liar" && n["stage"].is_u64())?["node_id"]
+            .as_str()?
+            .to_owned();
+        (all_staged(&st, 6)).then_some(id)
+    });
+
+    // Requests are answered exactly (the liar is a replica, off the route) and each is
+    // replayed through every holder: the liar is caught and evicted.
+    for prompt in PROMPTS {
+        assert_reference_text(&addr, prompt);
+    }
+    let st = wait_for("the liar's eviction", Duration::from_secs(120), || {
+        let st = status();
+        st["evicted"].get(&liar_id).is_some().then_some(st)
+    });
+    let eviction = &st["evicted"][&liar_id];
+    assert_eq!(eviction["name"], "liar");
+    assert!(
+        eviction["reason"]
+            .as_str()
+            .unwrap()
+            .contains("differs from every other holder"),
+        "{eviction}"
+    );
+    assert_eq!(
+        st["evicted"].as_object().unwrap().len(),
+        1,
+        "an honest node was evicted: {st}"
+    );
+    let (exit, stderr) = liar.wait_exit(Duration::from_secs(60));
+    assert!(!exit.success());
+    assert!(stderr.contains("evicted"), "{stderr}");
+
+    // The honest holders agreed within the tolerance; what they differed by, for the record.
+    let v = &st["verify"];
+    eprintln!(
+        "honest relative error between holders: p50 {} p99 {} max {} (tolerance {}), {} requests checked, {} stage comparisons",
+        v["honest_error_p50"], v["honest_error_p99"], v["honest_error_max"], v["tolerance"],
+        v["requests_checked"], v["stage_comparisons"]
+    );
+    assert!(v["requests_checked"].as_u64().unwrap() >= 1, "{v}");
+    assert!(v["honest_error_max"].as_f64().unwrap() <= v["tolerance"].as_f64().unwrap());
+    assert!(v["disputes"].as_array().unwrap().is_empty(), "{v}");
+
+    // Still exact afterwards, and the liar cannot come back under its id.
+    assert_reference_text(&addr, PROMPTS[1]);
+    let again = node("liar", &addr, &liar_dir, &[]);
+    let (exit, stderr) = again.wait_exit(Duration::from_secs(60));
+    assert!(!exit.success());
+    assert!(stderr.contains("evicted"), "{stderr}");
+    nodes.clear();
+}
