@@ -434,3 +434,71 @@ fn the_route_counts_the_stages_on_each_machine() {
     assert_eq!(super::machines_in(&route), 2);
     assert_eq!(super::machines_in(&route[..2]), 1);
 }
+
+/// Each hop of the route has a key only its two ends get; a replica gets its stage with no
+/// hop key (probes only); every node has its own probe key; a new route means new keys; an
+/// evicted node is replaced and refused from then on.
+#[test]
+fn route_keys_replicas_probes_and_eviction() {
+    let mut s = swarm(2, 2);
+    let mut out = Vec::new();
+    for id in ["a", "b", "c"] {
+        out.extend(register_at(&mut s, id, &[], "10.0.0.1", Some("10.0.0.1:9000")).unwrap());
+    }
+    // The first copies load, then the replica that waited for a first piece.
+    let replicas = first_pieces(&mut s, &out);
+    let mut out = load_all(&mut s, &out);
+    out.extend(load_all(&mut s, &replicas));
+    let routes: BTreeMap<String, protocol::RouteParams> = out
+        .iter()
+        .filter_map(|(to, c)| match &c.message {
+            Message::Route(protocol::Route::Assign(p)) => Some((to.clone(), p.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        routes.len(),
+        3,
+        "every node with a loaded shard runs a stage"
+    );
+    let route = s.route.clone().unwrap();
+    let (first, second) = (&routes[&route[0].node_id], &routes[&route[1].node_id]);
+    assert_eq!(first.next_key.as_deref(), Some(second.key.as_str()));
+    assert_eq!(second.next_key, None);
+    assert_ne!(first.key, second.key);
+    let replica = routes
+        .iter()
+        .find(|(n, _)| !route.iter().any(|h| &&h.node_id == n))
+        .unwrap();
+    assert!(replica.1.key.is_empty() && replica.1.next.is_none());
+    let probe_keys: std::collections::BTreeSet<&str> =
+        routes.values().map(|p| p.probe_key.as_str()).collect();
+    assert_eq!(probe_keys.len(), 3);
+    assert!(probe_keys.iter().all(|k| k.len() == 64));
+
+    // Only nodes that loaded their stage can be probed; route holders first.
+    assert!(s.probe_targets().iter().all(Vec::is_empty));
+    for (node, p) in &routes {
+        s.route_acked(node, p.stage);
+    }
+    let targets = s.probe_targets();
+    let shard = replica.1.stage as usize;
+    assert_eq!(targets[shard].len(), 2);
+    assert!(targets[shard][0].on_route && !targets[shard][1].on_route);
+
+    // The route's holder of that shard is evicted: the replica takes its place under new keys,
+    // and the evicted node may not register again.
+    let evicted = targets[shard][0].node_id.clone();
+    let out = s.evict(&evicted, shard as u32, "wrong".into());
+    let new_route = s.route.clone().unwrap();
+    assert_eq!(new_route[shard].node_id, *replica.0);
+    assert!(new_route
+        .iter()
+        .all(|h| route.iter().all(|old| old.key != h.key)));
+    assert!(out.iter().any(|(to, c)| to == replica.0
+        && matches!(&c.message, Message::Route(protocol::Route::Assign(p)) if !p.key.is_empty())));
+    let refused =
+        register_at(&mut s, &evicted, &[], "10.0.0.1", Some("10.0.0.1:9000")).unwrap_err();
+    assert_eq!(refused.0, code::EVICTED);
+    assert!(s.status()["evicted"][&evicted]["reason"] == "wrong");
+}
