@@ -155,7 +155,7 @@ impl Fetcher {
             let stats = handle.stats();
             sources.update(&handle);
             if let Some(e) = stats.error {
-                return Err(("torrent", Error::Torrent(e)));
+                return Err(self.failed(p, e).await);
             }
             let now = tokio::time::Instant::now();
             if last_report.is_none_or(|t| now - t >= PROGRESS_EVERY) {
@@ -234,6 +234,34 @@ impl Fetcher {
             from_peers,
             by_source: sources.totals(),
         })
+    }
+
+    /// A fetch librqbit gave up on: take its torrent out of the session (a later LOAD_SHARD
+    /// adds it afresh, keeping and checking what is on disk), and say why in words an
+    /// operator can act on. librqbit's error names the file but not the cause; a full disk
+    /// is by far the likeliest, so the free space is checked and named.
+    async fn failed(&self, p: &LoadShardParams, e: String) -> (&'static str, Error) {
+        if let Ok(h) = info_hash(&p.info_hash) {
+            let _ = self.session.delete(Id20::new(h).into(), false).await;
+            self.modes.lock().unwrap().remove(&h);
+        }
+        let have = std::fs::metadata(self.data.shards_dir().join(&p.file)).map_or(0, |m| {
+            use std::os::unix::fs::MetadataExt;
+            m.blocks() * 512 // what the file takes on disk (it is sparse while it fills)
+        });
+        let free = self.data.disk_free();
+        let missing = p.size.saturating_sub(have);
+        if e.contains("writing") && free < missing.max(1 << 20) {
+            return (
+                "no_space",
+                Error::Shard(format!(
+                    "disk full while fetching {}: {missing} more bytes needed, {free} free in {} ({e})",
+                    p.file,
+                    self.data.shards_dir().display()
+                )),
+            );
+        }
+        ("torrent", Error::Torrent(e))
     }
 
     /// The torrent of a shard we hold, verified and complete: make sure it is seeded.

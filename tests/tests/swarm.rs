@@ -528,6 +528,10 @@ fn replicas_whose_source_dies_finish_from_the_other_holders_without_starting_ove
         1,
         "one replica takes over the feed: {took_over:?}"
     );
-    let st = wait_ready(&c, true);
+    // Every node left (the other shard's holders too) finishes, with the right files.
+    let st = wait_for("the five nodes left loaded", READY_WITHIN, || {
+        let st = status(&c);
+        (st["ready"] == true && nodes_fully_loaded(&st) == 5).then_some(st)
+    });
     check_node_files(&st, bed.seed.path(), &dirs);
 }

@@ -56,10 +56,22 @@ pub enum Holding {
     Failed {
         code: String,
         message: String,
+        /// When: the node is not given the shard again before [`RETRY_FAILED_AFTER`].
+        #[serde(skip)]
+        at: Instant,
     },
 }
 
+/// How long a node that failed a shard waits before it is given that shard again (a full
+/// disk or a broken download would otherwise fail and be retried as fast as messages go).
+pub const RETRY_FAILED_AFTER: Duration = Duration::from_secs(30);
+
 impl Holding {
+    /// Failed less than [`RETRY_FAILED_AFTER`] ago.
+    fn failed_recently(&self) -> bool {
+        matches!(self, Holding::Failed { at, .. } if at.elapsed() < RETRY_FAILED_AFTER)
+    }
+
     fn counts(&self) -> bool {
         matches!(
             self,
@@ -421,6 +433,7 @@ impl Swarm {
                     Holding::Failed {
                         code: "wrong_sha256".into(),
                         message: "loaded shard does not match the manifest".into(),
+                        at: Instant::now(),
                     },
                 );
             }
@@ -442,6 +455,7 @@ impl Swarm {
                 Holding::Failed {
                     code: p.code.clone(),
                     message: p.message.clone(),
+                    at: Instant::now(),
                 },
             );
         }

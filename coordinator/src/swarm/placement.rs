@@ -131,7 +131,9 @@ impl Swarm {
                 .nodes
                 .values()
                 .filter(|n| {
-                    !n.shards.get(&shard_id).is_some_and(Holding::counts)
+                    !n.shards
+                        .get(&shard_id)
+                        .is_some_and(|h| h.counts() || h.failed_recently())
                         && n.has_room_for(&spec, &self.shards)
                 })
                 .map(|n| {

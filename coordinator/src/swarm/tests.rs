@@ -502,3 +502,29 @@ fn route_keys_replicas_probes_and_eviction() {
     assert_eq!(refused.0, code::EVICTED);
     assert!(s.status()["evicted"][&evicted]["reason"] == "wrong");
 }
+
+/// A node that fails a shard (a full disk) is not given it again at once: no loop of
+/// LOAD_SHARD and SHARD_FAILED as fast as messages go.
+#[test]
+fn a_failed_shard_is_not_retried_on_the_same_node_at_once() {
+    let mut s = swarm(1, 1);
+    let out = register(&mut s, "a", &[]).unwrap();
+    assert_eq!(loads(&out).len(), 1);
+    let out = s.failed(
+        "a",
+        &ShardFailedParams {
+            shard_id: 0,
+            code: "no_space".into(),
+            message: "disk full".into(),
+        },
+    );
+    assert!(loads(&out).is_empty(), "given the shard again at once");
+    for _ in 0..5 {
+        assert!(loads(&s.place()).is_empty());
+    }
+    assert_eq!(s.status()["nodes"][0]["shards"]["0"]["state"], "failed");
+    // Another node takes it.
+    let out = register(&mut s, "b", &[]).unwrap();
+    assert_eq!(loads(&out).len(), 1);
+    assert_eq!(loads(&out)[0].0, "b");
+}

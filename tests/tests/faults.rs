@@ -1,0 +1,327 @@
+//! Faults: a shard damaged while its node was down, and processes killed with SIGKILL at
+//! (seeded) random moments. After each, the swarm is whole again, no file is corrupt, and
+//! nothing already complete is downloaded again. Processes on loopback, one test at a time.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+use tests::{bin, get_json, node, nodes_fully_loaded, swarm_lock, wait_for, Bed, Proc};
+
+const WITHIN: Duration = Duration::from_secs(120);
+
+fn status(addr: &str) -> Value {
+    get_json(&format!("http://{addr}/status"))
+}
+
+/// Ready, with `count` nodes and every one of them holding only loaded shards.
+fn whole(addr: &str, count: usize) -> Option<Value> {
+    let st = status(addr);
+    (st["ready"] == true
+        && st["nodes"].as_array().unwrap().len() == count
+        && nodes_fully_loaded(&st) == count)
+        .then_some(st)
+}
+
+/// (node name, shard) → bytes that node fetched for it this session, from a `/status`.
+fn fetched(st: &Value) -> std::collections::BTreeMap<(String, String), u64> {
+    let mut out = std::collections::BTreeMap::new();
+    for n in st["nodes"].as_array().unwrap() {
+        for (shard, h) in n["shards"].as_object().unwrap() {
+            let bytes =
+                h["from_seeder"].as_u64().unwrap_or(0) + h["from_peers"].as_u64().unwrap_or(0);
+            out.insert(
+                (n["name"].as_str().unwrap().to_owned(), shard.clone()),
+                bytes,
+            );
+        }
+    }
+    out
+}
+
+/// Every node's shard files equal the seeder's.
+fn check_files(st: &Value, seed: &Path, dirs: &[(String, PathBuf)]) {
+    for n in st["nodes"].as_array().unwrap() {
+        let name = n["name"].as_str().unwrap();
+        let dir = &dirs.iter().find(|(d, _)| d == name).unwrap().1;
+        for shard in n["shards"].as_object().unwrap().keys() {
+            let file = format!("shard-{shard}.gguf");
+            assert_eq!(
+                torrents::hashing::sha256_file(&dir.join("shards").join(&file)).unwrap(),
+                torrents::hashing::sha256_file(&seed.join(&file)).unwrap(),
+                "{name}'s {file}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_shard_truncated_while_its_node_was_down_is_fetched_again_not_loaded() {
+    let _one = swarm_lock();
+    let bed = Bed::new(2, &[]);
+    let c = bed.coordinator("127.0.0.1:0", &["--min-nodes", "2"]);
+    let addr = c.field("http").to_owned();
+    let dirs = bed.node_dirs(2);
+    let mut nodes: Vec<Proc> = dirs.iter().map(|(n, d)| node(n, &addr, d, &[])).collect();
+    let st = wait_for("the swarm whole", WITHIN, || whole(&addr, 2));
+    let shard = st["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "n0")
+        .unwrap()["shards"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .next()
+        .unwrap()
+        .clone();
+
+    // n0 goes down; its shard loses its second half; n0 comes back.
+    assert!(nodes.remove(0).terminate().success());
+    let file = dirs[0].1.join("shards").join(format!("shard-{shard}.gguf"));
+    let size = std::fs::metadata(&file).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(size / 2)
+        .unwrap();
+    let back = node("n0", &addr, &dirs[0].1, &[]);
+    let st = wait_for("the swarm whole again", WITHIN, || {
+        let st = whole(&addr, 2)?;
+        // n0 fetched the shard again (it did not register with it).
+        (fetched(&st)[&("n0".to_owned(), shard.clone())] > 0).then_some(st)
+    });
+    check_files(&st, bed.seed.path(), &dirs);
+    let log = back.stderr_text();
+    assert!(!log.contains("cannot run my stage"), "{log}");
+}
+
+/// The seeder's flags on fixed loopback ports, so that a restarted seeder is where nodes and
+/// torrents expect it.
+fn seeder_args(bed: &Bed, ports: (u16, u16)) -> Vec<String> {
+    [
+        "--listen-addr",
+        "127.0.0.1",
+        "--port",
+        &ports.0.to_string(),
+        "--http-port",
+        &ports.1.to_string(),
+        "--seed-dir",
+        &bed.seed.path().display().to_string(),
+        "--state-dir",
+        &bed.work.path().join("seeder-fixed").display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A small deterministic generator (xorshift), so a failing run can be repeated.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+#[test]
+fn sigkill_of_seeder_coordinator_and_nodes_at_random_moments_leaves_nothing_corrupt() {
+    let _one = swarm_lock();
+    let bed = Bed::new(3, &[]);
+    // Our own seeder on fixed ports (the bed's stays, unused by this swarm).
+    let ports = (free_port(), free_port());
+    let start_seeder = || {
+        Proc::start(
+            "seeder2",
+            &bin("seeder", "server"),
+            &seeder_args(&bed, ports),
+        )
+    };
+    let mut seeder = Some(start_seeder());
+    let seeder_http = format!("127.0.0.1:{}", ports.1);
+    let coord_addr = format!("127.0.0.1:{}", free_port());
+    let flags = [
+        "--min-nodes",
+        "4",
+        "--heartbeat-interval",
+        "1",
+        "--heartbeat-timeout",
+        "4",
+    ];
+    let start_coordinator = || {
+        let cache = bed.work.path().join("cache").display().to_string();
+        let mut all = vec!["--cache-dir", cache.as_str()];
+        all.extend_from_slice(&flags);
+        tests::coordinator(&coord_addr, &seeder_http, &all)
+    };
+    let mut coordinator = Some(start_coordinator());
+    let dirs = bed.node_dirs(4);
+    let mut nodes: Vec<Option<Proc>> = dirs
+        .iter()
+        .map(|(n, d)| Some(node(n, &coord_addr, d, &[])))
+        .collect();
+
+    let mut rng = Rng(0x5eed_cafe_f00d_1234);
+    let mut before: Option<std::collections::BTreeMap<(String, String), u64>> = None;
+    for round in 0..5 {
+        // The first kill comes while the nodes are still fetching; the others once whole.
+        std::thread::sleep(Duration::from_millis(rng.below(3000)));
+        // Each kind in turn (a node, the seeder, the coordinator, …), the node at random.
+        let victim = match round % 3 {
+            0 => 2 + rng.below(4),
+            k => k - 1,
+        };
+        let what = match victim {
+            0 => {
+                seeder.take().unwrap().kill();
+                seeder = Some(start_seeder());
+                "the seeder".to_owned()
+            }
+            1 => {
+                coordinator.take().unwrap().kill();
+                coordinator = Some(start_coordinator());
+                "the coordinator".to_owned()
+            }
+            k => {
+                let i = (k - 2) as usize;
+                nodes[i].take().unwrap().kill();
+                nodes[i] = Some(node(&dirs[i].0, &coord_addr, &dirs[i].1, &[]));
+                format!("node {}", dirs[i].0)
+            }
+        };
+        eprintln!("round {round}: killed {what} (SIGKILL) and started it again");
+        let st = wait_for(
+            &format!("the swarm whole after round {round}"),
+            WITHIN,
+            || whole(&coord_addr, 4),
+        );
+        check_files(&st, bed.seed.path(), &dirs);
+        // A shard complete before this round was not fetched again: what a node reports having
+        // fetched for it is what it reported before, or 0 (a restarted node or coordinator).
+        let now = fetched(&st);
+        if let Some(before) = &before {
+            for (key, bytes) in &now {
+                if let Some(was) = before.get(key) {
+                    assert!(
+                        *bytes == *was || *bytes == 0,
+                        "round {round}: {key:?} fetched {bytes} bytes after holding it whole ({was} before)"
+                    );
+                }
+            }
+        }
+        before = Some(now);
+    }
+    drop(nodes);
+}
+
+/// A tmpfs mounted for the test, unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mounting a tmpfs (this test needs root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(dir.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn a_disk_that_fills_up_during_a_fetch_gives_a_clear_failure_and_no_complete_looking_file() {
+    let _one = swarm_lock();
+    // Three shards of about 33 MB, sent at 4 MB/s, to a node on a 48 MiB disk: it is given
+    // one shard (the second would not fit), and the disk fills up while it fetches.
+    let bed = Bed::new(3, &["--upload-limit", "4194304"]);
+    let c = bed.coordinator("127.0.0.1:0", &["--min-nodes", "1"]);
+    let addr = c.field("http").to_owned();
+    let disk = Tmpfs::mount(&bed.work.path().join("small-disk"), "48m");
+    let data = disk.0.join("node");
+    let n = node("n0", &addr, &data, &[]);
+    let shard = wait_for("the fetch under way", WITHIN, || {
+        let st = status(&addr);
+        let node = st["nodes"].as_array()?.first()?.clone();
+        let (id, h) = node["shards"]
+            .as_object()?
+            .iter()
+            .next()
+            .map(|(k, v)| (k.clone(), v.clone()))?;
+        (h["state"] == "fetching" && h["bytes"].as_u64()? > 0).then_some(id)
+    });
+    // Fill what is left of the disk.
+    {
+        use std::io::Write;
+        let mut filler = std::fs::File::create(disk.0.join("filler")).unwrap();
+        let block = vec![0u8; 1 << 20];
+        for _ in 0..64 {
+            if filler
+                .write_all(&block)
+                .and_then(|_| filler.flush())
+                .is_err()
+            {
+                break;
+            }
+        }
+    }
+    let deadline = std::time::Instant::now() + WITHIN;
+    let failure = loop {
+        let st = status(&addr);
+        let h = st["nodes"][0]["shards"][&shard].clone();
+        if h["state"] == "failed" {
+            break h;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no SHARD_FAILED within {WITHIN:?}: {h}\nthe node's log:\n{}",
+            n.stderr_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let message = failure["message"].as_str().unwrap().to_lowercase();
+    assert!(
+        message.contains("space") || message.contains("disk"),
+        "not a clear failure: {failure}"
+    );
+    // Nothing claims to be complete: the node has not recorded the shard as verified.
+    let verified = std::fs::read_to_string(data.join("verified.json")).unwrap_or_default();
+    assert!(
+        !verified.contains(&format!("shard-{shard}.gguf")),
+        "{verified}"
+    );
+    assert!(
+        n.stderr_text().to_lowercase().contains("space"),
+        "{}",
+        n.stderr_text()
+    );
+    drop(n);
+}
