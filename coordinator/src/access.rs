@@ -71,8 +71,13 @@ impl Access {
                 let path = state.join("token");
                 let (made, fresh) = secret::load_or_create_secret(&path)?;
                 announce("swarm token", &path, fresh);
+                let scheme = if config.tls_cert.is_some() {
+                    "https"
+                } else {
+                    "http"
+                };
                 println!(
-                    "[JOIN] node --coordinator http://{} --token {made}",
+                    "[JOIN] node --coordinator {scheme}://{} --token {made}",
                     join_host(config)
                 );
                 token = Some(made);

@@ -124,6 +124,13 @@ pub struct Config {
         env = "SHARDSWARM_COORDINATOR_VERIFY_TOLERANCE"
     )]
     pub verify_tolerance: f32,
+    /// Serve HTTPS and `wss://` with this certificate chain (PEM; with --tls-key). Nodes then
+    /// join with `--coordinator https://…` (and `--ca` for a CA of your own).
+    #[arg(long, env = "SHARDSWARM_COORDINATOR_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "SHARDSWARM_COORDINATOR_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
     /// HTTP connections (API clients and nodes) open at once; more wait until one closes.
     #[arg(
         long,
@@ -156,6 +163,8 @@ impl Default for Config {
             micro_batches: 0,
             deadline: 600,
             max_connections: 1024,
+            tls_cert: None,
+            tls_key: None,
             verify_fraction: 0.01,
             verify_tolerance: 0.01,
             cache_dir: None,
@@ -223,7 +232,7 @@ impl Config {
 /// Run until SIGINT/SIGTERM.
 pub async fn run(config: Config) -> Result<()> {
     let running = server::start(config).await?;
-    println!("[READY] http={}", running.http);
+    println!("[READY] http={} scheme={}", running.http, running.scheme);
     running.wait_for_shutdown_signal().await;
     tracing::info!("shutting down");
     Ok(())

@@ -24,6 +24,8 @@ use crate::{Config, Result};
 /// A started coordinator.
 pub struct Running {
     pub http: SocketAddr,
+    /// `https` with `--tls-cert`, else `http`.
+    pub scheme: &'static str,
     pub hub: Arc<Hub>,
     cancel: CancellationToken,
 }
@@ -133,9 +135,29 @@ pub async fn start(config: Config) -> Result<Running> {
         max_connections: config.max_connections,
         ..daemon::HttpLimits::default()
     };
-    daemon::serve_http(listener, app, cancel.clone(), limits);
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            daemon::tls::server_config(cert, key)
+                .map_err(|e| crate::Error::Config(e.to_string()))?,
+        ),
+        _ => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    if tls.is_none() && !config.listen.ip().is_loopback() {
+        tracing::warn!(
+            "{} is reachable from other machines and the control channel, API and tokens go in \
+             clear text: give --tls-cert and --tls-key (see SECURITY.md)",
+            config.listen
+        );
+    }
+    daemon::serve_http(listener, app, cancel.clone(), limits, tls)?;
     tokio::spawn(sweep_heartbeats(hub.clone(), cancel.clone()));
-    Ok(Running { http, hub, cancel })
+    Ok(Running {
+        http,
+        scheme,
+        hub,
+        cancel,
+    })
 }
 
 async fn status(State(hub): State<Arc<Hub>>) -> Json<serde_json::Value> {

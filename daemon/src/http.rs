@@ -1,106 +1,164 @@
-//! A TCP listener for axum that keeps at most N connections open: each accepted connection
-//! holds a permit until hyper drops it, and no connection is accepted without one.
+//! A TCP listener for axum that keeps at most N connections open (each accepted connection
+//! holds a permit until hyper drops it, and none is accepted without one), and speaks TLS
+//! when given a server config. TLS handshakes run in tasks of their own, each bounded in
+//! time, so a client that stalls its handshake holds up nobody else.
 
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
-/// [`TcpListener`] with a cap on open connections.
+/// How long a client has to finish its TLS handshake.
+const HANDSHAKE_TIME: Duration = Duration::from_secs(10);
+
+/// Connections accepted (and through their handshake), waiting for hyper to take them.
 pub struct Capped {
-    inner: TcpListener,
-    permits: Arc<Semaphore>,
+    incoming: mpsc::Receiver<(CappedStream, SocketAddr)>,
+    local: SocketAddr,
 }
 
 impl Capped {
-    pub fn new(inner: TcpListener, max_connections: usize) -> Capped {
-        Capped {
-            inner,
-            permits: Arc::new(Semaphore::new(max_connections.max(1))),
-        }
+    /// Accept on `listener`, at most `max_connections` open at once, with TLS if `tls`.
+    pub fn new(
+        mut listener: TcpListener,
+        max_connections: usize,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> std::io::Result<Capped> {
+        let local = listener.local_addr()?;
+        let permits = Arc::new(Semaphore::new(max_connections.max(1)));
+        let (tx, incoming) = mpsc::channel(16);
+        let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+        tokio::spawn(async move {
+            loop {
+                let Ok(permit) = permits.clone().acquire_owned().await else {
+                    return;
+                };
+                // axum's own accept loop: it logs errors and backs off (out of descriptors).
+                let (tcp, addr) = axum::serve::Listener::accept(&mut listener).await;
+                // Streamed tokens are small writes a few milliseconds apart: with Nagle's
+                // algorithm a write may wait for the client's delayed ACK of the one before.
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!("TCP_NODELAY on an HTTP connection: {e}");
+                }
+                let Some(acceptor) = &acceptor else {
+                    let conn = CappedStream {
+                        conn: Conn::Plain(tcp),
+                        _permit: permit,
+                    };
+                    if tx.send((conn, addr)).await.is_err() {
+                        return; // the server stopped
+                    }
+                    continue;
+                };
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    match tokio::time::timeout(HANDSHAKE_TIME, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => {
+                            let conn = CappedStream {
+                                conn: Conn::Tls(Box::new(tls)),
+                                _permit: permit,
+                            };
+                            let _ = tx.send((conn, addr)).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!("TLS handshake with {addr}: {e}"),
+                        Err(_) => tracing::debug!("TLS handshake with {addr}: timed out"),
+                    }
+                });
+            }
+        });
+        Ok(Capped { incoming, local })
     }
 }
 
 impl axum::serve::Listener for Capped {
     type Io = CappedStream;
-    type Addr = std::net::SocketAddr;
+    type Addr = SocketAddr;
 
-    async fn accept(&mut self) -> (CappedStream, std::net::SocketAddr) {
-        // The semaphore is never closed, so acquiring fails only if it were.
-        let permit = self
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the connection semaphore is never closed");
-        // axum's own accept loop: it logs errors and backs off (e.g. when out of descriptors).
-        let (stream, addr) = axum::serve::Listener::accept(&mut self.inner).await;
-        (
-            CappedStream {
-                stream,
-                _permit: permit,
-            },
-            addr,
-        )
+    async fn accept(&mut self) -> (CappedStream, SocketAddr) {
+        match self.incoming.recv().await {
+            Some(accepted) => accepted,
+            // The accepting task ended (it does not while the server runs).
+            None => std::future::pending().await,
+        }
     }
 
-    fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
-        self.inner.local_addr()
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Ok(self.local)
     }
+}
+
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
 }
 
 /// An accepted connection and its permit (given back when hyper drops the connection).
 pub struct CappedStream {
-    stream: TcpStream,
+    conn: Conn,
     _permit: OwnedSemaphorePermit,
 }
 
-impl CappedStream {
-    pub fn stream(&self) -> &TcpStream {
-        &self.stream
-    }
+/// Forward an IO call to the plain or TLS stream.
+macro_rules! delegate {
+    ($self:ident, $s:ident => $call:expr) => {
+        match &mut $self.get_mut().conn {
+            Conn::Plain($s) => {
+                let $s = Pin::new($s);
+                $call
+            }
+            Conn::Tls($s) => {
+                let $s = Pin::new($s.as_mut());
+                $call
+            }
+        }
+    };
 }
 
 impl AsyncRead for CappedStream {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        delegate!(self, s => s.poll_read(cx, buf))
     }
 }
 
 impl AsyncWrite for CappedStream {
     fn poll_write(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        delegate!(self, s => s.poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        delegate!(self, s => s.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+        match &self.conn {
+            Conn::Plain(s) => s.is_write_vectored(),
+            Conn::Tls(s) => s.is_write_vectored(),
+        }
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        delegate!(self, s => s.poll_flush(cx))
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        delegate!(self, s => s.poll_shutdown(cx))
     }
 }
 
@@ -124,7 +182,7 @@ mod tests {
             max_connections: 2,
             max_body: 16,
         };
-        crate::serve_http(listener, app, stop.clone(), limits);
+        crate::serve_http(listener, app, stop.clone(), limits, None).unwrap();
         let ask = |mut s: TcpStream| async move {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")

@@ -46,25 +46,23 @@ impl Default for HttpLimits {
     }
 }
 
-/// Serve `app` on `listener` (with each request's peer address available to handlers) until
-/// `stop` is cancelled, then finish the requests under way: the HTTP side of every service.
+/// Serve `app` on `listener` (with each request's peer address available to handlers), over
+/// TLS when `tls` is given, until `stop` is cancelled, then finish the requests under way: the
+/// HTTP side of every service.
 pub fn serve_http(
     listener: tokio::net::TcpListener,
     app: axum::Router,
     stop: tokio_util::sync::CancellationToken,
     limits: HttpLimits,
-) -> tokio::task::JoinHandle<()> {
-    // Streamed tokens are small writes a few milliseconds apart: with Nagle's algorithm on, a
-    // write may wait for the client's (delayed, up to 40 ms on Linux) ACK of the one before.
-    // axum leaves TCP_NODELAY off, so set it on every connection.
+    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+) -> Result<tokio::task::JoinHandle<()>, IoError> {
     use axum::serve::ListenerExt;
-    let listener = http::Capped::new(listener, limits.max_connections).tap_io(|conn| {
-        if let Err(e) = conn.stream().set_nodelay(true) {
-            tracing::debug!("TCP_NODELAY on an HTTP connection: {e}");
-        }
-    });
+    let listener = http::Capped::new(listener, limits.max_connections, tls)
+        .map_err(|e| IoError::new("the listening address", e))?
+        // tap_io gives handlers the peer address (ConnectInfo) for any listener.
+        .tap_io(|_| {});
     let app = app.layer(axum::extract::DefaultBodyLimit::max(limits.max_body));
-    tokio::spawn(async move {
+    Ok(tokio::spawn(async move {
         let serve = axum::serve(
             listener,
             app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
@@ -73,7 +71,7 @@ pub fn serve_http(
         if let Err(e) = serve.await {
             tracing::error!("HTTP server: {e}");
         }
-    })
+    }))
 }
 
 /// An IO error with what was being done: every library's errors carry one, so a message
@@ -97,3 +95,4 @@ impl IoError {
 
 mod http;
 pub mod secret;
+pub mod tls;

@@ -29,6 +29,8 @@ struct Links<'a> {
     fetcher: &'a Arc<Fetcher>,
     pipeline: &'a Arc<crate::serve::Pipeline>,
     data_addr: SocketAddr,
+    /// TLS for a `wss://` coordinator.
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// Fetch tasks by shard id.
@@ -112,6 +114,14 @@ pub(crate) async fn run(mut config: Config) -> Result<()> {
     let (events_tx, mut events_rx) = mpsc::unbounded_channel::<FetchEvent>();
     let mut tasks = Tasks::default();
     let url = control_url(&coordinator);
+    let tls = if url.starts_with("wss://") {
+        Some(
+            daemon::tls::client_config(config.ca.as_deref())
+                .map_err(|e| Error::Config(e.to_string()))?,
+        )
+    } else {
+        None
+    };
     let mut backoff = Duration::from_millis(250);
     let shutdown = daemon::shutdown_signal();
     tokio::pin!(shutdown);
@@ -121,6 +131,7 @@ pub(crate) async fn run(mut config: Config) -> Result<()> {
             fetcher: &fetcher,
             pipeline: &pipeline,
             data_addr,
+            tls: tls.clone(),
         };
         let session = session(
             &config,
@@ -177,9 +188,10 @@ async fn session(
             .map_err(|_| Error::Config("the token is not a valid HTTP header value".into()))?;
         request.headers_mut().insert("Authorization", bearer);
     }
+    let connector = links.tls.clone().map(tokio_tungstenite::Connector::Rustls);
     let (ws, _) = tokio::time::timeout(
         Duration::from_secs(10),
-        tokio_tungstenite::connect_async(request),
+        tokio_tungstenite::connect_async_tls_with_config(request, None, false, connector),
     )
     .await
     .map_err(|_| Error::control(format!("connecting to {url} timed out")))?

@@ -31,6 +31,9 @@ pub struct Config {
     /// Read the token from this file (its first line) instead.
     #[arg(long, env = "SHARDSWARM_NODE_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+    /// Trust this CA (PEM) for an `https://` coordinator, instead of the system's roots.
+    #[arg(long, env = "SHARDSWARM_NODE_CA")]
+    pub ca: Option<PathBuf>,
     /// BitTorrent port other nodes fetch shards from (0: any free port).
     #[arg(long, default_value_t = 0)]
     pub peer_port: u16,
@@ -64,6 +67,7 @@ impl Default for Config {
             name: None,
             token: None,
             token_file: None,
+            ca: None,
             peer_port: 0,
             listen_addr: IpAddr::from([0, 0, 0, 0]),
             threads: None,

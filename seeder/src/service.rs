@@ -368,7 +368,8 @@ pub async fn start(
         http(seeder.clone()),
         cancel.clone(),
         daemon::HttpLimits::default(),
-    );
+        None,
+    )?;
     Ok(Running {
         seeder,
         cancel,

@@ -360,11 +360,16 @@ pub fn coordinator(listen: &str, seeder_http: &str, extra: &[&str]) -> Proc {
     Proc::start("coordinator", &bin("coordinator", "coordinator"), &args)
 }
 
-/// A node on loopback, with one thread unless `extra` says otherwise.
+/// A node on loopback, with one thread unless `extra` says otherwise, for the coordinator at
+/// `coordinator_http` (an address, for http://, or a whole URL).
 pub fn node(name: &str, coordinator_http: &str, data_dir: &Path, extra: &[&str]) -> Proc {
     let mut args: Vec<String> = vec![
         "--coordinator".into(),
-        format!("http://{coordinator_http}"),
+        if coordinator_http.contains("://") {
+            coordinator_http.to_owned()
+        } else {
+            format!("http://{coordinator_http}")
+        },
         "--data-dir".into(),
         data_dir.display().to_string(),
         "--name".into(),

@@ -1,0 +1,142 @@
+//! TLS on the coordinator: HTTPS for the API and `wss://` for the control channel, with a CA
+//! of the operator's (made here with openssl). Nodes trust it with `--ca`; the official
+//! `openai` client trusts it through SSL_CERT_FILE; the text is the whole model's, token for
+//! token, as over plain HTTP.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tests::api::{model, PROMPTS};
+use tests::{node, swarm_lock, wait_for, Bed};
+
+/// A CA, and a certificate for 127.0.0.1 signed by it: (ca.pem, server.pem, server.key).
+fn make_certificates(dir: &Path) -> (String, String, String) {
+    let script = "set -e
+        ec='-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes'
+        openssl req -x509 $ec -keyout ca.key -out ca.pem -days 2 -subj '/CN=shardswarm test CA'
+        openssl req $ec -keyout server.key -out server.csr -subj /CN=127.0.0.1
+        echo subjectAltName=IP:127.0.0.1 > san.ext
+        openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
+            -out server.pem -days 2 -extfile san.ext";
+    let out = Command::new("sh")
+        .args(["-c", script])
+        .current_dir(dir)
+        .output()
+        .expect("sh");
+    assert!(
+        out.status.success(),
+        "openssl (.ci/run installs it): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let p = |name: &str| dir.join(name).display().to_string();
+    (p("ca.pem"), p("server.pem"), p("server.key"))
+}
+
+#[test]
+fn https_and_wss_with_the_operators_certificate_give_the_same_tokens() {
+    let _one = swarm_lock();
+    let bed = Bed::new(2, &[]);
+    let (ca, cert, key) = make_certificates(bed.work.path());
+    let c = bed.coordinator(
+        "127.0.0.1:0",
+        &["--min-nodes", "2", "--tls-cert", &cert, "--tls-key", &key],
+    );
+    assert_eq!(c.field("scheme"), "https");
+    let base = format!("https://{}", c.field("http"));
+    let client = reqwest::blocking::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(&ca).unwrap()).unwrap())
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap();
+    let status = || -> Value {
+        client
+            .get(format!("{base}/status"))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap()
+    };
+
+    // Plain HTTP on the TLS port gets nowhere.
+    let plain = reqwest::blocking::Client::new()
+        .get(format!("http://{}/healthz", c.field("http")))
+        .timeout(Duration::from_secs(10))
+        .send();
+    assert!(plain.is_err() || !plain.unwrap().status().is_success());
+
+    // A node that does not trust the CA cannot join; nodes given it can.
+    let dirs = bed.node_dirs(3);
+    let stranger = node("untrusting", &base, &dirs[2].1, &[]);
+    let _nodes: Vec<_> = dirs[..2]
+        .iter()
+        .map(|(n, d)| node(n, &base, d, &["--ca", &ca]))
+        .collect();
+    wait_for(
+        "the pipeline serving over TLS",
+        Duration::from_secs(180),
+        || (status()["serving"] == true).then_some(()),
+    );
+    let names: Vec<Value> = status()["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["name"].clone())
+        .collect();
+    assert!(!names.contains(&json!("untrusting")), "{names:?}");
+    let log = stranger.stderr_text();
+    assert!(
+        log.contains("certificate") || log.contains("UnknownIssuer"),
+        "{log}"
+    );
+
+    // The whole model's text over HTTPS.
+    for prompt in PROMPTS {
+        let reference = llm::reference_completion(&model(), prompt, 16, 1).unwrap();
+        let body: Value = client
+            .post(format!("{base}/v1/completions"))
+            .json(&json!({"prompt": prompt, "max_tokens": 16, "temperature": 0}))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        assert_eq!(
+            body["choices"][0]["text"],
+            reference.text.as_str(),
+            "{prompt:?}"
+        );
+    }
+
+    // The official openai client, trusting the CA; the same chat as asked directly.
+    let model_id = client
+        .get(format!("{base}/v1/models"))
+        .send()
+        .unwrap()
+        .json::<Value>()
+        .unwrap()["data"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let out = Command::new(tests::python())
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/openai_client.py"))
+        .args([&format!("{base}/v1"), &model_id, "Name a colour.", "12"])
+        .env("SSL_CERT_FILE", &ca)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let direct: Value = client
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&json!({"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 12, "temperature": 0}))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(v["chat"], direct["choices"][0]["message"]["content"]);
+    assert_eq!(v["chat"], v["streamed"]);
+}
