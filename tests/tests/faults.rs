@@ -325,3 +325,157 @@ fn a_disk_that_fills_up_during_a_fetch_gives_a_clear_failure_and_no_complete_loo
     );
     drop(n);
 }
+
+/// A hostile BitTorrent peer: it says it has every piece of the torrents it is asked for and
+/// answers every request with garbage. Counts connections and the bytes it sent.
+struct BogusPeer {
+    port: u16,
+    connections: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl BogusPeer {
+    /// `pieces`: info hash → piece count of the torrents it pretends to seed.
+    fn start(pieces: std::collections::HashMap<[u8; 20], u64>) -> BogusPeer {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (connections, sent) = (
+            std::sync::Arc::new(AtomicU64::new(0)),
+            std::sync::Arc::new(AtomicU64::new(0)),
+        );
+        let (c, b) = (connections.clone(), sent.clone());
+        runtime.spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                c.fetch_add(1, Ordering::Relaxed);
+                let (pieces, sent) = (pieces.clone(), b.clone());
+                tokio::spawn(async move {
+                    let mut hs = [0u8; 68];
+                    if s.read_exact(&mut hs).await.is_err() {
+                        return;
+                    }
+                    let info_hash: [u8; 20] = hs[28..48].try_into().unwrap();
+                    let Some(&count) = pieces.get(&info_hash) else {
+                        return;
+                    };
+                    let mut reply = hs;
+                    reply[20..28].fill(0); // no extensions
+                    reply[48..68].copy_from_slice(b"-XX0001-bogusbogus00");
+                    let mut bitfield = vec![0u8; count.div_ceil(8) as usize];
+                    for i in 0..count as usize {
+                        bitfield[i / 8] |= 0x80 >> (i % 8);
+                    }
+                    let mut out = reply.to_vec();
+                    out.extend(((bitfield.len() + 1) as u32).to_be_bytes());
+                    out.push(5);
+                    out.extend(&bitfield);
+                    out.extend([0, 0, 0, 1, 1]); // unchoke
+                    if s.write_all(&out).await.is_err() {
+                        return;
+                    }
+                    loop {
+                        let mut len = [0u8; 4];
+                        if s.read_exact(&mut len).await.is_err() {
+                            return;
+                        }
+                        let len = u32::from_be_bytes(len) as usize;
+                        if len == 0 || len > 1 << 20 {
+                            continue;
+                        }
+                        let mut msg = vec![0u8; len];
+                        if s.read_exact(&mut msg).await.is_err() {
+                            return;
+                        }
+                        if msg[0] == 6 && len == 13 {
+                            // request(index, begin, length): a piece of garbage.
+                            let want = u32::from_be_bytes(msg[9..13].try_into().unwrap()) as usize;
+                            let mut piece = ((9 + want) as u32).to_be_bytes().to_vec();
+                            piece.push(7);
+                            piece.extend(&msg[1..9]);
+                            piece.extend(std::iter::repeat_n(0xAB, want));
+                            if s.write_all(&piece).await.is_err() {
+                                return;
+                            }
+                            sent.fetch_add(want as u64, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        BogusPeer {
+            port,
+            connections,
+            sent,
+            _runtime: runtime,
+        }
+    }
+}
+
+#[test]
+fn a_peer_that_serves_corrupt_pieces_is_dropped_and_the_shard_comes_whole() {
+    use std::sync::atomic::Ordering;
+    let _one = swarm_lock();
+    // The seeder sends at 4 MB/s, so the node asks the (fast) bogus peer for much.
+    let bed = Bed::new(2, &["--upload-limit", "4000000"]);
+    let seeder = bed.seeder.field("http").to_owned();
+    let files: Value = get_json(&format!("http://{seeder}/files"));
+    let mut pieces = std::collections::HashMap::new();
+    let mut hashes = Vec::new();
+    for f in files["files"].as_array().unwrap() {
+        let torrent = reqwest::blocking::get(f["torrent_url"].as_str().unwrap())
+            .unwrap()
+            .bytes()
+            .unwrap();
+        let meta = torrents::metainfo::parse(&torrent).unwrap();
+        pieces.insert(meta.info_hash, meta.piece_count);
+        hashes.push(meta.info_hash);
+    }
+    let bogus = BogusPeer::start(pieces);
+    // It announces itself to the seeder's tracker as a seed of every shard.
+    for h in &hashes {
+        let enc: String = h.iter().map(|b| format!("%{b:02x}")).collect();
+        let url = format!(
+            "http://{seeder}/announce?info_hash={enc}&peer_id=-XX0001-bogusbogus00&port={}&left=0&event=started&compact=1",
+            bogus.port
+        );
+        let body = reqwest::blocking::get(url).unwrap().bytes().unwrap();
+        assert!(
+            !String::from_utf8_lossy(&body).contains("failure"),
+            "{body:?}"
+        );
+    }
+    let c = bed.coordinator("127.0.0.1:0", &["--min-nodes", "1"]);
+    let addr = c.field("http").to_owned();
+    let dirs = bed.node_dirs(1);
+    let n = node("n0", &addr, &dirs[0].1, &[]);
+    let st = wait_for("the node whole", WITHIN, || whole(&addr, 1));
+    check_files(&st, bed.seed.path(), &dirs);
+    // It did offer garbage, librqbit caught it and dropped the peer each time.
+    let (connections, sent) = (
+        bogus.connections.load(Ordering::Relaxed),
+        bogus.sent.load(Ordering::Relaxed),
+    );
+    eprintln!("the bogus peer: {connections} connection(s), {sent} bytes of garbage sent");
+    assert!(
+        connections >= 1 && sent > 0,
+        "the node never asked the bogus peer"
+    );
+    let log = n.stderr_text();
+    assert!(log.contains("did not validate"), "{log}");
+    // Each connection ends at its first bad piece: a few pieces' worth at most, not the shard.
+    let shard_bytes: u64 = files["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["size"].as_u64().unwrap())
+        .sum();
+    assert!(
+        sent < shard_bytes / 4,
+        "{sent} bytes of garbage taken of {shard_bytes}"
+    );
+}
