@@ -94,3 +94,32 @@ pub const PROMPTS: [&str; 3] = [
     "Once upon a time, in a land of many small machines that shared the work of one large model, there lived a careful engineer who",
     "<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n",
 ];
+
+/// Run tests/scripts/openai_client.py (the official `openai` package): one chat completion of
+/// `prompt` and one streamed, against `base_url` (…/v1), with `env` set (OPENAI_API_KEY,
+/// SSL_CERT_FILE). Returns the process's output; its stdout is `{"chat", "streamed", "usage"}`.
+pub fn openai_client(
+    base_url: &str,
+    model: &str,
+    prompt: &str,
+    max_tokens: u32,
+    env: &[(&str, &str)],
+) -> std::process::Output {
+    let python = crate::python();
+    std::process::Command::new(&python)
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/openai_client.py"))
+        .args([base_url, model, prompt, &max_tokens.to_string()])
+        .envs(env.iter().copied())
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e} (.ci/run makes the venv)", python.display()))
+}
+
+/// The JSON the openai client printed, after checking that it succeeded.
+pub fn openai_client_answer(out: &std::process::Output) -> Value {
+    assert!(
+        out.status.success(),
+        "the openai client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}

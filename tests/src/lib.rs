@@ -246,6 +246,28 @@ pub fn nodes_fully_loaded(status: &serde_json::Value) -> usize {
     })
 }
 
+/// Every shard each node of a coordinator's `/status` holds is loaded and equals the seeder's
+/// file (`seed`); `data_dirs` maps node names to data dirs.
+pub fn assert_node_files(status: &serde_json::Value, seed: &Path, data_dirs: &[(String, PathBuf)]) {
+    for n in status["nodes"].as_array().unwrap() {
+        let name = n["name"].as_str().unwrap();
+        let dir = &data_dirs.iter().find(|(d, _)| d == name).unwrap().1;
+        for (shard, h) in n["shards"].as_object().unwrap() {
+            assert_eq!(h["state"], "loaded", "{name} shard {shard}: {h}");
+            let file = format!("shard-{shard}.gguf");
+            assert_eq!(
+                sha256_of(&dir.join("shards").join(&file)),
+                sha256_of(&seed.join(&file)),
+                "{name}'s {file}"
+            );
+        }
+    }
+}
+
+fn sha256_of(path: &Path) -> String {
+    torrents::hashing::sha256_file(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
 /// GET a JSON document.
 pub fn get_json(url: &str) -> serde_json::Value {
     reqwest::blocking::get(url)

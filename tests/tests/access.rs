@@ -3,10 +3,10 @@
 //! them, unless `--insecure`; API keys guard `/v1/*` and `/status` with OpenAI's 401.
 //! The "public" coordinator listens on 0.0.0.0 and is reached through loopback only.
 
-use std::path::Path;
 use std::time::Duration;
 
 use serde_json::Value;
+use tests::api::{openai_client, openai_client_answer};
 use tests::{node, swarm_lock, wait_for, Bed, Proc};
 
 /// GET `path` with an optional bearer key: (status, JSON body or Null).
@@ -97,25 +97,17 @@ fn a_public_coordinator_makes_keeps_and_requires_a_token_and_an_api_key() {
         .as_str()
         .unwrap()
         .to_owned();
+    let base = format!("http://{addr}/v1");
     let client = |api_key: &str| {
-        std::process::Command::new(tests::python())
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/openai_client.py"))
-            .args([
-                &format!("http://{addr}/v1"),
-                &model_id,
-                "Name a colour.",
-                "8",
-            ])
-            .env("OPENAI_API_KEY", api_key)
-            .output()
-            .unwrap()
+        openai_client(
+            &base,
+            &model_id,
+            "Name a colour.",
+            8,
+            &[("OPENAI_API_KEY", api_key)],
+        )
     };
-    let ok = client(&key);
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    openai_client_answer(&client(&key));
     let refused = client("wrong");
     assert!(!refused.status.success());
     let why = String::from_utf8_lossy(&refused.stderr);

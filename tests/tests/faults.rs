@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::Value;
-use tests::{bin, get_json, node, nodes_fully_loaded, swarm_lock, wait_for, Bed, Proc};
+use tests::{
+    assert_node_files, bin, get_json, node, nodes_fully_loaded, swarm_lock, wait_for, Bed, Proc,
+};
 
 const WITHIN: Duration = Duration::from_secs(120);
 
@@ -37,22 +39,6 @@ fn fetched(st: &Value) -> std::collections::BTreeMap<(String, String), u64> {
         }
     }
     out
-}
-
-/// Every node's shard files equal the seeder's.
-fn check_files(st: &Value, seed: &Path, dirs: &[(String, PathBuf)]) {
-    for n in st["nodes"].as_array().unwrap() {
-        let name = n["name"].as_str().unwrap();
-        let dir = &dirs.iter().find(|(d, _)| d == name).unwrap().1;
-        for shard in n["shards"].as_object().unwrap().keys() {
-            let file = format!("shard-{shard}.gguf");
-            assert_eq!(
-                torrents::hashing::sha256_file(&dir.join("shards").join(&file)).unwrap(),
-                torrents::hashing::sha256_file(&seed.join(&file)).unwrap(),
-                "{name}'s {file}"
-            );
-        }
-    }
 }
 
 #[test]
@@ -93,7 +79,7 @@ fn a_shard_truncated_while_its_node_was_down_is_fetched_again_not_loaded() {
         // n0 fetched the shard again (it did not register with it).
         (fetched(&st)[&("n0".to_owned(), shard.clone())] > 0).then_some(st)
     });
-    check_files(&st, bed.seed.path(), &dirs);
+    assert_node_files(&st, bed.seed.path(), &dirs);
     let log = back.stderr_text();
     assert!(!log.contains("cannot run my stage"), "{log}");
 }
@@ -209,7 +195,7 @@ fn sigkill_of_seeder_coordinator_and_nodes_at_random_moments_leaves_nothing_corr
             WITHIN,
             || whole(&coord_addr, 4),
         );
-        check_files(&st, bed.seed.path(), &dirs);
+        assert_node_files(&st, bed.seed.path(), &dirs);
         // A shard complete before this round was not fetched again: what a node reports having
         // fetched for it is what it reported before, or 0 (a restarted node or coordinator).
         let now = fetched(&st);
@@ -454,7 +440,7 @@ fn a_peer_that_serves_corrupt_pieces_is_dropped_and_the_shard_comes_whole() {
     let dirs = bed.node_dirs(1);
     let n = node("n0", &addr, &dirs[0].1, &[]);
     let st = wait_for("the node whole", WITHIN, || whole(&addr, 1));
-    check_files(&st, bed.seed.path(), &dirs);
+    assert_node_files(&st, bed.seed.path(), &dirs);
     // It did offer garbage, librqbit caught it and dropped the peer each time.
     let (connections, sent) = (
         bogus.connections.load(Ordering::Relaxed),

@@ -6,7 +6,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tests::api::{model, post, send, swarm, swarm_serving, PROMPTS};
+use tests::api::{
+    model, openai_client, openai_client_answer, post, send, swarm, swarm_serving, PROMPTS,
+};
 use tests::{get_json, swarm_lock, wait_for, Bed};
 
 /// A raw data-channel connection (blocking, reads bounded by 10 s).
@@ -211,23 +213,14 @@ fn four_stage_swarm_matches_the_whole_model_streams_and_serves_the_openai_client
         .as_str()
         .unwrap()
         .to_owned();
-    let python = tests::python();
-    let out = std::process::Command::new(&python)
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/openai_client.py"))
-        .args([
-            &format!("http://{addr}/v1"),
-            &model_id,
-            "Name a colour.",
-            "12",
-        ])
-        .output()
-        .unwrap_or_else(|e| panic!("{}: {e} (.ci/run makes the venv)", python.display()));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = openai_client(
+        &format!("http://{addr}/v1"),
+        &model_id,
+        "Name a colour.",
+        12,
+        &[],
     );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = openai_client_answer(&out);
     assert!(!v["chat"].as_str().unwrap().is_empty());
     assert_eq!(
         v["chat"], v["streamed"],

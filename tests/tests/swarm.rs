@@ -1,10 +1,13 @@
 //! The control plane end to end, as processes on loopback: seeder + coordinator + nodes with
 //! the real model split into 4. Nodes run with one thread; these tests run one at a time.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use tests::{get_json, metric_sum, node, nodes_fully_loaded, swarm_lock, wait_for, Bed, Proc};
+use tests::{
+    assert_node_files, get_json, metric_sum, node, nodes_fully_loaded, swarm_lock, wait_for, Bed,
+    Proc,
+};
 
 const READY_WITHIN: Duration = Duration::from_secs(180);
 
@@ -86,24 +89,6 @@ fn every_shard_loaded(st: &serde_json::Value, copies: usize, nodes: usize) -> bo
     st["ready"] == true && full && nodes_fully_loaded(st) == nodes
 }
 
-/// Every node's loaded shards equal the source files.
-fn check_node_files(
-    status: &serde_json::Value,
-    seed: &Path,
-    data_dirs: &[(String, std::path::PathBuf)],
-) {
-    for (name, id, h) in holdings(status) {
-        let dir = &data_dirs.iter().find(|(d, _)| d == name).unwrap().1;
-        assert_eq!(h["state"], "loaded", "{name} shard {id}: {h}");
-        let file = format!("shard-{id}.gguf");
-        assert_eq!(
-            torrents::hashing::sha256_file(&dir.join("shards").join(&file)).unwrap(),
-            torrents::hashing::sha256_file(&seed.join(&file)).unwrap(),
-            "{name}'s {file}"
-        );
-    }
-}
-
 #[test]
 fn four_empty_nodes_fetch_every_shard_and_the_swarm_is_ready() {
     let _one = swarm_lock();
@@ -120,7 +105,7 @@ fn four_empty_nodes_fetch_every_shard_and_the_swarm_is_ready() {
             "shard {shard}: {holders}"
         );
     }
-    check_node_files(&st, bed.seed.path(), &dirs);
+    assert_node_files(&st, bed.seed.path(), &dirs);
     assert!(c
         .stdout_lines()
         .iter()
@@ -149,7 +134,7 @@ fn eight_nodes_hold_two_replicas_and_the_seeder_sends_each_shard_about_once() {
         trailed |= replica_trails_a_fetching_holder(&st);
         every_shard_loaded(&st, 2, 8).then_some(st)
     });
-    check_node_files(&st, bed.seed.path(), &dirs);
+    assert_node_files(&st, bed.seed.path(), &dirs);
     let received = 2 * split_bytes(&st);
     let sent = seeder_sent(&bed);
     assert!(
@@ -208,7 +193,7 @@ fn a_node_killed_mid_download_resumes_without_fetching_everything_again() {
         fetched < size,
         "after the restart {victim} fetched {fetched} bytes of the {size}-byte shard {shard}"
     );
-    check_node_files(&st, bed.seed.path(), &dirs);
+    assert_node_files(&st, bed.seed.path(), &dirs);
 }
 
 #[test]
@@ -252,7 +237,7 @@ fn a_replica_whose_source_dies_mid_download_finishes_from_the_seeder() {
         "{replica} finished shard {shard} without the seeder after {source} died: {holding}"
     );
     let st = wait_ready(&c, true);
-    check_node_files(&st, bed.seed.path(), &dirs);
+    assert_node_files(&st, bed.seed.path(), &dirs);
 }
 
 #[test]
@@ -391,7 +376,7 @@ fn twelve_nodes_hold_three_copies_and_replicas_serve_each_other() {
             every_shard_loaded(&st, 3, 12).then_some(st)
         },
     );
-    check_node_files(&st, bed.seed.path(), &dirs);
+    assert_node_files(&st, bed.seed.path(), &dirs);
     let d = split_bytes(&st);
     let sent = seeder_sent(&bed);
     assert!(
@@ -533,5 +518,5 @@ fn replicas_whose_source_dies_finish_from_the_other_holders_without_starting_ove
         let st = status(&c);
         (st["ready"] == true && nodes_fully_loaded(&st) == 5).then_some(st)
     });
-    check_node_files(&st, bed.seed.path(), &dirs);
+    assert_node_files(&st, bed.seed.path(), &dirs);
 }

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tests::api::{model, PROMPTS};
+use tests::api::{model, openai_client, openai_client_answer, PROMPTS};
 use tests::{node, swarm_lock, wait_for, Bed};
 
 /// A CA, and a certificate for 127.0.0.1 signed by it: (ca.pem, server.pem, server.key).
@@ -118,18 +118,14 @@ fn https_and_wss_with_the_operators_certificate_give_the_same_tokens() {
         .as_str()
         .unwrap()
         .to_owned();
-    let out = Command::new(tests::python())
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/openai_client.py"))
-        .args([&format!("{base}/v1"), &model_id, "Name a colour.", "12"])
-        .env("SSL_CERT_FILE", &ca)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = openai_client(
+        &format!("{base}/v1"),
+        &model_id,
+        "Name a colour.",
+        12,
+        &[("SSL_CERT_FILE", &ca)],
     );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = openai_client_answer(&out);
     let direct: Value = client
         .post(format!("{base}/v1/chat/completions"))
         .json(&json!({"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 12, "temperature": 0}))
