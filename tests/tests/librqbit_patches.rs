@@ -348,6 +348,14 @@ async fn a_torrent_without_pex_keeps_to_the_peers_it_was_given() {
         .filter(|(p, _)| *p == addr_of(&a).to_string())
         .map(|p| p.1)
         .sum();
-    assert_eq!(from_a, PIECE * PIECES, "R2 got the whole file from A");
+    let from_all: u64 = peers_of(&r2_t).iter().map(|p| p.1).sum();
+    // The whole file from A and nobody else. librqbit may ask A again for a chunk that was
+    // slow to come (seen once: one 16 KiB chunk twice), so a few chunks over are allowed.
+    assert_eq!(from_all, from_a, "R2 got bytes from others than A");
+    assert!(
+        (PIECE * PIECES..=PIECE * PIECES + 4 * 16384).contains(&from_a),
+        "R2 got {from_a} bytes from A for a {}-byte file",
+        PIECE * PIECES
+    );
     drop((o_t, a_t, r1_t, r2_t));
 }
