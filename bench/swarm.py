@@ -87,7 +87,12 @@ def node_uplink(i, n, u, uneven):
     return max(u // 4, 1) if uneven and i % 2 == 0 else u
 
 
-def first_token(seeder_ns, limit):
+def ca_file(work):
+    """The swarm's CA, which the coordinator (on a public address, so with TLS) made."""
+    return os.path.join(work, "coordinator-state", "ca.pem")
+
+
+def first_token(work, seeder_ns, limit):
     """Stream one completion through the coordinator (again while it answers that it is not
     serving yet); the monotonic time of its first token."""
     body = json.dumps({"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0, "stream": True})
@@ -96,7 +101,7 @@ def first_token(seeder_ns, limit):
     while time.monotonic() < deadline:
         p = subprocess.Popen(["ip", "netns", "exec", seeder_ns, "curl", "-sN", "--max-time", str(limit), "-H",
                               "content-type: application/json", "-H", f"Authorization: Bearer {API_KEY}", "-d", body,
-                              "http://198.18.0.1:51830/v1/completions"],
+                              "--cacert", ca_file(work), "https://198.18.0.1:51830/v1/completions"],
                              stdout=subprocess.PIPE, text=True)
         try:
             answer = ""
@@ -127,13 +132,14 @@ def run_swarm(work, shards_dir, n, seeder_dev, caps, uneven):
             f.write(secrets.token_hex(32) + "\n")
         c = start(seeder_ns, [os.path.join(BIN, "coordinator"), "--listen", "198.18.0.1:51830", "--seeder",
                               "http://198.18.0.1:51821", "--min-nodes", str(n), "--token-file", token_file,
-                              "--api-key", API_KEY], os.path.join(work, "coordinator.log"))
+                              "--api-key", API_KEY, "--state-dir", os.path.join(work, "coordinator-state")],
+                  os.path.join(work, "coordinator.log"))
         procs.append(c)
         wait_line(c, r"^\[READY\]", 60)
         tx0 = tx_bytes(seeder_ns, seeder_dev)
         t0 = time.monotonic()
         for i in range(1, n + 1):
-            procs.append(start(ns_name(i), [os.path.join(BIN, "node"), "--coordinator", "http://198.18.0.1:51830",
+            procs.append(start(ns_name(i), [os.path.join(BIN, "node"), "--coordinator", "https://198.18.0.1:51830",
                                             "--data-dir", os.path.join(work, f"node{i}"), "--name", f"n{i}",
                                             "--token-file", token_file,
                                             "--listen-addr", f"198.18.0.{i + 1}", "--threads", "1",
@@ -143,14 +149,14 @@ def run_swarm(work, shards_dir, n, seeder_dev, caps, uneven):
         wait_line(c, r"^\[SWARM_READY\]", 900)
         ready = time.monotonic() - t0
         token = {}
-        asker = threading.Thread(target=lambda: token.setdefault("t", first_token(seeder_ns, 600)))
+        asker = threading.Thread(target=lambda: token.setdefault("t", first_token(work, seeder_ns, 600)))
         asker.start()
         # Replicas may still be copying: each node's completion is when it holds its shard.
         done = {}
         deadline = time.time() + 900
         while time.time() < deadline and len(done) < n:
-            out = sh("ip", "netns", "exec", seeder_ns, "curl", "-sf", "-H", f"Authorization: Bearer {API_KEY}",
-                     "http://198.18.0.1:51830/status", check=False).stdout
+            out = sh("ip", "netns", "exec", seeder_ns, "curl", "-sf", "--cacert", ca_file(work), "-H",
+                     f"Authorization: Bearer {API_KEY}", "https://198.18.0.1:51830/status", check=False).stdout
             try:
                 nodes = json.loads(out)["nodes"]
             except (ValueError, KeyError):

@@ -71,13 +71,9 @@ impl Access {
                 let path = state.join("token");
                 let (made, fresh) = secret::load_or_create_secret(&path)?;
                 announce("swarm token", &path, fresh);
-                let scheme = if config.tls_cert.is_some() {
-                    "https"
-                } else {
-                    "http"
-                };
+                // Not --insecure on a public address: TLS (the operator's or the swarm's CA).
                 println!(
-                    "[JOIN] node --coordinator {scheme}://{} --token {made}",
+                    "[JOIN] node --coordinator https://{} --token {made}",
                     join_host(config)
                 );
                 token = Some(made);

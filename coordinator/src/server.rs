@@ -120,7 +120,7 @@ pub async fn start(config: Config) -> Result<Running> {
             axum::routing::post(crate::openai::chat_completions),
         )
         .route_layer(axum::middleware::from_fn_with_state(
-            access,
+            access.clone(),
             crate::access::require_api_key,
         ));
     let app = Router::new()
@@ -135,21 +135,57 @@ pub async fn start(config: Config) -> Result<Running> {
         max_connections: config.max_connections,
         ..daemon::HttpLimits::default()
     };
-    let tls = match (&config.tls_cert, &config.tls_key) {
-        (Some(cert), Some(key)) => Some(
-            daemon::tls::server_config(cert, key)
-                .map_err(|e| crate::Error::Config(e.to_string()))?,
+    let tls_error = |e: daemon::tls::TlsError| crate::Error::Config(e.to_string());
+    let public = !config.listen.ip().is_loopback();
+    let (tls, ca_pem) = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => (
+            Some(daemon::tls::server_config(cert, key).map_err(tls_error)?),
+            None,
         ),
-        _ => None,
+        // A public address without the operator's certificate: the swarm's own CA.
+        _ if public && !config.insecure => {
+            let ca = crate::ca::SwarmCa::load_or_create(&config.state_dir())?;
+            let (chain, key) = ca.certificate_for(crate::ca::own_names(config.listen.ip()))?;
+            println!("[CA] {}", ca.cert_path.display());
+            (
+                Some(daemon::tls::server_config_from_pem(&chain, &key).map_err(tls_error)?),
+                Some(ca.cert_pem),
+            )
+        }
+        _ => (None, None),
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
-    if tls.is_none() && !config.listen.ip().is_loopback() {
+    if tls.is_none() && public {
         tracing::warn!(
-            "{} is reachable from other machines and the control channel, API and tokens go in \
-             clear text: give --tls-cert and --tls-key (see SECURITY.md)",
+            "--insecure: {} is reachable from other machines and the control channel, API and \
+             tokens go in clear text",
             config.listen
         );
     }
+    // The swarm's CA, for nodes to pin: open (it is no secret), with its HMAC under the swarm
+    // token so that a node holding the token can tell it is the real one.
+    let app = match ca_pem {
+        Some(pem) => {
+            let tag = access
+                .token
+                .as_deref()
+                .map(|t| daemon::secret::tag(t, pem.as_bytes()));
+            app.route(
+                "/ca.pem",
+                get(move || {
+                    let (pem, tag) = (pem.clone(), tag.clone());
+                    async move {
+                        let mut headers = axum::http::HeaderMap::new();
+                        if let Some(tag) = tag.and_then(|t| t.parse().ok()) {
+                            headers.insert(protocol::CA_TAG_HEADER, tag);
+                        }
+                        (headers, pem)
+                    }
+                }),
+            )
+        }
+        None => app,
+    };
     daemon::serve_http(listener, app, cancel.clone(), limits, tls)?;
     tokio::spawn(sweep_heartbeats(hub.clone(), cancel.clone()));
     Ok(Running {

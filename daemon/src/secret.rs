@@ -27,6 +27,24 @@ pub fn any_secret(keys: &[String], presented: &str) -> bool {
         .fold(false, |found, k| same_secret(k, presented) | found)
 }
 
+/// HMAC-SHA256 of `data` under `secret`, as hex: lets a holder of the secret (a node with the
+/// swarm token) check that `data` (the swarm's CA certificate) comes from another holder.
+pub fn tag(secret: &str, data: &[u8]) -> String {
+    use hmac::Mac;
+    let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("any key");
+    m.update(data);
+    m.finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Whether `tag_hex` is [`tag`] of `data` under `secret` (compared in constant time).
+pub fn is_tag(secret: &str, data: &[u8], tag_hex: &str) -> bool {
+    same_secret(&tag(secret, data), tag_hex.trim())
+}
+
 /// The secret in `path`: its first non-empty line, trimmed. An empty file is an error.
 pub fn read_secret_file(path: &Path) -> Result<String, IoError> {
     read_secrets_file(path)?
@@ -111,6 +129,10 @@ mod tests {
         assert!(any_secret(&keys, "k2"));
         assert!(!any_secret(&keys, "k3"));
         assert!(!any_secret(&[], ""));
+        let t = tag("token", b"ca");
+        assert!(is_tag("token", b"ca", &t));
+        assert!(!is_tag("other", b"ca", &t));
+        assert!(!is_tag("token", b"cb", &t));
 
         let file = dir.path().join("keys");
         std::fs::write(&file, "# ops keys\n\n  alpha  \nbeta\n").unwrap();

@@ -46,12 +46,32 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig
     let chain = certificates(cert)?;
     let what = format!("private key file {}", key.display());
     let key = PrivateKeyDer::from_pem_file(key).map_err(|e| err(&what, e))?;
+    with_certificate(chain, key, &format!("{} with {what}", cert.display()))
+}
+
+/// A server's TLS settings from a certificate chain and key held in memory (PEM).
+pub fn server_config_from_pem(
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| err("certificate", e))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| err("key", e))?;
+    with_certificate(chain, key, "the certificate")
+}
+
+fn with_certificate(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    what: &str,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| err("TLS", e))?
         .with_no_client_auth()
         .with_single_cert(chain, key)
-        .map_err(|e| err(format!("{} with {what}", cert.display()), e))?;
+        .map_err(|e| err(what, e))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }

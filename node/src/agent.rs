@@ -52,6 +52,61 @@ fn control_url(coordinator: &str) -> String {
     }
 }
 
+/// The swarm's CA for a `wss://` coordinator given no `--ca`: the one pinned in the data dir,
+/// else fetched from the coordinator's `/ca.pem` and kept only if its tag checks out under the
+/// swarm token (so a machine in the middle cannot slip in its own). None when the coordinator
+/// has no CA of its own (an operator's certificate: the system's roots then).
+async fn pinned_ca(
+    control_url: &str,
+    data: &DataDir,
+    token: Option<&str>,
+) -> Result<Option<std::path::PathBuf>> {
+    let pinned = data.root().join("coordinator-ca.pem");
+    if pinned.exists() {
+        return Ok(Some(pinned));
+    }
+    let base = control_url
+        .replacen("wss://", "https://", 1)
+        .trim_end_matches("/control")
+        .to_owned();
+    let url = format!("{base}/ca.pem");
+    let refuse = |m: String| Error::Config(format!("{url}: {m}"));
+    // Not verified yet: what it sends is checked with the token below.
+    let client = reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| refuse(e.to_string()))?;
+    let response = client
+        .get(&url)
+        .send()
+        .await
+        .map_err(|e| refuse(e.to_string()))?;
+    if response.status() == reqwest::StatusCode::NOT_FOUND {
+        return Ok(None);
+    }
+    let tag = response
+        .headers()
+        .get(protocol::CA_TAG_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let pem = response.text().await.map_err(|e| refuse(e.to_string()))?;
+    let Some(token) = token else {
+        return Err(refuse(
+            "the coordinator has a CA of its own: give it with --ca, or the swarm token to fetch it".into(),
+        ));
+    };
+    if !tag.is_some_and(|t| daemon::secret::is_tag(token, pem.as_bytes(), &t)) {
+        return Err(refuse(
+            "its CA does not check out under the swarm token: wrong token, or not the coordinator"
+                .into(),
+        ));
+    }
+    torrents::manifest::write_atomically(&pinned, pem.as_bytes())?;
+    tracing::info!("pinned the swarm's CA in {}", pinned.display());
+    Ok(Some(pinned))
+}
+
 /// Run the node until a signal, or until the coordinator refuses it.
 pub(crate) async fn run(mut config: Config) -> Result<()> {
     let required = |flag: &str| Error::Config(format!("{flag} is required"));
@@ -115,10 +170,11 @@ pub(crate) async fn run(mut config: Config) -> Result<()> {
     let mut tasks = Tasks::default();
     let url = control_url(&coordinator);
     let tls = if url.starts_with("wss://") {
-        Some(
-            daemon::tls::client_config(config.ca.as_deref())
-                .map_err(|e| Error::Config(e.to_string()))?,
-        )
+        let ca = match &config.ca {
+            Some(ca) => Some(ca.clone()),
+            None => pinned_ca(&url, &data, config.token.as_deref()).await?,
+        };
+        Some(daemon::tls::client_config(ca.as_deref()).map_err(|e| Error::Config(e.to_string()))?)
     } else {
         None
     };

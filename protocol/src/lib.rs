@@ -24,6 +24,10 @@ pub const COORDINATOR: &str = "coordinator";
 /// Receiver id of a broadcast.
 pub const BROADCAST: &str = "*";
 
+/// The header with which the coordinator serves its CA (`GET /ca.pem`): HMAC-SHA256 of the
+/// PEM under the swarm token, in hex, so that a node with the token can check it.
+pub const CA_TAG_HEADER: &str = "x-shardswarm-ca-tag";
+
 /// Command names.
 pub mod cmd {
     pub const REGISTER: &str = "REGISTER";

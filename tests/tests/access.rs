@@ -1,7 +1,8 @@
 //! Who may use the coordinator: on loopback with nothing set it is open; on any other address
 //! it makes a swarm token and an API key, keeps them across restarts and prints how to use
 //! them, unless `--insecure`; API keys guard `/v1/*` and `/status` with OpenAI's 401.
-//! The "public" coordinator listens on 0.0.0.0 and is reached through loopback only.
+//! The "public" coordinator listens on 0.0.0.0 and is reached through loopback only; it
+//! serves TLS with a CA of its own, which nodes pin with the token.
 
 use std::time::Duration;
 
@@ -9,17 +10,35 @@ use serde_json::Value;
 use tests::api::{openai_client, openai_client_answer};
 use tests::{node, swarm_lock, wait_for, Bed, Proc};
 
-/// GET `path` with an optional bearer key: (status, JSON body or Null).
-fn get(addr: &str, path: &str, key: Option<&str>) -> (u16, Value) {
-    let mut req = reqwest::blocking::Client::new()
-        .get(format!("http://{addr}{path}"))
-        .timeout(Duration::from_secs(30));
-    if let Some(k) = key {
-        req = req.bearer_auth(k);
+/// A coordinator's HTTP API as a client sees it: its base URL, trusting `ca` when given.
+struct Api {
+    base: String,
+    client: reqwest::blocking::Client,
+}
+
+impl Api {
+    fn new(base: String, ca: Option<&std::path::Path>) -> Api {
+        let mut builder = reqwest::blocking::Client::builder().timeout(Duration::from_secs(30));
+        if let Some(ca) = ca {
+            let pem = std::fs::read(ca).unwrap();
+            builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap());
+        }
+        Api {
+            base,
+            client: builder.build().unwrap(),
+        }
     }
-    let r = req.send().unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().unwrap_or(Value::Null))
+
+    /// GET `path` with an optional bearer key: (status, JSON body or Null).
+    fn get(&self, path: &str, key: Option<&str>) -> (u16, Value) {
+        let mut req = self.client.get(format!("{}{path}", self.base));
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        let r = req.send().unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().unwrap_or(Value::Null))
+    }
 }
 
 /// The `[READY]` address of a coordinator on 0.0.0.0, reached through loopback.
@@ -35,8 +54,8 @@ fn printed(c: &Proc, prefix: &str) -> Option<String> {
         .find_map(|l| l.strip_prefix(prefix).map(str::to_owned))
 }
 
-fn assert_unauthorized(addr: &str, path: &str, key: Option<&str>) {
-    let (status, body) = get(addr, path, key);
+fn assert_unauthorized(api: &Api, path: &str, key: Option<&str>) {
+    let (status, body) = api.get(path, key);
     assert_eq!(status, 401, "{path} with {key:?}: {body}");
     assert_eq!(body["error"]["code"], "invalid_api_key", "{body}");
     assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
@@ -54,6 +73,12 @@ fn a_public_coordinator_makes_keeps_and_requires_a_token_and_an_api_key() {
         &["--min-nodes", "2", "--state-dir", &state_flag],
     );
     let addr = via_loopback(&c);
+    // TLS with the swarm's own CA, kept in the state dir.
+    let ca = state.join("ca.pem");
+    assert_eq!(printed(&c, "[CA] ").unwrap(), ca.display().to_string());
+    assert_eq!(c.field("scheme"), "https");
+    let api = Api::new(format!("https://{addr}"), Some(&ca));
+    let url = format!("https://{addr}");
 
     // Made, kept in the state dir (owner only), printed with how to use them.
     let join = printed(&c, "[JOIN] ").expect("a [JOIN] line");
@@ -71,40 +96,50 @@ fn a_public_coordinator_makes_keeps_and_requires_a_token_and_an_api_key() {
 
     // The API and /status need the key; /healthz does not.
     for path in ["/status", "/v1/models"] {
-        assert_unauthorized(&addr, path, None);
-        assert_unauthorized(&addr, path, Some("not-the-key"));
-        assert_eq!(get(&addr, path, Some(&key)).0, 200, "{path} with the key");
+        assert_unauthorized(&api, path, None);
+        assert_unauthorized(&api, path, Some("not-the-key"));
+        assert_eq!(api.get(path, Some(&key)).0, 200, "{path} with the key");
     }
-    assert_eq!(get(&addr, "/healthz", None).0, 200);
+    assert_eq!(api.get("/healthz", None).0, 200);
 
-    // A node without the token is turned away; with the token (from a file) it joins.
-    let dirs = bed.node_dirs(2);
+    // A node without the token is turned away (it cannot even check the CA); a node with a
+    // wrong one does not pin it; with the token (from a file) nodes pin the CA and join.
+    let dirs = bed.node_dirs(3);
     let (status, stderr) =
-        node("stranger", &addr, &dirs[0].1, &[]).wait_exit(Duration::from_secs(60));
+        node("stranger", &url, &dirs[2].1, &[]).wait_exit(Duration::from_secs(60));
     assert!(!status.success());
     assert!(stderr.contains("token"), "{stderr}");
+    let (status, stderr) =
+        node("guesser", &url, &dirs[2].1, &["--token", "guess"]).wait_exit(Duration::from_secs(60));
+    assert!(!status.success());
+    assert!(stderr.contains("does not check out"), "{stderr}");
+    assert!(!dirs[2].1.join("coordinator-ca.pem").exists());
     let token_file = state.join("token").display().to_string();
-    let _nodes: Vec<Proc> = dirs
+    let _nodes: Vec<Proc> = dirs[..2]
         .iter()
-        .map(|(name, dir)| node(name, &addr, dir, &["--token-file", &token_file]))
+        .map(|(name, dir)| node(name, &url, dir, &["--token-file", &token_file]))
         .collect();
     wait_for("the pipeline serving", Duration::from_secs(180), || {
-        (get(&addr, "/status", Some(&key)).1["serving"] == true).then_some(())
+        (api.get("/status", Some(&key)).1["serving"] == true).then_some(())
     });
+    let pinned = std::fs::read_to_string(dirs[0].1.join("coordinator-ca.pem")).unwrap();
+    assert_eq!(pinned, std::fs::read_to_string(&ca).unwrap());
 
-    // The official openai client with the key gets completions; without it, an error.
-    let model_id = get(&addr, "/v1/models", Some(&key)).1["data"][0]["id"]
+    // The official openai client, trusting the CA, with the key gets completions; without
+    // the key, an error.
+    let model_id = api.get("/v1/models", Some(&key)).1["data"][0]["id"]
         .as_str()
         .unwrap()
         .to_owned();
-    let base = format!("http://{addr}/v1");
+    let base = format!("{url}/v1");
+    let ca_file = ca.display().to_string();
     let client = |api_key: &str| {
         openai_client(
             &base,
             &model_id,
             "Name a colour.",
             8,
-            &[("OPENAI_API_KEY", api_key)],
+            &[("OPENAI_API_KEY", api_key), ("SSL_CERT_FILE", &ca_file)],
         )
     };
     openai_client_answer(&client(&key));
@@ -127,7 +162,8 @@ fn a_public_coordinator_makes_keeps_and_requires_a_token_and_an_api_key() {
         printed(&again, "[API-KEY] Authorization: Bearer ").unwrap(),
         key
     );
-    assert_eq!(get(&via_loopback(&again), "/status", Some(&key)).0, 200);
+    let again_api = Api::new(format!("https://{}", via_loopback(&again)), Some(&ca));
+    assert_eq!(again_api.get("/status", Some(&key)).0, 200);
 }
 
 #[test]
@@ -138,9 +174,9 @@ fn insecure_runs_open_and_keys_on_loopback_guard_the_api() {
 
     // --insecure on a public address: nothing made, nothing asked.
     let open = bed.coordinator("0.0.0.0:0", &["--insecure", "--state-dir", &state]);
-    let addr = via_loopback(&open);
+    let api = Api::new(format!("http://{}", via_loopback(&open)), None);
     assert!(printed(&open, "[JOIN] ").is_none());
-    assert_eq!(get(&addr, "/status", None).0, 200);
+    assert_eq!(api.get("/status", None).0, 200);
     assert!(!bed.work.path().join("st/token").exists());
     assert!(open.stderr_text().contains("--insecure"), "no warning");
     drop(open);
@@ -153,12 +189,12 @@ fn insecure_runs_open_and_keys_on_loopback_guard_the_api() {
         "127.0.0.1:0",
         &["--api-key", "flag-key", "--api-key-file", &keys_flag],
     );
-    let addr = c.field("http");
-    assert_unauthorized(addr, "/v1/models", None);
-    assert_unauthorized(addr, "/status", Some("flag-keyX"));
-    assert_eq!(get(addr, "/v1/models", Some("flag-key")).0, 200);
-    assert_eq!(get(addr, "/status", Some("file-key")).0, 200);
-    assert_eq!(get(addr, "/healthz", None).0, 200);
+    let api = Api::new(format!("http://{}", c.field("http")), None);
+    assert_unauthorized(&api, "/v1/models", None);
+    assert_unauthorized(&api, "/status", Some("flag-keyX"));
+    assert_eq!(api.get("/v1/models", Some("flag-key")).0, 200);
+    assert_eq!(api.get("/status", Some("file-key")).0, 200);
+    assert_eq!(api.get("/healthz", None).0, 200);
 
     // An empty key file is refused at start, naming the file.
     std::fs::write(&keys, "\n# none yet\n").unwrap();

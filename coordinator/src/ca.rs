@@ -1,0 +1,130 @@
+//! The swarm's own certificate authority: a coordinator on a public address with no
+//! certificate of the operator's makes a CA once (kept in its state dir), and at every start a
+//! certificate for its own addresses signed by it. Nodes trust the CA: given with `--ca`, or
+//! fetched once from `/ca.pem` and checked with the swarm token (the coordinator sends an
+//! HMAC of the certificate under the token), then pinned in the node's data dir.
+
+use std::path::{Path, PathBuf};
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+
+use crate::{Error, Result};
+
+/// The CA: its certificate (PEM, what nodes and clients trust) and what signs with it.
+pub struct SwarmCa {
+    pub cert_pem: String,
+    pub cert_path: PathBuf,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+fn fail(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Config(format!("the swarm's CA: {what}: {e}"))
+}
+
+/// The CA's parameters: the same at every start, so that a CA loaded from its key signs
+/// exactly as the one first made.
+fn ca_params() -> Result<CertificateParams> {
+    let mut p = CertificateParams::new(Vec::<String>::new()).map_err(|e| fail("params", e))?;
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.distinguished_name
+        .push(DnType::CommonName, "shardswarm swarm CA");
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    Ok(p)
+}
+
+impl SwarmCa {
+    /// The CA kept in `dir` (`ca.pem`, `ca.key`, the key readable by its owner only), made on
+    /// first use.
+    pub fn load_or_create(dir: &Path) -> Result<SwarmCa> {
+        let (cert_path, key_path) = (dir.join("ca.pem"), dir.join("ca.key"));
+        let params = ca_params()?;
+        let (cert_pem, key) = if cert_path.exists() && key_path.exists() {
+            let read = |p: &Path| {
+                std::fs::read_to_string(p)
+                    .map_err(|e| daemon::IoError::new(format!("reading {}", p.display()), e))
+            };
+            let key = KeyPair::from_pem(&read(&key_path)?).map_err(|e| fail("ca.key", e))?;
+            (read(&cert_path)?, key)
+        } else {
+            let key = KeyPair::generate().map_err(|e| fail("a key", e))?;
+            let cert = params
+                .self_signed(&key)
+                .map_err(|e| fail("self-signing", e))?;
+            write_private(&key_path, &key.serialize_pem())?;
+            torrents::manifest::write_atomically(&cert_path, cert.pem().as_bytes())
+                .map_err(|e| fail("ca.pem", e))?;
+            tracing::info!("made the swarm's CA: {}", cert_path.display());
+            (cert.pem(), key)
+        };
+        Ok(SwarmCa {
+            cert_pem,
+            cert_path,
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// A certificate for `names` (IP addresses or host names), signed by the CA: (chain PEM
+    /// with the CA last, key PEM).
+    pub fn certificate_for(&self, names: Vec<String>) -> Result<(String, String)> {
+        let key = KeyPair::generate().map_err(|e| fail("a key", e))?;
+        let mut params = CertificateParams::new(names).map_err(|e| fail("names", e))?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "shardswarm coordinator");
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(|e| fail("signing", e))?;
+        Ok((
+            format!("{}{}", cert.pem(), self.cert_pem),
+            key.serialize_pem(),
+        ))
+    }
+}
+
+/// Write `text` readable by its owner only (temporary file, then rename).
+fn write_private(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let write = || -> std::io::Result<()> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|e| daemon::IoError::new(format!("writing {}", path.display()), e).into())
+}
+
+/// The names a coordinator listening on `listen` is reached by: that address, or for an
+/// unspecified one every address of this machine, plus `localhost` and the host name.
+pub fn own_names(listen: std::net::IpAddr) -> Vec<String> {
+    let mut names: Vec<String> = if listen.is_unspecified() {
+        if_addrs::get_if_addrs()
+            .map(|ifs| ifs.into_iter().map(|i| i.ip().to_string()).collect())
+            .unwrap_or_default()
+    } else {
+        vec![listen.to_string()]
+    };
+    names.push("localhost".into());
+    if let Ok(host) = std::fs::read_to_string("/etc/hostname") {
+        let host = host.trim();
+        if !host.is_empty() {
+            names.push(host.to_owned());
+        }
+    }
+    names.sort();
+    names.dedup();
+    names
+}
