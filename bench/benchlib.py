@@ -86,6 +86,7 @@ def start_local_swarm(repo, work, model, nodes=4, shards=4, coordinator_flags=()
         scheme = "https" if tls else "http"
         c = start([os.path.join(bin_dir, "coordinator"), "--listen", "127.0.0.1:0", "--seeder", f"http://{seeder}",
                    "--min-nodes", str(nodes), "--cache-dir", os.path.join(work, "cache"), *tls_flags,
+                   "--state-dir", os.path.join(work, "coordinator-state"),
                    *coordinator_flags],
                   "coord.log")
         coord = wait_line(c, r"^\[READY\] http=(\S+)", limit).group(1)

@@ -17,6 +17,80 @@ pub struct SwarmCa {
     issuer: Issuer<'static, KeyPair>,
 }
 
+/// The coordinator's TLS: what it serves, the swarm's CA (for the data channel, and for its
+/// own certificate when the operator gave none), and what it trusts on the data channel.
+pub struct Tls {
+    pub server: Option<std::sync::Arc<rustls::ServerConfig>>,
+    pub ca: Option<std::sync::Arc<SwarmCa>>,
+    /// Whether `/ca.pem` is served (the coordinator's certificate is the swarm CA's).
+    pub serve_ca: bool,
+    pub data_client: Option<protocol::data::io::ClientTls>,
+}
+
+/// TLS as the flags ask: the operator's certificate, or on a public address (unless
+/// `--insecure`) one from the swarm's CA, or none. With TLS the data channel runs over it too,
+/// with certificates from the swarm's CA.
+pub fn choose(config: &crate::Config) -> Result<Tls> {
+    let bad = |e: daemon::tls::TlsError| Error::Config(e.to_string());
+    let public = !config.listen.ip().is_loopback();
+    let operator = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(daemon::tls::server_config(cert, key).map_err(bad)?),
+        _ => None,
+    };
+    if operator.is_none() && (!public || config.insecure) {
+        if public {
+            tracing::warn!(
+                "--insecure: {} is reachable from other machines, and the control channel, \
+                 API, data channel and tokens go in clear text",
+                config.listen
+            );
+        }
+        return Ok(Tls {
+            server: None,
+            ca: None,
+            serve_ca: false,
+            data_client: None,
+        });
+    }
+    let ca = SwarmCa::load_or_create(&config.state_dir())?;
+    println!("[CA] {}", ca.cert_path.display());
+    let serve_ca = operator.is_none();
+    let server = match operator {
+        Some(server) => server,
+        None => {
+            let (chain, key) = ca.certificate_for(own_names(config.listen.ip()))?;
+            daemon::tls::server_config_from_pem(&chain, &key).map_err(bad)?
+        }
+    };
+    let data_client = daemon::tls::client_config_from_pem(&ca.cert_pem).map_err(bad)?;
+    Ok(Tls {
+        server: Some(server),
+        ca: Some(std::sync::Arc::new(ca)),
+        serve_ca,
+        data_client: Some(data_client),
+    })
+}
+
+/// `GET /ca.pem`: the swarm's CA, for nodes to pin. Open (it is no secret), with its HMAC under
+/// the swarm token so that a node holding the token can tell it is the real one.
+pub fn route(app: axum::Router, ca: &SwarmCa, token: Option<&str>) -> axum::Router {
+    let pem = ca.cert_pem.clone();
+    let tag = token.map(|t| daemon::secret::tag(t, pem.as_bytes()));
+    app.route(
+        "/ca.pem",
+        axum::routing::get(move || {
+            let (pem, tag) = (pem.clone(), tag.clone());
+            async move {
+                let mut headers = axum::http::HeaderMap::new();
+                if let Some(tag) = tag.and_then(|t| t.parse().ok()) {
+                    headers.insert(protocol::CA_TAG_HEADER, tag);
+                }
+                (headers, pem)
+            }
+        }),
+    )
+}
+
 fn fail(what: &str, e: impl std::fmt::Display) -> Error {
     Error::Config(format!("the swarm's CA: {what}: {e}"))
 }
@@ -64,6 +138,18 @@ impl SwarmCa {
             cert_pem,
             cert_path,
             issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// A node's data-channel TLS: a certificate for the host of its data address.
+    pub fn node_tls(&self, data_addr: &str) -> Result<protocol::NodeTls> {
+        let host = data_addr.rsplit_once(':').map_or(data_addr, |(h, _)| h);
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let (cert_pem, key_pem) = self.certificate_for(vec![host.to_owned()])?;
+        Ok(protocol::NodeTls {
+            ca_pem: self.cert_pem.clone(),
+            cert_pem,
+            key_pem,
         })
     }
 

@@ -72,6 +72,8 @@ pub struct EngineSettings {
     pub parallel: usize,
     /// Micro-batches in flight; 0 = one per machine of the route.
     pub micro_batches: usize,
+    /// The data channel's TLS (trust in the swarm's CA) in a TLS swarm.
+    pub tls: Option<protocol::data::io::ClientTls>,
 }
 
 /// The handle requests are sent through.
@@ -325,7 +327,12 @@ impl State {
         let hello = Hello::new(&self.settings.model_sha256, &self.settings.split_id, 0);
         let opened = match tokio::time::timeout(
             CONNECT_WAIT,
-            Connection::open(&first.data_addr, hello, &first.key),
+            Connection::open(
+                &first.data_addr,
+                hello,
+                &first.key,
+                self.settings.tls.as_ref(),
+            ),
         )
         .await
         {

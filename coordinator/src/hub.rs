@@ -45,6 +45,8 @@ pub struct Hub {
     route: watch::Sender<Option<Vec<RouteHop>>>,
     /// What the checks of holders' outputs found ([`crate::verify`]).
     pub verify_stats: Arc<Mutex<crate::verify::VerifyStats>>,
+    /// The swarm's CA, which signs the nodes' data-channel certificates (TLS swarms only).
+    ca: Option<Arc<crate::ca::SwarmCa>>,
 }
 
 impl Hub {
@@ -58,6 +60,7 @@ impl Hub {
             Option<crate::verify::Sampler>,
             Arc<Mutex<crate::verify::VerifyStats>>,
         ),
+        ca: Option<Arc<crate::ca::SwarmCa>>,
     ) -> Hub {
         let route = watch::Sender::new(swarm.serving_route());
         let engine = vocab
@@ -74,7 +77,33 @@ impl Hub {
             queue: Admission::new(queue),
             deadline,
             verify_stats,
+            ca,
         }
+    }
+
+    /// `node`'s data-channel TLS (a TLS swarm, and the node has a data address).
+    pub fn node_tls(&self, node: &str) -> Option<protocol::NodeTls> {
+        let ca = self.ca.as_ref()?;
+        let addr = self
+            .swarm
+            .lock()
+            .unwrap()
+            .nodes
+            .get(node)?
+            .data_addr
+            .clone()?;
+        match ca.node_tls(&addr) {
+            Ok(tls) => Some(tls),
+            Err(e) => {
+                tracing::error!("no data-channel certificate for {node}: {e}");
+                None
+            }
+        }
+    }
+
+    /// What the coordinator trusts on the data channel: the swarm's CA (TLS swarms only).
+    pub fn engine_tls(&self) -> Option<protocol::data::io::ClientTls> {
+        daemon::tls::client_config_from_pem(&self.ca.as_ref()?.cert_pem).ok()
     }
 
     /// A fresh id for a new connection.

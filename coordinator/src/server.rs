@@ -47,6 +47,7 @@ impl Running {
 pub async fn start(config: Config) -> Result<Running> {
     config.check()?;
     let access = Arc::new(crate::access::Access::resolve(&config)?);
+    let tls = crate::ca::choose(&config)?;
     let split = crate::seeder_client::fetch_split_with_retry(&config.seeder).await?;
     tracing::info!(
         "split {} of model {}: {} shards",
@@ -88,6 +89,7 @@ pub async fn start(config: Config) -> Result<Running> {
         split_id: swarm.settings.split_id.clone(),
         parallel: config.parallel as usize,
         micro_batches: config.micro_batches,
+        tls: tls.data_client.clone(),
     };
     let hub = Arc::new(Hub::new(
         swarm,
@@ -96,6 +98,7 @@ pub async fn start(config: Config) -> Result<Running> {
         engine,
         (config.queue, Duration::from_secs(config.deadline)),
         (sampler, verify_stats),
+        tls.ca.clone(),
     ));
     if let Some(checker) = checker {
         checker.spawn(hub.clone());
@@ -135,58 +138,16 @@ pub async fn start(config: Config) -> Result<Running> {
         max_connections: config.max_connections,
         ..daemon::HttpLimits::default()
     };
-    let tls_error = |e: daemon::tls::TlsError| crate::Error::Config(e.to_string());
-    let public = !config.listen.ip().is_loopback();
-    let (tls, ca_pem) = match (&config.tls_cert, &config.tls_key) {
-        (Some(cert), Some(key)) => (
-            Some(daemon::tls::server_config(cert, key).map_err(tls_error)?),
-            None,
-        ),
-        // A public address without the operator's certificate: the swarm's own CA.
-        _ if public && !config.insecure => {
-            let ca = crate::ca::SwarmCa::load_or_create(&config.state_dir())?;
-            let (chain, key) = ca.certificate_for(crate::ca::own_names(config.listen.ip()))?;
-            println!("[CA] {}", ca.cert_path.display());
-            (
-                Some(daemon::tls::server_config_from_pem(&chain, &key).map_err(tls_error)?),
-                Some(ca.cert_pem),
-            )
-        }
-        _ => (None, None),
+    let app = match &tls.ca {
+        Some(ca) if tls.serve_ca => crate::ca::route(app, ca, access.token.as_deref()),
+        _ => app,
     };
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    if tls.is_none() && public {
-        tracing::warn!(
-            "--insecure: {} is reachable from other machines and the control channel, API and \
-             tokens go in clear text",
-            config.listen
-        );
-    }
-    // The swarm's CA, for nodes to pin: open (it is no secret), with its HMAC under the swarm
-    // token so that a node holding the token can tell it is the real one.
-    let app = match ca_pem {
-        Some(pem) => {
-            let tag = access
-                .token
-                .as_deref()
-                .map(|t| daemon::secret::tag(t, pem.as_bytes()));
-            app.route(
-                "/ca.pem",
-                get(move || {
-                    let (pem, tag) = (pem.clone(), tag.clone());
-                    async move {
-                        let mut headers = axum::http::HeaderMap::new();
-                        if let Some(tag) = tag.and_then(|t| t.parse().ok()) {
-                            headers.insert(protocol::CA_TAG_HEADER, tag);
-                        }
-                        (headers, pem)
-                    }
-                }),
-            )
-        }
-        None => app,
+    let scheme = if tls.server.is_some() {
+        "https"
+    } else {
+        "http"
     };
-    daemon::serve_http(listener, app, cancel.clone(), limits, tls)?;
+    daemon::serve_http(listener, app, cancel.clone(), limits, tls.server.clone())?;
     tokio::spawn(sweep_heartbeats(hub.clone(), cancel.clone()));
     Ok(Running {
         http,
@@ -380,7 +341,10 @@ async fn handle(
                 let (mine, rest): (Outbox, Outbox) = out.into_iter().partition(|(to, c)| {
                     to == &p.node_id && matches!(c.message, protocol::Message::Registered(_))
                 });
-                for (_, c) in mine {
+                for (_, mut c) in mine {
+                    if let protocol::Message::Registered(r) = &mut c.message {
+                        r.tls = hub.node_tls(&p.node_id);
+                    }
                     queue(tx, close, c);
                 }
                 hub.connected(&p.node_id, conn, tx.clone(), close.clone());

@@ -76,6 +76,22 @@ fn with_certificate(
     Ok(Arc::new(config))
 }
 
+/// A client's TLS settings trusting only the CA in `ca_pem` (held in memory).
+pub fn client_config_from_pem(ca_pem: &str) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots
+            .add(cert.map_err(|e| err("CA", e))?)
+            .map_err(|e| err("CA", e))?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| err("TLS", e))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
 /// A client's TLS settings: trust the CA certificates in `ca` (a swarm's own), or else the
 /// system's roots.
 pub fn client_config(ca: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, TlsError> {

@@ -310,6 +310,10 @@ async fn session(
                 let command = msg.message.command();
                 match msg.message {
                     M::Registered(p) => {
+                        if let Some(tls) = &p.tls {
+                            links.pipeline.set_tls(tls)?;
+                            tracing::info!("the data channel runs over TLS (the swarm's CA)");
+                        }
                         registered = true;
                         heartbeat = tokio::time::interval(Duration::from_secs(p.heartbeat_interval_secs.max(1)));
                         tracing::info!("registered: split {} of model {}", p.split_id, p.model_sha256);

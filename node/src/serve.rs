@@ -60,6 +60,16 @@ pub struct Pipeline {
     lie: f32,
     loaded: tokio::sync::Mutex<Option<Loaded>>,
     generations: std::sync::atomic::AtomicU64,
+    /// The data channel's TLS, from the coordinator (none in a plain swarm): what callers
+    /// must speak to this node, and what it speaks to the next stage.
+    tls: std::sync::RwLock<Option<DataTls>>,
+}
+
+/// TLS both ways on the data channel.
+#[derive(Clone)]
+struct DataTls {
+    acceptor: tokio_rustls::TlsAcceptor,
+    client: protocol::data::io::ClientTls,
 }
 
 impl Pipeline {
@@ -73,7 +83,25 @@ impl Pipeline {
             lie,
             loaded: tokio::sync::Mutex::new(None),
             generations: std::sync::atomic::AtomicU64::new(0),
+            tls: std::sync::RwLock::new(None),
         })
+    }
+
+    /// Run the data channel over TLS with the certificate the coordinator gave (at REGISTER).
+    pub fn set_tls(&self, tls: &protocol::NodeTls) -> Result<()> {
+        let bad = |e: daemon::tls::TlsError| Error::Pipeline(format!("data-channel TLS: {e}"));
+        let server =
+            daemon::tls::server_config_from_pem(&tls.cert_pem, &tls.key_pem).map_err(bad)?;
+        let client = daemon::tls::client_config_from_pem(&tls.ca_pem).map_err(bad)?;
+        *self.tls.write().unwrap() = Some(DataTls {
+            acceptor: tokio_rustls::TlsAcceptor::from(server),
+            client,
+        });
+        Ok(())
+    }
+
+    fn client_tls(&self) -> Option<protocol::data::io::ClientTls> {
+        self.tls.read().unwrap().as_ref().map(|t| t.client.clone())
     }
 
     /// Take a route: load the stage's shard into llama.cpp (unless already loaded). Any change
@@ -192,13 +220,32 @@ async fn connection(
         .await
         .as_ref()
         .map(|l| (l.route.clone(), l.generation));
-    let admitted = tokio::time::timeout(
-        HANDSHAKE_TIME,
-        Connection::accept(stream, |hello| {
+    let _ = stream.set_nodelay(true);
+    let acceptor = pipeline
+        .tls
+        .read()
+        .unwrap()
+        .as_ref()
+        .map(|t| t.acceptor.clone());
+    let handshake_all = async {
+        let stream: Box<dyn protocol::data::io::DataStream> = match acceptor {
+            None => Box::new(stream),
+            Some(acceptor) => match acceptor.accept(stream).await {
+                Ok(tls) => Box::new(tls),
+                Err(e) => {
+                    return Err(protocol::data::io::ChannelError::Refused {
+                        peer: peer.to_string(),
+                        reason: format!("TLS: {e}"),
+                    })
+                }
+            },
+        };
+        Connection::accept(stream, peer.to_string(), |hello| {
             admit(current.as_ref().map(|(route, _)| route), hello)
-        }),
-    )
-    .await;
+        })
+        .await
+    };
+    let admitted = tokio::time::timeout(HANDSHAKE_TIME, handshake_all).await;
     drop(handshake);
     let (conn, probe, (route, generation)) = match (admitted, current) {
         (Ok(Ok((conn, hello))), Some(current)) => (conn, hello.probe, current),
@@ -219,7 +266,7 @@ async fn connection(
     let down = match &route.next {
         _ if probe => None,
         None => None,
-        Some(next) => match open_next(&route, next).await {
+        Some(next) => match open_next(&route, next, pipeline.client_tls()).await {
             Ok(conn) => {
                 let (answers, to_next) = conn.into_split();
                 let (down, down_queue) = mpsc::unbounded_channel();
@@ -313,11 +360,15 @@ fn admit(route: Option<&RouteParams>, hello: &Hello) -> Result<String, String> {
     Ok(key.clone())
 }
 
-/// Open this lane's connection to the next stage.
-async fn open_next(route: &RouteParams, next: &str) -> Result<Connection> {
+/// Open this lane's connection to the next stage (over TLS in a TLS swarm).
+async fn open_next(
+    route: &RouteParams,
+    next: &str,
+    tls: Option<protocol::data::io::ClientTls>,
+) -> Result<Connection> {
     let hello = Hello::new(&route.model_sha256, &route.split_id, route.stage + 1);
     let key = route.next_key.as_deref().unwrap_or_default();
-    Connection::open(next, hello, key)
+    Connection::open(next, hello, key, tls.as_ref())
         .await
         .map_err(|e| Error::Pipeline(format!("stage {}: {e}", route.stage + 1)))
 }

@@ -51,6 +51,26 @@ pub struct RegisteredParams {
     pub split_id: String,
     /// Seconds between heartbeats the coordinator expects.
     pub heartbeat_interval_secs: u64,
+    /// The node's TLS for the data channel, when the swarm runs TLS: its certificate (for its
+    /// data address, signed by the swarm's CA) and key, and the CA it trusts in others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<NodeTls>,
+}
+
+/// A node's data-channel certificate, key and the swarm's CA (PEM), sent over the control
+/// channel, which is itself TLS whenever this is sent.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeTls {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// The key stays out of logs.
+impl std::fmt::Debug for NodeTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeTls").finish_non_exhaustive()
+    }
 }
 
 /// `LOAD_SHARD`: fetch and verify a shard, then keep seeding it.

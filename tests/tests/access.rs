@@ -124,6 +124,33 @@ fn a_public_coordinator_makes_keeps_and_requires_a_token_and_an_api_key() {
     });
     let pinned = std::fs::read_to_string(dirs[0].1.join("coordinator-ca.pem")).unwrap();
     assert_eq!(pinned, std::fs::read_to_string(&ca).unwrap());
+    // The data channel runs over TLS too: a plain connection to a stage gets no frame back.
+    let st = api.get("/status", Some(&key)).1;
+    let stage0 = st["route"][0]["data_addr"].as_str().unwrap();
+    {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(stage0).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let hello = protocol::data::Frame::Hello(protocol::data::Hello {
+            model_sha256: st["model_sha256"].as_str().unwrap().into(),
+            split_id: st["split_id"].as_str().unwrap().into(),
+            stage: 0,
+            nonce: "00".into(),
+            probe: false,
+        })
+        .encode();
+        s.write_all(&(hello.len() as u32).to_le_bytes()).unwrap();
+        s.write_all(&hello).unwrap();
+        let mut answer = Vec::new();
+        match s.read_to_end(&mut answer) {
+            // A TLS alert at most, never a data-channel frame.
+            Ok(_) => assert!(
+                protocol::data::Frame::decode(answer.get(4..).unwrap_or_default()).is_err(),
+                "a plain frame came back: {answer:?}"
+            ),
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+        }
+    }
 
     // The official openai client, trusting the CA, with the key gets completions; without
     // the key, an error.

@@ -39,9 +39,24 @@ fn https_and_wss_with_the_operators_certificate_give_the_same_tokens() {
     let _one = swarm_lock();
     let bed = Bed::new(2, &[]);
     let (ca, cert, key) = make_certificates(bed.work.path());
+    let state = bed
+        .work
+        .path()
+        .join("coordinator-state")
+        .display()
+        .to_string();
     let c = bed.coordinator(
         "127.0.0.1:0",
-        &["--min-nodes", "2", "--tls-cert", &cert, "--tls-key", &key],
+        &[
+            "--min-nodes",
+            "2",
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--state-dir",
+            &state,
+        ],
     );
     assert_eq!(c.field("scheme"), "https");
     let base = format!("https://{}", c.field("http"));

@@ -353,6 +353,7 @@ impl Swarm {
             model_sha256: self.settings.model_sha256.clone(),
             split_id: self.settings.split_id.clone(),
             heartbeat_interval_secs: self.settings.heartbeat_interval.as_secs().max(1),
+            tls: None, // the server adds the node's certificate
         };
         let mut out = vec![(
             p.node_id.clone(),

@@ -3,8 +3,17 @@
 
 use super::auth::{self, PROOF_LEN};
 use super::{Frame, FrameError, Hello, MAX_FRAME, MAX_HANDSHAKE_FRAME};
+use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+/// What a data connection runs over: plain TCP, or TLS over it.
+pub trait DataStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> DataStream for T {}
+
+/// TLS for the callers of a hop: trust in the swarm's CA. The callee's certificate must name
+/// the IP address the caller connects to.
+pub type ClientTls = std::sync::Arc<rustls::ClientConfig>;
 
 /// Why a data-channel connection failed.
 #[derive(Debug, thiserror::Error)]
@@ -57,21 +66,38 @@ fn random_bytes<const N: usize>() -> [u8; N] {
 /// closes instead. Until then frames are limited to [`MAX_HANDSHAKE_FRAME`]. The coordinator
 /// holds one to stage 0 and each stage one to the next.
 pub struct Connection {
-    stream: TcpStream,
+    stream: Box<dyn DataStream>,
     peer: String,
 }
 
 impl Connection {
     /// Connect to `addr` and run the handshake with the hop's `key`; fails unless the callee
     /// proves the key and answers `Ready`.
-    pub async fn open(addr: &str, hello: Hello, key: &str) -> Result<Connection, ChannelError> {
-        let stream = TcpStream::connect(addr)
-            .await
-            .map_err(|source| ChannelError::Io {
-                peer: addr.to_owned(),
-                source,
-            })?;
-        let _ = stream.set_nodelay(true);
+    /// With `tls`, the connection runs over TLS, and the callee must show a certificate from
+    /// the swarm's CA for the address.
+    pub async fn open(
+        addr: &str,
+        hello: Hello,
+        key: &str,
+        tls: Option<&ClientTls>,
+    ) -> Result<Connection, ChannelError> {
+        let io = |source| ChannelError::Io {
+            peer: addr.to_owned(),
+            source,
+        };
+        let tcp = TcpStream::connect(addr).await.map_err(io)?;
+        let _ = tcp.set_nodelay(true);
+        let stream: Box<dyn DataStream> = match tls {
+            None => Box::new(tcp),
+            Some(config) => {
+                let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+                    .map_err(|e| io(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
+                let connector = tokio_rustls::TlsConnector::from(config.clone());
+                Box::new(connector.connect(name, tcp).await.map_err(io)?)
+            }
+        };
         let mut conn = Connection {
             stream,
             peer: addr.to_owned(),
@@ -103,14 +129,12 @@ impl Connection {
     /// Take an incoming connection: read its `Hello`, ask `admit` for the key of the hop it
     /// names (or the reason to refuse it), prove the key and check the caller's proof, then
     /// answer `Ready`. A refusal is answered `Error` with the reason (and fails).
+    /// `stream` is the accepted connection (its TLS handshake done, if any), from `peer`.
     pub async fn accept(
-        stream: TcpStream,
+        stream: Box<dyn DataStream>,
+        peer: String,
         admit: impl FnOnce(&Hello) -> Result<String, String>,
     ) -> Result<(Connection, Hello), ChannelError> {
-        let peer = stream
-            .peer_addr()
-            .map_or_else(|_| "a peer".to_owned(), |a| a.to_string());
-        let _ = stream.set_nodelay(true);
         let mut conn = Connection { stream, peer };
         let hello = match conn.receive_handshake().await? {
             Frame::Hello(h) => h,
@@ -184,7 +208,7 @@ impl Connection {
     /// Split into a reading and a writing half, so one task can read answers while
     /// another sends steps (a hop carries many steps at once).
     pub fn into_split(self) -> (FrameReader, FrameWriter) {
-        let (r, w) = self.stream.into_split();
+        let (r, w) = tokio::io::split(self.stream);
         (
             FrameReader {
                 half: r,
@@ -207,7 +231,7 @@ impl Connection {
 
 /// The reading half of a [`Connection`].
 pub struct FrameReader {
-    half: tokio::net::tcp::OwnedReadHalf,
+    half: ReadHalf<Box<dyn DataStream>>,
     peer: String,
 }
 
@@ -223,7 +247,7 @@ impl FrameReader {
 
 /// The writing half of a [`Connection`].
 pub struct FrameWriter {
-    half: tokio::net::tcp::OwnedWriteHalf,
+    half: WriteHalf<Box<dyn DataStream>>,
     peer: String,
 }
 
@@ -302,8 +326,8 @@ mod tests {
         let addr = listener.local_addr().unwrap().to_string();
         let callee_key = callee_key.to_owned();
         let callee = tokio::spawn(async move {
-            let (stream, _) = listener.accept().await.unwrap();
-            Connection::accept(stream, |h| {
+            let (stream, peer) = listener.accept().await.unwrap();
+            Connection::accept(Box::new(stream), peer.to_string(), |h| {
                 assert_eq!(h.stage, 3);
                 Ok(callee_key)
             })
@@ -311,7 +335,7 @@ mod tests {
             .map(|_| ())
             .map_err(|e| e.to_string())
         });
-        let caller = Connection::open(&addr, Hello::new("m", "s", 3), caller_key)
+        let caller = Connection::open(&addr, Hello::new("m", "s", 3), caller_key, None)
             .await
             .map(|_| ())
             .map_err(|e| e.to_string());
@@ -331,8 +355,8 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let callee = tokio::spawn(async move {
-            let (stream, _) = listener.accept().await.unwrap();
-            Connection::accept(stream, |_| Ok("k".to_owned()))
+            let (stream, peer) = listener.accept().await.unwrap();
+            Connection::accept(Box::new(stream), peer.to_string(), |_| Ok("k".to_owned()))
                 .await
                 .map(|_| ())
         });
@@ -362,5 +386,77 @@ mod tests {
     fn nonces_are_fresh() {
         assert_ne!(Hello::new("m", "s", 0).nonce, Hello::new("m", "s", 0).nonce);
         assert_eq!(Hello::new("m", "s", 0).nonce.len(), 32);
+    }
+
+    /// A CA and a certificate for 127.0.0.1 signed by it: (CA DER, leaf DER, leaf key DER).
+    fn certificates() -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        (
+            ca_cert.der().to_vec(),
+            leaf.der().to_vec(),
+            key.serialize_der(),
+        )
+    }
+
+    fn provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
+        std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    }
+
+    /// A hop over TLS: the callee shows a certificate from the CA the caller trusts; a caller
+    /// that trusts another CA does not connect.
+    #[tokio::test]
+    async fn a_hop_runs_over_tls_to_a_callee_the_swarms_ca_vouches_for() {
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+        let (ca, leaf, key) = certificates();
+        let server = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![CertificateDer::from(leaf)],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key)),
+            )
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(server));
+        let client = |ca: Vec<u8>| {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(CertificateDer::from(ca)).unwrap();
+            std::sync::Arc::new(
+                rustls::ClientConfig::builder_with_provider(provider())
+                    .with_safe_default_protocol_versions()
+                    .unwrap()
+                    .with_root_certificates(roots)
+                    .with_no_client_auth(),
+            )
+        };
+        for (trusted, ok) in [(ca, true), (certificates().0, false)] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap().to_string();
+            let acceptor = acceptor.clone();
+            let callee = tokio::spawn(async move {
+                let (tcp, peer) = listener.accept().await.unwrap();
+                let tls = acceptor.accept(tcp).await.map_err(|e| e.to_string())?;
+                Connection::accept(Box::new(tls), peer.to_string(), |_| Ok("k".to_owned()))
+                    .await
+                    .map(|(conn, _)| conn)
+                    .map_err(|e| e.to_string())
+            });
+            let caller =
+                Connection::open(&addr, Hello::new("m", "s", 1), "k", Some(&client(trusted))).await;
+            assert_eq!(caller.is_ok(), ok, "{:?}", caller.as_ref().err());
+            if let (Ok(mut caller), Ok(mut callee)) = (caller, callee.await.unwrap()) {
+                caller.send(&Frame::Ready).await.unwrap();
+                assert_eq!(callee.receive().await.unwrap(), Frame::Ready);
+            }
+        }
     }
 }
