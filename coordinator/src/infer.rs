@@ -23,30 +23,38 @@ pub struct Vocab {
     pub model_id: String,
 }
 
+/// A shard's file from the seeder's web seed, kept in `cache_dir` (fetched unless already
+/// there with the manifest's sha256): for the vocabulary (shard 0), and for the checks that
+/// compute a stage on the coordinator to settle a dispute between two holders.
+pub async fn fetch_shard(shard: &ShardSpec, cache_dir: &Path) -> Result<std::path::PathBuf> {
+    std::fs::create_dir_all(cache_dir)
+        .map_err(|e| daemon::IoError::new(format!("cache dir {}", cache_dir.display()), e))?;
+    let path = cache_dir.join(&shard.file);
+    let ok = |p: &Path| torrents::hashing::sha256_file(p).is_ok_and(|h| h == shard.sha256);
+    if !ok(&path) {
+        let url = shard.web_seed.as_deref().ok_or_else(|| {
+            Error::Vocab(format!("the seeder lists no web seed for {}", shard.file))
+        })?;
+        tracing::info!("fetching {url}");
+        let response = reqwest::get(url)
+            .await
+            .and_then(|r| r.error_for_status())
+            .map_err(|e| Error::seeder(url, e))?;
+        let bytes = response.bytes().await.map_err(|e| Error::seeder(url, e))?;
+        torrents::manifest::write_atomically(&path, &bytes)
+            .map_err(|e| Error::Vocab(e.to_string()))?;
+        if !ok(&path) {
+            return Err(Error::seeder(url, "does not match the manifest's sha256"));
+        }
+    }
+    Ok(path)
+}
+
 impl Vocab {
     /// Fetch shard 0 from its web seed into `cache_dir` (unless already there with the right
     /// sha256) and load its vocabulary.
     pub async fn fetch(shard: &ShardSpec, cache_dir: &Path, model_id: String) -> Result<Vocab> {
-        std::fs::create_dir_all(cache_dir)
-            .map_err(|e| daemon::IoError::new(format!("cache dir {}", cache_dir.display()), e))?;
-        let path = cache_dir.join(&shard.file);
-        let ok = |p: &Path| torrents::hashing::sha256_file(p).is_ok_and(|h| h == shard.sha256);
-        if !ok(&path) {
-            let url = shard.web_seed.as_deref().ok_or_else(|| {
-                Error::Vocab(format!("the seeder lists no web seed for {}", shard.file))
-            })?;
-            tracing::info!("fetching the vocabulary from {url}");
-            let response = reqwest::get(url)
-                .await
-                .and_then(|r| r.error_for_status())
-                .map_err(|e| Error::seeder(url, e))?;
-            let bytes = response.bytes().await.map_err(|e| Error::seeder(url, e))?;
-            torrents::manifest::write_atomically(&path, &bytes)
-                .map_err(|e| Error::Vocab(e.to_string()))?;
-            if !ok(&path) {
-                return Err(Error::seeder(url, "does not match the manifest's sha256"));
-            }
-        }
+        let path = fetch_shard(shard, cache_dir).await?;
         Self::load(&path, model_id)
     }
 

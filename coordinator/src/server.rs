@@ -81,8 +81,11 @@ pub async fn start(config: Config) -> Result<Running> {
             parallel: config.parallel,
         },
     );
-    let (verify, verify_stats) =
-        crate::verify::new(config.verify_fraction, config.verify_tolerance);
+    let (verify, verify_stats) = crate::verify::new(
+        config.verify_fraction,
+        config.verify_tolerance,
+        cache_dir.join("referee"),
+    );
     let (sampler, checker) = verify.unzip();
     let engine = crate::engine::EngineSettings {
         model_sha256: swarm.settings.model_sha256.clone(),

@@ -8,8 +8,10 @@
 //! rounding (different CPUs and SIMD paths add up in different orders); the tolerance
 //! (`--verify-tolerance`) sits far above that and far below any real error. With three or
 //! more holders, one that agrees with none of the others while they agree with each other is
-//! evicted: dropped, refused from then on, and listed in `/status`. With two, a disagreement
-//! cannot say which one is wrong: it is reported (`/status` `verify.disputes`, the log).
+//! evicted: dropped, refused from then on, and listed in `/status`. With two that disagree,
+//! the coordinator computes the stage itself, from the seeder's file (checked by sha256), and
+//! evicts the holder that differs from it; should it differ from both, the disagreement is
+//! reported (`/status` `verify.disputes`, the log).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -103,6 +105,8 @@ pub struct Checker {
     incoming: mpsc::Receiver<Vec<i32>>,
     tolerance: f32,
     stats: Arc<Mutex<VerifyStats>>,
+    /// Where the shards the coordinator computes itself are kept.
+    cache_dir: std::path::PathBuf,
 }
 
 impl Checker {
@@ -110,7 +114,7 @@ impl Checker {
     pub fn spawn(mut self, hub: Arc<Hub>) {
         tokio::spawn(async move {
             while let Some(tokens) = self.incoming.recv().await {
-                check(&hub, &tokens, self.tolerance, &self.stats).await;
+                check(&hub, &tokens, &self).await;
             }
         });
     }
@@ -118,7 +122,11 @@ impl Checker {
 
 /// The sampler the engine offers finished requests to and the checker that replays them
 /// (neither when the fraction is 0), and their statistics.
-pub fn new(fraction: f64, tolerance: f32) -> (Option<(Sampler, Checker)>, Arc<Mutex<VerifyStats>>) {
+pub fn new(
+    fraction: f64,
+    tolerance: f32,
+    cache_dir: std::path::PathBuf,
+) -> (Option<(Sampler, Checker)>, Arc<Mutex<VerifyStats>>) {
     let stats = Arc::new(Mutex::new(VerifyStats {
         fraction,
         tolerance,
@@ -138,12 +146,14 @@ pub fn new(fraction: f64, tolerance: f32) -> (Option<(Sampler, Checker)>, Arc<Mu
         incoming,
         tolerance,
         stats: stats.clone(),
+        cache_dir,
     };
     (Some((sampler, checker)), stats)
 }
 
 /// Replay `tokens` through every holder of every stage and act on what differs.
-async fn check(hub: &Hub, tokens: &[i32], tolerance: f32, stats: &Mutex<VerifyStats>) {
+async fn check(hub: &Hub, tokens: &[i32], checker: &Checker) {
+    let (tolerance, stats) = (checker.tolerance, &checker.stats);
     let targets = hub.swarm.lock().unwrap().probe_targets();
     if targets.iter().all(|h| h.len() < 2) || targets.iter().any(Vec::is_empty) {
         stats.lock().unwrap().skipped += 1;
@@ -162,6 +172,13 @@ async fn check(hub: &Hub, tokens: &[i32], tolerance: f32, stats: &Mutex<VerifySt
                 }
             }
         }
+        if outputs.len() == 2 && !agree(&outputs[0].1, &outputs[1].1, k == last, tolerance).0 {
+            // Two that disagree: the coordinator computes the stage itself.
+            match referee(hub, k as u32, &input, &checker.cache_dir).await {
+                Ok(truth) => outputs.push((&REFEREE, truth)),
+                Err(e) => tracing::warn!("computing stage {k} to settle a dispute: {e}"),
+            }
+        }
         let Some(agreed) = judge(hub, k as u32, &outputs, k == last, tolerance, stats) else {
             return; // nothing to go on with
         };
@@ -175,6 +192,67 @@ async fn check(hub: &Hub, tokens: &[i32], tolerance: f32, stats: &Mutex<VerifySt
         };
     }
     stats.lock().unwrap().requests_checked += 1;
+}
+
+/// The coordinator's own computation of a stage, as a third opinion: never evicted, never
+/// probed over the network.
+static REFEREE: ProbeTarget = ProbeTarget {
+    node_id: String::new(),
+    data_addr: String::new(),
+    probe_key: String::new(),
+    on_route: false,
+};
+
+/// Whether two outputs agree, and their relative error.
+fn agree(a: &(u32, Vec<f32>), b: &(u32, Vec<f32>), last: bool, tolerance: f32) -> (bool, f32) {
+    let error = relative_error(&a.1, &b.1);
+    let same_token = !last || greedy(a) == greedy(b);
+    (a.0 == b.0 && error <= tolerance && same_token, error)
+}
+
+/// Stage `shard` computed here on `input`, from the seeder's file (fetched once, checked by
+/// sha256): what an honest holder gives.
+async fn referee(
+    hub: &Hub,
+    shard: u32,
+    input: &Payload,
+    cache_dir: &std::path::Path,
+) -> Result<(u32, Vec<f32>), String> {
+    let (spec, count) = {
+        let s = hub.swarm.lock().unwrap();
+        (s.shards[shard as usize].clone(), s.shards.len() as u32)
+    };
+    let path = crate::infer::fetch_shard(&spec, cache_dir)
+        .await
+        .map_err(|e| e.to_string())?;
+    let input = input.clone();
+    tokio::task::spawn_blocking(move || {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as i32;
+        let is_last = shard + 1 == count;
+        let mut stage =
+            llm::stage::Stage::load_for(&path, is_last, protocol::data::MAX_CONTEXT, threads, 1)
+                .map_err(|e| e.to_string())?;
+        let rows: Vec<llm::stage::Row> = (0..input.rows() as i32)
+            .map(|pos| llm::stage::Row { seq: 0, pos })
+            .collect();
+        let output = match &input {
+            Payload::Tokens(t) => stage.forward_token_rows(t, &rows),
+            Payload::Hidden { data, .. } => stage.forward_hidden_rows(data, &rows),
+        }
+        .map_err(|e| e.to_string())?;
+        Ok(match output {
+            llm::stage::RowsOutput::Hidden(data) => {
+                let width = (data.len() / rows.len().max(1)) as u32;
+                (width, data)
+            }
+            llm::stage::RowsOutput::Logits(mut rows) => {
+                let logits = rows.pop().map(|(_, l)| l).unwrap_or_default();
+                (logits.len() as u32, logits)
+            }
+        })
+    })
+    .await
+    .map_err(|e| e.to_string())?
 }
 
 /// Compare the holders' outputs for stage `shard`; evict a holder that agrees with none of the
@@ -192,16 +270,13 @@ fn judge(
     if n == 0 {
         return None;
     }
-    let mut agree = vec![vec![false; n]; n];
+    let mut agrees = vec![vec![false; n]; n];
     let mut worst = vec![0f32; n];
     for i in 0..n {
         for j in i + 1..n {
-            let (a, b) = (&outputs[i].1, &outputs[j].1);
-            let error = relative_error(&a.1, &b.1);
-            let same_token = !last || greedy(a) == greedy(b);
-            let ok = a.0 == b.0 && error <= tolerance && same_token;
-            agree[i][j] = ok;
-            agree[j][i] = ok;
+            let (ok, error) = agree(&outputs[i].1, &outputs[j].1, last, tolerance);
+            agrees[i][j] = ok;
+            agrees[j][i] = ok;
             if ok {
                 stats.lock().unwrap().honest(error);
             }
@@ -209,44 +284,70 @@ fn judge(
             worst[j] = worst[j].max(error);
         }
     }
-    let friends = |i: usize| (0..n).filter(|&j| agree[i][j]).count();
-    if n == 2 && !agree[0][1] {
+    let friends = |i: usize| (0..n).filter(|&j| agrees[i][j]).count();
+    let is_referee = |i: usize| std::ptr::eq(outputs[i].0, &REFEREE);
+    if n == 2 && !agrees[0][1] {
         let error = relative_error(&outputs[0].1 .1, &outputs[1].1 .1);
         tracing::error!(
-            "shard {shard}: {} and {} disagree (relative error {error:.4}); with two holders \
-             nobody can tell which is wrong",
+            "shard {shard}: {} and {} disagree (relative error {error:.4}), and the stage could \
+             not be computed here to tell which is wrong",
             outputs[0].0.node_id,
             outputs[1].0.node_id
         );
-        let mut s = stats.lock().unwrap();
-        if s.disputes.len() < 100 {
-            s.disputes.push(Dispute {
-                shard_id: shard,
-                nodes: vec![outputs[0].0.node_id.clone(), outputs[1].0.node_id.clone()],
-                error,
-            });
-        }
+        dispute(stats, shard, outputs, error);
         return Some(0);
     }
     if n >= 3 {
-        for i in 0..n {
+        let referee_at = (0..n).find(|&i| is_referee(i));
+        for i in (0..n).filter(|&i| !is_referee(i)) {
+            // Wrong: it agrees with nobody while two others agree, or (two holders and the
+            // coordinator's own computation) it disagrees with that computation, which the
+            // other holder matches.
             let others_agree = (0..n)
                 .filter(|&j| j != i)
-                .any(|j| (0..n).any(|l| l != i && l != j && agree[j][l]));
+                .any(|j| (0..n).any(|l| l != i && l != j && agrees[j][l]));
             if friends(i) == 0 && others_agree {
-                let reason = format!(
-                    "its output differs from every other holder's (relative error at least {:.4}, tolerance {tolerance})",
-                    worst[i]
-                );
+                let reason = match referee_at {
+                    Some(_) => format!(
+                        "its output differs from the stage computed by the coordinator from the seeder's file, which the other holder matches (relative error {:.4}, tolerance {tolerance})",
+                        worst[i]
+                    ),
+                    None => format!(
+                        "its output differs from every other holder's (relative error at least {:.4}, tolerance {tolerance})",
+                        worst[i]
+                    ),
+                };
                 let node = &outputs[i].0.node_id;
                 let out = hub.swarm.lock().unwrap().evict(node, shard, reason);
                 hub.disconnect(node);
                 hub.dispatch(out);
             }
         }
+        if referee_at.is_some_and(|r| friends(r) == 0) {
+            // The coordinator's own computation matches neither holder.
+            let error = relative_error(&outputs[0].1 .1, &outputs[1].1 .1);
+            dispute(stats, shard, &outputs[..2], error);
+        }
     }
     // Go on with the route's holder if others agree with it, else with the best-agreed one.
     (0..n).max_by_key(|&i| (friends(i), outputs[i].0.on_route))
+}
+
+/// Record two holders that disagree with nobody to tell which is right.
+fn dispute(
+    stats: &Mutex<VerifyStats>,
+    shard: u32,
+    outputs: &[(&ProbeTarget, (u32, Vec<f32>))],
+    error: f32,
+) {
+    let mut s = stats.lock().unwrap();
+    if s.disputes.len() < 100 {
+        s.disputes.push(Dispute {
+            shard_id: shard,
+            nodes: outputs.iter().map(|o| o.0.node_id.clone()).collect(),
+            error,
+        });
+    }
 }
 
 /// The greedy token of each logits row.
