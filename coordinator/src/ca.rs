@@ -128,7 +128,7 @@ impl SwarmCa {
             let cert = params
                 .self_signed(&key)
                 .map_err(|e| fail("self-signing", e))?;
-            write_private(&key_path, &key.serialize_pem())?;
+            daemon::secret::write_private(&key_path, &key.serialize_pem())?;
             torrents::manifest::write_atomically(&cert_path, cert.pem().as_bytes())
                 .map_err(|e| fail("ca.pem", e))?;
             tracing::info!("made the swarm's CA: {}", cert_path.display());
@@ -169,28 +169,6 @@ impl SwarmCa {
             key.serialize_pem(),
         ))
     }
-}
-
-/// Write `text` readable by its owner only (temporary file, then rename).
-fn write_private(path: &Path, text: &str) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let write = || -> std::io::Result<()> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    };
-    write().map_err(|e| daemon::IoError::new(format!("writing {}", path.display()), e).into())
 }
 
 /// The names a coordinator listening on `listen` is reached by: that address, or for an

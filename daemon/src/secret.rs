@@ -84,10 +84,17 @@ pub fn load_or_create_secret(path: &Path) -> Result<(String, bool), IoError> {
     if path.exists() {
         return Ok((read_secret_file(path)?, false));
     }
+    let secret = random_hex(32);
+    write_private(path, &format!("{secret}\n"))?;
+    Ok((secret, true))
+}
+
+/// Write `text` to `path` readable by its owner only (a key, a token): to a temporary file
+/// first, then renamed, so a crash never leaves half of it. Creates the directory.
+pub fn write_private(path: &Path, text: &str) -> Result<(), IoError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)
         .map_err(|e| IoError::new(format!("creating {}", dir.display()), e))?;
-    let secret = random_hex(32);
     let tmp = path.with_extension("tmp");
     let write = || -> std::io::Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
@@ -97,12 +104,11 @@ pub fn load_or_create_secret(path: &Path) -> Result<(String, bool), IoError> {
             .truncate(true)
             .mode(0o600)
             .open(&tmp)?;
-        writeln!(f, "{secret}")?;
+        f.write_all(text.as_bytes())?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)
     };
-    write().map_err(|e| IoError::new(format!("writing {}", path.display()), e))?;
-    Ok((secret, true))
+    write().map_err(|e| IoError::new(format!("writing {}", path.display()), e))
 }
 
 #[cfg(test)]

@@ -84,6 +84,11 @@ pub fn client_config_from_pem(ca_pem: &str) -> Result<Arc<rustls::ClientConfig>,
             .add(cert.map_err(|e| err("CA", e))?)
             .map_err(|e| err("CA", e))?;
     }
+    trusting(roots)
+}
+
+/// A client's TLS settings trusting `roots`.
+fn trusting(roots: rustls::RootCertStore) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let config = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| err("TLS", e))?
@@ -114,10 +119,5 @@ pub fn client_config(ca: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, Tls
             }
         }
     }
-    let config = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| err("TLS", e))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(config))
+    trusting(roots)
 }

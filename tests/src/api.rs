@@ -123,3 +123,28 @@ pub fn openai_client_answer(out: &std::process::Output) -> Value {
     );
     serde_json::from_slice(&out.stdout).unwrap()
 }
+
+/// Greedy completions of `prompts` (16 tokens) through the API at `base` (http or https URL,
+/// with `key` as bearer if given) equal the whole model's in one llama.cpp process.
+pub fn assert_texts_equal_the_whole_model(
+    client: &reqwest::blocking::Client,
+    base: &str,
+    key: Option<&str>,
+    prompts: &[&str],
+) {
+    for prompt in prompts {
+        let reference = llm::reference_completion(&model(), prompt, 16, 1).unwrap();
+        let mut req = client
+            .post(format!("{base}/v1/completions"))
+            .json(&serde_json::json!({"prompt": prompt, "max_tokens": 16, "temperature": 0}));
+        if let Some(key) = key {
+            req = req.bearer_auth(key);
+        }
+        let body: Value = req.send().unwrap().json().unwrap();
+        assert_eq!(
+            body["choices"][0]["text"],
+            reference.text.as_str(),
+            "{prompt:?}: {body}"
+        );
+    }
+}

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use tests::api::{openai_client, openai_client_answer};
+use tests::api::{openai_client, openai_client_answer, PROMPTS};
 use tests::{node, swarm_lock, wait_for, Bed, Proc};
 
 /// A coordinator's HTTP API as a client sees it: its base URL, trusting `ca` when given.
@@ -172,23 +172,7 @@ fn a_public_coordinator_makes_keeps_and_requires_a_token_and_an_api_key() {
     let answer = openai_client_answer(&client(&key));
     assert_eq!(answer["chat"], answer["streamed"]);
     // Over HTTPS, with every hop between stages on TLS: the whole model's text, token for token.
-    for prompt in tests::api::PROMPTS {
-        let reference = llm::reference_completion(&tests::api::model(), prompt, 16, 1).unwrap();
-        let body: Value = api
-            .client
-            .post(format!("{url}/v1/completions"))
-            .bearer_auth(&key)
-            .json(&serde_json::json!({"prompt": prompt, "max_tokens": 16, "temperature": 0}))
-            .send()
-            .unwrap()
-            .json()
-            .unwrap();
-        assert_eq!(
-            body["choices"][0]["text"],
-            reference.text.as_str(),
-            "{prompt:?}"
-        );
-    }
+    tests::api::assert_texts_equal_the_whole_model(&api.client, &url, Some(&key), &PROMPTS);
     let refused = client("wrong");
     assert!(!refused.status.success());
     let why = String::from_utf8_lossy(&refused.stderr);

@@ -8,7 +8,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tests::api::{model, openai_client, openai_client_answer, PROMPTS};
+use tests::api::{
+    assert_texts_equal_the_whole_model, openai_client, openai_client_answer, PROMPTS,
+};
 use tests::{node, swarm_lock, wait_for, Bed};
 
 /// A CA, and a certificate for 127.0.0.1 signed by it: (ca.pem, server.pem, server.key).
@@ -107,21 +109,7 @@ fn https_and_wss_with_the_operators_certificate_give_the_same_tokens() {
     );
 
     // The whole model's text over HTTPS.
-    for prompt in PROMPTS {
-        let reference = llm::reference_completion(&model(), prompt, 16, 1).unwrap();
-        let body: Value = client
-            .post(format!("{base}/v1/completions"))
-            .json(&json!({"prompt": prompt, "max_tokens": 16, "temperature": 0}))
-            .send()
-            .unwrap()
-            .json()
-            .unwrap();
-        assert_eq!(
-            body["choices"][0]["text"],
-            reference.text.as_str(),
-            "{prompt:?}"
-        );
-    }
+    assert_texts_equal_the_whole_model(&client, &base, None, &PROMPTS);
 
     // The official openai client, trusting the CA; the same chat as asked directly.
     let model_id = client

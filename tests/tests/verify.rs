@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use serde_json::{json, Value};
-use tests::api::{model, post, PROMPTS};
+use serde_json::Value;
+use tests::api::{assert_texts_equal_the_whole_model, PROMPTS};
 use tests::{get_json, node, nodes_fully_loaded, swarm_lock, wait_for, Bed, Proc};
 
 /// Every node of `st` runs a stage (acknowledged its ROUTE), and `count` nodes are loaded.
@@ -18,18 +18,8 @@ fn all_staged(st: &Value, count: usize) -> bool {
 }
 
 fn assert_reference_text(addr: &str, prompt: &str) {
-    let reference = llm::reference_completion(&model(), prompt, 16, 1).unwrap();
-    let (status, body) = post(
-        addr,
-        "/v1/completions",
-        json!({"prompt": prompt, "max_tokens": 16, "temperature": 0}),
-    );
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(
-        body["choices"][0]["text"],
-        reference.text.as_str(),
-        "{prompt:?}"
-    );
+    let client = reqwest::blocking::Client::new();
+    assert_texts_equal_the_whole_model(&client, &format!("http://{addr}"), None, &[prompt]);
 }
 
 /// `honest` nodes, then a liar (`--test-lie`), which placement makes one more holder of the

@@ -347,8 +347,11 @@ impl Swarm {
             node.shards.len()
         );
         self.nodes.insert(p.node_id.clone(), node);
-        // A node that comes back has lost its loaded stage: send the route again.
-        self.route = None;
+        // A node that comes back has lost its loaded stage: its ROUTE goes out again, and the
+        // route serves once it has loaded it. The other stages keep theirs.
+        self.assigned.remove(&p.node_id);
+        self.stage_loaded.remove(&p.node_id);
+        self.route_loaded.remove(&p.node_id);
         let reply = RegisteredParams {
             model_sha256: self.settings.model_sha256.clone(),
             split_id: self.settings.split_id.clone(),

@@ -4,7 +4,7 @@
 
 use protocol::{Control, Message, Route, RouteParams, SwarmStateParams, BROADCAST, COORDINATOR};
 
-use super::{Holding, Outbox, RouteHop, Swarm};
+use super::{Holding, NodeState, Outbox, RouteHop, Swarm};
 
 impl Swarm {
     pub(super) fn loaded_count(&self) -> usize {
@@ -23,23 +23,30 @@ impl Swarm {
         out
     }
 
-    /// While ready, pick one node per shard (the first by id that has it loaded and a data
-    /// address) and send each its `ROUTE` when the route changes.
+    /// While ready, pick one node per shard and send each its `ROUTE` when the route changes.
+    /// A stage keeps its node while that node holds the shard: a replica that finishes later
+    /// never takes the place of a working stage (no needless replays, and a newcomer serves
+    /// nothing before the checks have seen it). A lost stage goes to the first holder by id.
     pub(super) fn update_route(&mut self) -> Outbox {
+        let serves = |n: &NodeState, id: u32| {
+            matches!(n.shards.get(&id), Some(Holding::Loaded { .. })) && n.data_addr.is_some()
+        };
+        let hop = |n: &NodeState, id: u32| RouteHop {
+            shard_id: id,
+            node_id: n.node_id.clone(),
+            data_addr: n.data_addr.clone().unwrap_or_default(),
+            key: String::new(),
+        };
+        let current = |id: u32| {
+            let node = &self.route.as_ref()?.get(id as usize)?.node_id;
+            self.nodes.get(node).filter(|n| serves(n, id))
+        };
         let route: Option<Vec<RouteHop>> = if self.ready {
             (0..self.shards.len() as u32)
                 .map(|id| {
-                    self.nodes
-                        .values()
-                        .find_map(|n| match (n.shards.get(&id), &n.data_addr) {
-                            (Some(Holding::Loaded { .. }), Some(addr)) => Some(RouteHop {
-                                shard_id: id,
-                                node_id: n.node_id.clone(),
-                                data_addr: addr.clone(),
-                                key: String::new(),
-                            }),
-                            _ => None,
-                        })
+                    current(id)
+                        .or_else(|| self.nodes.values().find(|n| serves(n, id)))
+                        .map(|n| hop(n, id))
                 })
                 .collect()
         } else {

@@ -528,3 +528,26 @@ fn a_failed_shard_is_not_retried_on_the_same_node_at_once() {
     assert_eq!(loads(&out).len(), 1);
     assert_eq!(loads(&out)[0].0, "b");
 }
+
+/// A stage keeps its node: a replica that finishes later (here one whose id sorts first) does
+/// not take the place of a working stage.
+#[test]
+fn the_route_keeps_its_stages_when_replicas_finish() {
+    let mut s = swarm(2, 2);
+    let mut out = Vec::new();
+    for id in ["m", "n"] {
+        out.extend(register_at(&mut s, id, &[], "10.0.0.1", Some("10.0.0.1:9000")).unwrap());
+    }
+    load_all(&mut s, &out);
+    let before = s.route.clone().expect("a route");
+    let out = register_at(&mut s, "a", &[], "10.0.0.1", Some("10.0.0.1:9000")).unwrap();
+    let replicas = first_pieces(&mut s, &out);
+    let mut all = out.clone();
+    all.extend(replicas);
+    load_all(&mut s, &all);
+    assert!(s.nodes["a"]
+        .shards
+        .values()
+        .any(|h| matches!(h, Holding::Loaded { .. })));
+    assert_eq!(s.route.clone().unwrap(), before, "the route changed");
+}
