@@ -524,7 +524,10 @@ impl State {
             return;
         };
         if new.is_some() && new.as_ref() != Some(&lane.route) {
-            tracing::info!("the route changed; running requests move to the new one");
+            tracing::info!(
+                "the route changed; {} running request(s) start again on the new one",
+                self.running()
+            );
             self.reset("the route changed");
         }
     }

@@ -311,9 +311,13 @@ fn four_streams_survive_a_killed_stage_through_its_replica() {
             .all(|h| h["node_id"] != hop),
         "the route still uses the dead node"
     );
-    assert!(
-        c.stderr_text().contains("start again on a new route"),
-        "the kill did not land mid-request: {}",
-        c.stderr_text()
-    );
+    // The lane broke under running requests, or the route changed under them first (the
+    // coordinator saw the node go before the lane did): either way they started again.
+    let log = c.stderr_text();
+    let moved = log.lines().any(|l| {
+        l.contains("running requests start again on a new route")
+            || (l.contains("running request(s) start again on the new one")
+                && !l.contains("changed; 0 running"))
+    });
+    assert!(moved, "the kill did not land mid-request: {log}");
 }
