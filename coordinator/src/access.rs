@@ -114,11 +114,7 @@ fn announce(what: &str, path: &Path, fresh: bool) {
 /// listen on every address).
 fn join_host(config: &Config) -> String {
     if config.listen.ip().is_unspecified() {
-        let host = std::fs::read_to_string("/etc/hostname")
-            .ok()
-            .map(|h| h.trim().to_owned())
-            .filter(|h| !h.is_empty())
-            .unwrap_or_else(|| "THIS-HOST".into());
+        let host = crate::ca::host_name().unwrap_or_else(|| "THIS-HOST".into());
         format!("{host}:{}", config.listen.port())
     } else {
         config.listen.to_string()

@@ -182,13 +182,16 @@ pub fn own_names(listen: std::net::IpAddr) -> Vec<String> {
         vec![listen.to_string()]
     };
     names.push("localhost".into());
-    if let Ok(host) = std::fs::read_to_string("/etc/hostname") {
-        let host = host.trim();
-        if !host.is_empty() {
-            names.push(host.to_owned());
-        }
-    }
+    names.extend(host_name());
     names.sort();
     names.dedup();
     names
+}
+
+/// This machine's host name (`/etc/hostname`), if it has one.
+pub fn host_name() -> Option<String> {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
 }

@@ -47,6 +47,8 @@ pub struct Hub {
     pub verify_stats: Arc<Mutex<crate::verify::VerifyStats>>,
     /// The swarm's CA, which signs the nodes' data-channel certificates (TLS swarms only).
     ca: Option<Arc<crate::ca::SwarmCa>>,
+    /// What the coordinator trusts on the data channel (the swarm's CA), built once.
+    data_tls: Option<protocol::data::io::ClientTls>,
 }
 
 impl Hub {
@@ -60,7 +62,10 @@ impl Hub {
             Option<crate::verify::Sampler>,
             Arc<Mutex<crate::verify::VerifyStats>>,
         ),
-        ca: Option<Arc<crate::ca::SwarmCa>>,
+        (ca, data_tls): (
+            Option<Arc<crate::ca::SwarmCa>>,
+            Option<protocol::data::io::ClientTls>,
+        ),
     ) -> Hub {
         let route = watch::Sender::new(swarm.serving_route());
         let engine = vocab
@@ -78,6 +83,7 @@ impl Hub {
             deadline,
             verify_stats,
             ca,
+            data_tls,
         }
     }
 
@@ -102,8 +108,8 @@ impl Hub {
     }
 
     /// What the coordinator trusts on the data channel: the swarm's CA (TLS swarms only).
-    pub fn engine_tls(&self) -> Option<protocol::data::io::ClientTls> {
-        daemon::tls::client_config_from_pem(&self.ca.as_ref()?.cert_pem).ok()
+    pub fn data_tls(&self) -> Option<&protocol::data::io::ClientTls> {
+        self.data_tls.as_ref()
     }
 
     /// A fresh id for a new connection.

@@ -101,7 +101,7 @@ pub async fn start(config: Config) -> Result<Running> {
         engine,
         (config.queue, Duration::from_secs(config.deadline)),
         (sampler, verify_stats),
-        tls.ca.clone(),
+        (tls.ca.clone(), tls.data_client.clone()),
     ));
     if let Some(checker) = checker {
         checker.spawn(hub.clone());

@@ -391,10 +391,10 @@ async fn probe(
             s.settings.parallel,
         )
     };
-    let tls = hub.engine_tls();
+    let tls = hub.data_tls();
     let run = async {
         let hello = Hello::probe(&model, &split, stage);
-        let mut conn = Connection::open(&holder.data_addr, hello, &holder.probe_key, tls.as_ref())
+        let mut conn = Connection::open(&holder.data_addr, hello, &holder.probe_key, tls)
             .await
             .map_err(|e| e.to_string())?;
         let rows = input.rows() as u32;
