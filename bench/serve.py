@@ -13,7 +13,7 @@ partial character). llama-server is built once from full llama.cpp sources by
 ../shared/tools/llama-server.sh (or give --llama-server PATH).
 
 usage: bench/serve.py [--runs 3] [--max-tokens 48] [--clients 1,2,4,8,16] [--micro-batches 0]
-                      [--node-threads 1] [--skip-llama-server]
+                      [--node-threads 1] [--stages 4] [--skip-llama-server]
 """
 import argparse
 import json
@@ -149,6 +149,8 @@ def main():
     ap.add_argument("--micro-batches", type=int, default=0, help="the coordinator's --micro-batches")
     ap.add_argument("--node-threads", type=int, default=0,
                     help="each node's --threads (default: the node's own, every core)")
+    ap.add_argument("--stages", type=int, default=4,
+                    help="pipeline stages (one node each); 1 measures our serving path without the pipeline")
     ap.add_argument("--skip-llama-server", action="store_true", help="measure the pipeline only")
     ap.add_argument("--llama-server", help="llama-server binary (default: build or reuse the cached one)")
     args = ap.parse_args()
@@ -163,7 +165,8 @@ def main():
     ours, theirs = {}, {}
     procs = []
     try:
-        coord, procs = start_local_swarm(REPO, work, model, threads=args.node_threads, coordinator_flags=[
+        coord, procs = start_local_swarm(REPO, work, model, nodes=args.stages, shards=args.stages,
+                                         threads=args.node_threads, coordinator_flags=[
             "--parallel", str(max(ks)), "--micro-batches", str(args.micro_batches)])
         round_of(coord, 2, 4)  # warm-up: contexts, connections
         for k in ks:
@@ -186,7 +189,7 @@ def main():
                   f"{theirs[k][2]:5.1f} p99 {theirs[k][3]:6.1f} ms, CPU {theirs[k][6]:5.1f} ms/token", flush=True)
         print()
         print(f"SmolLM2-135M Q4_1, {args.max_tokens} greedy tokens per client, medians of {args.runs} runs; "
-              f"pipeline: 4 stages on loopback, {args.node_threads or os.cpu_count()} thread(s) per node "
+              f"pipeline: {args.stages} stage(s) on loopback, {args.node_threads or os.cpu_count()} thread(s) per node "
               f"(shared while stages work at once); llama-server: whole model, -t 2 -np K")
         print(f"{'K':>3s} {'ours tok/s':>11s} {'llama-srv':>10s} {'ratio':>6s} {'TTFT ratio':>11s} "
               f"{'ITL p50/p99 ours':>17s} {'CPU ms/tok ours/srv':>20s} {'same text':>10s}  stage busy")

@@ -287,6 +287,7 @@ async fn session(
     sink.send(send(Control::new(&me, COORDINATOR, M::Register(register))))
         .await
         .map_err(Error::control)?;
+    let routes = apply_routes_in_order(links.pipeline.clone(), events_tx.clone());
     let mut heartbeat = tokio::time::interval(Duration::from_secs(2));
     let mut last_heard = tokio::time::Instant::now();
     let mut registered = false;
@@ -335,16 +336,7 @@ async fn session(
                     }
                     M::SwarmReady(p) | M::SwarmNotReady(p) => tracing::info!("{command}: {p:?}"),
                     M::Route(Route::Assign(p)) => {
-                        let pipeline = links.pipeline.clone();
-                        let (events, request_id, stage) = (events_tx.clone(), msg.request_id.clone(), p.stage);
-                        tokio::spawn(async move {
-                            match pipeline.set_route(p).await {
-                                Ok(()) => {
-                                    let _ = events.send(FetchEvent::Routed(request_id, stage));
-                                }
-                                Err(e) => tracing::error!("cannot run my stage: {e:#}"),
-                            }
-                        });
+                        let _ = routes.send((msg.request_id.clone(), p));
                     }
                     M::Error(e) => {
                         if !registered && [code::UNAUTHORIZED, code::FOREIGN_SHARDS, code::PROTOCOL_VERSION, code::EVICTED].contains(&e.code.as_str()) {
@@ -418,4 +410,31 @@ mod tests {
         assert_eq!(control_url("ws://h:1/control"), "ws://h:1/control");
         assert_eq!(control_url("https://h"), "wss://h/control");
     }
+}
+
+/// Applies the coordinator's `ROUTE`s one at a time, in the order they came, and acknowledges
+/// each: a stage takes seconds to load, and two loads racing could leave the older route in
+/// place (a replica's route without hop keys over the route's own, say). When several wait,
+/// only the newest is applied. The task ends when the connection's sender is dropped.
+fn apply_routes_in_order(
+    pipeline: Arc<crate::serve::Pipeline>,
+    events: mpsc::UnboundedSender<FetchEvent>,
+) -> mpsc::UnboundedSender<(String, protocol::RouteParams)> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<(String, protocol::RouteParams)>();
+    tokio::spawn(async move {
+        while let Some(mut next) = rx.recv().await {
+            while let Ok(newer) = rx.try_recv() {
+                next = newer;
+            }
+            let (request_id, route) = next;
+            let stage = route.stage;
+            match pipeline.set_route(route).await {
+                Ok(()) => {
+                    let _ = events.send(FetchEvent::Routed(request_id, stage));
+                }
+                Err(e) => tracing::error!("cannot run my stage: {e:#}"),
+            }
+        }
+    });
+    tx
 }

@@ -209,10 +209,24 @@ impl Proc {
     }
 }
 
+/// How many of a process's last log lines a failing test shows.
+const TAIL_ON_FAILURE: usize = 40;
+
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A test that failed shows what each of its processes said last: CI keeps nothing else.
+        if std::thread::panicking() {
+            let lines = self.stderr.lock().map(|l| l.clone()).unwrap_or_default();
+            let tail = &lines[lines.len().saturating_sub(TAIL_ON_FAILURE)..];
+            eprintln!(
+                "--- {} (last {} lines) ---\n{}",
+                self.name,
+                tail.len(),
+                tail.join("\n")
+            );
+        }
     }
 }
 

@@ -148,6 +148,8 @@ impl Swarm {
             if self.assigned.get(&node).map(|p| p.stage) != Some(params.stage) {
                 self.stage_loaded.remove(&node);
             }
+            // The route serves once this node has applied its new ROUTE (new keys included).
+            self.route_loaded.remove(&node);
             out.push((
                 node.clone(),
                 Control::new(
