@@ -397,21 +397,6 @@ async fn unload(fetcher: &Fetcher, data: &DataDir, p: UnloadShardParams) {
     );
 }
 
-#[cfg(test)]
-mod tests {
-    use super::control_url;
-
-    #[test]
-    fn control_urls() {
-        assert_eq!(
-            control_url("http://127.0.0.1:5/"),
-            "ws://127.0.0.1:5/control"
-        );
-        assert_eq!(control_url("ws://h:1/control"), "ws://h:1/control");
-        assert_eq!(control_url("https://h"), "wss://h/control");
-    }
-}
-
 /// Applies the coordinator's `ROUTE`s one at a time, in the order they came, and acknowledges
 /// each: a stage takes seconds to load, and two loads racing could leave the older route in
 /// place (a replica's route without hop keys over the route's own, say). When several wait,
@@ -437,4 +422,19 @@ fn apply_routes_in_order(
         }
     });
     tx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::control_url;
+
+    #[test]
+    fn control_urls() {
+        assert_eq!(
+            control_url("http://127.0.0.1:5/"),
+            "ws://127.0.0.1:5/control"
+        );
+        assert_eq!(control_url("ws://h:1/control"), "ws://h:1/control");
+        assert_eq!(control_url("https://h"), "wss://h/control");
+    }
 }
