@@ -21,6 +21,8 @@ pub struct Vocab {
     model: LlamaModel,
     /// The model id in the OpenAI API.
     pub model_id: String,
+    /// The model's own name (`general.name`), for people.
+    pub model_name: String,
 }
 
 /// A shard's file from the seeder's web seed, kept in `cache_dir` (fetched unless already
@@ -53,9 +55,16 @@ pub async fn fetch_shard(shard: &ShardSpec, cache_dir: &Path) -> Result<std::pat
 impl Vocab {
     /// Fetch shard 0 from its web seed into `cache_dir` (unless already there with the right
     /// sha256) and load its vocabulary.
-    pub async fn fetch(shard: &ShardSpec, cache_dir: &Path, model_id: String) -> Result<Vocab> {
+    pub async fn fetch(
+        shard: &ShardSpec,
+        cache_dir: &Path,
+        model_id: String,
+        model_name: String,
+    ) -> Result<Vocab> {
         let path = fetch_shard(shard, cache_dir).await?;
-        Self::load(&path, model_id)
+        let mut vocab = Self::load(&path, model_id)?;
+        vocab.model_name = model_name;
+        Ok(vocab)
     }
 
     /// Load the vocabulary of a GGUF file.
@@ -63,7 +72,11 @@ impl Vocab {
         let params = LlamaModelParams::default().with_vocab_only(true);
         let model = LlamaModel::load_from_file(llm::backend()?, path, &params)
             .map_err(|e| Error::Vocab(format!("{}: {e}", path.display())))?;
-        Ok(Vocab { model, model_id })
+        Ok(Vocab {
+            model,
+            model_name: model_id.clone(),
+            model_id,
+        })
     }
 
     /// Token ids of a prompt (special tokens such as `<|im_start|>` are parsed).

@@ -54,7 +54,7 @@ fn now() -> u64 {
 
 pub async fn models(State(hub): State<Arc<Hub>>) -> Response {
     match &hub.vocab {
-        Some(v) => Json(json!({"object": "list", "data": [{"id": v.model_id, "object": "model", "created": 0, "owned_by": "shardswarm"}]}))
+        Some(v) => Json(json!({"object": "list", "data": [{"id": v.model_id, "name": v.model_name, "object": "model", "created": 0, "owned_by": "shardswarm"}]}))
             .into_response(),
         None => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the model's vocabulary is not loaded"),
     }
@@ -68,15 +68,18 @@ struct Common {
     stream: bool,
 }
 
-fn common(body: &Value, model_id: &str) -> Result<Common, ApiError> {
-    if let Some(m) = body.get("model").and_then(Value::as_str) {
-        if m != model_id {
-            return Err(ApiError(
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                format!("unknown model {m:?}: this swarm serves {model_id:?}"),
-            ));
-        }
+/// `model` may name anything (as llama-server allows): OpenAI clients are set up with some
+/// model name, and a swarm serves one model. Answers carry the swarm's own id.
+fn common(body: &Value) -> Result<Common, ApiError> {
+    if body
+        .get("model")
+        .is_some_and(|m| !m.is_string() && !m.is_null())
+    {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "`model` must be a string".into(),
+        ));
     }
     let max_tokens = match body
         .get("max_tokens")
@@ -199,7 +202,7 @@ async fn serve(hub: Arc<Hub>, body: Value, prompt: String, chat: bool) -> Respon
             "the model's vocabulary is not loaded",
         );
     };
-    let c = match common(&body, &vocab.model_id) {
+    let c = match common(&body) {
         Ok(c) => c,
         Err(e) => return e.into_response(),
     };

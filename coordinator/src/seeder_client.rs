@@ -17,7 +17,9 @@ pub struct SplitInfo {
     pub model_sha256: String,
     pub split_id: String,
     pub seeder_peer: Option<String>,
-    /// The source model's name (the model id of the OpenAI API).
+    /// The model id of the OpenAI API: the source file's stem (see `SourceModel::id`).
+    pub model_id: String,
+    /// The source model's `general.name`, for people (`/v1/models`' `name`, the dashboard).
     pub model_name: String,
 }
 
@@ -86,6 +88,7 @@ pub async fn fetch_split(seeder: &str) -> Result<SplitInfo> {
         return Err(Error::seeder(seeder, "the manifest lists no shards"));
     }
     Ok(SplitInfo {
+        model_id: manifest.source.id(),
         model_name: manifest.source.name,
         model_sha256: manifest
             .source

@@ -60,8 +60,10 @@ pub async fn start(config: Config) -> Result<Running> {
         .cache_dir
         .clone()
         .unwrap_or_else(crate::infer::default_cache_dir);
-    let model_id = split.model_name.clone();
-    let vocab = match crate::infer::Vocab::fetch(&split.shards[0], &cache_dir, model_id).await {
+    let (model_id, model_name) = (split.model_id.clone(), split.model_name.clone());
+    let vocab = match crate::infer::Vocab::fetch(&split.shards[0], &cache_dir, model_id, model_name)
+        .await
+    {
         Ok(v) => Some(Arc::new(v)),
         Err(e) => {
             tracing::warn!("no vocabulary, so no inference API: {e}");

@@ -86,6 +86,38 @@ impl LayerRange {
     }
 }
 
+impl SourceModel {
+    /// A clean model id for APIs: the first input file's name without its extension and
+    /// without a gguf-split part suffix (`SmolLM2-135M-Instruct.Q4_1`), since `general.name`
+    /// may hold spaces or nothing useful; `name` when there are no files.
+    pub fn id(&self) -> String {
+        let Some(file) = self.files.first() else {
+            return self.name.clone();
+        };
+        let stem = [".gguf", ".safetensors"]
+            .iter()
+            .find_map(|ext| file.name.strip_suffix(ext))
+            .unwrap_or(&file.name);
+        let id = without_part_suffix(stem);
+        if id.is_empty() {
+            self.name.clone()
+        } else {
+            id.to_owned()
+        }
+    }
+}
+
+/// `model-00001-of-00003` (gguf-split parts, safetensors shards) → `model`.
+fn without_part_suffix(stem: &str) -> &str {
+    let five_digits = |n: &str| n.len() == 5 && n.bytes().all(|b| b.is_ascii_digit());
+    stem.rsplit_once("-of-")
+        .and_then(|(head, total)| Some((head.rsplit_once('-')?, total)))
+        .filter(|((base, index), total)| {
+            !base.is_empty() && five_digits(index) && five_digits(total)
+        })
+        .map_or(stem, |((base, _), _)| base)
+}
+
 impl Manifest {
     /// The split id for shards with these sha256s.
     pub fn compute_split_id(shards: &[ShardEntry]) -> String {
@@ -152,4 +184,41 @@ pub fn temp_file_builder<'a, 'b>() -> tempfile::Builder<'a, 'b> {
     let mut b = tempfile::Builder::new();
     b.permissions(std::fs::Permissions::from_mode(0o644));
     b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(files: &[&str]) -> SourceModel {
+        SourceModel {
+            name: "Smollm2 135M 8k".into(),
+            architecture: Some("llama".into()),
+            sha256: None,
+            layer_count: Some(30),
+            files: files
+                .iter()
+                .map(|f| SourceFile {
+                    name: (*f).into(),
+                    size: 1,
+                    sha256: "0".repeat(64),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn the_model_id_is_the_files_stem_without_a_part_suffix() {
+        let id = |files: &[&str]| source(files).id();
+        assert_eq!(
+            id(&["SmolLM2-135M-Instruct.Q4_1.gguf"]),
+            "SmolLM2-135M-Instruct.Q4_1"
+        );
+        assert_eq!(id(&["m-00001-of-00003.gguf", "m-00002-of-00003.gguf"]), "m");
+        assert_eq!(id(&["model-00001-of-00002.safetensors"]), "model");
+        assert_eq!(id(&["x-1-of-2.gguf"]), "x-1-of-2");
+        assert_eq!(id(&["-00001-of-00002.gguf"]), "-00001-of-00002");
+        assert_eq!(id(&[".gguf"]), "Smollm2 135M 8k");
+        assert_eq!(id(&[]), "Smollm2 135M 8k");
+    }
 }
