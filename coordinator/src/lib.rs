@@ -26,7 +26,8 @@ use clap::Parser;
 
 pub use error::{Error, Result};
 
-/// Coordinator configuration (flags, or `SHARDSWARM_COORDINATOR_*` environment variables).
+/// Coordinator configuration: flags, `SHARDSWARM_COORDINATOR_<FLAG>` environment variables, or
+/// a TOML file (`--config`; see `daemon::config`).
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "coordinator",
@@ -50,8 +51,12 @@ pub struct Config {
         env = "SHARDSWARM_COORDINATOR_LISTEN"
     )]
     pub listen: SocketAddr,
-    /// The seeder's HTTP base URL (e.g. http://127.0.0.1:51821).
-    #[arg(long, env = "SHARDSWARM_COORDINATOR_SEEDER")]
+    /// The seeder's HTTP base URL.
+    #[arg(
+        long,
+        default_value = "http://127.0.0.1:51821",
+        env = "SHARDSWARM_COORDINATOR_SEEDER"
+    )]
     pub seeder: String,
     /// Nodes that must be registered for the swarm to be ready.
     #[arg(long, default_value_t = 4)]

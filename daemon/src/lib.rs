@@ -1,6 +1,8 @@
 //! The process edges the seeder, coordinator and node share, so all three log, stop, serve
 //! HTTP and report IO errors alike.
 
+pub mod config;
+
 /// Log to stderr (stdout carries the `[READY]`-style lines scripts read), without module
 /// targets, filtered by `RUST_LOG` or else by `default_filter`.
 pub fn init_logging(default_filter: &str) {

@@ -13,7 +13,8 @@ pub use error::{Error, Result};
 use std::net::IpAddr;
 use std::path::PathBuf;
 
-/// Node configuration (flags, or `SHARDSWARM_NODE_*` environment variables).
+/// Node configuration: flags, `SHARDSWARM_NODE_<FLAG>` environment variables, or a TOML file
+/// (`--config`; see `daemon::config`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct Config {
     /// The coordinator (http://HOST:PORT or ws://HOST:PORT/control).

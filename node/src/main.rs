@@ -133,7 +133,7 @@ fn short_openmp_spin() {
 fn main() -> std::process::ExitCode {
     short_openmp_spin();
     daemon::init_logging("info,librqbit=warn,librqbit_dht=warn");
-    let cli = Cli::parse();
+    let cli: Cli = daemon::config::parse("node");
     let result = match cli.command {
         Some(Command::ModelInfo { model, json }) => model_info(model, json),
         Some(Command::Reference {

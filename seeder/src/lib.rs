@@ -34,7 +34,8 @@ pub enum Transport {
     Quic,
 }
 
-/// Seeder configuration (flags, or `SHARDSWARM_SEEDER_*` environment variables).
+/// Seeder configuration: flags, `SHARDSWARM_SEEDER_<FLAG>` environment variables, or a TOML
+/// file (`--config`; see `daemon::config`).
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "server",
