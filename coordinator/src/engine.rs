@@ -57,6 +57,8 @@ const MAX_ATTEMPTS: u32 = 3;
 pub struct Job {
     pub req: Request,
     pub events: mpsc::UnboundedSender<Event>,
+    /// When the request came (for its time to first token).
+    pub arrived: Instant,
     /// When the request gives up, waiting included.
     pub deadline: Instant,
     /// Its place in the admission line, given back when it gets a slot (or leaves).
@@ -74,6 +76,8 @@ pub struct EngineSettings {
     pub micro_batches: usize,
     /// The data channel's TLS (trust in the swarm's CA) in a TLS swarm.
     pub tls: Option<protocol::data::io::ClientTls>,
+    /// Where token timings and counts go (`/metrics`).
+    pub live: Arc<crate::metrics::Live>,
 }
 
 /// The handle requests are sent through.
@@ -142,6 +146,8 @@ struct Running {
     generation: Generation,
     cached_tokens: usize,
     attempts: u32,
+    /// When its last token was generated (none yet: the next one is its first).
+    last_token: Option<Instant>,
 }
 
 /// The connection to stage 0: steps go out on `writer`, answers come in on `answers` (read by
@@ -298,6 +304,7 @@ impl State {
                 generation: Generation::new(),
                 cached_tokens: shared,
                 attempts: 1,
+                last_token: None,
             });
         }
     }
@@ -428,6 +435,14 @@ impl State {
                 ));
             };
             generated += 1;
+            let now = Instant::now();
+            let live = &self.settings.live;
+            match r.last_token.replace(now) {
+                None => live
+                    .time_to_first_token
+                    .observe((now - r.job.arrived).as_secs_f64()),
+                Some(last) => live.inter_token.observe((now - last).as_secs_f64()),
+            }
             let progress = r.generation.push(&self.vocab, &r.job.req, token);
             if let Some(text) = progress.text {
                 if r.job.events.send(Event::Text(text)).is_err() {
@@ -443,6 +458,7 @@ impl State {
                         cached_tokens: r.cached_tokens,
                     });
                     cached += r.cached_tokens as u64;
+                    live.prompt_tokens.inc_by(r.job.req.prompt.len() as u64);
                     if let Some(sampler) = &mut self.sampler {
                         sampler.offer(&r.tokens[..r.fed]);
                     }
@@ -455,6 +471,7 @@ impl State {
         stats.steps += 1;
         stats.add_busy(&busy_us);
         stats.generated_tokens += generated;
+        self.settings.live.completion_tokens.inc_by(generated);
         stats.cached_prompt_tokens += cached;
     }
 

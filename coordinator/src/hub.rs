@@ -49,6 +49,8 @@ pub struct Hub {
     ca: Option<Arc<crate::ca::SwarmCa>>,
     /// What the coordinator trusts on the data channel (the swarm's CA), built once.
     data_tls: Option<protocol::data::io::ClientTls>,
+    /// `/metrics`.
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl Hub {
@@ -66,12 +68,14 @@ impl Hub {
             Option<Arc<crate::ca::SwarmCa>>,
             Option<protocol::data::io::ClientTls>,
         ),
+        metrics: crate::metrics::Metrics,
     ) -> Hub {
         let route = watch::Sender::new(swarm.serving_route());
         let engine = vocab
             .clone()
             .map(|v| Engine::start(engine, v, route.subscribe(), sampler));
         Hub {
+            metrics,
             route,
             swarm: Mutex::new(swarm),
             conns: Mutex::default(),

@@ -13,6 +13,7 @@ pub mod engine;
 pub mod error;
 pub mod hub;
 pub mod infer;
+pub mod metrics;
 pub mod openai;
 pub mod seeder_client;
 pub mod server;

@@ -257,6 +257,7 @@ async fn serve(hub: Arc<Hub>, body: Value, prompt: String, chat: bool) -> Respon
     let job = Job {
         req,
         events: tx,
+        arrived: Instant::now(),
         deadline: Instant::now() + hub.deadline,
         in_line: Some(in_line),
     };

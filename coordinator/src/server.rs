@@ -89,12 +89,14 @@ pub async fn start(config: Config) -> Result<Running> {
         cache_dir.join("referee"),
     );
     let (sampler, checker) = verify.unzip();
+    let metrics = crate::metrics::Metrics::default();
     let engine = crate::engine::EngineSettings {
         model_sha256: swarm.settings.model_sha256.clone(),
         split_id: swarm.settings.split_id.clone(),
         parallel: config.parallel as usize,
         micro_batches: config.micro_batches,
         tls: tls.data_client.clone(),
+        live: metrics.live.clone(),
     };
     let hub = Arc::new(Hub::new(
         swarm,
@@ -104,7 +106,9 @@ pub async fn start(config: Config) -> Result<Running> {
         (config.queue, Duration::from_secs(config.deadline)),
         (sampler, verify_stats),
         (tls.ca.clone(), tls.data_client.clone()),
+        metrics,
     ));
+    hub.metrics.init(Arc::downgrade(&hub));
     if let Some(checker) = checker {
         checker.spawn(hub.clone());
     }
@@ -118,6 +122,7 @@ pub async fn start(config: Config) -> Result<Running> {
     // Behind an API key when one is set: the API, and what /status tells about the swarm.
     let api = Router::new()
         .route("/status", get(status))
+        .route("/metrics", get(serve_metrics))
         .route("/v1/models", get(crate::openai::models))
         .route(
             "/v1/completions",
@@ -127,6 +132,10 @@ pub async fn start(config: Config) -> Result<Running> {
             "/v1/chat/completions",
             axum::routing::post(crate::openai::chat_completions),
         )
+        .route_layer(axum::middleware::from_fn_with_state(
+            hub.clone(),
+            count_requests,
+        ))
         .route_layer(axum::middleware::from_fn_with_state(
             access.clone(),
             crate::access::require_api_key,
@@ -160,6 +169,41 @@ pub async fn start(config: Config) -> Result<Running> {
         hub,
         cancel,
     })
+}
+
+/// Prometheus metrics (OpenMetrics text).
+async fn serve_metrics(State(hub): State<Arc<Hub>>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        hub.metrics.encode(),
+    )
+        .into_response()
+}
+
+/// Count each API answer by route and status code (`/metrics`).
+async fn count_requests(
+    State(hub): State<Arc<Hub>>,
+    matched: axum::extract::MatchedPath,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let route = matched.as_str().to_owned();
+    let response = next.run(request).await;
+    if route.starts_with("/v1/") {
+        hub.metrics
+            .live
+            .requests
+            .get_or_create(&vec![
+                ("route", route),
+                ("code", response.status().as_u16().to_string()),
+            ])
+            .inc();
+    }
+    response
 }
 
 async fn status(State(hub): State<Arc<Hub>>) -> Json<serde_json::Value> {

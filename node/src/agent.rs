@@ -150,6 +150,20 @@ pub(crate) async fn run(mut config: Config) -> Result<()> {
         .local_addr()
         .map_err(|e| daemon::IoError::new(what, e))?;
     tokio::spawn(crate::serve::serve(data_listener, pipeline.clone()));
+    let stop_metrics = tokio_util::sync::CancellationToken::new();
+    let _stop_metrics_on_exit = stop_metrics.clone().drop_guard();
+    if let Some(addr) = config.metrics_listen {
+        let what = format!("binding --metrics-listen {addr}");
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| daemon::IoError::new(what, e))?;
+        let bound = listener
+            .local_addr()
+            .map_err(|e| daemon::IoError::new("the metrics address", e))?;
+        crate::metrics::serve(listener, pipeline.metrics.clone(), stop_metrics)?;
+        tracing::info!("metrics at http://{bound}/metrics");
+        println!("[METRICS] http={bound}");
+    }
     let name = config.name.clone().unwrap_or_else(|| {
         std::fs::read_to_string("/etc/hostname")
             .map(|h| h.trim().to_owned())
@@ -355,8 +369,14 @@ async fn session(
                         COORDINATOR,
                         M::Route(Route::Loaded(RouteLoadedParams { stage, loaded: true })),
                     ),
-                    FetchEvent::Progress(p) => Control::new(&me, COORDINATOR, M::ShardProgress(p)),
-                    FetchEvent::Loaded(p) => Control::new(&me, COORDINATOR, M::ShardLoaded(p)),
+                    FetchEvent::Progress(p) => {
+                        links.pipeline.metrics.fetch_progress(p.shard_id, p.from_seeder, p.from_peers);
+                        Control::new(&me, COORDINATOR, M::ShardProgress(p))
+                    }
+                    FetchEvent::Loaded(p) => {
+                        links.pipeline.metrics.fetch_progress(p.shard_id, p.from_seeder, p.from_peers);
+                        Control::new(&me, COORDINATOR, M::ShardLoaded(p))
+                    }
                     FetchEvent::Failed(p) => Control::new(&me, COORDINATOR, M::ShardFailed(p)),
                 };
                 sink.send(send(c)).await.map_err(Error::control)?;

@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod error;
 pub mod fetch;
+pub mod metrics;
 pub mod serve;
 pub mod store;
 
@@ -54,6 +55,9 @@ pub struct Config {
     /// This node's downlink in Mbit/s, if known (shown in the coordinator's /status).
     #[arg(long, env = "SHARDSWARM_NODE_DOWNLINK_MBIT")]
     pub downlink_mbit: Option<u32>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (off unless set; e.g. 127.0.0.1:9101).
+    #[arg(long)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// For tests of the coordinator's checks only: corrupt every output this node computes
     /// by about this fraction of its size (a lying or broken node).
     #[arg(long, default_value_t = 0.0, hide = true)]
@@ -75,6 +79,7 @@ impl Default for Config {
             data_port: 0,
             uplink_mbit: None,
             downlink_mbit: None,
+            metrics_listen: None,
             test_lie: 0.0,
         }
     }

@@ -63,6 +63,8 @@ pub struct Pipeline {
     /// The data channel's TLS, from the coordinator (none in a plain swarm): what callers
     /// must speak to this node, and what it speaks to the next stage.
     tls: std::sync::RwLock<Option<DataTls>>,
+    /// What `--metrics-listen` shows.
+    pub metrics: Arc<crate::metrics::NodeMetrics>,
 }
 
 /// TLS both ways on the data channel.
@@ -84,6 +86,7 @@ impl Pipeline {
             loaded: tokio::sync::Mutex::new(None),
             generations: std::sync::atomic::AtomicU64::new(0),
             tls: std::sync::RwLock::new(None),
+            metrics: Default::default(),
         })
     }
 
@@ -144,6 +147,7 @@ impl Pipeline {
             stage.context(),
             if is_last { " (last)" } else { "" }
         );
+        self.metrics.stage.set(i64::from(route.stage));
         *loaded = Some(Loaded {
             route,
             stage: Arc::new(Mutex::new(stage)),
@@ -462,6 +466,13 @@ async fn worker(mut queue: mpsc::UnboundedReceiver<Work>, pipeline: Arc<Pipeline
         let started = Instant::now();
         let result = run_step(&pipeline, &decoder, w).await;
         let busy_us = u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX);
+        if let Ok((groups, _)) = &result {
+            let metrics = &pipeline.metrics;
+            metrics.stage_compute.observe(f64::from(busy_us) / 1e6);
+            metrics
+                .rows
+                .inc_by(groups.iter().map(|g| u64::from(g.rows)).sum());
+        }
         let frame = match result {
             Ok((groups, RowsOutput::Hidden(data))) if lane.probe => {
                 let rows: usize = groups.iter().map(|g| g.rows as usize).sum();

@@ -93,6 +93,22 @@ impl Swarm {
         )
     }
 
+    /// Nodes with the shard loaded.
+    pub fn holders(&self, shard_id: u32) -> usize {
+        self.nodes
+            .values()
+            .filter(|n| matches!(n.shards.get(&shard_id), Some(Holding::Loaded { .. })))
+            .count()
+    }
+
+    /// Shard bytes the registered nodes fetched: (from the seeder, from other nodes).
+    pub fn fetched_bytes(&self) -> (u64, u64) {
+        self.nodes
+            .values()
+            .flat_map(|n| n.shards.values().map(Holding::bytes))
+            .fold((0, 0), |(s, p), (ds, dp)| (s + ds, p + dp))
+    }
+
     pub(super) fn coverage(&self, shard_id: u32) -> usize {
         self.nodes
             .values()
