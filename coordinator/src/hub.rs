@@ -68,12 +68,13 @@ impl Hub {
             Option<Arc<crate::ca::SwarmCa>>,
             Option<protocol::data::io::ClientTls>,
         ),
-        metrics: crate::metrics::Metrics,
     ) -> Hub {
+        let engine_live = engine.live.clone();
         let route = watch::Sender::new(swarm.serving_route());
         let engine = vocab
             .clone()
             .map(|v| Engine::start(engine, v, route.subscribe(), sampler));
+        let metrics = crate::metrics::Metrics::new(engine_live);
         Hub {
             metrics,
             route,

@@ -45,13 +45,20 @@ impl Default for Live {
 }
 
 /// The registry, made once the hub exists (its state is read at each scrape).
-#[derive(Default)]
 pub struct Metrics {
     pub live: Arc<Live>,
     registry: OnceLock<Registry>,
 }
 
 impl Metrics {
+    /// Metrics over these live measurements; [`Metrics::init`] registers them.
+    pub fn new(live: Arc<Live>) -> Metrics {
+        Metrics {
+            live,
+            registry: OnceLock::new(),
+        }
+    }
+
     /// Register everything; the swarm's state is read through `hub` while it lives.
     pub fn init(&self, hub: Weak<Hub>) {
         let mut r = Registry::with_prefix("shardswarm");

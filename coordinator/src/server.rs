@@ -89,14 +89,13 @@ pub async fn start(config: Config) -> Result<Running> {
         cache_dir.join("referee"),
     );
     let (sampler, checker) = verify.unzip();
-    let metrics = crate::metrics::Metrics::default();
     let engine = crate::engine::EngineSettings {
         model_sha256: swarm.settings.model_sha256.clone(),
         split_id: swarm.settings.split_id.clone(),
         parallel: config.parallel as usize,
         micro_batches: config.micro_batches,
         tls: tls.data_client.clone(),
-        live: metrics.live.clone(),
+        live: Default::default(),
     };
     let hub = Arc::new(Hub::new(
         swarm,
@@ -106,7 +105,6 @@ pub async fn start(config: Config) -> Result<Running> {
         (config.queue, Duration::from_secs(config.deadline)),
         (sampler, verify_stats),
         (tls.ca.clone(), tls.data_client.clone()),
-        metrics,
     ));
     hub.metrics.init(Arc::downgrade(&hub));
     if let Some(checker) = checker {
