@@ -9,6 +9,7 @@
 
 pub mod access;
 pub mod ca;
+pub mod dashboard;
 pub mod engine;
 pub mod error;
 pub mod hub;

@@ -121,6 +121,7 @@ pub async fn start(config: Config) -> Result<Running> {
     let api = Router::new()
         .route("/status", get(status))
         .route("/metrics", get(serve_metrics))
+        .route("/dashboard", get(dashboard_live))
         .route("/v1/models", get(crate::openai::models))
         .route(
             "/v1/completions",
@@ -140,6 +141,13 @@ pub async fn start(config: Config) -> Result<Running> {
         ));
     let app = Router::new()
         .route("/control", get(control))
+        .route(
+            "/",
+            get({
+                let open = access.api_keys.is_empty();
+                move |State(hub): State<Arc<Hub>>| dashboard_page(hub, open)
+            }),
+        )
         .merge(api)
         .route(
             "/healthz",
@@ -204,7 +212,25 @@ async fn count_requests(
     response
 }
 
+/// The dashboard (`/`): with the swarm in it where the API is open, else a page that asks
+/// for the key.
+async fn dashboard_page(hub: Arc<Hub>, open: bool) -> axum::response::Html<String> {
+    let status = open.then(|| full_status(&hub));
+    let model = hub.vocab.as_ref().map_or("", |v| v.model_id.as_str());
+    axum::response::Html(crate::dashboard::page(status.as_ref(), model))
+}
+
+/// The dashboard's live part, which the page fetches every second.
+async fn dashboard_live(State(hub): State<Arc<Hub>>) -> axum::response::Html<String> {
+    axum::response::Html(crate::dashboard::live(&full_status(&hub)))
+}
+
 async fn status(State(hub): State<Arc<Hub>>) -> Json<serde_json::Value> {
+    Json(full_status(&hub))
+}
+
+/// The `/status` document: the swarm, the serving and the checks.
+fn full_status(hub: &Hub) -> serde_json::Value {
     let mut status = hub.swarm.lock().unwrap().status();
     if let Some(engine) = &hub.engine {
         let stats = engine.stats.lock().unwrap().clone();
@@ -212,7 +238,7 @@ async fn status(State(hub): State<Arc<Hub>>) -> Json<serde_json::Value> {
     }
     let verify = hub.verify_stats.lock().unwrap().clone();
     status["verify"] = serde_json::to_value(verify).unwrap_or_default();
-    Json(status)
+    status
 }
 
 /// Drop silent nodes once a second.

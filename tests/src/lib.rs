@@ -2,6 +2,7 @@
 //! `[READY]` lines, never sleeping), the real model split into shards, and bounded polling.
 
 pub mod api;
+pub mod browser;
 pub mod default_model;
 
 use std::io::{BufRead, BufReader};
@@ -41,6 +42,25 @@ pub fn bin(package: &str, name: &str) -> PathBuf {
         build
             .args(["build", "--workspace", "--bins"])
             .current_dir(env!("CARGO_MANIFEST_DIR"));
+        // Cargo gives this test process its package's variables (CARGO_MANIFEST_DIR,
+        // CARGO_PKG_NAME, …). Build scripts such as ring's rerun when those change, so passed
+        // on they rebuilt ring, rustls, axum and all above them here, and again at the next
+        // `cargo build` from a shell: minutes of both cores in the middle of a test run.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            let from_cargo_test = [
+                "CARGO_PKG_",
+                "CARGO_CRATE_",
+                "CARGO_BIN_",
+                "CARGO_MANIFEST_",
+            ]
+            .iter()
+            .any(|p| key.starts_with(p))
+                || ["CARGO_TARGET_TMPDIR", "CARGO_PRIMARY_PACKAGE", "OUT_DIR"].contains(&&*key);
+            if from_cargo_test {
+                build.env_remove(&*key);
+            }
+        }
         if profile == "release" {
             build.arg("--release");
         }
