@@ -76,11 +76,9 @@ for i in $(seq 1 "$nodes"); do
     pids+=($!)
 done
 
-echo "== waiting for SWARM_READY"
-for _ in $(seq 1800); do
-    grep -q '^\[SWARM_READY\]' "$out/logs/coordinator.out" && break
-    sleep 0.1
-done
+echo "== waiting for SWARM_READY (bytes of each node's shards)"
+target/release/shard_loader watch --coordinator "http://$coordinator" --until ready --timeout 180 ||
+    { tail -20 "$out/logs/coordinator.log"; exit 1; }
 grep '^\[SWARM_READY\]' "$out/logs/coordinator.out" || { tail -20 "$out/logs/coordinator.log"; exit 1; }
 curl -sf "http://$coordinator/status" | python3 -c "
 import json, sys
@@ -92,10 +90,8 @@ for n in s['nodes']:
               % (n['name'], shard, h['state'], h.get('from_seeder', 0), h.get('from_peers', 0)))
 "
 echo "== waiting for the pipeline (every stage loaded in llama.cpp)"
-for _ in $(seq 600); do
-    curl -sf "http://$coordinator/status" | grep -q '"serving":true' && break
-    sleep 0.1
-done
+target/release/shard_loader watch --coordinator "http://$coordinator" --until serving --timeout 60 ||
+    { tail -20 "$out/logs/coordinator.log"; exit 1; }
 prompt="The capital of France is"
 echo "== one completion through the swarm (POST /v1/completions, greedy): $prompt"
 curl -sf "http://$coordinator/v1/completions" -H 'content-type: application/json' \

@@ -118,7 +118,7 @@ fn uploads_a_valid_set_with_rsync_and_scp_and_refuses_an_invalid_one() {
         shards.path(),
         source,
         Default::default(),
-        &|_| {},
+        &torrents::progress::Quiet,
     )
     .unwrap();
 

@@ -1,7 +1,9 @@
 //! `shard_loader`: cut models into stage shards, map split sets, validate shard directories,
 //! and make or inspect `.torrent` files. A thin layer over the `torrents` library.
 
-use std::io::IsTerminal;
+mod report;
+mod watch;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -11,8 +13,8 @@ use torrents::gguf::GgufModel;
 use torrents::manifest::Manifest;
 use torrents::map::{find_split_set, gguf_source, map_gguf_split, map_safetensors, SplitSet};
 use torrents::metainfo::{self, CreateOptions, Metainfo};
+use torrents::progress::Progress as _;
 use torrents::split::{split_model, SplitOptions};
-use torrents::validate::validate;
 
 #[derive(Parser)]
 #[command(
@@ -77,6 +79,21 @@ enum Command {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Follow a swarm filling up: a bar per node (its shards' bytes) from the coordinator's
+    /// /status, until the swarm is ready or serving. Exits 1 on --timeout.
+    Watch {
+        /// The coordinator (http://HOST:PORT).
+        #[arg(long)]
+        coordinator: String,
+        /// The API key, where the coordinator has keys (default: $SHARDSWARM_API_KEY).
+        #[arg(long)]
+        api_key: Option<String>,
+        #[arg(long, value_enum, default_value = "serving")]
+        until: watch::Until,
+        /// Seconds to wait at most.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
     },
     /// Make or inspect .torrent files.
     #[command(subcommand)]
@@ -207,10 +224,6 @@ fn main() -> ExitCode {
     }
 }
 
-fn log(line: &str) {
-    eprintln!("  {line}");
-}
-
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Split {
@@ -228,7 +241,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 target_dir.display()
             );
             let source = gguf_source(&m)?;
-            let manifest = split_model(&m, shards, &target_dir, source, exactness.options(), &log)?;
+            let reporter = report::Reporter::new();
+            let manifest = split_model(
+                &m,
+                shards,
+                &target_dir,
+                source,
+                exactness.options(),
+                &reporter,
+            )?;
             print_manifest_summary(&manifest, &target_dir);
         }
         Command::Map {
@@ -245,7 +266,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         parts.len(),
                         source_dir.display()
                     );
-                    map_gguf_split(&parts, shards, &target_dir, exactness.options(), &log)?
+                    map_gguf_split(
+                        &parts,
+                        shards,
+                        &target_dir,
+                        exactness.options(),
+                        &report::Reporter::new(),
+                    )?
                 }
                 SplitSet::Safetensors(parts) => {
                     if shards.is_some_and(|n| n != parts.len()) {
@@ -260,17 +287,35 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         source_dir.display()
                     );
                     let meta = metadata_dir.unwrap_or_else(|| source_dir.clone());
-                    map_safetensors(&parts, &meta, &target_dir, &log)?
+                    map_safetensors(&parts, &meta, &target_dir, &report::Reporter::new())?
                 }
             };
             print_manifest_summary(&manifest, &target_dir);
+        }
+        Command::Watch {
+            coordinator,
+            api_key,
+            until,
+            timeout,
+        } => {
+            watch::check_url(&coordinator)?;
+            watch::watch(
+                &coordinator,
+                watch::api_key(api_key).as_deref(),
+                until,
+                std::time::Duration::from_secs(timeout),
+            )?;
         }
         Command::Validate {
             target_dir,
             expected_shards,
             json,
         } => {
-            let report = validate(&target_dir, expected_shards)?;
+            let report = torrents::validate::validate_with(
+                &target_dir,
+                expected_shards,
+                &report::Reporter::new(),
+            )?;
             if !json {
                 for w in &report.warnings {
                     eprintln!(
@@ -410,17 +455,11 @@ fn create_torrent(args: CreateArgs) -> Result<()> {
     let total = std::fs::metadata(&args.path)
         .with_context(|| format!("{}", args.path.display()))?
         .len();
-    let tty = std::io::stderr().is_terminal();
-    let progress = move |done: u64| {
-        if tty && total > 0 {
-            eprint!("\r  hashing {:>3}%", done * 100 / total);
-        }
-    };
+    let reporter = report::Reporter::new();
+    reporter.start("hashing", total);
     let started = std::time::Instant::now();
-    let (bytes, m) = metainfo::create(&args.path, &opts, &progress)?;
-    if tty {
-        eprintln!();
-    }
+    let (bytes, m) = metainfo::create(&args.path, &opts, &|done| reporter.set_done(done))?;
+    reporter.finish();
     let secs = started.elapsed().as_secs_f64();
     torrents::manifest::write_atomically(&output, &bytes)?;
     eprintln!(

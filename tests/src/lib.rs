@@ -320,8 +320,15 @@ pub fn shards_of(model: &Path, n: usize) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let gguf = torrents::gguf::GgufModel::open(model).unwrap();
     let source = torrents::map::gguf_source(&gguf).unwrap();
-    torrents::split::split_model(&gguf, n, dir.path(), source, Default::default(), &|_| {})
-        .unwrap_or_else(|e| panic!("splitting {} into {n}: {e}", model.display()));
+    torrents::split::split_model(
+        &gguf,
+        n,
+        dir.path(),
+        source,
+        Default::default(),
+        &torrents::progress::Quiet,
+    )
+    .unwrap_or_else(|e| panic!("splitting {} into {n}: {e}", model.display()));
     dir
 }
 

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 
 use serde_json::{json, Value};
 use tests::api::{read_stream, send};
-use tests::{get_json, node, swarm_lock, wait_for, Bed};
+use tests::{node, swarm_lock, Bed};
 
 /// Parse OpenMetrics text with the Python parser: its samples.
 fn parse(text: &str) -> Vec<Value> {
@@ -70,10 +70,24 @@ fn coordinator_and_node_metrics_count_the_served_requests() {
         .iter()
         .map(|(name, dir)| node(name, &addr, dir, &["--metrics-listen", "127.0.0.1:0"]))
         .collect();
-    wait_for(
-        "the pipeline serving",
-        std::time::Duration::from_secs(180),
-        || (get_json(&format!("http://{addr}/status"))["serving"] == true).then_some(()),
+    // Waited for as an operator would, with `shard_loader watch` (plain lines: no terminal).
+    let watch = Command::new(tests::bin("shard_loader", "shard_loader"))
+        .args([
+            "watch",
+            "--coordinator",
+            &format!("http://{addr}"),
+            "--until",
+            "serving",
+            "--timeout",
+            "180",
+        ])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&watch.stderr);
+    assert!(watch.status.success(), "{said}");
+    assert!(
+        said.contains("4 node(s): n0 ") && said.contains("serving after"),
+        "{said}"
     );
     let max_tokens = 12;
     for _ in 0..2 {

@@ -20,7 +20,7 @@ fn every_shard_loads_with_its_layer_count() {
             dir.path(),
             source.clone(),
             Default::default(),
-            &|_| {},
+            &torrents::progress::Quiet,
         )
         .unwrap();
         let mut layers = 0;

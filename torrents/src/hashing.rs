@@ -19,6 +19,11 @@ use crate::error::{Error, Result};
 
 /// Hex sha256 of a file's contents.
 pub fn sha256_file(path: &Path) -> Result<String> {
+    sha256_file_with(path, &crate::progress::Quiet)
+}
+
+/// [`sha256_file`], reporting the bytes read.
+pub fn sha256_file_with(path: &Path, progress: &dyn crate::progress::Progress) -> Result<String> {
     let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -28,6 +33,7 @@ pub fn sha256_file(path: &Path) -> Result<String> {
             break;
         }
         hasher.update(&buf[..n]);
+        progress.advance(n as u64);
     }
     Ok(hex::encode(hasher.finalize()))
 }

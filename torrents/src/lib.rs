@@ -11,6 +11,7 @@ pub mod magnet;
 pub mod manifest;
 pub mod map;
 pub mod metainfo;
+pub mod progress;
 pub mod safetensors;
 pub mod split;
 pub mod tracker_query;

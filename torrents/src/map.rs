@@ -180,7 +180,7 @@ pub fn map_gguf_split(
     n: Option<usize>,
     target: &Path,
     options: SplitOptions,
-    progress: &dyn Fn(&str),
+    progress: &dyn crate::progress::Progress,
 ) -> Result<Manifest> {
     let model = open_gguf_split(parts)?;
     let source = gguf_source(&model)?;
@@ -200,7 +200,7 @@ pub fn map_safetensors(
     parts: &[PathBuf],
     metadata_dir: &Path,
     target: &Path,
-    progress: &dyn Fn(&str),
+    progress: &dyn crate::progress::Progress,
 ) -> Result<Manifest> {
     let index_path = metadata_dir.join("model.safetensors.index.json");
     let index_text = std::fs::read(&index_path).map_err(|e| Error::io(&index_path, e))?;
@@ -226,6 +226,11 @@ pub fn map_safetensors(
         per_part[k].push(tensor.clone());
     }
     std::fs::create_dir_all(target).map_err(|e| Error::io(target, e))?;
+    let total = parts
+        .iter()
+        .map(|p| std::fs::metadata(p).map_or(0, |m| m.len()))
+        .sum();
+    progress.start("mapping", total);
     let mut entries = Vec::with_capacity(parts.len());
     for (k, part) in parts.iter().enumerate() {
         let names = crate::safetensors::read_tensor_names(part)?;
@@ -241,7 +246,8 @@ pub fn map_safetensors(
         let name = shard_file_name(k, "safetensors");
         let dest = target.join(&name);
         link_or_copy(part, &dest)?;
-        progress(&format!("{name} <- {}", part_names[k]));
+        progress.advance(std::fs::metadata(part).map_or(0, |m| m.len()));
+        progress.line(&format!("{name} <- {}", part_names[k]));
         entries.push(ShardEntry {
             shard_id: k as u32,
             file: name,
@@ -254,6 +260,7 @@ pub fn map_safetensors(
             info_hash: None,
         });
     }
+    progress.finish();
     let old = Manifest::load(target).ok();
     remove_stale_shards(target, old.as_ref(), &entries);
     let files = describe_sources(parts)?;

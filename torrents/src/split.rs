@@ -377,7 +377,7 @@ pub fn split_model(
     target_dir: &Path,
     source: SourceModel,
     options: SplitOptions,
-    progress: &dyn Fn(&str),
+    progress: &dyn crate::progress::Progress,
 ) -> Result<Manifest> {
     let windowed = arch::windowed_layers(model)?;
     let ranges = plan_stages(
@@ -400,22 +400,33 @@ pub fn split_model(
         .iter()
         .map(|p| File::open(p).map_err(|e| Error::io(p, e)))
         .collect::<Result<Vec<_>>>()?;
+    let plans = (0..ranges.len())
+        .map(|index| plan_stage(model, index, &ranges, &rules))
+        .collect::<Result<Vec<_>>>()?;
+    let data: u64 = plans
+        .iter()
+        .flat_map(|p| p.tensors.iter().map(|(t, _)| t.size))
+        .sum();
+    progress.start("splitting", data);
     let mut written = Vec::with_capacity(n);
     let mut entries = Vec::with_capacity(n);
-    for (index, range) in ranges.iter().enumerate() {
-        let plan = plan_stage(model, index, &ranges, &rules)?;
+    for ((index, range), plan) in ranges.iter().enumerate().zip(plans) {
         let name = shard_file_name(index, "gguf");
         let mut tmp = crate::manifest::temp_file_builder()
             .prefix(&format!(".{name}."))
             .suffix(".tmp")
             .tempfile_in(target_dir)
             .map_err(|e| Error::io(target_dir, e))?;
-        let (size, sha256) = write_stage(model, &plan, &mut sources, tmp.as_file_mut())
+        let mut out = crate::progress::Counting {
+            inner: tmp.as_file_mut(),
+            progress,
+        };
+        let (size, sha256) = write_stage(model, &plan, &mut sources, &mut out)
             .map_err(|e| Error::io(&target_dir.join(&name), e))?;
         tmp.as_file()
             .sync_all()
             .map_err(|e| Error::io(tmp.path(), e))?;
-        progress(&format!(
+        progress.line(&format!(
             "{name}: layers {}-{} ({} tensors, {size} bytes)",
             range.first,
             range.last,
@@ -432,6 +443,7 @@ pub fn split_model(
         });
         written.push((tmp, target_dir.join(name)));
     }
+    progress.finish();
     let old = Manifest::load(target_dir).ok();
     for (tmp, path) in written {
         tmp.persist(&path).map_err(|e| Error::io(&path, e.error))?;

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::gguf::{GgufModel, Value};
-use crate::hashing::sha256_file;
+
 use crate::manifest::{Manifest, ShardEntry, MANIFEST_FILE};
 use crate::split::{
     parse_block_name, parse_shard_file_name, KEY_FIRST_LAYER, KEY_LAST_LAYER, KEY_STAGE_INDEX,
@@ -68,6 +68,15 @@ impl Problems {
 /// Validate `dir` against its manifest and `expected` shards. Errors only when the directory
 /// itself cannot be read; everything else is a [`Problem`] in the report.
 pub fn validate(dir: &Path, expected: usize) -> Result<Report> {
+    validate_with(dir, expected, &crate::progress::Quiet)
+}
+
+/// [`validate`], reporting the bytes hashed (all shards together).
+pub fn validate_with(
+    dir: &Path,
+    expected: usize,
+    progress: &(dyn crate::progress::Progress + Sync),
+) -> Result<Report> {
     let meta = std::fs::metadata(dir).map_err(|e| Error::io(dir, e))?;
     if !meta.is_dir() {
         return Err(Error::Argument(format!(
@@ -134,18 +143,20 @@ pub fn validate(dir: &Path, expected: usize) -> Result<Report> {
             ));
         }
         // Hash files in parallel: this is the slow part.
+        progress.start("hashing", m.shards.iter().map(|s| s.size).sum());
         let results: Vec<Problems> = std::thread::scope(|s| {
             let handles: Vec<_> = m
                 .shards
                 .iter()
                 .enumerate()
-                .map(|(i, entry)| s.spawn(move || check_shard(dir, i, entry)))
+                .map(|(i, entry)| s.spawn(move || check_shard(dir, i, entry, progress)))
                 .collect();
             handles
                 .into_iter()
                 .map(|h| h.join().expect("shard check panicked"))
                 .collect()
         });
+        progress.finish();
         for r in results {
             if r.0.is_empty() {
                 shards_ok += 1;
@@ -168,7 +179,12 @@ pub fn validate(dir: &Path, expected: usize) -> Result<Report> {
     })
 }
 
-fn check_shard(dir: &Path, index: usize, entry: &ShardEntry) -> Problems {
+fn check_shard(
+    dir: &Path,
+    index: usize,
+    entry: &ShardEntry,
+    progress: &(dyn crate::progress::Progress + Sync),
+) -> Problems {
     let mut p = Problems::default();
     let name = entry.file.as_str();
     if entry.shard_id as usize != index {
@@ -212,7 +228,7 @@ fn check_shard(dir: &Path, index: usize, entry: &ShardEntry) -> Problems {
     } else if let Err(e) = crate::safetensors::read_tensor_names(&path) {
         p.file(name, format!("header: {e}"));
     }
-    match sha256_file(&path) {
+    match crate::hashing::sha256_file_with(&path, progress) {
         Ok(h) if h == entry.sha256 => {}
         Ok(h) => p.file(
             name,

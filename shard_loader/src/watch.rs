@@ -1,0 +1,154 @@
+//! `shard_loader watch`: follow a swarm filling up, from the coordinator's `/status`: a bar per
+//! node (bytes of its shards on disk out of their size) on a terminal, a line every few seconds
+//! otherwise; done when the swarm is ready or serving.
+
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use serde_json::Value;
+
+/// What to wait for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Until {
+    /// Every shard loaded on enough nodes (`SWARM_READY`).
+    Ready,
+    /// The pipeline answers requests (every stage loaded in llama.cpp).
+    Serving,
+}
+
+/// Per node: (name, bytes held, bytes to hold).
+fn node_bytes(status: &Value) -> Vec<(String, u64, u64)> {
+    let size = |shard: &str| -> u64 {
+        status["shards"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|s| s["shard_id"].as_u64().map(|k| k.to_string()).as_deref() == Some(shard))
+            .and_then(|s| s["size"].as_u64())
+            .unwrap_or(0)
+    };
+    let mut nodes: Vec<_> = status["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|n| {
+            let (mut done, mut total) = (0, 0);
+            for (shard, held) in n["shards"].as_object().into_iter().flatten() {
+                let whole = held["total"].as_u64().unwrap_or_else(|| size(shard));
+                total += whole;
+                done += match held["state"].as_str() {
+                    Some("loaded") => whole,
+                    Some("fetching") => held["bytes"].as_u64().unwrap_or(0),
+                    _ => 0,
+                };
+            }
+            (n["name"].as_str().unwrap_or("?").to_owned(), done, total)
+        })
+        .collect();
+    nodes.sort();
+    nodes
+}
+
+/// Poll `url`/status until `until` holds (or `timeout` passes: an error).
+pub fn watch(url: &str, api_key: Option<&str>, until: Until, timeout: Duration) -> Result<()> {
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let url = format!("{}/status", url.trim_end_matches('/'));
+    let tty = std::io::stderr().is_terminal();
+    let bars = MultiProgress::new();
+    let mut by_name: std::collections::BTreeMap<String, ProgressBar> = Default::default();
+    let style =
+        ProgressStyle::with_template("{msg:>12} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}")
+            .expect("a valid template")
+            .progress_chars("=> ");
+    let started = Instant::now();
+    let mut last_line = None::<Instant>;
+    loop {
+        let mut request = client.get(&url);
+        if let Some(key) = api_key {
+            request = request.bearer_auth(key);
+        }
+        let status: Option<Value> = request
+            .send()
+            .and_then(|r| r.error_for_status())
+            .and_then(|r| r.json())
+            .ok();
+        if let Some(s) = &status {
+            let nodes = node_bytes(s);
+            if tty {
+                for (name, done, total) in &nodes {
+                    let bar = by_name.entry(name.clone()).or_insert_with(|| {
+                        bars.add(
+                            ProgressBar::new(0)
+                                .with_style(style.clone())
+                                .with_message(name.clone()),
+                        )
+                    });
+                    bar.set_length(*total);
+                    bar.set_position(*done);
+                }
+            } else if last_line.is_none_or(|t| t.elapsed() >= Duration::from_secs(2)) {
+                last_line = Some(Instant::now());
+                let parts: Vec<String> = nodes
+                    .iter()
+                    .map(|(name, done, total)| {
+                        format!(
+                            "{name} {:.0}%",
+                            100.0 * *done as f64 / (*total).max(1) as f64
+                        )
+                    })
+                    .collect();
+                eprintln!(
+                    "{} node(s): {} (ready: {}, serving: {})",
+                    nodes.len(),
+                    parts.join(", "),
+                    s["ready"],
+                    s["serving"]
+                );
+            }
+            let done = match until {
+                Until::Ready => s["ready"] == true,
+                Until::Serving => s["serving"] == true,
+            };
+            if done {
+                for bar in by_name.values() {
+                    bar.finish();
+                }
+                eprintln!(
+                    "{} after {:.1} s",
+                    if until == Until::Ready {
+                        "ready"
+                    } else {
+                        "serving"
+                    },
+                    started.elapsed().as_secs_f64()
+                );
+                return Ok(());
+            }
+        }
+        if started.elapsed() > timeout {
+            let said = status.map_or_else(
+                || format!("{url} did not answer"),
+                |s| format!("ready: {}, serving: {}", s["ready"], s["serving"]),
+            );
+            bail!("not {until:?} after {timeout:?} ({said})");
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// The API key from the flag or `$SHARDSWARM_API_KEY`.
+pub fn api_key(flag: Option<String>) -> Option<String> {
+    flag.or_else(|| std::env::var("SHARDSWARM_API_KEY").ok())
+        .filter(|k| !k.is_empty())
+}
+
+/// `anyhow` context for a URL.
+pub fn check_url(url: &str) -> Result<()> {
+    reqwest::Url::parse(url)
+        .map(|_| ())
+        .with_context(|| format!("--coordinator {url}: not a URL (http://HOST:PORT)"))
+}
