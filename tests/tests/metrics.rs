@@ -103,6 +103,10 @@ fn coordinator_and_node_metrics_count_the_served_requests() {
     }
 
     let m = parse(&scrape(&format!("http://{addr}/metrics")));
+    let mut names: std::collections::BTreeSet<String> = m
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_owned())
+        .collect();
     assert_eq!(value(&m, "shardswarm_nodes", &[]), 4.0);
     assert_eq!(value(&m, "shardswarm_ready", &[]), 1.0);
     assert_eq!(value(&m, "shardswarm_serving", &[]), 1.0);
@@ -155,6 +159,7 @@ fn coordinator_and_node_metrics_count_the_served_requests() {
             .find_map(|l| l.strip_prefix("[METRICS] http=").map(str::to_owned))
             .expect("a node with --metrics-listen prints [METRICS]");
         let m = parse(&scrape(&format!("http://{at}/metrics")));
+        names.extend(m.iter().map(|s| s["name"].as_str().unwrap().to_owned()));
         stages.push(value(&m, "shardswarm_node_stage", &[]) as i64);
         assert!(
             value(&m, "shardswarm_node_stage_compute_seconds_count", &[])
@@ -165,4 +170,30 @@ fn coordinator_and_node_metrics_count_the_served_requests() {
     }
     stages.sort();
     assert_eq!(stages, [0, 1, 2, 3]);
+
+    // The Grafana dashboard in deploy/ graphs only series that exist.
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/grafana/shardswarm.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let mut used = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if word.starts_with("shardswarm_") {
+                    assert!(
+                        names.contains(word),
+                        "the dashboard's {word} is not served: {names:?}"
+                    );
+                    used += 1;
+                }
+            }
+        }
+    }
+    assert!(used >= 12, "{used}");
 }
