@@ -54,7 +54,8 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let files = shard_files(&cli.source_dir)?;
     let expected = files.iter().filter(|f| !f.ends_with("shards.json")).count();
-    let report = torrents::validate::validate(&cli.source_dir, expected)?;
+    let report =
+        torrents::validate::validate_with(&cli.source_dir, expected, &report::Reporter::new())?;
     if !report.ok {
         for p in &report.problems {
             eprintln!("  {}: {}", p.file.as_deref().unwrap_or("set"), p.message);
@@ -121,10 +122,18 @@ fn main() -> Result<()> {
             continue;
         }
         eprintln!("running {}", step[0]);
-        let status = Command::new(&step[0])
-            .args(&step[1..])
-            .status()
-            .with_context(|| format!("{} could not start", step[0]))?;
+        let status = if step[0] == "rsync" {
+            let total = files
+                .iter()
+                .map(|f| std::fs::metadata(f).map_or(0, |m| m.len()))
+                .sum();
+            rsync_with_progress(&step, total)?
+        } else {
+            Command::new(&step[0])
+                .args(&step[1..])
+                .status()
+                .with_context(|| format!("{} could not start", step[0]))?
+        };
         if !status.success() {
             bail!("{} failed ({status})", step[0]);
         }
@@ -173,5 +182,58 @@ fn shell_quote(s: &str) -> String {
         s.to_owned()
     } else {
         format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+/// Run rsync with `--info=progress2` and show its progress our way (a bar on a terminal, a line
+/// per tenth otherwise) instead of its carriage-return lines, which make a mess of logs.
+fn rsync_with_progress(step: &[String], total: u64) -> Result<std::process::ExitStatus> {
+    use std::io::Read;
+    use torrents::progress::Progress;
+    let mut child = Command::new(&step[0])
+        .args(&step[1..])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("{} could not start", step[0]))?;
+    let reporter = report::Reporter::new();
+    reporter.start("uploading", total);
+    let mut out = child.stdout.take().expect("piped");
+    let (mut pending, mut buf) = (String::new(), [0u8; 4096]);
+    loop {
+        let n = out.read(&mut buf).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        pending.push_str(&String::from_utf8_lossy(&buf[..n]));
+        // progress2 rewrites one line with \r: "  1,234,567  45%  12.34MB/s  0:00:10 …".
+        while let Some(cut) = pending.find(['\r', '\n']) {
+            let line: String = pending.drain(..=cut).collect();
+            if let Some(bytes) = rsync_bytes(&line) {
+                reporter.set_done(bytes);
+            }
+        }
+    }
+    reporter.finish();
+    Ok(child.wait()?)
+}
+
+/// The bytes done in one rsync `--info=progress2` line.
+fn rsync_bytes(line: &str) -> Option<u64> {
+    let mut words = line.split_whitespace();
+    let bytes = words.next()?.replace(',', "");
+    words.next()?.strip_suffix('%')?;
+    bytes.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rsync_progress_lines_give_the_bytes_done() {
+        assert_eq!(
+            super::rsync_bytes("     12,345,678  45%   11.77MB/s    0:00:01 (xfr#1, to-chk=2/4)"),
+            Some(12_345_678)
+        );
+        assert_eq!(super::rsync_bytes("sending incremental file list"), None);
+        assert_eq!(super::rsync_bytes(""), None);
     }
 }

@@ -132,6 +132,16 @@ fn uploads_a_valid_set_with_rsync_and_scp_and_refuses_an_invalid_one() {
         );
         let report = torrents::validate::validate(&remote, 2).unwrap();
         assert!(report.ok, "{mode}: {:?}", report.problems);
+        // Progress as plain lines (no terminal here): hashing before, and rsync's upload.
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(said.contains("hashing: 100%"), "{mode}: {said}");
+        if mode == "rsync" {
+            // Ours, not rsync's own carriage-return lines ("… 45%  11.77MB/s  0:00:01").
+            assert!(
+                said.contains("uploading: 100%") && !said.contains("B/s"),
+                "{said:?}"
+            );
+        }
         assert!(
             !remote.join(".upload-staging").exists(),
             "{mode}: staging left behind"

@@ -1,7 +1,6 @@
 //! `shard_loader`: cut models into stage shards, map split sets, validate shard directories,
 //! and make or inspect `.torrent` files. A thin layer over the `torrents` library.
 
-mod report;
 mod watch;
 
 use std::path::{Path, PathBuf};

@@ -1,4 +1,4 @@
-//! How `shard_loader` shows progress: a bar on a terminal (indicatif), and on anything else
+//! How our commands (`shard_loader`, `upload_shards`) show progress: a bar on a terminal (indicatif), and on anything else
 //! (a log file, CI, a pipe) a plain line at every tenth of the work, so logs stay readable.
 
 use std::io::IsTerminal;
@@ -9,6 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use torrents::progress::Progress;
 
 /// Progress on stderr.
+#[derive(Default)]
 pub struct Reporter {
     state: Mutex<State>,
 }
@@ -27,9 +28,7 @@ struct State {
 impl Reporter {
     /// A bar when stderr is a terminal, plain lines otherwise.
     pub fn new() -> Reporter {
-        Reporter {
-            state: Mutex::new(State::default()),
-        }
+        Reporter::default()
     }
 
     /// Progress of a count of bytes the caller reports as cumulative totals.
