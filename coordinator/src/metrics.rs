@@ -113,19 +113,31 @@ impl std::fmt::Debug for SwarmState {
     }
 }
 
+/// Samples of one family, labelled; the value's type says gauge or counter.
+type Samples<'a> = [(Vec<(&'a str, String)>, f64)];
+
+/// Encode a family of constant samples, each made by `metric` (a gauge or a counter).
+fn family<M: EncodeMetric>(
+    e: &mut DescriptorEncoder,
+    (name, help, unit): (&str, &str, Option<&Unit>),
+    metric: fn(f64) -> M,
+    samples: &Samples,
+) -> std::fmt::Result {
+    let mut f = e.encode_descriptor(name, help, unit, metric(0.0).metric_type())?;
+    for (labels, value) in samples {
+        metric(*value).encode(f.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
 fn gauge(
     e: &mut DescriptorEncoder,
     name: &str,
     help: &str,
     unit: Option<&Unit>,
-    samples: &[(Vec<(&str, String)>, f64)],
+    samples: &Samples,
 ) -> std::fmt::Result {
-    let metric = ConstGauge::new(0.0);
-    let mut family = e.encode_descriptor(name, help, unit, metric.metric_type())?;
-    for (labels, value) in samples {
-        ConstGauge::new(*value).encode(family.encode_family(labels)?)?;
-    }
-    Ok(())
+    family(e, (name, help, unit), ConstGauge::new, samples)
 }
 
 fn counter(
@@ -133,14 +145,9 @@ fn counter(
     name: &str,
     help: &str,
     unit: Option<&Unit>,
-    samples: &[(Vec<(&str, String)>, f64)],
+    samples: &Samples,
 ) -> std::fmt::Result {
-    let metric = ConstCounter::new(0.0);
-    let mut family = e.encode_descriptor(name, help, unit, metric.metric_type())?;
-    for (labels, value) in samples {
-        ConstCounter::new(*value).encode(family.encode_family(labels)?)?;
-    }
-    Ok(())
+    family(e, (name, help, unit), ConstCounter::new, samples)
 }
 
 impl Collector for SwarmState {
