@@ -88,6 +88,10 @@ enum Command {
         /// The API key, where the coordinator has keys (default: $SHARDSWARM_API_KEY).
         #[arg(long)]
         api_key: Option<String>,
+        /// Trust this CA (PEM) for an https:// coordinator: the swarm's own CA is
+        /// STATE_DIR/ca.pem on the coordinator's machine.
+        #[arg(long)]
+        ca: Option<PathBuf>,
         #[arg(long, value_enum, default_value = "serving")]
         until: watch::Until,
         /// Seconds to wait at most.
@@ -294,13 +298,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Watch {
             coordinator,
             api_key,
+            ca,
             until,
             timeout,
         } => {
             watch::check_url(&coordinator)?;
             watch::watch(
                 &coordinator,
-                watch::api_key(api_key).as_deref(),
+                (watch::api_key(api_key).as_deref(), ca.as_deref()),
                 until,
                 std::time::Duration::from_secs(timeout),
             )?;

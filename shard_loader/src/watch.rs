@@ -52,10 +52,20 @@ fn node_bytes(status: &Value) -> Vec<(String, u64, u64)> {
 }
 
 /// Poll `url`/status until `until` holds (or `timeout` passes: an error).
-pub fn watch(url: &str, api_key: Option<&str>, until: Until, timeout: Duration) -> Result<()> {
-    let client = reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()?;
+pub fn watch(
+    url: &str,
+    (api_key, ca): (Option<&str>, Option<&std::path::Path>),
+    until: Until,
+    timeout: Duration,
+) -> Result<()> {
+    let mut client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(10));
+    if let Some(ca) = ca {
+        let pem = std::fs::read(ca).with_context(|| format!("--ca {}", ca.display()))?;
+        let cert = reqwest::Certificate::from_pem(&pem)
+            .with_context(|| format!("--ca {}: not a PEM certificate", ca.display()))?;
+        client = client.add_root_certificate(cert);
+    }
+    let client = client.build()?;
     let url = format!("{}/status", url.trim_end_matches('/'));
     let tty = std::io::stderr().is_terminal();
     let bars = MultiProgress::new();

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use tests::api::{
     assert_texts_equal_the_whole_model, openai_client, openai_client_answer, PROMPTS,
 };
-use tests::{node, swarm_lock, wait_for, Bed};
+use tests::{node, swarm_lock, Bed};
 
 /// A CA, and a certificate for 127.0.0.1 signed by it: (ca.pem, server.pem, server.key).
 fn make_certificates(dir: &Path) -> (String, String, String) {
@@ -90,11 +90,27 @@ fn https_and_wss_with_the_operators_certificate_give_the_same_tokens() {
         .iter()
         .map(|(n, d)| node(n, &base, d, &["--ca", &ca]))
         .collect();
-    wait_for(
-        "the pipeline serving over TLS",
-        Duration::from_secs(180),
-        || (status()["serving"] == true).then_some(()),
+    // Waited for with `shard_loader watch` trusting the operator's CA (without it: refused).
+    let watch = |ca_flag: &[&str], timeout: &str| {
+        std::process::Command::new(tests::bin("shard_loader", "shard_loader"))
+            .args(["watch", "--coordinator", &base, "--timeout", timeout])
+            .args(ca_flag)
+            .output()
+            .unwrap()
+    };
+    let untrusting = watch(&[], "1");
+    let said = String::from_utf8_lossy(&untrusting.stderr);
+    assert!(
+        !untrusting.status.success() && said.contains("did not answer"),
+        "{said}"
     );
+    let out = watch(&["--ca", &ca], "180");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && said.contains("serving after"),
+        "{said}"
+    );
+    assert_eq!(status()["serving"], true);
     let names: Vec<Value> = status()["nodes"]
         .as_array()
         .unwrap()
