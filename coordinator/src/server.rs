@@ -132,12 +132,13 @@ pub async fn start(config: Config) -> Result<Running> {
             axum::routing::post(crate::openai::chat_completions),
         )
         .route_layer(axum::middleware::from_fn_with_state(
-            hub.clone(),
-            count_requests,
-        ))
-        .route_layer(axum::middleware::from_fn_with_state(
             access.clone(),
             crate::access::require_api_key,
+        ))
+        // Outermost, so refusals (401) are counted too.
+        .route_layer(axum::middleware::from_fn_with_state(
+            hub.clone(),
+            count_requests,
         ));
     let app = Router::new()
         .route("/control", get(control))

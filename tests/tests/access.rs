@@ -225,6 +225,20 @@ fn insecure_runs_open_and_keys_on_loopback_guard_the_api() {
     assert_eq!(api.get("/v1/models", Some("flag-key")).0, 200);
     assert_eq!(api.get("/status", Some("file-key")).0, 200);
     assert_eq!(api.get("/healthz", None).0, 200);
+    // /metrics needs a key too, and counts the refusals.
+    assert_unauthorized(&api, "/metrics", None);
+    let metrics = reqwest::blocking::Client::new()
+        .get(format!("http://{}/metrics", c.field("http")))
+        .bearer_auth("flag-key")
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert_eq!(
+        tests::metric_sum(&metrics, "shardswarm_http_requests_total", "code=\"401\""),
+        1,
+        "{metrics}"
+    );
 
     // An empty key file is refused at start, naming the file.
     std::fs::write(&keys, "\n# none yet\n").unwrap();
