@@ -99,11 +99,10 @@ pub fn try_parse_from<C: CommandFactory + FromArgMatches>(
         .try_get_matches_from(&argv)?;
     let mut all = argv.clone();
     if let (Some(path), None) = (first.get_one::<PathBuf>(CONFIG), first.subcommand()) {
-        let from_file = file_args(&cmd, &first, path)?;
-        all.splice(
-            1.min(all.len())..,
-            from_file.into_iter().chain(argv.into_iter().skip(1)),
-        );
+        // The program name, the file's settings, then the command line as given.
+        all.truncate(1);
+        all.extend(file_args(&cmd, &first, path)?);
+        all.extend(argv.into_iter().skip(1));
     }
     let matches = cmd.clone().try_get_matches_from(all)?;
     if matches.get_flag(PRINT_CONFIG) {
