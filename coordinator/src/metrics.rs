@@ -116,11 +116,14 @@ impl std::fmt::Debug for SwarmState {
 /// Samples of one family, labelled; the value's type says gauge or counter.
 type Samples<'a> = [(Vec<(&'a str, String)>, f64)];
 
-/// Encode a family of constant samples, each made by `metric` (a gauge or a counter).
+/// Encode a family of constant samples, each made by `metric` (`ConstGauge::new` or
+/// `ConstCounter::new`).
 fn family<M: EncodeMetric>(
     e: &mut DescriptorEncoder,
-    (name, help, unit): (&str, &str, Option<&Unit>),
     metric: fn(f64) -> M,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
     samples: &Samples,
 ) -> std::fmt::Result {
     let mut f = e.encode_descriptor(name, help, unit, metric(0.0).metric_type())?;
@@ -128,26 +131,6 @@ fn family<M: EncodeMetric>(
         metric(*value).encode(f.encode_family(labels)?)?;
     }
     Ok(())
-}
-
-fn gauge(
-    e: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    unit: Option<&Unit>,
-    samples: &Samples,
-) -> std::fmt::Result {
-    family(e, (name, help, unit), ConstGauge::new, samples)
-}
-
-fn counter(
-    e: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    unit: Option<&Unit>,
-    samples: &Samples,
-) -> std::fmt::Result {
-    family(e, (name, help, unit), ConstCounter::new, samples)
 }
 
 impl Collector for SwarmState {
@@ -173,36 +156,41 @@ impl Collector for SwarmState {
                 ],
             )
         };
-        gauge(
+        family(
             &mut e,
+            ConstGauge::new,
             "nodes",
             "Registered nodes",
             None,
             &one(nodes as f64),
         )?;
-        gauge(
+        family(
             &mut e,
+            ConstGauge::new,
             "ready",
             "1 while every shard is loaded on enough nodes",
             None,
             &one(f64::from(u8::from(ready))),
         )?;
-        gauge(
+        family(
             &mut e,
+            ConstGauge::new,
             "serving",
             "1 while the route serves requests",
             None,
             &one(f64::from(u8::from(serving))),
         )?;
-        gauge(
+        family(
             &mut e,
+            ConstGauge::new,
             "shard_holders",
             "Nodes with the shard loaded",
             None,
             &coverage,
         )?;
-        gauge(
+        family(
             &mut e,
+            ConstGauge::new,
             "fetched",
             "Shard bytes the registered nodes fetched, by source",
             Some(&Unit::Bytes),
@@ -210,29 +198,33 @@ impl Collector for SwarmState {
         )?;
         if let Some(engine) = &hub.engine {
             let stats = engine.stats.lock().unwrap().clone();
-            gauge(
+            family(
                 &mut e,
+                ConstGauge::new,
                 "running_requests",
                 "Requests in a slot",
                 None,
                 &one(stats.running as f64),
             )?;
-            gauge(
+            family(
                 &mut e,
+                ConstGauge::new,
                 "queue_depth",
                 "Requests waiting for a slot",
                 None,
                 &one(stats.waiting as f64),
             )?;
-            counter(
+            family(
                 &mut e,
+                ConstCounter::new,
                 "steps",
                 "Pipeline steps",
                 None,
                 &one(stats.steps as f64),
             )?;
-            counter(
+            family(
                 &mut e,
+                ConstCounter::new,
                 "cached_prompt_tokens",
                 "Prompt tokens served from the prompt cache",
                 None,
@@ -244,8 +236,9 @@ impl Collector for SwarmState {
                 .enumerate()
                 .map(|(k, s)| (vec![("stage", k.to_string())], *s))
                 .collect();
-            counter(
+            family(
                 &mut e,
+                ConstCounter::new,
                 "stage_compute",
                 "Each stage's compute time",
                 Some(&Unit::Seconds),
