@@ -6,8 +6,9 @@
 
 use std::sync::{Arc, OnceLock, Weak};
 
+use daemon::metrics::family;
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
@@ -111,26 +112,6 @@ impl std::fmt::Debug for SwarmState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("SwarmState")
     }
-}
-
-/// Samples of one family, labelled; the value's type says gauge or counter.
-type Samples<'a> = [(Vec<(&'a str, String)>, f64)];
-
-/// Encode a family of constant samples, each made by `metric` (`ConstGauge::new` or
-/// `ConstCounter::new`).
-fn family<M: EncodeMetric>(
-    e: &mut DescriptorEncoder,
-    metric: fn(f64) -> M,
-    name: &str,
-    help: &str,
-    unit: Option<&Unit>,
-    samples: &Samples,
-) -> std::fmt::Result {
-    let mut f = e.encode_descriptor(name, help, unit, metric(0.0).metric_type())?;
-    for (labels, value) in samples {
-        metric(*value).encode(f.encode_family(labels)?)?;
-    }
-    Ok(())
 }
 
 impl Collector for SwarmState {

@@ -184,7 +184,7 @@ async fn serve_metrics(State(hub): State<Arc<Hub>>) -> axum::response::Response 
     (
         [(
             axum::http::header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            daemon::metrics::CONTENT_TYPE,
         )],
         hub.metrics.encode(),
     )

@@ -96,5 +96,6 @@ impl IoError {
 }
 
 mod http;
+pub mod metrics;
 pub mod secret;
 pub mod tls;

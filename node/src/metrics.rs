@@ -94,7 +94,7 @@ pub fn serve(
                 (
                     [(
                         axum::http::header::CONTENT_TYPE,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        daemon::metrics::CONTENT_TYPE,
                     )],
                     metrics.encode(),
                 )

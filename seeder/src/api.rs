@@ -393,9 +393,7 @@ async fn healthz(State(s): State<AppState>) -> Response {
 
 /// Prometheus text exposition.
 async fn metrics(State(s): State<AppState>) -> Response {
-    use std::fmt::Write;
     let snap = s.snapshot();
-    let mut out = String::new();
     let sum = |m: &std::sync::RwLock<HashMap<[u8; 20], Arc<std::sync::atomic::AtomicU64>>>,
                h: &[u8; 20]| {
         m.read()
@@ -403,17 +401,15 @@ async fn metrics(State(s): State<AppState>) -> Response {
             .get(h)
             .map_or(0, |c| c.load(Ordering::Relaxed))
     };
-    out.push_str("# HELP shardswarm_seeder_uploaded_bytes_total Bytes sent, by file and source (bittorrent: peer wire; webseed: /seed; piece_api: /pieces).\n");
-    out.push_str("# TYPE shardswarm_seeder_uploaded_bytes_total counter\n");
-    let mut peers = String::new();
-    let mut tracker_peers = String::new();
+    let mut m = SeederMetrics::default();
     for f in snap.by_name.values() {
         let h = f.torrent.info_hash;
-        let labels = format!(
-            "file=\"{}\",info_hash=\"{}\"",
-            f.name.replace('"', "'"),
-            f.info_hash_hex()
-        );
+        let file = vec![("file", f.name.clone()), ("info_hash", f.info_hash_hex())];
+        let labels = |(key, value): (&'static str, &str)| {
+            let mut l = file.clone();
+            l.push((key, value.to_owned()));
+            l
+        };
         let stats = s
             .session
             .get(librqbit::dht::Id20::new(h).into())
@@ -423,43 +419,102 @@ async fn metrics(State(s): State<AppState>) -> Response {
             .as_ref()
             .and_then(|st| st.live.as_ref())
             .map_or(0, |l| l.snapshot.peer_stats.live);
-        let _ = writeln!(
-            out,
-            "shardswarm_seeder_uploaded_bytes_total{{{labels},source=\"bittorrent\"}} {bt}"
-        );
-        let _ = writeln!(
-            out,
-            "shardswarm_seeder_uploaded_bytes_total{{{labels},source=\"webseed\"}} {}",
-            sum(&s.counters.webseed, &h)
-        );
-        let _ = writeln!(
-            out,
-            "shardswarm_seeder_uploaded_bytes_total{{{labels},source=\"piece_api\"}} {}",
-            sum(&s.counters.piece_api, &h)
-        );
-        let _ = writeln!(peers, "shardswarm_seeder_peers{{{labels}}} {live}");
+        m.uploaded.push((labels(("source", "bittorrent")), bt));
+        m.uploaded
+            .push((labels(("source", "webseed")), sum(&s.counters.webseed, &h)));
+        m.uploaded.push((
+            labels(("source", "piece_api")),
+            sum(&s.counters.piece_api, &h),
+        ));
+        m.peers.push((file.clone(), live as i64));
         if let Some(c) = s.tracker.counts(&h) {
-            let _ = writeln!(
-                tracker_peers,
-                "shardswarm_tracker_peers{{{labels},state=\"seeder\"}} {}",
-                c.complete
-            );
-            let _ = writeln!(
-                tracker_peers,
-                "shardswarm_tracker_peers{{{labels},state=\"leecher\"}} {}",
-                c.incomplete
-            );
+            m.tracker_peers
+                .push((labels(("state", "seeder")), c.complete as i64));
+            m.tracker_peers
+                .push((labels(("state", "leecher")), c.incomplete as i64));
         }
     }
-    out.push_str("# HELP shardswarm_seeder_peers Peers connected to the seeder over the peer wire.\n# TYPE shardswarm_seeder_peers gauge\n");
-    out.push_str(&peers);
-    out.push_str("# HELP shardswarm_tracker_peers Peers in the tracker's swarms (the seeder included).\n# TYPE shardswarm_tracker_peers gauge\n");
-    out.push_str(&tracker_peers);
-    let _ = writeln!(out, "# HELP shardswarm_tracker_announces_total Announces answered.\n# TYPE shardswarm_tracker_announces_total counter\nshardswarm_tracker_announces_total {}", s.tracker.announces.load(Ordering::Relaxed));
-    let _ = writeln!(out, "# HELP shardswarm_tracker_scrapes_total Scrapes answered.\n# TYPE shardswarm_tracker_scrapes_total counter\nshardswarm_tracker_scrapes_total {}", s.tracker.scrapes.load(Ordering::Relaxed));
-    let _ = writeln!(out, "# HELP shardswarm_tracker_throttled_total Announces and scrapes refused for their address's rate.\n# TYPE shardswarm_tracker_throttled_total counter\nshardswarm_tracker_throttled_total {}", s.tracker.throttled.load(Ordering::Relaxed));
-    let _ = writeln!(out, "# HELP shardswarm_seeder_files Files served.\n# TYPE shardswarm_seeder_files gauge\nshardswarm_seeder_files {}", snap.by_name.len());
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+    m.announces = s.tracker.announces.load(Ordering::Relaxed);
+    m.scrapes = s.tracker.scrapes.load(Ordering::Relaxed);
+    m.throttled = s.tracker.throttled.load(Ordering::Relaxed);
+    m.files = snap.by_name.len() as i64;
+    (
+        [(header::CONTENT_TYPE, daemon::metrics::CONTENT_TYPE)],
+        daemon::metrics::encode_collected("shardswarm", m),
+    )
+        .into_response()
+}
+
+/// A family of one sample without labels.
+fn one_sample<V>(value: V) -> [(Vec<(&'static str, String)>, V); 1] {
+    [(Vec::new(), value)]
+}
+
+/// The seeder's numbers at one scrape.
+#[derive(Debug, Default)]
+struct SeederMetrics {
+    uploaded: Vec<(Vec<(&'static str, String)>, u64)>,
+    peers: Vec<(Vec<(&'static str, String)>, i64)>,
+    tracker_peers: Vec<(Vec<(&'static str, String)>, i64)>,
+    announces: u64,
+    scrapes: u64,
+    throttled: u64,
+    files: i64,
+}
+
+impl daemon::metrics::Collector for SeederMetrics {
+    fn encode(&self, mut e: daemon::metrics::DescriptorEncoder) -> std::fmt::Result {
+        use daemon::metrics::{family, ConstCounter, ConstGauge};
+        family(&mut e, ConstCounter::new, "seeder_uploaded_bytes", "Bytes sent, by file and source (bittorrent: peer wire; webseed: /seed; piece_api: /pieces)", None, &self.uploaded)?;
+        family(
+            &mut e,
+            ConstGauge::new,
+            "seeder_peers",
+            "Peers connected to the seeder over the peer wire",
+            None,
+            &self.peers,
+        )?;
+        family(
+            &mut e,
+            ConstGauge::new,
+            "tracker_peers",
+            "Peers in the tracker's swarms (the seeder included)",
+            None,
+            &self.tracker_peers,
+        )?;
+        family(
+            &mut e,
+            ConstCounter::new,
+            "tracker_announces",
+            "Announces answered",
+            None,
+            &one_sample(self.announces),
+        )?;
+        family(
+            &mut e,
+            ConstCounter::new,
+            "tracker_scrapes",
+            "Scrapes answered",
+            None,
+            &one_sample(self.scrapes),
+        )?;
+        family(
+            &mut e,
+            ConstCounter::new,
+            "tracker_throttled",
+            "Announces and scrapes refused for their address's rate",
+            None,
+            &one_sample(self.throttled),
+        )?;
+        family(
+            &mut e,
+            ConstGauge::new,
+            "seeder_files",
+            "Files served",
+            None,
+            &one_sample(self.files),
+        )
+    }
 }
 
 #[cfg(test)]

@@ -121,6 +121,17 @@ fn coordinator_and_node_metrics_count_the_served_requests() {
         .map(|p| p.metadata().unwrap().len())
         .sum();
     assert!(fetched >= size as f64, "fetched {fetched} of {size} bytes");
+    // The seeder's, read by the same parser: every shard's bytes went out from it.
+    let seeded = parse(&scrape(&format!(
+        "http://{}/metrics",
+        bed.seeder.field("http")
+    )));
+    assert_eq!(value(&seeded, "shardswarm_seeder_files", &[]), 4.0);
+    let uploaded = value(&seeded, "shardswarm_seeder_uploaded_bytes_total", &[]);
+    assert!(
+        uploaded >= size as f64,
+        "the seeder sent {uploaded} of {size} bytes"
+    );
     let generated = value(&m, "shardswarm_completion_tokens_total", &[]);
     assert_eq!(
         generated,
