@@ -180,15 +180,7 @@ pub async fn start(config: Config) -> Result<Running> {
 
 /// Prometheus metrics (OpenMetrics text).
 async fn serve_metrics(State(hub): State<Arc<Hub>>) -> axum::response::Response {
-    use axum::response::IntoResponse;
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            daemon::metrics::CONTENT_TYPE,
-        )],
-        hub.metrics.encode(),
-    )
-        .into_response()
+    daemon::metrics::answer(hub.metrics.encode())
 }
 
 /// Count each API answer by route and status code (`/metrics`).

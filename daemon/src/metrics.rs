@@ -11,7 +11,13 @@ pub use prometheus_client::registry::Unit;
 use prometheus_client::encoding::EncodeMetric;
 
 /// The OpenMetrics content type every `/metrics` answers with.
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// A `/metrics` answer: the encoded text with its content type.
+pub fn answer(text: String) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    ([(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response()
+}
 
 /// Samples of one family: labels and a value.
 pub type Samples<'a, V> = [(Vec<(&'a str, String)>, V)];

@@ -90,15 +90,7 @@ pub fn serve(
         "/metrics",
         get(move || {
             let metrics = metrics.clone();
-            async move {
-                (
-                    [(
-                        axum::http::header::CONTENT_TYPE,
-                        daemon::metrics::CONTENT_TYPE,
-                    )],
-                    metrics.encode(),
-                )
-            }
+            async move { daemon::metrics::answer(metrics.encode()) }
         }),
     );
     daemon::serve_http(listener, app, stop, daemon::HttpLimits::default(), None).map(|_| ())

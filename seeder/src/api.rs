@@ -438,11 +438,7 @@ async fn metrics(State(s): State<AppState>) -> Response {
     m.scrapes = s.tracker.scrapes.load(Ordering::Relaxed);
     m.throttled = s.tracker.throttled.load(Ordering::Relaxed);
     m.files = snap.by_name.len() as i64;
-    (
-        [(header::CONTENT_TYPE, daemon::metrics::CONTENT_TYPE)],
-        daemon::metrics::encode_collected("shardswarm", m),
-    )
-        .into_response()
+    daemon::metrics::answer(daemon::metrics::encode_collected("shardswarm", m))
 }
 
 /// A family of one sample without labels.

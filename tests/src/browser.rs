@@ -145,14 +145,7 @@ impl Browser {
 
     /// Poll a JS condition until it is true (bounded).
     pub fn wait_until(&mut self, what: &str, condition: &str, limit: Duration) {
-        let deadline = Instant::now() + limit;
-        while self.eval(condition) != true {
-            assert!(
-                Instant::now() < deadline,
-                "timed out after {limit:?} waiting for {what}"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        crate::wait_for(what, limit, || (self.eval(condition) == true).then_some(()));
     }
 
     /// Save a PNG screenshot of the page.

@@ -9,11 +9,7 @@ use super::{Holding, NodeState, Outbox, RouteHop, Swarm};
 impl Swarm {
     pub(super) fn loaded_count(&self) -> usize {
         (0..self.shards.len() as u32)
-            .filter(|id| {
-                self.nodes
-                    .values()
-                    .any(|n| matches!(n.shards.get(id), Some(Holding::Loaded { .. })))
-            })
+            .filter(|&id| self.holders(id) > 0)
             .count()
     }
 

@@ -19,12 +19,7 @@ impl Swarm {
                 (id, holders)
             })
             .collect();
-        let (mut from_seeder, mut from_peers) = (0, 0);
-        for h in self.nodes.values().flat_map(|n| n.shards.values()) {
-            let (s, p) = h.bytes();
-            from_seeder += s;
-            from_peers += p;
-        }
+        let (from_seeder, from_peers) = self.fetched_bytes();
         let now = Instant::now();
         let nodes: Vec<serde_json::Value> = self
             .nodes
