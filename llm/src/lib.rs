@@ -4,6 +4,7 @@
 //! references ([`reference`]).
 
 mod backend;
+pub mod placement;
 pub mod reference;
 pub mod sample;
 pub mod stage;

@@ -70,6 +70,9 @@ pub struct Stage {
     context: u32,
     sequences: u32,
     threads: i32,
+    /// Decode threads pinned to cores of their own ([`Stage::pin_threads`]); dropped after
+    /// the context.
+    pinning: Option<crate::placement::Pinning>,
     /// Whether this stage outputs logits (the last stage) rather than hidden states.
     pub is_last: bool,
 }
@@ -180,6 +183,7 @@ impl Stage {
                 context: n_ctx,
                 sequences,
                 threads,
+                pinning: None,
                 is_last,
             })
         }
@@ -213,10 +217,28 @@ impl Stage {
         unsafe { sys::llama_memory_clear(sys::llama_get_memory(self.ctx.as_ptr()), true) };
     }
 
-    /// The threads the next decodes use (llama.cpp's `n_threads` and `n_threads_batch`).
+    /// Pin decode thread `j` to `cpus[j]` (see [`crate::placement`]); decodes then use at most
+    /// `cpus.len()` threads. Call on a fresh stage, before its first decode.
+    pub fn pin_threads(&mut self, cpus: &[usize]) -> Result<(), LlmError> {
+        let pinning = crate::placement::Pinning::new(cpus)?;
+        // SAFETY: a valid context; the pool lives in self.pinning, dropped after llama_free.
+        unsafe { pinning.attach(self.ctx.as_ptr()) };
+        self.pinning = Some(pinning);
+        let threads = self.threads;
+        self.threads = 0; // apply the clamp below
+        self.set_threads(threads);
+        Ok(())
+    }
+
+    /// The threads the next decodes use (llama.cpp's `n_threads` and `n_threads_batch`). Call
+    /// it on the thread that decodes.
     pub fn set_threads(&mut self, threads: i32) {
-        let threads = threads.max(1);
+        let most = self.pinning.as_ref().map_or(i32::MAX, |p| p.threads());
+        let threads = threads.clamp(1, most);
         if threads != self.threads {
+            if let Some(p) = &self.pinning {
+                p.before_decode(threads);
+            }
             // SAFETY: a valid context.
             unsafe { sys::llama_set_n_threads(self.ctx.as_ptr(), threads, threads) };
             self.threads = threads;

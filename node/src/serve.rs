@@ -134,8 +134,18 @@ impl Pipeline {
         let threads = self.threads;
         // The coordinator's sequences, and one more kept for its probes.
         let sequences = route.parallel + 1;
+        let offset = route.stage as usize * threads.max(1) as usize;
         let stage = tokio::task::spawn_blocking(move || {
-            Stage::load_for(&path, is_last, MAX_CONTEXT, threads, sequences)
+            let mut stage = Stage::load_for(&path, is_last, MAX_CONTEXT, threads, sequences)?;
+            let cpus = llm::placement::cpus_for(
+                &llm::placement::allowed_cpus(),
+                threads.max(1) as usize,
+                offset,
+            );
+            if cpus.len() > 1 {
+                stage.pin_threads(&cpus)?;
+            }
+            Ok::<_, Error>(stage)
         })
         .await
         .map_err(|e| Error::Pipeline(format!("loading the stage: {e}")))??;
