@@ -18,13 +18,29 @@ use llama_cpp_sys_2 as sys;
 
 use crate::LlmError;
 
-/// The CPUs this process may run on, in increasing order (its affinity mask; all online CPUs
-/// unless a launcher such as `taskset` or systemd's `CPUAffinity=` narrowed it).
+/// The CPUs this process may run on, in increasing order: its main thread's affinity mask
+/// when first asked (all online CPUs unless a launcher such as `taskset` or systemd's
+/// `CPUAffinity=` narrowed it). Read once, so a pinned thread asking later still gets the
+/// process's CPUs rather than its own.
 pub fn allowed_cpus() -> Vec<usize> {
+    static ALLOWED: std::sync::OnceLock<Vec<usize>> = std::sync::OnceLock::new();
+    // SAFETY: getpid has no preconditions; the main thread's id is the process id.
+    ALLOWED
+        .get_or_init(|| cpus_of(unsafe { libc::getpid() }))
+        .clone()
+}
+
+/// The CPUs the calling thread may run on now.
+pub fn current_thread_cpus() -> Vec<usize> {
+    cpus_of(0)
+}
+
+/// The affinity mask of thread `tid` (0: the calling thread), or nothing if it cannot be read.
+fn cpus_of(tid: libc::pid_t) -> Vec<usize> {
     // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_getaffinity fills it.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+        if libc::sched_getaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
             return Vec::new();
         }
         (0..libc::CPU_SETSIZE as usize)
@@ -86,7 +102,9 @@ impl Pinning {
             let mut params = sys::ggml_threadpool_params_default(threads);
             let slots = params.cpumask.len();
             if cpus.is_empty() || cpus.iter().any(|&c| c >= slots) {
-                return Err(LlmError::Decode(format!("cannot pin threads to CPUs {cpus:?}")));
+                return Err(LlmError::Decode(format!(
+                    "cannot pin threads to CPUs {cpus:?}"
+                )));
             }
             params.cpumask = [false; _];
             for &cpu in cpus {

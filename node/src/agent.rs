@@ -138,7 +138,12 @@ pub(crate) async fn run(mut config: Config) -> Result<()> {
     let threads = config
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
-    let pipeline = crate::serve::Pipeline::new(data.shards_dir(), threads as i32, config.test_lie);
+    let pipeline = crate::serve::Pipeline::new(
+        data.shards_dir(),
+        threads as i32,
+        config.pin_threads,
+        config.test_lie,
+    );
     let what = format!(
         "binding the data channel on {}:{}",
         config.listen_addr, config.data_port

@@ -45,6 +45,11 @@ pub struct Config {
     /// CPU threads this node offers for inference (llama.cpp).
     #[arg(long)]
     pub threads: Option<u32>,
+    /// Pin each decode thread of a stage to a core of its own (llama.cpp's `--cpu-strict`;
+    /// stage S takes the cores from S × threads on, wrapping). Without it, kernels that pack
+    /// virtual CPUs run a stage's threads on one core while another idles.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub pin_threads: bool,
     /// Port of the inference data channel (0: any free port).
     #[arg(long, default_value_t = 0)]
     pub data_port: u16,
@@ -76,6 +81,7 @@ impl Default for Config {
             peer_port: 0,
             listen_addr: IpAddr::from([0, 0, 0, 0]),
             threads: None,
+            pin_threads: true,
             data_port: 0,
             uplink_mbit: None,
             downlink_mbit: None,

@@ -55,6 +55,8 @@ struct Loaded {
 pub struct Pipeline {
     shards_dir: PathBuf,
     threads: i32,
+    /// `--pin-threads`: each stage's decode threads on cores of their own.
+    pin_threads: bool,
     /// Test only (`--test-lie`): scale of the error this node adds to every output, so that
     /// the tests can check that the coordinator catches a lying node. 0 for an honest node.
     lie: f32,
@@ -75,13 +77,14 @@ struct DataTls {
 }
 
 impl Pipeline {
-    pub fn new(shards_dir: PathBuf, threads: i32, lie: f32) -> Arc<Pipeline> {
+    pub fn new(shards_dir: PathBuf, threads: i32, pin_threads: bool, lie: f32) -> Arc<Pipeline> {
         if lie != 0.0 {
             tracing::warn!("--test-lie {lie}: this node corrupts every output it computes");
         }
         Arc::new(Pipeline {
             shards_dir,
             threads,
+            pin_threads,
             lie,
             loaded: tokio::sync::Mutex::new(None),
             generations: std::sync::atomic::AtomicU64::new(0),
@@ -134,16 +137,21 @@ impl Pipeline {
         let threads = self.threads;
         // The coordinator's sequences, and one more kept for its probes.
         let sequences = route.parallel + 1;
-        let offset = route.stage as usize * threads.max(1) as usize;
-        let stage = tokio::task::spawn_blocking(move || {
-            let mut stage = Stage::load_for(&path, is_last, MAX_CONTEXT, threads, sequences)?;
-            let cpus = llm::placement::cpus_for(
+        // Stage S's team starts S teams along, so co-located stages on a machine with cores
+        // enough for all of them get cores of their own.
+        let pin = self.pin_threads.then(|| {
+            let offset = route.stage as usize * threads.max(1) as usize;
+            llm::placement::cpus_for(
                 &llm::placement::allowed_cpus(),
                 threads.max(1) as usize,
                 offset,
-            );
-            if cpus.len() > 1 {
+            )
+        });
+        let stage = tokio::task::spawn_blocking(move || {
+            let mut stage = Stage::load_for(&path, is_last, MAX_CONTEXT, threads, sequences)?;
+            if let Some(cpus) = pin.filter(|cpus| cpus.len() > 1) {
                 stage.pin_threads(&cpus)?;
+                tracing::info!("decode threads pinned to CPUs {cpus:?}");
             }
             Ok::<_, Error>(stage)
         })

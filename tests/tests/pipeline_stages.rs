@@ -205,3 +205,66 @@ fn sequences_batched_together_give_each_the_tokens_it_gets_alone() {
         );
     }
 }
+
+/// Threads of this process whose affinity is exactly `cpus` (from /proc/self/task).
+fn threads_pinned_to(cpus: &[usize]) -> usize {
+    let wanted = cpus
+        .iter()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("status")).ok())
+        .filter(|status| {
+            status
+                .lines()
+                .any(|l| l.strip_prefix("Cpus_allowed_list:").map(str::trim) == Some(&wanted))
+        })
+        .count()
+}
+
+#[test]
+fn pinned_stages_run_each_decode_thread_on_its_own_core_and_give_the_same_tokens() {
+    let _one = tests::swarm_lock();
+    let allowed = llm::placement::allowed_cpus();
+    assert!(
+        allowed.len() >= 2,
+        "this test needs 2 CPUs, has {allowed:?}"
+    );
+    let cpus = llm::placement::cpus_for(&allowed, 2, 0);
+    let dir = tests::real_shards(2);
+    let load = |k: usize| {
+        let file = dir.path().join(torrents::split::shard_file_name(k, "gguf"));
+        Stage::load(&file, k == 1, 512, 2).unwrap()
+    };
+    let prompt: Vec<i32> = vec![1, 504, 3575, 282, 4649, 314];
+    let mut free = vec![load(0), load(1)];
+    let unpinned = pipeline_greedy(&mut free, &prompt, 12, &[]);
+    drop(free);
+
+    let mut pinned = vec![load(0), load(1)];
+    for stage in pinned.iter_mut() {
+        stage.pin_threads(&cpus).unwrap();
+    }
+    let before = threads_pinned_to(&cpus[1..]);
+    let got = pipeline_greedy(&mut pinned, &prompt, 12, &[]);
+    assert_eq!(got.tokens, unpinned.tokens, "pinning changed the tokens");
+    assert_eq!(got.first_logits, unpinned.first_logits);
+    // ggml pinned this (the decoding) thread to the team's first CPU, and an OpenMP worker to
+    // the second.
+    assert_eq!(llm::placement::current_thread_cpus(), cpus[..1]);
+    assert!(
+        threads_pinned_to(&cpus[1..]) > before,
+        "no OpenMP worker was pinned to CPU {}",
+        cpus[1]
+    );
+    // A decode on one thread has no team: the thread may run anywhere again.
+    for stage in pinned.iter_mut() {
+        stage.clear();
+        stage.set_threads(1);
+    }
+    let one = pipeline_greedy(&mut pinned, &prompt, 4, &[]);
+    assert_eq!(llm::placement::current_thread_cpus(), allowed);
+    assert_eq!(one.tokens, unpinned.tokens[..one.tokens.len()]);
+}
