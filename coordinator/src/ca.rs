@@ -143,8 +143,7 @@ impl SwarmCa {
 
     /// A node's data-channel TLS: a certificate for the host of its data address.
     pub fn node_tls(&self, data_addr: &str) -> Result<protocol::NodeTls> {
-        let host = data_addr.rsplit_once(':').map_or(data_addr, |(h, _)| h);
-        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let host = protocol::host_of(data_addr);
         let (cert_pem, key_pem) = self.certificate_for(vec![host.to_owned()])?;
         Ok(protocol::NodeTls {
             ca_pem: self.cert_pem.clone(),

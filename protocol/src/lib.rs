@@ -132,6 +132,19 @@ impl DecodeError {
     }
 }
 
+/// The host of an address as nodes give it (`HOST:PORT`, `[IPv6]:PORT`, `[IPv6]`, a bare host
+/// or IPv6 address), without port or brackets: what a certificate names, what TLS checks, and
+/// what tells whether two stages share a machine.
+pub fn host_of(addr: &str) -> &str {
+    if let Some(rest) = addr.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match addr.rsplit_once(':') {
+        Some((host, _)) if !host.contains(':') => host,
+        _ => addr,
+    }
+}
+
 /// Now as RFC 3339 UTC.
 pub fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc()
@@ -394,6 +407,16 @@ impl From<Control> for Command {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_host_of_an_address_has_no_port_or_brackets() {
+        assert_eq!(host_of("10.0.0.7:51841"), "10.0.0.7");
+        assert_eq!(host_of("node-3.example.net:51841"), "node-3.example.net");
+        assert_eq!(host_of("node-3.example.net"), "node-3.example.net");
+        assert_eq!(host_of("[fd00::7]:51841"), "fd00::7");
+        assert_eq!(host_of("[fd00::7]"), "fd00::7");
+        assert_eq!(host_of("fd00::7"), "fd00::7");
+    }
 
     #[test]
     fn envelope_round_trips_with_seed_field_names() {

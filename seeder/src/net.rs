@@ -39,8 +39,7 @@ pub async fn public_url_ip(url: &str) -> Option<IpAddr> {
     if let Ok(sa) = authority.parse::<SocketAddr>() {
         return Some(sa.ip());
     }
-    let host = authority.trim_start_matches('[').split(']').next()?;
-    let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
+    let host = protocol::host_of(authority);
     if let Ok(ip) = host.parse() {
         return Some(ip);
     }

@@ -2,7 +2,9 @@
 //! and every shard is loaded somewhere; while ready, one node per shard forms the route, and
 //! it serves once every stage on it has acknowledged its `ROUTE`.
 
-use protocol::{Control, Message, Route, RouteParams, SwarmStateParams, BROADCAST, COORDINATOR};
+use protocol::{
+    host_of, Control, Message, Route, RouteParams, SwarmStateParams, BROADCAST, COORDINATOR,
+};
 
 use super::{Holding, NodeState, Outbox, RouteHop, Swarm};
 
@@ -225,9 +227,4 @@ pub fn machines_in(route: &[RouteHop]) -> usize {
     let hosts: std::collections::BTreeSet<&str> =
         route.iter().map(|h| host_of(&h.data_addr)).collect();
     hosts.len()
-}
-
-/// The host part of `host:port` (an IPv6 address keeps its brackets).
-fn host_of(addr: &str) -> &str {
-    addr.rsplit_once(':').map_or(addr, |(host, _)| host)
 }

@@ -90,8 +90,7 @@ impl Connection {
         let stream: Box<dyn DataStream> = match tls {
             None => Box::new(tcp),
             Some(config) => {
-                let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
-                let host = host.trim_start_matches('[').trim_end_matches(']');
+                let host = crate::host_of(addr);
                 let name = rustls::pki_types::ServerName::try_from(host.to_owned())
                     .map_err(|e| io(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
                 let connector = tokio_rustls::TlsConnector::from(config.clone());
