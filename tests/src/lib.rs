@@ -302,6 +302,23 @@ fn sha256_of(path: &Path) -> String {
     torrents::hashing::sha256_file(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
+/// `program args --print-config` with `env`, expecting success: the settings it prints.
+pub fn print_config(program: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> String {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .arg("--print-config")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{} {args:?}: {}",
+        program.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// GET a JSON document.
 pub fn get_json(url: &str) -> serde_json::Value {
     reqwest::blocking::get(url)

@@ -5,24 +5,7 @@
 
 use std::process::Command;
 
-use tests::{bin, get_json, Proc};
-
-/// Run `program args` with `env`, expecting success: its stdout.
-fn print_config(program: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> String {
-    let out = Command::new(program)
-        .args(args)
-        .arg("--print-config")
-        .envs(env.iter().copied())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{} {args:?}: {}",
-        program.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
+use tests::{bin, get_json, print_config, Proc};
 
 fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> String {
     let path = dir.path().join(name);
