@@ -30,14 +30,14 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use protocol::data::io::{Connection, FrameWriter};
+use protocol::data::io::{Connection, FrameReader, FrameWriter};
 use protocol::data::{Frame, Hello};
 use tokio::sync::{mpsc, watch};
 
 pub use stats::ServingStats;
 
 use crate::hub::InLine;
-use crate::infer::{Event, Generation, Request, Vocab};
+use crate::infer::{random_u64, Event, Generation, Request, Vocab};
 use crate::swarm::{machines_in, RouteHop};
 
 /// The most prompt rows one step carries: a long prompt goes in over several steps while the
@@ -157,6 +157,9 @@ struct Lane {
     /// The machines its stages run on: the default number of micro-batches in flight.
     machines: usize,
     writer: FrameWriter,
+    /// Kept open while the lane lives: the last stage drops the answer lane when it closes.
+    _answer_writer: Option<FrameWriter>,
+    /// Frames from stage 0 (errors coming up the chain) and from the answer lane.
     answers: mpsc::UnboundedReceiver<Result<Frame, String>>,
 }
 
@@ -328,49 +331,42 @@ impl State {
             self.fail_all("the swarm is not ready");
             return;
         };
-        let Some(first) = route.first() else {
+        let (Some(first), Some(last)) = (route.first(), route.last()) else {
             return;
         };
-        let hello = Hello::new(&self.settings.model_sha256, &self.settings.split_id, 0);
-        let opened = match tokio::time::timeout(
-            CONNECT_WAIT,
-            Connection::open(
-                &first.data_addr,
-                hello,
-                &first.key,
-                self.settings.tls.as_ref(),
-            ),
-        )
-        .await
-        {
-            Ok(opened) => opened.map_err(|e| e.to_string()),
-            Err(_) => Err(format!(
-                "{}: no answer within {CONNECT_WAIT:?}",
-                first.data_addr
-            )),
-        };
-        match opened {
+        let (model, split) = (&self.settings.model_sha256, &self.settings.split_id);
+        let lane_id = format!("{:016x}{:016x}", random_u64(), random_u64());
+        let (tx, answers) = mpsc::unbounded_channel();
+        // The answer lane first, so the last stage knows where the lane's answers go before
+        // the lane's first step reaches it. A one-stage route answers on the lane itself.
+        let mut answer_writer = None;
+        if route.len() > 1 {
+            let stage = route.len() - 1;
+            let hello = Hello::answers(model, split, stage as u32, &lane_id);
+            match open(last, hello, self.settings.tls.as_ref()).await {
+                Ok(conn) => {
+                    let (reader, writer) = conn.into_split();
+                    forward_answers(reader, tx.clone(), format!("stage {stage}"));
+                    answer_writer = Some(writer);
+                }
+                Err(e) => {
+                    self.reset(&format!("stage {stage}: {e}"));
+                    self.failure = Some((Instant::now(), Some(route), e));
+                    return;
+                }
+            }
+        }
+        let hello = Hello::new(model, split, 0).on_lane(&lane_id);
+        match open(first, hello, self.settings.tls.as_ref()).await {
             Ok(conn) => {
-                let (mut reader, writer) = conn.into_split();
-                let (tx, answers) = mpsc::unbounded_channel();
-                tokio::spawn(async move {
-                    loop {
-                        let next = match reader.receive_or_end().await {
-                            Ok(Some(frame)) => Ok(frame),
-                            Ok(None) => Err("stage 0 closed the connection".to_owned()),
-                            Err(e) => Err(e.to_string()),
-                        };
-                        let end = next.is_err();
-                        if tx.send(next).is_err() || end {
-                            return;
-                        }
-                    }
-                });
+                let (reader, writer) = conn.into_split();
+                forward_answers(reader, tx, "stage 0".into());
                 tracing::info!("serving through {}", describe(&route));
                 self.lane = Some(Lane {
                     machines: machines_in(&route).max(1),
                     route,
                     writer,
+                    _answer_writer: answer_writer,
                     answers,
                 });
                 self.failure = None;
@@ -553,6 +549,43 @@ impl State {
         let mut stats = self.stats.lock().unwrap();
         stats.running = self.running();
         stats.waiting = self.waiting.len();
+    }
+}
+
+/// Hand the frames `reader` gets to the engine, then one error when it ends (`who` closed it).
+fn forward_answers(
+    mut reader: FrameReader,
+    tx: mpsc::UnboundedSender<Result<Frame, String>>,
+    who: String,
+) {
+    tokio::spawn(async move {
+        loop {
+            let next = match reader.receive_or_end().await {
+                Ok(Some(frame)) => Ok(frame),
+                Ok(None) => Err(format!("{who} closed the connection")),
+                Err(e) => Err(format!("{who}: {e}")),
+            };
+            let end = next.is_err();
+            if tx.send(next).is_err() || end {
+                return;
+            }
+        }
+    });
+}
+
+/// Open a data connection to `hop` with `hello`, waiting at most [`CONNECT_WAIT`].
+async fn open(
+    hop: &RouteHop,
+    hello: Hello,
+    tls: Option<&protocol::data::io::ClientTls>,
+) -> Result<Connection, String> {
+    let opening = Connection::open(&hop.data_addr, hello, &hop.key, tls);
+    match tokio::time::timeout(CONNECT_WAIT, opening).await {
+        Ok(opened) => opened.map_err(|e| e.to_string()),
+        Err(_) => Err(format!(
+            "{}: no answer within {CONNECT_WAIT:?}",
+            hop.data_addr
+        )),
     }
 }
 

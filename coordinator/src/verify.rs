@@ -401,6 +401,7 @@ async fn probe(
         conn.send(&Frame::Step {
             step: 1,
             in_flight: 1,
+            busy_us: Vec::new(),
             groups: vec![Group {
                 seq: parallel, // the sequence stages keep for probes
                 pos0: 0,

@@ -22,6 +22,9 @@ pub struct NodeMetrics {
     pub fetched: Family<Labels, Gauge>,
     /// The stage this node runs (-1: none).
     pub stage: Gauge,
+    /// Steps this (last) stage answered, by the way the answer went: `coordinator` (straight
+    /// back, on the coordinator's answer lane) or `chain` (up the lanes, stage by stage).
+    pub answers: Family<Labels, Counter>,
     registry: Registry,
 }
 
@@ -50,11 +53,21 @@ impl Default for NodeMetrics {
             "The stage this node runs (-1: none)",
             stage.clone(),
         );
+        let answers = Family::<Labels, Counter>::default();
+        for way in ["coordinator", "chain"] {
+            let _ = answers.get_or_create(&vec![("way", way.to_owned())]);
+        }
+        r.register(
+            "answers",
+            "Steps this last stage answered, by the way the answer went",
+            answers.clone(),
+        );
         NodeMetrics {
             stage_compute,
             rows,
             fetched,
             stage,
+            answers,
             registry: r,
         }
     }
@@ -69,6 +82,13 @@ impl NodeMetrics {
                 .get_or_create(&labels)
                 .set(i64::try_from(bytes).unwrap_or(i64::MAX));
         }
+    }
+
+    /// Count an answer that went `way` (`coordinator` or `chain`).
+    pub fn answered(&self, way: &'static str) {
+        self.answers
+            .get_or_create(&vec![("way", way.to_owned())])
+            .inc();
     }
 
     /// The OpenMetrics text of everything.

@@ -5,15 +5,17 @@
 //! `Step`s down it one after another without waiting; this node opens its own lane to the
 //! next stage when the caller's arrives. Each step runs this stage's layers for every
 //! sequence in it (one `llama_decode` per 512 rows), then goes on to the next stage as hidden
-//! states; the last stage samples each sequence's token. Answers (`Sampled`) come back up the
-//! lanes in step order, each stage adding its compute time as the answer passes.
+//! states, carrying each stage's compute time; the last stage samples each sequence's token
+//! and sends the answers (`Sampled`, in step order) straight to the coordinator on the answer
+//! lane the coordinator opened to it (the lane id in both `Hello`s matches them), so a token
+//! crosses one hop back, not one per stage. Errors go back up the lanes.
 //!
 //! Threads: a step says how many steps were in the pipeline when it was sent, and `ROUTE` how
 //! many of the route's stages share this machine; a stage that works alone takes every thread
 //! (`--threads`), stages that work at once on one machine share its cores ([`threads_for`]).
 //!
 //! Tasks, per lane: one reading the caller's steps, one writing to the caller, one writing to
-//! the next stage and one relaying its answers up. One worker per node runs the steps of
+//! the next stage and one relaying its errors up. One worker per node runs the steps of
 //! every lane in arrival order (the node's llama.cpp context is one), so while the next
 //! stage decodes step A this one decodes step B. No lock is held across a network exchange:
 //! tasks hand frames to each other through channels.
@@ -32,15 +34,17 @@ use std::time::Instant;
 
 use llm::sample::sample;
 use llm::stage::{RowsOutput, Stage};
-use protocol::data::io::{Connection, FrameReader, FrameWriter};
-use protocol::data::{Frame, Group, Hello, Payload, MAX_CONTEXT};
+use protocol::data::io::Connection;
+use protocol::data::{Frame, Group, Payload, MAX_CONTEXT};
 use protocol::RouteParams;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
 use crate::{Error, Result};
 
+mod hops;
 mod rows;
+use hops::{admit, open_next, relay, write_all};
 use rows::{corrupt, rows_of, threads_for};
 
 /// The loaded stage.
@@ -65,6 +69,9 @@ pub struct Pipeline {
     /// The data channel's TLS, from the coordinator (none in a plain swarm): what callers
     /// must speak to this node, and what it speaks to the next stage.
     tls: std::sync::RwLock<Option<DataTls>>,
+    /// The coordinator's answer lanes to this (last) stage, by lane id: where the `Sampled`
+    /// answers of the chain lane with that id go.
+    answer_lanes: Mutex<HashMap<String, mpsc::UnboundedSender<Frame>>>,
     /// What `--metrics-listen` shows.
     pub metrics: Arc<crate::metrics::NodeMetrics>,
 }
@@ -89,6 +96,7 @@ impl Pipeline {
             loaded: tokio::sync::Mutex::new(None),
             generations: std::sync::atomic::AtomicU64::new(0),
             tls: std::sync::RwLock::new(None),
+            answer_lanes: Mutex::new(HashMap::new()),
             metrics: Default::default(),
         })
     }
@@ -186,9 +194,9 @@ struct Lane {
     up: mpsc::UnboundedSender<Frame>,
     /// Frames for the next stage (none on the last stage).
     down: Option<mpsc::UnboundedSender<Frame>>,
-    /// This stage's compute time per step still on its way down, added to the step's answer
-    /// when it comes back.
-    busy: Arc<Mutex<HashMap<u64, u32>>>,
+    /// Where a last stage sends its answers: the lane's answer lane to the coordinator (none
+    /// on a one-stage route: then to the caller, which is the coordinator).
+    answers: Option<mpsc::UnboundedSender<Frame>>,
 }
 
 /// A step waiting for the worker.
@@ -196,6 +204,8 @@ struct Work {
     lane: Arc<Lane>,
     step: u64,
     in_flight: u32,
+    /// The stages before this one's compute times for the step.
+    busy_us: Vec<u32>,
     groups: Vec<Group>,
     payload: Payload,
 }
@@ -269,8 +279,8 @@ async fn connection(
     };
     let admitted = tokio::time::timeout(HANDSHAKE_TIME, handshake_all).await;
     drop(handshake);
-    let (conn, probe, (route, generation)) = match (admitted, current) {
-        (Ok(Ok((conn, hello))), Some(current)) => (conn, hello.probe, current),
+    let (conn, hello, (route, generation)) = match (admitted, current) {
+        (Ok(Ok((conn, hello))), Some(current)) => (conn, hello, current),
         (Ok(Err(e)), _) => {
             tracing::info!("data connection from {peer} refused: {e}");
             return;
@@ -281,19 +291,29 @@ async fn connection(
         }
         (Ok(Ok(_)), None) => return, // admit refuses without a route
     };
+    let probe = hello.probe;
     let (mut steps, to_caller) = conn.into_split();
     let (up, up_queue) = mpsc::unbounded_channel();
     tokio::spawn(write_all(to_caller, up_queue));
-    let busy = Arc::new(Mutex::new(HashMap::new()));
+    if hello.answers {
+        return hops::answer_lane(&pipeline.answer_lanes, &route, hello.lane, steps, up).await;
+    }
+    let answers = match &route.next {
+        None if !probe && !hello.lane.is_empty() => {
+            let lanes = pipeline.answer_lanes.lock().unwrap();
+            lanes.get(&hello.lane).cloned()
+        }
+        _ => None,
+    };
     let down = match &route.next {
         _ if probe => None,
         None => None,
-        Some(next) => match open_next(&route, next, pipeline.client_tls()).await {
+        Some(next) => match open_next(&route, next, pipeline.client_tls(), &hello.lane).await {
             Ok(conn) => {
                 let (answers, to_next) = conn.into_split();
                 let (down, down_queue) = mpsc::unbounded_channel();
                 tokio::spawn(write_all(to_next, down_queue));
-                tokio::spawn(relay(answers, up.clone(), busy.clone(), route.stage + 1));
+                tokio::spawn(relay(answers, up.clone(), route.stage + 1));
                 Some(down)
             }
             Err(e) => {
@@ -307,15 +327,16 @@ async fn connection(
         route,
         generation,
         probe,
+        answers,
         up,
         down,
-        busy,
     });
     loop {
         match steps.receive_or_end().await {
             Ok(Some(Frame::Step {
                 step,
                 in_flight,
+                busy_us,
                 groups,
                 payload,
             })) => {
@@ -323,6 +344,7 @@ async fn connection(
                     lane: lane.clone(),
                     step,
                     in_flight,
+                    busy_us,
                     groups,
                     payload,
                 };
@@ -341,104 +363,6 @@ async fn connection(
                 let _ = lane.up.send(Frame::Error(e.to_string()));
                 return;
             }
-        }
-    }
-}
-
-/// A caller may talk to this node only about the stage, split and model it runs, and must
-/// then prove the route's key for this hop: the key is what `admit` gives back.
-fn admit(route: Option<&RouteParams>, hello: &Hello) -> Result<String, String> {
-    let Some(route) = route else {
-        return Err("this node has no route yet".into());
-    };
-    let ours = (
-        route.model_sha256.as_str(),
-        route.split_id.as_str(),
-        route.stage,
-    );
-    if (
-        hello.model_sha256.as_str(),
-        hello.split_id.as_str(),
-        hello.stage,
-    ) != ours
-    {
-        return Err(format!(
-            "refused: this node runs stage {} of split {}, not stage {} of split {}",
-            route.stage, route.split_id, hello.stage, hello.split_id
-        ));
-    }
-    let key = if hello.probe {
-        &route.probe_key
-    } else {
-        &route.key
-    };
-    if key.is_empty() {
-        return Err(if hello.probe {
-            "refused: the coordinator gave this node no probe key".into()
-        } else {
-            "refused: this node holds its stage as a replica, off the route".into()
-        });
-    }
-    Ok(key.clone())
-}
-
-/// Open this lane's connection to the next stage (over TLS in a TLS swarm).
-async fn open_next(
-    route: &RouteParams,
-    next: &str,
-    tls: Option<protocol::data::io::ClientTls>,
-) -> Result<Connection> {
-    let hello = Hello::new(&route.model_sha256, &route.split_id, route.stage + 1);
-    let key = route.next_key.as_deref().unwrap_or_default();
-    Connection::open(next, hello, key, tls.as_ref())
-        .await
-        .map_err(|e| Error::Pipeline(format!("stage {}: {e}", route.stage + 1)))
-}
-
-/// Write the frames handed to `queue` until every sender is gone (which closes the
-/// connection's writing side) or the peer stops reading.
-async fn write_all(mut to: FrameWriter, mut queue: mpsc::UnboundedReceiver<Frame>) {
-    while let Some(frame) = queue.recv().await {
-        if let Err(e) = to.send(&frame).await {
-            tracing::debug!("data channel: {e}");
-            return;
-        }
-    }
-}
-
-/// Pass the next stage's answers up to the caller, each with this stage's compute time for
-/// the step in front of the stages' after it.
-async fn relay(
-    mut answers: FrameReader,
-    up: mpsc::UnboundedSender<Frame>,
-    busy: Arc<Mutex<HashMap<u64, u32>>>,
-    next_stage: u32,
-) {
-    loop {
-        let frame = match answers.receive_or_end().await {
-            Ok(Some(Frame::Sampled {
-                step,
-                tokens,
-                busy_us,
-            })) => {
-                let ours = busy.lock().unwrap().remove(&step).unwrap_or(0);
-                let mut all = Vec::with_capacity(busy_us.len() + 1);
-                all.push(ours);
-                all.extend(busy_us);
-                Frame::Sampled {
-                    step,
-                    tokens,
-                    busy_us: all,
-                }
-            }
-            Ok(Some(Frame::Error(e))) => Frame::Error(e),
-            Ok(Some(other)) => Frame::Error(format!("stage {next_stage} answered {other:?}")),
-            Ok(None) => Frame::Error(format!("stage {next_stage} closed the connection")),
-            Err(e) => Frame::Error(format!("stage {next_stage}: {e}")),
-        };
-        let failed = matches!(frame, Frame::Error(_));
-        if up.send(frame).is_err() || failed {
-            return;
         }
     }
 }
@@ -479,11 +403,13 @@ impl DecodeThread {
 /// Run every lane's steps, one at a time, in the order they came.
 async fn worker(mut queue: mpsc::UnboundedReceiver<Work>, pipeline: Arc<Pipeline>) {
     let decoder = DecodeThread::start();
-    while let Some(w) = queue.recv().await {
+    while let Some(mut w) = queue.recv().await {
         let (lane, step, in_flight) = (w.lane.clone(), w.step, w.in_flight);
+        let mut stages_busy_us = std::mem::take(&mut w.busy_us);
         let started = Instant::now();
         let result = run_step(&pipeline, &decoder, w).await;
         let busy_us = u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX);
+        stages_busy_us.push(busy_us);
         if let Ok((groups, _)) = &result {
             let metrics = &pipeline.metrics;
             metrics.stage_compute.observe(f64::from(busy_us) / 1e6);
@@ -513,10 +439,10 @@ async fn worker(mut queue: mpsc::UnboundedReceiver<Work>, pipeline: Arc<Pipeline
                 };
                 let rows: usize = groups.iter().map(|g| g.rows as usize).sum();
                 let n_embd = (data.len() / rows.max(1)) as u32;
-                lane.busy.lock().unwrap().insert(step, busy_us);
                 let next = Frame::Step {
                     step,
                     in_flight,
+                    busy_us: stages_busy_us,
                     groups,
                     payload: Payload::Hidden { n_embd, data },
                 };
@@ -524,7 +450,15 @@ async fn worker(mut queue: mpsc::UnboundedReceiver<Work>, pipeline: Arc<Pipeline
                 let _ = down.send(next);
                 continue;
             }
-            Ok((groups, RowsOutput::Logits(logits))) => sampled(step, &groups, &logits, busy_us),
+            Ok((groups, RowsOutput::Logits(logits))) => {
+                let (to, way) = match &lane.answers {
+                    Some(coordinator) => (coordinator, "coordinator"),
+                    None => (&lane.up, "chain"),
+                };
+                pipeline.metrics.answered(way);
+                let _ = to.send(sampled(step, &groups, &logits, stages_busy_us));
+                continue;
+            }
             Err(e) => Frame::Error(format!("stage {}: {e:#}", lane.route.stage)),
         };
         let _ = lane.up.send(frame);
@@ -533,7 +467,7 @@ async fn worker(mut queue: mpsc::UnboundedReceiver<Work>, pipeline: Arc<Pipeline
 
 /// The last stage's answer: each group that asked for a token gets one, sampled with its own
 /// parameters at its last row's position.
-fn sampled(step: u64, groups: &[Group], logits: &[(i32, Vec<f32>)], busy_us: u32) -> Frame {
+fn sampled(step: u64, groups: &[Group], logits: &[(i32, Vec<f32>)], busy_us: Vec<u32>) -> Frame {
     let tokens = groups
         .iter()
         .filter(|g| g.sample)
@@ -546,7 +480,7 @@ fn sampled(step: u64, groups: &[Group], logits: &[(i32, Vec<f32>)], busy_us: u32
     Frame::Sampled {
         step,
         tokens,
-        busy_us: vec![busy_us],
+        busy_us,
     }
 }
 

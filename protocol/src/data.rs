@@ -5,8 +5,10 @@
 //! little-endian. A connection starts with `Hello` (model sha256, split id, the stage the
 //! sender expects to reach), answered `Ready` or `Error`: a node never runs a stage for
 //! another split or another stage index. Then `Step`s flow down the chain, one after another
-//! without waiting, and their `Sampled` answers flow back up in the same order: each hop is
-//! one connection carrying every sequence.
+//! without waiting, each hop one connection carrying every sequence. The last stage answers
+//! each step with one `Sampled`, in step order, straight to the coordinator on the *answer
+//! lane* the coordinator opened to it (matched by the lane id both `Hello`s carry), so a token
+//! crosses one hop back rather than one per stage; errors flow back up the chain.
 
 use serde::{Deserialize, Serialize};
 
@@ -42,6 +44,14 @@ pub struct Hello {
     /// the sequence kept for probes. Proved with the node's probe key, not a hop key.
     #[serde(default)]
     pub probe: bool,
+    /// The coordinator's lane this connection belongs to (random, passed down the chain):
+    /// the last stage sends the lane's answers to the answer lane with the same id.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub lane: String,
+    /// This connection is the answer lane `lane` to the last stage: it carries the lane's
+    /// `Sampled` answers back to the coordinator and nothing the other way.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub answers: bool,
 }
 
 /// Frames a peer may send before it has proved the route key: enough for a `Hello`, far
@@ -105,12 +115,15 @@ pub enum Frame {
         /// stages work at once, which tells stages that share a machine how many threads to
         /// take.
         in_flight: u32,
+        /// Each stage's compute time for this step so far, in microseconds (stage 0 first;
+        /// each stage adds its own before passing the step on).
+        busy_us: Vec<u32>,
         groups: Vec<Group>,
         payload: Payload,
     },
     /// The last stage's answer to a step: a token for each group that asked for one, and each
-    /// stage's compute time for the step in microseconds (stage 0 first; each stage adds its
-    /// own as the answer passes it).
+    /// stage's compute time for the step in microseconds (stage 0 first, the last stage's
+    /// own last).
     Sampled {
         step: u64,
         tokens: Vec<(u32, i32)>,
@@ -245,6 +258,11 @@ impl Reader<'_> {
         }
         Ok(n)
     }
+    /// A count of stages, then each one's compute time.
+    fn busy_us(&mut self) -> Result<Vec<u32>, FrameError> {
+        let n = self.count("stage count")?;
+        (0..n).map(|_| self.u32("busy")).collect()
+    }
     fn end(&self) -> Result<(), FrameError> {
         if self.0.is_empty() {
             Ok(())
@@ -290,12 +308,15 @@ impl Frame {
             Frame::Step {
                 step,
                 in_flight,
+                busy_us,
                 groups,
                 payload,
             } => {
                 out.push(6);
                 out.extend(step.to_le_bytes());
                 out.extend(in_flight.to_le_bytes());
+                out.extend((busy_us.len() as u32).to_le_bytes());
+                busy_us.iter().for_each(|b| out.extend(b.to_le_bytes()));
                 out.extend((groups.len() as u32).to_le_bytes());
                 for g in groups {
                     out.extend(g.seq.to_le_bytes());
@@ -356,6 +377,7 @@ impl Frame {
             6 => {
                 let step = r.u64("step")?;
                 let in_flight = r.u32("in flight")?;
+                let busy_us = r.busy_us()?;
                 let n = r.count("group count")?;
                 let mut groups = Vec::with_capacity(n);
                 for _ in 0..n {
@@ -382,6 +404,7 @@ impl Frame {
                 Frame::Step {
                     step,
                     in_flight,
+                    busy_us,
                     groups,
                     payload,
                 }
@@ -393,11 +416,7 @@ impl Frame {
                 for _ in 0..n {
                     tokens.push((r.u32("seq")?, r.i32("token")?));
                 }
-                let n = r.count("stage count")?;
-                let mut busy_us = Vec::with_capacity(n);
-                for _ in 0..n {
-                    busy_us.push(r.u32("busy")?);
-                }
+                let busy_us = r.busy_us()?;
                 Frame::Sampled {
                     step,
                     tokens,
@@ -450,6 +469,7 @@ mod tests {
         let hidden_step = Frame::Step {
             step: 4,
             in_flight: 2,
+            busy_us: vec![1500, 20],
             groups: vec![group(0, 3, 1), group(2, 0, 1)],
             payload: Payload::Hidden {
                 n_embd: 2,
@@ -463,6 +483,17 @@ mod tests {
                 stage: 2,
                 nonce: "ab".into(),
                 probe: true,
+                lane: String::new(),
+                answers: false,
+            }),
+            Frame::Hello(Hello {
+                model_sha256: "m".into(),
+                split_id: "s".into(),
+                stage: 3,
+                nonce: "cd".into(),
+                probe: false,
+                lane: "0f1e".into(),
+                answers: true,
             }),
             Frame::Output {
                 step: 5,
@@ -478,6 +509,7 @@ mod tests {
             Frame::Step {
                 step: 1,
                 in_flight: 1,
+                busy_us: vec![],
                 groups: vec![group(1, 3, 3)],
                 payload: Payload::Tokens(vec![1, -2, 3]),
             },
@@ -498,6 +530,7 @@ mod tests {
         let lying = Frame::Step {
             step: 1,
             in_flight: 1,
+            busy_us: vec![],
             groups: vec![group(0, 0, 4)],
             payload: Payload::Tokens(vec![1, 2, 3]),
         };

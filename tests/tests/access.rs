@@ -137,6 +137,8 @@ fn a_public_coordinator_makes_keeps_and_requires_a_token_and_an_api_key() {
             stage: 0,
             nonce: "00".into(),
             probe: false,
+            lane: String::new(),
+            answers: false,
         })
         .encode();
         s.write_all(&(hello.len() as u32).to_le_bytes()).unwrap();

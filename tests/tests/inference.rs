@@ -165,6 +165,8 @@ fn four_stage_swarm_matches_the_whole_model_streams_and_serves_the_openai_client
             stage,
             nonce: "00".into(),
             probe: false,
+            lane: String::new(),
+            answers: false,
         })
     };
     let mut s = data_connect(stage0);

@@ -178,6 +178,15 @@ fn coordinator_and_node_metrics_count_the_served_requests() {
         );
         assert!(value(&m, "shardswarm_node_rows_total", &[]) >= 2.0 * f64::from(max_tokens));
         assert!(value(&m, "shardswarm_node_fetched_bytes", &[]) > 0.0);
+        // The last stage answers every step straight to the coordinator, on its answer lane;
+        // nothing comes back up the chain, and other stages answer nothing.
+        let answers = |way| value(&m, "shardswarm_node_answers_total", &[("way", way)]);
+        if stages.last() == Some(&3) {
+            assert!(answers("coordinator") >= 2.0 * f64::from(max_tokens));
+        } else {
+            assert_eq!(answers("coordinator"), 0.0);
+        }
+        assert_eq!(answers("chain"), 0.0);
     }
     stages.sort();
     assert_eq!(stages, [0, 1, 2, 3]);

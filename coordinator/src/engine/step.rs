@@ -66,6 +66,7 @@ impl State {
         Some(Frame::Step {
             step,
             in_flight: self.steps.len() as u32,
+            busy_us: Vec::new(),
             groups,
             payload: Payload::Tokens(tokens),
         })

@@ -70,6 +70,8 @@ mod tests {
             stage: 1,
             nonce: "00ff".into(),
             probe: false,
+            lane: "a1".into(),
+            answers: false,
         };
         let n = [7u8; PROOF_LEN];
         let callee = callee_proof("k", &hello, &n);
@@ -87,6 +89,17 @@ mod tests {
             ..hello.clone()
         };
         assert!(!is_callee_proof("k", &other_stage, &n, &callee));
+        // Nor may a chain hop's proof open the lane's answer lane, or another lane.
+        let answers = Hello {
+            answers: true,
+            ..hello.clone()
+        };
+        assert!(!is_callee_proof("k", &answers, &n, &callee));
+        let other_lane = Hello {
+            lane: "a2".into(),
+            ..hello.clone()
+        };
+        assert!(!is_callee_proof("k", &other_lane, &n, &callee));
         assert!(is_caller_proof(
             "k",
             &hello,

@@ -41,6 +41,24 @@ impl Hello {
                 .map(|b| format!("{b:02x}"))
                 .collect(),
             probe: false,
+            lane: String::new(),
+            answers: false,
+        }
+    }
+
+    /// This greeting as part of the coordinator's lane `lane` (a chain hop passes it on).
+    pub fn on_lane(self, lane: &str) -> Hello {
+        Hello {
+            lane: lane.to_owned(),
+            ..self
+        }
+    }
+
+    /// A greeting for the answer lane `lane` to the last stage, `stage` ([`Hello::answers`]).
+    pub fn answers(model_sha256: &str, split_id: &str, stage: u32, lane: &str) -> Hello {
+        Hello {
+            answers: true,
+            ..Hello::new(model_sha256, split_id, stage).on_lane(lane)
         }
     }
 

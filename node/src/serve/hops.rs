@@ -1,0 +1,228 @@
+//! The hops of a lane: who may connect (admission), the connection to the next stage, the
+//! tasks that write frames and relay errors up, and the coordinator's answer lanes.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use protocol::data::io::{Connection, FrameReader, FrameWriter};
+use protocol::data::{Frame, Hello};
+use protocol::RouteParams;
+use tokio::sync::mpsc;
+
+use crate::{Error, Result};
+
+/// A caller may talk to this node only about the stage, split and model it runs, and must
+/// then prove the route's key for this hop: the key is what `admit` gives back.
+pub(super) fn admit(route: Option<&RouteParams>, hello: &Hello) -> Result<String, String> {
+    let Some(route) = route else {
+        return Err("this node has no route yet".into());
+    };
+    let ours = (
+        route.model_sha256.as_str(),
+        route.split_id.as_str(),
+        route.stage,
+    );
+    if (
+        hello.model_sha256.as_str(),
+        hello.split_id.as_str(),
+        hello.stage,
+    ) != ours
+    {
+        return Err(format!(
+            "refused: this node runs stage {} of split {}, not stage {} of split {}",
+            route.stage, route.split_id, hello.stage, hello.split_id
+        ));
+    }
+    if hello.answers && (hello.probe || hello.lane.is_empty() || route.next.is_some()) {
+        return Err(format!(
+            "refused: an answer lane goes to the last stage with a lane id, and this node runs \
+             stage {} of {}",
+            route.stage, route.stage_count
+        ));
+    }
+    let key = if hello.probe {
+        &route.probe_key
+    } else {
+        &route.key
+    };
+    if key.is_empty() {
+        return Err(if hello.probe {
+            "refused: the coordinator gave this node no probe key".into()
+        } else {
+            "refused: this node holds its stage as a replica, off the route".into()
+        });
+    }
+    Ok(key.clone())
+}
+
+/// Open this lane's connection to the next stage (over TLS in a TLS swarm).
+pub(super) async fn open_next(
+    route: &RouteParams,
+    next: &str,
+    tls: Option<protocol::data::io::ClientTls>,
+    lane: &str,
+) -> Result<Connection> {
+    let hello = Hello::new(&route.model_sha256, &route.split_id, route.stage + 1).on_lane(lane);
+    let key = route.next_key.as_deref().unwrap_or_default();
+    Connection::open(next, hello, key, tls.as_ref())
+        .await
+        .map_err(|e| Error::Pipeline(format!("stage {}: {e}", route.stage + 1)))
+}
+
+/// Write the frames handed to `queue` until every sender is gone (which closes the
+/// connection's writing side) or the peer stops reading.
+pub(super) async fn write_all(mut to: FrameWriter, mut queue: mpsc::UnboundedReceiver<Frame>) {
+    while let Some(frame) = queue.recv().await {
+        if let Err(e) = to.send(&frame).await {
+            tracing::debug!("data channel: {e}");
+            return;
+        }
+    }
+}
+
+/// Pass what the next stage sends back up to the caller: errors, or the answers of a last
+/// stage that has no answer lane.
+pub(super) async fn relay(
+    mut answers: FrameReader,
+    up: mpsc::UnboundedSender<Frame>,
+    next_stage: u32,
+) {
+    loop {
+        let frame = match answers.receive_or_end().await {
+            Ok(Some(frame @ (Frame::Sampled { .. } | Frame::Error(_)))) => frame,
+            Ok(Some(other)) => Frame::Error(format!("stage {next_stage} answered {other:?}")),
+            Ok(None) => Frame::Error(format!("stage {next_stage} closed the connection")),
+            Err(e) => Frame::Error(format!("stage {next_stage}: {e}")),
+        };
+        let failed = matches!(frame, Frame::Error(_));
+        if up.send(frame).is_err() || failed {
+            return;
+        }
+    }
+}
+
+/// Serve the coordinator's answer lane `lane` (admitted on a last stage): the `Sampled`
+/// answers of the chain lane with the same id go to `to_coordinator` until the coordinator
+/// closes it. The first answer lane of an id stands; the id is the coordinator's secret
+/// until its chain lane names it, after this lane is open.
+pub(super) async fn answer_lane(
+    lanes: &Mutex<HashMap<String, mpsc::UnboundedSender<Frame>>>,
+    route: &RouteParams,
+    lane: String,
+    mut from_coordinator: FrameReader,
+    to_coordinator: mpsc::UnboundedSender<Frame>,
+) {
+    {
+        let mut lanes = lanes.lock().unwrap();
+        if lanes.contains_key(&lane) {
+            let _ = to_coordinator.send(Frame::Error(format!(
+                "stage {}: lane {lane} has an answer lane already",
+                route.stage
+            )));
+            return;
+        }
+        lanes.insert(lane.clone(), to_coordinator.clone());
+    }
+    // Nothing is sent this way: any frame, or the end, closes the lane.
+    let why = match from_coordinator.receive_or_end().await {
+        Ok(Some(frame)) => Some(format!("unexpected {} on an answer lane", frame.kind())),
+        Ok(None) => None,
+        Err(e) => Some(e.to_string()),
+    };
+    if let Some(why) = why {
+        let _ = to_coordinator.send(Frame::Error(format!("stage {}: {why}", route.stage)));
+    }
+    let mut lanes = lanes.lock().unwrap();
+    if lanes
+        .get(&lane)
+        .is_some_and(|l| l.same_channel(&to_coordinator))
+    {
+        lanes.remove(&lane);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(stage: u32, next: Option<&str>) -> RouteParams {
+        RouteParams {
+            stage,
+            stage_count: 4,
+            next: next.map(str::to_owned),
+            model_sha256: "m".into(),
+            split_id: "s".into(),
+            parallel: 8,
+            co_located: 1,
+            key: "k".into(),
+            next_key: next.map(|_| "n".into()),
+            probe_key: "p".into(),
+        }
+    }
+
+    #[test]
+    fn answer_lanes_are_admitted_only_on_the_last_stage_with_a_lane_id() {
+        let last = route(3, None);
+        let middle = route(2, Some("127.0.0.1:9"));
+        let answers = Hello::answers("m", "s", 3, "lane-1");
+        assert_eq!(admit(Some(&last), &answers), Ok("k".into()));
+        let to_middle = Hello::answers("m", "s", 2, "lane-1");
+        assert!(admit(Some(&middle), &to_middle)
+            .unwrap_err()
+            .contains("answer lane"));
+        let without_id = Hello::answers("m", "s", 3, "");
+        assert!(admit(Some(&last), &without_id).is_err());
+        let probing = Hello {
+            probe: true,
+            ..Hello::answers("m", "s", 3, "lane-1")
+        };
+        assert!(admit(Some(&last), &probing).is_err());
+        // A chain hop names its lane and is admitted as before.
+        let chain = Hello::new("m", "s", 2).on_lane("lane-1");
+        assert_eq!(admit(Some(&middle), &chain), Ok("k".into()));
+    }
+
+    #[tokio::test]
+    async fn the_first_answer_lane_of_an_id_stands_and_leaves_when_it_closes() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let lanes = Mutex::new(HashMap::new());
+        let last = route(3, None);
+        // The coordinator's end of an answer lane, through the real handshake.
+        let accept = || async {
+            let hello = Hello::answers("m", "s", 3, "lane-1");
+            let open = Connection::open(&addr, hello, "k", None);
+            let take = async {
+                let (tcp, peer) = listener.accept().await.unwrap();
+                Connection::accept(Box::new(tcp), peer.to_string(), |h| admit(Some(&last), h))
+                    .await
+                    .unwrap()
+            };
+            let (near, (far, _)) = tokio::join!(open, take);
+            (near.unwrap(), far.into_split().0)
+        };
+        let (coordinator, reader) = accept().await;
+        let (first, mut first_out) = mpsc::unbounded_channel();
+        let serving = answer_lane(&lanes, &last, "lane-1".into(), reader, first.clone());
+        let check = async {
+            // Registered while the lane is open; a second lane of the same id is refused.
+            for _ in 0..100 {
+                if lanes.lock().unwrap().contains_key("lane-1") {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            assert!(lanes.lock().unwrap()["lane-1"].same_channel(&first));
+            let (_other, reader) = accept().await;
+            let (second, mut second_out) = mpsc::unbounded_channel();
+            answer_lane(&lanes, &last, "lane-1".into(), reader, second).await;
+            let refused = second_out.recv().await.unwrap();
+            assert!(matches!(refused, Frame::Error(e) if e.contains("already")));
+            assert!(lanes.lock().unwrap()["lane-1"].same_channel(&first));
+            drop(coordinator); // the coordinator closes its answer lane
+        };
+        tokio::join!(serving, check);
+        assert!(lanes.lock().unwrap().is_empty());
+        assert!(first_out.try_recv().is_err(), "a clean close is no error");
+    }
+}
