@@ -1,7 +1,8 @@
 //! Continuous batching through the pipeline.
 //!
 //! One task owns the serving: a persistent connection (a lane) to stage 0 of the current
-//! route, the stages' `--parallel` sequences (slots), and the requests running in them. Each
+//! route and its answer lane from the last stage (the tokens come back in one hop), the
+//! stages' `--parallel` sequences (slots), and the requests running in them. Each
 //! step is one decode row for every running sequence that is not already in the pipeline, plus
 //! chunks of new prompts (at most [`PREFILL_ROWS`] prompt rows a step, so running streams keep
 //! flowing while a long prompt goes in). A new request joins at the next step. The sequences

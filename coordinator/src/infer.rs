@@ -4,7 +4,7 @@
 //! no weights) of shard 0, which it fetches from the seeder's web seed and checks by sha256, and
 //! does the chat template, tokenizing, detokenizing, stop strings and usage counts. A request
 //! goes through the pipeline as token ids, batched with the others by [`crate::engine`]; the
-//! last stage samples each next token, which comes back up the chain.
+//! last stage samples each next token and sends it straight back on the lane's answer lane.
 
 use std::path::{Path, PathBuf};
 

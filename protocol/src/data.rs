@@ -108,7 +108,8 @@ pub enum Frame {
     Ready,
     /// One pipeline step: the groups' rows, in order, as one payload (tokens into stage 0,
     /// hidden states after it). Steps flow down the chain without waiting for answers; each
-    /// is answered by one `Sampled` (or an `Error`) coming back up.
+    /// is answered by one `Sampled` from the last stage (on the answer lane), or an `Error`
+    /// coming back up.
     Step {
         step: u64,
         /// Steps in the pipeline when this one was sent, itself included: at most that many
