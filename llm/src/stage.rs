@@ -223,10 +223,9 @@ impl Stage {
         let pinning = crate::placement::Pinning::new(cpus)?;
         // SAFETY: a valid context; the pool lives in self.pinning, dropped after llama_free.
         unsafe { pinning.attach(self.ctx.as_ptr()) };
+        let threads = self.threads.min(pinning.threads());
         self.pinning = Some(pinning);
-        let threads = self.threads;
-        self.threads = 0; // apply the clamp below
-        self.set_threads(threads);
+        self.apply_threads(threads);
         Ok(())
     }
 
@@ -239,10 +238,14 @@ impl Stage {
             if let Some(p) = &self.pinning {
                 p.before_decode(threads);
             }
-            // SAFETY: a valid context.
-            unsafe { sys::llama_set_n_threads(self.ctx.as_ptr(), threads, threads) };
-            self.threads = threads;
+            self.apply_threads(threads);
         }
+    }
+
+    fn apply_threads(&mut self, threads: i32) {
+        // SAFETY: a valid context.
+        unsafe { sys::llama_set_n_threads(self.ctx.as_ptr(), threads, threads) };
+        self.threads = threads;
     }
 
     /// Positions each sequence holds (its context).
