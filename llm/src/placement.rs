@@ -22,12 +22,10 @@ use crate::LlmError;
 /// when first asked (all online CPUs unless a launcher such as `taskset` or systemd's
 /// `CPUAffinity=` narrowed it). Read once, so a pinned thread asking later still gets the
 /// process's CPUs rather than its own.
-pub fn allowed_cpus() -> Vec<usize> {
+pub fn allowed_cpus() -> &'static [usize] {
     static ALLOWED: std::sync::OnceLock<Vec<usize>> = std::sync::OnceLock::new();
     // SAFETY: getpid has no preconditions; the main thread's id is the process id.
-    ALLOWED
-        .get_or_init(|| cpus_of(unsafe { libc::getpid() }))
-        .clone()
+    ALLOWED.get_or_init(|| cpus_of(unsafe { libc::getpid() }))
 }
 
 /// The CPUs the calling thread may run on now.
@@ -85,8 +83,6 @@ pub fn unpin_current_thread(cpus: &[usize]) {
 pub struct Pinning {
     pool: NonNull<sys::ggml_threadpool>,
     threads: i32,
-    /// The CPUs the process may use, for decodes on one thread.
-    allowed: Vec<usize>,
 }
 
 // SAFETY: the pool is only read by ggml during a compute of the context it is attached to,
@@ -113,11 +109,7 @@ impl Pinning {
             params.strict_cpu = true;
             let pool = NonNull::new(sys::ggml_threadpool_new(&mut params))
                 .ok_or_else(|| LlmError::Decode("ggml_threadpool_new failed".into()))?;
-            Ok(Pinning {
-                pool,
-                threads,
-                allowed: allowed_cpus(),
-            })
+            Ok(Pinning { pool, threads })
         }
     }
 
@@ -138,7 +130,7 @@ impl Pinning {
     /// Called before a decode on `threads` threads, on the decoding thread.
     pub(crate) fn before_decode(&self, threads: i32) {
         if threads <= 1 {
-            unpin_current_thread(&self.allowed);
+            unpin_current_thread(allowed_cpus());
         }
     }
 }

@@ -150,7 +150,7 @@ impl Pipeline {
         let pin = self.pin_threads.then(|| {
             let offset = route.stage as usize * threads.max(1) as usize;
             llm::placement::cpus_for(
-                &llm::placement::allowed_cpus(),
+                llm::placement::allowed_cpus(),
                 threads.max(1) as usize,
                 offset,
             )

@@ -232,7 +232,7 @@ fn pinned_stages_run_each_decode_thread_on_its_own_core_and_give_the_same_tokens
         allowed.len() >= 2,
         "this test needs 2 CPUs, has {allowed:?}"
     );
-    let cpus = llm::placement::cpus_for(&allowed, 2, 0);
+    let cpus = llm::placement::cpus_for(allowed, 2, 0);
     let dir = tests::real_shards(2);
     let load = |k: usize| {
         let file = dir.path().join(torrents::split::shard_file_name(k, "gguf"));
