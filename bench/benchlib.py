@@ -61,10 +61,11 @@ def url_opener(tls):
     return lambda *a, **k: urllib.request.urlopen(*a, context=context, **k)
 
 
-def start_local_swarm(repo, work, model, nodes=4, shards=4, coordinator_flags=(), threads=1, limit=300, tls=None):
+def start_local_swarm(repo, work, model, nodes=4, shards=4, coordinator_flags=(), threads=1, limit=300, tls=None,
+                      node_flags=()):
     """Split `model` into `shards`, start a seeder, a coordinator and `nodes` nodes on loopback
-    (their logs in `work`; each node with `threads` llama.cpp threads, or its default, every core,
-    for None), and wait until the coordinator serves. With `tls` (from `make_certificates`) the
+    (their logs in `work`; each node with `threads` llama.cpp threads, or its default, measured,
+    for None, and `node_flags`), and wait until the coordinator serves. With `tls` (from `make_certificates`) the
     coordinator serves HTTPS and wss://. Returns (coordinator address, processes): stop them
     with `stop`."""
     bin_dir = os.path.join(repo, "target", "release")
@@ -94,7 +95,7 @@ def start_local_swarm(repo, work, model, nodes=4, shards=4, coordinator_flags=()
             start([os.path.join(bin_dir, "node"), "--coordinator", f"{scheme}://{coord}",
                    *(["--ca", tls["ca"]] if tls else []), "--data-dir",
                    os.path.join(work, f"n{i}"), "--listen-addr", "127.0.0.1",
-                   *(["--threads", str(threads)] if threads else [])], f"n{i}.log")
+                   *(["--threads", str(threads)] if threads else []), *node_flags], f"n{i}.log")
         deadline = time.time() + limit
         while True:
             with url_opener(tls)(f"{scheme}://{coord}/status", timeout=10) as r:

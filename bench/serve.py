@@ -12,8 +12,13 @@ Tokens are counted as streamed chunks with text (both servers send one per token
 partial character). llama-server is built once from full llama.cpp sources by
 ../shared/tools/llama-server.sh (or give --llama-server PATH).
 
+Each node's decode-thread policy (measured when its stage loads, or fixed by --node-threads) is
+printed as the swarm comes up. With --policies, K=1 and K=8 run first under every policy (swarms
+with nodes fixed to one thread, a free team, a pinned team) and with the nodes' measured choice,
+so that a choice worse than the best fixed policy shows in the same run.
+
 usage: bench/serve.py [--runs 3] [--max-tokens 48] [--clients 1,2,4,8,16] [--micro-batches 0]
-                      [--node-threads 1] [--stages 4] [--skip-llama-server]
+                      [--node-threads 1] [--stages 4] [--skip-llama-server] [--policies]
 """
 import argparse
 import json
@@ -105,8 +110,7 @@ def start_llama_server(binary, model, k, work):
 
 
 def busy(addr):
-    with urllib.request.urlopen(f"http://{addr}/status", timeout=10) as r:
-        return json.load(r).get("batching", {}).get("stage_busy_seconds", [])
+    return status(addr).get("batching", {}).get("stage_busy_seconds", [])
 
 
 def cpu_seconds(pids):
@@ -141,6 +145,77 @@ def measure(addr, k, runs, max_tokens, pids, busy_of=None):
     return med(0), med(1), med(2), med(3), fractions, rows[0][5], med(6)
 
 
+POLICIES = {
+    # name: the nodes' flags (every core for the teams)
+    "measured": [],
+    "one": ["--threads", "1"],
+    "team": ["--threads", str(os.cpu_count()), "--pin-threads", "false"],
+    "team-pinned": ["--threads", str(os.cpu_count()), "--pin-threads", "true"],
+}
+
+
+def status(addr):
+    with urllib.request.urlopen(f"http://{addr}/status", timeout=10) as r:
+        return json.load(r)
+
+
+def decode_policies(addr):
+    """Each node's decode-thread policy from /status, in stage order: "stage S: POLICY (by)"."""
+    nodes = sorted(status(addr)["nodes"], key=lambda n: (n.get("stage") is None, n.get("stage") or 0))
+    out = []
+    for n in nodes:
+        d = n.get("decode") or {}
+        times = ", ".join(f"{p} {ms:.2f}" for p, ms in sorted(d.get("measured_ms", {}).items()))
+        out.append(f"stage {n.get('stage')}: {d.get('policy', '?')} x{d.get('threads', '?')} "
+                   f"({d.get('chosen_by', '?')}{'; ms/decode ' + times if times else ''})")
+    return out
+
+
+def run_pipeline(args, model, ks, node_flags, label):
+    """Start a swarm, measure every K, stop it: {K: measure(...)} and the nodes' policies."""
+    work = tempfile.mkdtemp(prefix="shardswarm-bench-serve.")
+    procs = []
+    results = {}
+    try:
+        coord, procs = start_local_swarm(REPO, work, model, nodes=args.stages, shards=args.stages,
+                                         threads=args.node_threads, node_flags=node_flags, coordinator_flags=[
+            "--parallel", str(max(ks)), "--micro-batches", str(args.micro_batches)])
+        policies = decode_policies(coord)
+        for line in policies:
+            print(f"{label:12s} {line}", flush=True)
+        round_of(coord, 2, 4)  # warm-up: contexts, connections
+        for k in ks:
+            results[k] = measure(coord, k, args.runs, args.max_tokens, [p.pid for p in procs], busy)
+            r = results[k]
+            print(f"{label:12s} K={k:2d}: {r[0]:6.1f} tok/s, TTFT {r[1]:6.0f} ms, inter-token p50 "
+                  f"{r[2]:5.1f} p99 {r[3]:6.1f} ms, CPU {r[6]:5.1f} ms/token, stage busy "
+                  + " ".join(f"{f:.2f}" for f in r[4]), flush=True)
+        return results, policies
+    finally:
+        stop(procs)
+        subprocess.run(["rm", "-rf", work])
+
+
+def compare_policies(args, model):
+    """K=1 and K=8 with the nodes' measured choice and under each fixed policy, swarms started
+    in turn; the measured choice against the best fixed one."""
+    ks = [1, 8]
+    rows = {}
+    for name, flags in POLICIES.items():
+        rows[name], _ = run_pipeline(args, model, ks, flags, name)
+    print()
+    print(f"decode-thread policies: SmolLM2-135M Q4_1, {args.stages} stages on loopback, {args.max_tokens} greedy "
+          f"tokens per client, medians of {args.runs} runs; teams of {os.cpu_count()} threads")
+    print(f"{'policy':12s} " + " ".join(f"{'K=' + str(k) + ' tok/s':>12s}" for k in ks))
+    for name in POLICIES:
+        print(f"{name:12s} " + " ".join(f"{rows[name][k][0]:12.1f}" for k in ks))
+    for k in ks:
+        best = max((n for n in POLICIES if n != "measured"), key=lambda n: rows[n][k][0])
+        print(f"K={k}: measured {rows['measured'][k][0]:.1f} tok/s = "
+              f"{rows['measured'][k][0] / rows[best][k][0]:.2f}x the best fixed policy ({best}, "
+              f"{rows[best][k][0]:.1f}); goal: about 1 (within noise)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3)
@@ -148,36 +223,31 @@ def main():
     ap.add_argument("--clients", default="1,2,4,8,16")
     ap.add_argument("--micro-batches", type=int, default=0, help="the coordinator's --micro-batches")
     ap.add_argument("--node-threads", type=int, default=0,
-                    help="each node's --threads (default: the node's own, every core)")
+                    help="each node's --threads (default: the node's own choice, measured)")
     ap.add_argument("--stages", type=int, default=4,
                     help="pipeline stages (one node each); 1 measures our serving path without the pipeline")
     ap.add_argument("--skip-llama-server", action="store_true", help="measure the pipeline only")
+    ap.add_argument("--policies", action="store_true",
+                    help="K=1 and K=8 under each decode-thread policy (one, team, team-pinned) and the "
+                         "nodes' measured choice, then the usual comparison with llama-server (unless skipped)")
     ap.add_argument("--llama-server", help="llama-server binary (default: build or reuse the cached one)")
     args = ap.parse_args()
     ks = [int(k) for k in args.clients.split(",")]
     subprocess.run(["cargo", "build", "--release", "-q", "--workspace", "--bins"], cwd=REPO, check=True)
     model = subprocess.run([os.path.join(REPO, "deploy", "fetch-model.sh")], capture_output=True, text=True,
                            check=True).stdout.strip()
+    if args.policies:
+        compare_policies(args, model)
+        print()
+    ours, _ = run_pipeline(args, model, ks, [], "pipeline")
+    if args.skip_llama_server:
+        return
     binary = args.llama_server or subprocess.run(
         [os.path.join(REPO, "..", "shared", "tools", "llama-server.sh")], capture_output=True, text=True,
         check=True).stdout.strip()
+    theirs = {}
     work = tempfile.mkdtemp(prefix="shardswarm-bench-serve.")
-    ours, theirs = {}, {}
-    procs = []
     try:
-        coord, procs = start_local_swarm(REPO, work, model, nodes=args.stages, shards=args.stages,
-                                         threads=args.node_threads, coordinator_flags=[
-            "--parallel", str(max(ks)), "--micro-batches", str(args.micro_batches)])
-        round_of(coord, 2, 4)  # warm-up: contexts, connections
-        for k in ks:
-            ours[k] = measure(coord, k, args.runs, args.max_tokens, [p.pid for p in procs], busy)
-            print(f"pipeline     K={k:2d}: {ours[k][0]:6.1f} tok/s, TTFT {ours[k][1]:6.0f} ms, inter-token p50 "
-                  f"{ours[k][2]:5.1f} p99 {ours[k][3]:6.1f} ms, CPU {ours[k][6]:5.1f} ms/token, stage busy "
-                  + " ".join(f"{f:.2f}" for f in ours[k][4]), flush=True)
-        stop(procs)
-        procs = []
-        if args.skip_llama_server:
-            return
         for k in ks:
             server, addr = start_llama_server(binary, model, k, work)
             try:
@@ -187,25 +257,25 @@ def main():
                 stop([server])
             print(f"llama-server K={k:2d}: {theirs[k][0]:6.1f} tok/s, TTFT {theirs[k][1]:6.0f} ms, inter-token p50 "
                   f"{theirs[k][2]:5.1f} p99 {theirs[k][3]:6.1f} ms, CPU {theirs[k][6]:5.1f} ms/token", flush=True)
-        print()
-        print(f"SmolLM2-135M Q4_1, {args.max_tokens} greedy tokens per client, medians of {args.runs} runs; "
-              f"pipeline: {args.stages} stage(s) on loopback, {args.node_threads or os.cpu_count()} thread(s) per node "
-              f"(shared while stages work at once); llama-server: whole model, -t 2 -np K")
-        print(f"{'K':>3s} {'ours tok/s':>11s} {'llama-srv':>10s} {'ratio':>6s} {'TTFT ratio':>11s} "
-              f"{'ITL p50/p99 ours':>17s} {'CPU ms/tok ours/srv':>20s} {'same text':>10s}  stage busy")
-        for k in ks:
-            o, t = ours[k], theirs[k]
-            same = sum(a == b for a, b in zip(o[5], t[5]))
-            print(f"{k:3d} {o[0]:11.1f} {t[0]:10.1f} {o[0] / t[0]:5.2f}x {o[1] / t[1]:10.2f}x "
-                  f"{o[2]:8.1f}/{o[3]:<8.1f} {o[6]:10.1f}/{t[6]:<9.1f} {same:4d} of {k:<3d}  "
-                  + " ".join(f"{f:.2f}" for f in o[4]))
-        if 1 in ours and 8 in ours:
-            print(f"goals: K=8 ours/llama-server {ours[8][0] / theirs[8][0]:.2f}x (goal >= 0.8); "
-                  f"K=1 {ours[1][0] / theirs[1][0]:.2f}x (goal >= 0.9)"
-                  + (f"; K=8 -> K=16 ours {ours[16][0] / ours[8][0]:.2f}x (goal > 1)" if 16 in ours else ""))
     finally:
-        stop(procs)
         subprocess.run(["rm", "-rf", work])
+    print()
+    print(f"SmolLM2-135M Q4_1, {args.max_tokens} greedy tokens per client, medians of {args.runs} runs; "
+          f"pipeline: {args.stages} stage(s) on loopback, "
+          f"{args.node_threads or 'measured'} thread(s) per node "
+          f"(shared while stages work at once); llama-server: whole model, -t 2 -np K")
+    print(f"{'K':>3s} {'ours tok/s':>11s} {'llama-srv':>10s} {'ratio':>6s} {'TTFT ratio':>11s} "
+          f"{'ITL p50/p99 ours':>17s} {'CPU ms/tok ours/srv':>20s} {'same text':>10s}  stage busy")
+    for k in ks:
+        o, t = ours[k], theirs[k]
+        same = sum(a == b for a, b in zip(o[5], t[5]))
+        print(f"{k:3d} {o[0]:11.1f} {t[0]:10.1f} {o[0] / t[0]:5.2f}x {o[1] / t[1]:10.2f}x "
+              f"{o[2]:8.1f}/{o[3]:<8.1f} {o[6]:10.1f}/{t[6]:<9.1f} {same:4d} of {k:<3d}  "
+              + " ".join(f"{f:.2f}" for f in o[4]))
+    if 1 in ours and 8 in ours:
+        print(f"goals: K=8 ours/llama-server {ours[8][0] / theirs[8][0]:.2f}x (goal >= 0.8); "
+              f"K=1 {ours[1][0] / theirs[1][0]:.2f}x (goal >= 0.9)"
+              + (f"; K=8 -> K=16 ours {ours[16][0] / ours[8][0]:.2f}x (goal > 1)" if 16 in ours else ""))
 
 
 if __name__ == "__main__":

@@ -440,7 +440,10 @@ async fn handle(
             Vec::new()
         }
         M::Route(protocol::Route::Loaded(p)) if p.loaded => {
-            hub.swarm.lock().unwrap().route_acked(node, p.stage);
+            hub.swarm
+                .lock()
+                .unwrap()
+                .route_acked(node, p.stage, p.decode.clone());
             Vec::new()
         }
         M::Route(_) => Vec::new(),

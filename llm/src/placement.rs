@@ -8,9 +8,12 @@
 //! (`sched_vcpu_pack` on the VMs we measure on): there two threads of a 4-stage pipeline shared
 //! one vCPU for 8 ms at a time while the other halted, and one token in ten took 15–50 ms
 //! instead of 8. Pinning thread `j` of a team to its own core, as llama.cpp's `--cpu-strict`
-//! does, removes that. ggml applies the pinning itself at every graph compute when a context
-//! has a thread pool whose workers carry CPU masks (the OpenMP build included), so a stage
-//! attaches one ([`Pinning::attach`]).
+//! does, removes that there. ggml applies the pinning itself at every graph compute when a
+//! context has a thread pool whose workers carry CPU masks (the OpenMP build included), so a
+//! stage attaches one ([`TeamPool`]).
+//!
+//! That is one machine. Elsewhere a pinned team can be the slow choice, and one thread the
+//! fast one: [`DecodePolicy`] names the candidates, and [`crate::calibrate`] measures them.
 
 use std::ptr::NonNull;
 
@@ -78,38 +81,105 @@ pub fn unpin_current_thread(cpus: &[usize]) {
     }
 }
 
-/// A ggml thread pool whose thread `j` is pinned to the `j`-th of its CPUs. Under OpenMP it
-/// holds no threads of its own, only the per-thread masks ggml applies at each compute.
-pub struct Pinning {
+/// How a stage runs each decode's threads. Which one is fastest depends on the machine (its
+/// kernel's scheduler, the hypervisor, what else runs there) as much as on the model: on one
+/// VM of a kind a pinned team was the fastest, on the next 2.3x slower than one thread. So a
+/// node measures the candidates ([`crate::calibrate`]) instead of trusting a default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DecodePolicy {
+    /// Every decode on the decoding thread alone: no team, no barriers.
+    One,
+    /// An OpenMP team of `threads`, each free to run on any allowed CPU.
+    Team { threads: u32 },
+    /// A team of `threads` (at most the allowed CPUs), thread `j` pinned to a core of its own,
+    /// as llama.cpp's `--cpu-strict` does.
+    Pinned { threads: u32 },
+}
+
+impl DecodePolicy {
+    /// The most threads a decode runs on.
+    pub fn threads(self) -> u32 {
+        match self {
+            DecodePolicy::One => 1,
+            DecodePolicy::Team { threads } | DecodePolicy::Pinned { threads } => threads.max(1),
+        }
+    }
+
+    /// A short name for logs, `/status` and metrics: `one`, `team` or `team-pinned`.
+    pub fn name(self) -> &'static str {
+        match self {
+            DecodePolicy::One => "one",
+            DecodePolicy::Team { .. } => "team",
+            DecodePolicy::Pinned { .. } => "team-pinned",
+        }
+    }
+}
+
+impl std::fmt::Display for DecodePolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            DecodePolicy::One => write!(f, "one thread"),
+            DecodePolicy::Team { threads } => write!(f, "a team of {threads} threads"),
+            DecodePolicy::Pinned { threads } => write!(f, "a team of {threads} pinned threads"),
+        }
+    }
+}
+
+/// A ggml thread pool attached to a stage's context. Under OpenMP it holds no threads of its
+/// own, only the CPU mask ggml gives thread `j` of a team at every graph compute: one core
+/// each for a pinned team, every allowed CPU for a free one (which also undoes an earlier
+/// pinning of the same OpenMP threads).
+pub struct TeamPool {
     pool: NonNull<sys::ggml_threadpool>,
     threads: i32,
+    cpus: Vec<usize>,
 }
 
 // SAFETY: the pool is only read by ggml during a compute of the context it is attached to,
 // which runs on the thread that owns the Stage.
-unsafe impl Send for Pinning {}
+unsafe impl Send for TeamPool {}
 
-impl Pinning {
-    /// A pool of `cpus.len()` threads, thread `j` on `cpus[j]` (`cpus` increasing).
-    pub fn new(cpus: &[usize]) -> Result<Pinning, LlmError> {
-        let threads = cpus.len() as i32;
+impl TeamPool {
+    /// A pool for `policy`'s team: pinned teams take `cpus_for(allowed, threads, offset)`,
+    /// free teams every allowed CPU. None for [`DecodePolicy::One`], which has no team.
+    pub fn for_policy(policy: DecodePolicy, offset: usize) -> Result<Option<TeamPool>, LlmError> {
+        let allowed = allowed_cpus();
+        match policy {
+            DecodePolicy::One => Ok(None),
+            DecodePolicy::Team { threads } => {
+                TeamPool::new(allowed, threads as usize, false).map(Some)
+            }
+            DecodePolicy::Pinned { threads } => {
+                let cpus = cpus_for(allowed, threads as usize, offset);
+                TeamPool::new(&cpus, cpus.len(), true).map(Some)
+            }
+        }
+    }
+
+    /// A pool of `threads` threads on `cpus` (increasing): thread `j` on `cpus[j]` when
+    /// `strict`, else each on any of them.
+    fn new(cpus: &[usize], threads: usize, strict: bool) -> Result<TeamPool, LlmError> {
         // SAFETY: plain FFI; the params are initialised by ggml before we set fields.
         unsafe {
-            let mut params = sys::ggml_threadpool_params_default(threads);
+            let mut params = sys::ggml_threadpool_params_default(threads.max(1) as i32);
             let slots = params.cpumask.len();
             if cpus.is_empty() || cpus.iter().any(|&c| c >= slots) {
                 return Err(LlmError::Decode(format!(
-                    "cannot pin threads to CPUs {cpus:?}"
+                    "cannot place threads on CPUs {cpus:?}"
                 )));
             }
             params.cpumask = [false; _];
             for &cpu in cpus {
                 params.cpumask[cpu] = true;
             }
-            params.strict_cpu = true;
+            params.strict_cpu = strict;
             let pool = NonNull::new(sys::ggml_threadpool_new(&mut params))
                 .ok_or_else(|| LlmError::Decode("ggml_threadpool_new failed".into()))?;
-            Ok(Pinning { pool, threads })
+            Ok(TeamPool {
+                pool,
+                threads: params.n_threads,
+                cpus: cpus.to_vec(),
+            })
         }
     }
 
@@ -118,24 +188,22 @@ impl Pinning {
         self.threads
     }
 
-    /// Make `ctx`'s decodes run on this pool's CPUs. The pool must outlive the context.
+    /// The CPUs the team runs on.
+    pub fn cpus(&self) -> &[usize] {
+        &self.cpus
+    }
+
+    /// Make `ctx`'s decodes run on this pool's CPUs. The pool must outlive the attachment.
     ///
     /// # Safety
-    /// `ctx` is a valid context, freed before this `Pinning` is dropped.
+    /// `ctx` is a valid context, freed or detached before this pool is dropped.
     pub(crate) unsafe fn attach(&self, ctx: *mut sys::llama_context) {
         // SAFETY: per the contract above.
         unsafe { sys::llama_attach_threadpool(ctx, self.pool.as_ptr(), self.pool.as_ptr()) };
     }
-
-    /// Called before a decode on `threads` threads, on the decoding thread.
-    pub(crate) fn before_decode(&self, threads: i32) {
-        if threads <= 1 {
-            unpin_current_thread(allowed_cpus());
-        }
-    }
 }
 
-impl Drop for Pinning {
+impl Drop for TeamPool {
     fn drop(&mut self) {
         // SAFETY: created by ggml_threadpool_new; no context uses it any more (see attach).
         unsafe { sys::ggml_threadpool_free(self.pool.as_ptr()) };

@@ -17,6 +17,7 @@ use std::ptr::NonNull;
 use llama_cpp_sys_2 as sys;
 
 use crate::backend::{backend, LlmError};
+use crate::placement::{DecodePolicy, TeamPool};
 
 /// The most positions one `llama_decode` takes (llama.cpp's default micro-batch). llama.cpp
 /// keeps an n_vocab-wide logits row for every output of a decode, and a non-final stage outputs
@@ -69,10 +70,14 @@ pub struct Stage {
     /// Positions each sequence holds.
     context: u32,
     sequences: u32,
+    /// Threads the next decode runs on (at most `policy`'s).
     threads: i32,
-    /// Decode threads pinned to cores of their own ([`Stage::pin_threads`]); dropped after
-    /// the context.
-    pinning: Option<crate::placement::Pinning>,
+    /// How decodes use threads ([`Stage::set_policy`]).
+    policy: DecodePolicy,
+    /// The CPU masks of `policy`'s team, attached to the context; dropped after it.
+    team: Option<TeamPool>,
+    /// Whether a pinned team's decode left the decoding thread pinned to its first core.
+    caller_pinned: bool,
     /// Whether this stage outputs logits (the last stage) rather than hidden states.
     pub is_last: bool,
 }
@@ -183,7 +188,11 @@ impl Stage {
                 context: n_ctx,
                 sequences,
                 threads,
-                pinning: None,
+                policy: DecodePolicy::Team {
+                    threads: threads.max(1) as u32,
+                },
+                team: None,
+                caller_pinned: false,
                 is_last,
             })
         }
@@ -217,27 +226,49 @@ impl Stage {
         unsafe { sys::llama_memory_clear(sys::llama_get_memory(self.ctx.as_ptr()), true) };
     }
 
-    /// Pin decode thread `j` to `cpus[j]` (see [`crate::placement`]); decodes then use at most
-    /// `cpus.len()` threads. Call on a fresh stage, before its first decode.
-    pub fn pin_threads(&mut self, cpus: &[usize]) -> Result<(), LlmError> {
-        let pinning = crate::placement::Pinning::new(cpus)?;
-        // SAFETY: a valid context; the pool lives in self.pinning, dropped after llama_free.
-        unsafe { pinning.attach(self.ctx.as_ptr()) };
-        let threads = self.threads.min(pinning.threads());
-        self.pinning = Some(pinning);
-        self.apply_threads(threads);
-        Ok(())
+    /// Run decodes under `policy` from now on ([`crate::placement`]): its team's CPU masks
+    /// go to the context (a pinned team starts `offset` CPUs along, so co-located stages on a
+    /// machine with cores enough get cores of their own), and decodes use its threads. Call it
+    /// on the thread that decodes. Returns the CPUs the team runs on (none for one thread).
+    pub fn set_policy(
+        &mut self,
+        policy: DecodePolicy,
+        offset: usize,
+    ) -> Result<Vec<usize>, LlmError> {
+        let team = TeamPool::for_policy(policy, offset)?;
+        // SAFETY: a valid context; the old pool is dropped only after the new one replaced it
+        // (or the context let go of it), and self.team is dropped after llama_free.
+        unsafe {
+            match &team {
+                Some(pool) => pool.attach(self.ctx.as_ptr()),
+                None => sys::llama_detach_threadpool(self.ctx.as_ptr()),
+            }
+        }
+        let cpus = team.as_ref().map_or_else(Vec::new, |t| t.cpus().to_vec());
+        let most = team.as_ref().map_or(1, TeamPool::threads);
+        self.team = team;
+        self.policy = policy;
+        self.apply_threads((policy.threads() as i32).min(most));
+        Ok(cpus)
     }
 
-    /// The threads the next decodes use (llama.cpp's `n_threads` and `n_threads_batch`). Call
-    /// it on the thread that decodes.
+    /// How decodes use threads now.
+    pub fn policy(&self) -> DecodePolicy {
+        self.policy
+    }
+
+    /// The threads the next decodes use (llama.cpp's `n_threads` and `n_threads_batch`), at
+    /// most the policy's: fewer when stages that work at once share the machine's cores.
     pub fn set_threads(&mut self, threads: i32) {
-        let most = self.pinning.as_ref().map_or(i32::MAX, |p| p.threads());
-        let threads = threads.clamp(1, most);
+        // A team's pool has masks for so many threads; without a pool ggml makes one per
+        // compute, of any size.
+        let policy = self.policy.threads() as i32;
+        let most = self
+            .team
+            .as_ref()
+            .map_or(policy, |t| t.threads().min(policy));
+        let threads = threads.clamp(1, most.max(1));
         if threads != self.threads {
-            if let Some(p) = &self.pinning {
-                p.before_decode(threads);
-            }
             self.apply_threads(threads);
         }
     }
@@ -426,7 +457,16 @@ impl Stage {
                 **batch.seq_id.add(i) = row.seq;
                 *batch.logits.add(i) = i8::from(outputs[i]);
             }
+            if self.threads <= 1 && self.caller_pinned {
+                // ggml leaves the decoding thread on the pinned team's first core; a decode
+                // on one thread has no team to spread and may run anywhere.
+                crate::placement::unpin_current_thread(crate::placement::allowed_cpus());
+                self.caller_pinned = false;
+            }
             let ret = sys::llama_decode(self.ctx.as_ptr(), batch);
+            if self.threads > 1 {
+                self.caller_pinned = matches!(self.policy, DecodePolicy::Pinned { .. });
+            }
             sys::llama_batch_free(batch);
             ret
         }

@@ -135,15 +135,11 @@ pub(crate) async fn run(mut config: Config) -> Result<()> {
         )
         .await?,
     );
-    let threads = config
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
-    let pipeline = crate::serve::Pipeline::new(
-        data.shards_dir(),
-        threads as i32,
-        config.pin_threads,
-        config.test_lie,
-    );
+    let threads = crate::serve::threads::ThreadSettings {
+        threads: config.threads,
+        pin: config.pin_threads,
+    };
+    let pipeline = crate::serve::Pipeline::new(data.shards_dir(), threads, config.test_lie);
     let what = format!(
         "binding the data channel on {}:{}",
         config.listen_addr, config.data_port
@@ -368,11 +364,11 @@ async fn session(
             }
             Some(event) = events_rx.recv(), if registered => {
                 let c = match event {
-                    FetchEvent::Routed(request_id, stage) => Control::reply_to(
+                    FetchEvent::Routed(request_id, stage, decode) => Control::reply_to(
                         &request_id,
                         &me,
                         COORDINATOR,
-                        M::Route(Route::Loaded(RouteLoadedParams { stage, loaded: true })),
+                        M::Route(Route::Loaded(RouteLoadedParams { stage, loaded: true, decode: Some(decode) })),
                     ),
                     FetchEvent::Progress(p) => {
                         links.pipeline.metrics.fetch_progress(p.shard_id, p.from_seeder, p.from_peers);
@@ -439,8 +435,8 @@ fn apply_routes_in_order(
             let (request_id, route) = next;
             let stage = route.stage;
             match pipeline.set_route(route).await {
-                Ok(()) => {
-                    let _ = events.send(FetchEvent::Routed(request_id, stage));
+                Ok(decode) => {
+                    let _ = events.send(FetchEvent::Routed(request_id, stage, decode));
                 }
                 Err(e) => tracing::error!("cannot run my stage: {e:#}"),
             }

@@ -30,8 +30,8 @@ const PROGRESS_CHECK: Duration = Duration::from_millis(250);
 /// What a fetch reports to the control channel.
 #[derive(Debug)]
 pub enum FetchEvent {
-    /// The stage of a ROUTE is loaded: (request id, stage).
-    Routed(String, u32),
+    /// The stage of a ROUTE is loaded: (request id, stage, how its decodes use threads).
+    Routed(String, u32, protocol::DecodeThreads),
     Progress(ShardProgressParams),
     Loaded(ShardLoadedParams),
     Failed(ShardFailedParams),

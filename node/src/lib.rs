@@ -42,14 +42,17 @@ pub struct Config {
     /// Address the BitTorrent port listens on.
     #[arg(long, default_value = "0.0.0.0")]
     pub listen_addr: IpAddr,
-    /// CPU threads this node offers for inference (llama.cpp).
-    #[arg(long)]
+    /// CPU threads a stage's decodes use (llama.cpp's team). Unset: the node measures one
+    /// thread against a team of every core it may run on when a stage loads, and keeps the
+    /// faster (`/status` shows the choice and the times).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub threads: Option<u32>,
-    /// Pin each decode thread of a stage to a core of its own (llama.cpp's `--cpu-strict`;
-    /// stage S takes the cores from S × threads on, wrapping). Without it, kernels that pack
-    /// virtual CPUs run a stage's threads on one core while another idles.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
-    pub pin_threads: bool,
+    /// Pin each thread of a stage's team to a core of its own (llama.cpp's `--cpu-strict`;
+    /// stage S takes the cores from S × threads on, wrapping), or leave the team free. Unset:
+    /// the node measures both when a stage loads and keeps the faster. Pinning wins on kernels
+    /// that pack virtual CPUs onto few cores; it loses on a machine shared with other work.
+    #[arg(long, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub pin_threads: Option<bool>,
     /// Port of the inference data channel (0: any free port).
     #[arg(long, default_value_t = 0)]
     pub data_port: u16,
@@ -81,7 +84,7 @@ impl Default for Config {
             peer_port: 0,
             listen_addr: IpAddr::from([0, 0, 0, 0]),
             threads: None,
-            pin_threads: true,
+            pin_threads: None,
             data_port: 0,
             uplink_mbit: None,
             downlink_mbit: None,

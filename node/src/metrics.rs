@@ -1,6 +1,6 @@
 //! Prometheus metrics of a node (`--metrics-listen ADDR`, `GET /metrics`, OpenMetrics text):
-//! its stage's compute time per step, the rows it computed, and the shard bytes it fetched
-//! from the seeder and from other nodes.
+//! its stage's compute time per step, the rows it computed, how its decodes use threads (and
+//! what each way measured), and the shard bytes it fetched from the seeder and other nodes.
 
 use std::sync::Arc;
 
@@ -25,6 +25,11 @@ pub struct NodeMetrics {
     /// Steps this (last) stage answered, by the way the answer went: `coordinator` (straight
     /// back, on the coordinator's answer lane) or `chain` (up the lanes, stage by stage).
     pub answers: Family<Labels, Counter>,
+    /// The stage's decode-thread policy: one series, labelled with the policy and how it was
+    /// chosen, whose value is its most threads.
+    pub decode_threads: Family<Labels, Gauge>,
+    /// Seconds per decode of the stage under each policy measured when it loaded.
+    pub decode_measured: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     registry: Registry,
 }
 
@@ -62,12 +67,27 @@ impl Default for NodeMetrics {
             "Steps this last stage answered, by the way the answer went",
             answers.clone(),
         );
+        let decode_threads = Family::<Labels, Gauge>::default();
+        r.register(
+            "decode_threads",
+            "The stage's decode-thread policy (labels) and its most threads (value)",
+            decode_threads.clone(),
+        );
+        let decode_measured = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        r.register_with_unit(
+            "decode_measured",
+            "Time per decode of the stage under each policy, measured when it loaded",
+            Unit::Seconds,
+            decode_measured.clone(),
+        );
         NodeMetrics {
             stage_compute,
             rows,
             fetched,
             stage,
             answers,
+            decode_threads,
+            decode_measured,
             registry: r,
         }
     }
@@ -89,6 +109,23 @@ impl NodeMetrics {
         self.answers
             .get_or_create(&vec![("way", way.to_owned())])
             .inc();
+    }
+
+    /// Show the stage's decode-thread policy and what was measured (replacing an older stage's).
+    pub fn decode_threads(&self, d: &protocol::DecodeThreads) {
+        self.decode_threads.clear();
+        self.decode_threads
+            .get_or_create(&vec![
+                ("policy", d.policy.clone()),
+                ("chosen_by", d.chosen_by.clone()),
+            ])
+            .set(i64::from(d.threads));
+        self.decode_measured.clear();
+        for (policy, ms) in &d.measured_ms {
+            self.decode_measured
+                .get_or_create(&vec![("policy", policy.clone())])
+                .set(ms / 1e3);
+        }
     }
 
     /// The OpenMetrics text of everything.

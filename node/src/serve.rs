@@ -10,9 +10,11 @@
 //! lane the coordinator opened to it (the lane id in both `Hello`s matches them), so a token
 //! crosses one hop back, not one per stage. Errors go back up the lanes.
 //!
-//! Threads: a step says how many steps were in the pipeline when it was sent, and `ROUTE` how
-//! many of the route's stages share this machine; a stage that works alone takes every thread
-//! (`--threads`), stages that work at once on one machine share its cores ([`threads_for`]).
+//! Threads: when a stage loads, the node measures its decodes under each thread policy the
+//! settings leave open (one thread, a free team, a pinned team) and keeps the fastest
+//! ([`threads`]). A step says how many steps were in the pipeline when it was sent, and
+//! `ROUTE` how many of the route's stages share this machine; a stage that works alone takes
+//! its policy's every thread, stages that work at once on one machine share its cores.
 //!
 //! Tasks, per lane: one reading the caller's steps, one writing to the caller, one writing to
 //! the next stage and one relaying its errors up. One worker per node runs the steps of
@@ -44,13 +46,17 @@ use crate::{Error, Result};
 
 mod hops;
 mod rows;
+pub mod threads;
 use hops::{admit, open_next, relay, write_all};
-use rows::{corrupt, rows_of, threads_for};
+use rows::{corrupt, rows_of};
+use threads::{threads_for, ThreadSettings};
 
 /// The loaded stage.
 struct Loaded {
     route: RouteParams,
     stage: Arc<Mutex<Stage>>,
+    /// How its decodes use threads, and why.
+    decode: protocol::DecodeThreads,
     /// Bumped at every reload: lanes opened before it are refused.
     generation: u64,
 }
@@ -58,9 +64,10 @@ struct Loaded {
 /// This node's part of the inference pipeline.
 pub struct Pipeline {
     shards_dir: PathBuf,
-    threads: i32,
-    /// `--pin-threads`: each stage's decode threads on cores of their own.
-    pin_threads: bool,
+    /// What `--threads` and `--pin-threads` fix of the decode threads.
+    threads: ThreadSettings,
+    /// The one thread that loads the stage and runs its decodes.
+    decoder: DecodeThread,
     /// Test only (`--test-lie`): scale of the error this node adds to every output, so that
     /// the tests can check that the coordinator catches a lying node. 0 for an honest node.
     lie: f32,
@@ -84,14 +91,14 @@ struct DataTls {
 }
 
 impl Pipeline {
-    pub fn new(shards_dir: PathBuf, threads: i32, pin_threads: bool, lie: f32) -> Arc<Pipeline> {
+    pub fn new(shards_dir: PathBuf, threads: ThreadSettings, lie: f32) -> Arc<Pipeline> {
         if lie != 0.0 {
             tracing::warn!("--test-lie {lie}: this node corrupts every output it computes");
         }
         Arc::new(Pipeline {
             shards_dir,
             threads,
-            pin_threads,
+            decoder: DecodeThread::start(),
             lie,
             loaded: tokio::sync::Mutex::new(None),
             generations: std::sync::atomic::AtomicU64::new(0),
@@ -118,9 +125,10 @@ impl Pipeline {
         self.tls.read().unwrap().as_ref().map(|t| t.client.clone())
     }
 
-    /// Take a route: load the stage's shard into llama.cpp (unless already loaded). Any change
-    /// of the route ends the lanes opened under the old one.
-    pub async fn set_route(&self, route: RouteParams) -> Result<()> {
+    /// Take a route: load the stage's shard into llama.cpp and choose how its decodes use
+    /// threads (unless the stage is loaded already). Any change of the route ends the lanes
+    /// opened under the old one. Returns how the stage's decodes use threads.
+    pub async fn set_route(&self, route: RouteParams) -> Result<protocol::DecodeThreads> {
         let mut loaded = self.loaded.lock().await;
         let generation = self
             .generations
@@ -128,7 +136,7 @@ impl Pipeline {
             + 1;
         if let Some(l) = loaded.as_mut() {
             if l.route == route {
-                return Ok(());
+                return Ok(l.decode.clone());
             }
             if l.route.stage == route.stage
                 && l.route.stage_count == route.stage_count
@@ -137,49 +145,43 @@ impl Pipeline {
             {
                 l.route = route;
                 l.generation = generation;
-                return Ok(());
+                return Ok(l.decode.clone());
             }
         }
         let path = self.shards_dir.join(format!("shard-{}.gguf", route.stage));
         let is_last = route.stage + 1 == route.stage_count;
-        let threads = self.threads;
+        let settings = self.threads;
         // The coordinator's sequences, and one more kept for its probes.
         let sequences = route.parallel + 1;
-        // Stage S's team starts S teams along, so co-located stages on a machine with cores
-        // enough for all of them get cores of their own.
-        let pin = self.pin_threads.then(|| {
-            let offset = route.stage as usize * threads.max(1) as usize;
-            llm::placement::cpus_for(
-                llm::placement::allowed_cpus(),
-                threads.max(1) as usize,
-                offset,
-            )
-        });
-        let stage = tokio::task::spawn_blocking(move || {
-            let mut stage = Stage::load_for(&path, is_last, MAX_CONTEXT, threads, sequences)?;
-            if let Some(cpus) = pin.filter(|cpus| cpus.len() > 1) {
-                stage.pin_threads(&cpus)?;
-                tracing::info!("decode threads pinned to CPUs {cpus:?}");
-            }
-            Ok::<_, Error>(stage)
-        })
-        .await
-        .map_err(|e| Error::Pipeline(format!("loading the stage: {e}")))??;
+        let for_stage = route.clone();
+        // On the decode thread: a team belongs to the thread that runs it, and the choice is
+        // measured on the thread that will decode.
+        let (stage, decode) = self
+            .decoder
+            .run(move || {
+                let mut stage = Stage::load_for(&path, is_last, MAX_CONTEXT, 1, sequences)?;
+                let decode = threads::choose(&mut stage, settings, &for_stage)?;
+                Ok::<_, Error>((stage, decode))
+            })
+            .await??;
         tracing::info!(
-            "stage {} of {} loaded in llama.cpp ({} sequences of {} positions){}",
+            "stage {} of {} loaded in llama.cpp ({} sequences of {} positions){}; {}",
             route.stage,
             route.stage_count,
             stage.sequences(),
             stage.context(),
-            if is_last { " (last)" } else { "" }
+            if is_last { " (last)" } else { "" },
+            threads::describe(&decode)
         );
         self.metrics.stage.set(i64::from(route.stage));
+        self.metrics.decode_threads(&decode);
         *loaded = Some(Loaded {
             route,
             stage: Arc::new(Mutex::new(stage)),
+            decode: decode.clone(),
             generation,
         });
-        Ok(())
+        Ok(decode)
     }
 }
 
@@ -367,8 +369,8 @@ async fn connection(
     }
 }
 
-/// The one thread that runs the stage's decodes. llama.cpp's OpenMP team belongs to the thread
-/// that calls it: tokio's blocking pool would hand each decode to whichever of its threads is
+/// The one thread that loads the stage and runs its decodes. llama.cpp's OpenMP team belongs
+/// to the thread that calls it: tokio's blocking pool would hand each decode to whichever of its threads is
 /// free, each with a team of its own, so that a node with N threads could run several times N.
 struct DecodeThread {
     jobs: std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>,
@@ -402,12 +404,11 @@ impl DecodeThread {
 
 /// Run every lane's steps, one at a time, in the order they came.
 async fn worker(mut queue: mpsc::UnboundedReceiver<Work>, pipeline: Arc<Pipeline>) {
-    let decoder = DecodeThread::start();
     while let Some(mut w) = queue.recv().await {
         let (lane, step, in_flight) = (w.lane.clone(), w.step, w.in_flight);
         let mut stages_busy_us = std::mem::take(&mut w.busy_us);
         let started = Instant::now();
-        let result = run_step(&pipeline, &decoder, w).await;
+        let result = run_step(&pipeline, w).await;
         let busy_us = u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX);
         stages_busy_us.push(busy_us);
         if let Ok((groups, _)) = &result {
@@ -485,11 +486,7 @@ fn sampled(step: u64, groups: &[Group], logits: &[(i32, Vec<f32>)], busy_us: Vec
 }
 
 /// Check a step against the stage and run it; the step's groups come back with the output.
-async fn run_step(
-    pipeline: &Pipeline,
-    decoder: &DecodeThread,
-    w: Work,
-) -> Result<(Vec<Group>, RowsOutput)> {
+async fn run_step(pipeline: &Pipeline, w: Work) -> Result<(Vec<Group>, RowsOutput)> {
     let stage = {
         let loaded = pipeline.loaded.lock().await;
         match loaded.as_ref() {
@@ -502,12 +499,14 @@ async fn run_step(
         }
     };
     let first = w.lane.route.stage == 0;
-    let threads = threads_for(pipeline.threads, &w.lane.route, w.in_flight);
     let (groups, payload, probe, lie) = (w.groups, w.payload, w.lane.probe, pipeline.lie);
-    decoder
+    let (route, in_flight) = (w.lane.clone(), w.in_flight);
+    pipeline
+        .decoder
         .run(move || {
             let mut stage = stage.lock().unwrap();
-            stage.set_threads(threads);
+            let most = stage.policy().threads() as i32;
+            stage.set_threads(threads_for(most, &route.route, in_flight));
             let rows = rows_of(&stage, first, probe, &groups, &payload)?;
             for g in &groups {
                 stage.truncate_sequence(g.seq as i32, g.pos0 as i32)?;

@@ -293,7 +293,7 @@ pub enum ListFiles {
 
 /// `ROUTE` params: the route in the coordinator's request, the stage's acknowledgement in the
 /// node's reply.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Route {
     Assign(RouteParams),
@@ -301,10 +301,13 @@ pub enum Route {
 }
 
 /// A node's `ROUTE` reply: its stage is loaded and serving.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RouteLoadedParams {
     pub stage: u32,
     pub loaded: bool,
+    /// How the stage's decodes use threads (left out by older nodes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decode: Option<DecodeThreads>,
 }
 
 /// A control message in its envelope: what the coordinator and nodes send and receive.
@@ -451,7 +454,8 @@ mod tests {
             c.message,
             Message::Route(Route::Loaded(RouteLoadedParams {
                 stage: 2,
-                loaded: true
+                loaded: true,
+                decode: None,
             }))
         );
         let back: serde_json::Value = serde_json::from_str(&c.encode()).unwrap();

@@ -194,6 +194,27 @@ fn one() -> u32 {
     1
 }
 
+/// How a node runs its stage's decode threads, and why: the node measures the candidates when
+/// it loads a stage and keeps the fastest, unless `--threads`/`--pin-threads` fixed them. Sent
+/// in the `ROUTE` reply; `/status` shows it per node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DecodeThreads {
+    /// `one` (the decoding thread alone), `team` (an OpenMP team, threads free to run
+    /// anywhere) or `team-pinned` (a team, each thread on a core of its own).
+    pub policy: String,
+    /// The most threads a decode uses (fewer while co-located stages work at once).
+    pub threads: u32,
+    /// The cores a pinned team runs on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cpus: Vec<usize>,
+    /// `measured` (the fastest of `measured_ms`) or `flags` (fixed by the node's settings, or
+    /// the machine left one choice).
+    pub chosen_by: String,
+    /// Milliseconds per decode of this stage under each candidate, by policy name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub measured_ms: BTreeMap<String, f64>,
+}
+
 /// `ERROR`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorParams {

@@ -6,6 +6,7 @@
 mod common;
 
 use common::{load_stages, pipeline_greedy};
+use llm::placement::DecodePolicy;
 use llm::stage::Stage;
 
 /// The real model split into `n` stage files, each loaded with one thread and a context of at
@@ -225,7 +226,7 @@ fn threads_pinned_to(cpus: &[usize]) -> usize {
 }
 
 #[test]
-fn pinned_stages_run_each_decode_thread_on_its_own_core_and_give_the_same_tokens() {
+fn every_decode_policy_gives_the_same_tokens_and_places_threads_as_it_says() {
     let _one = tests::swarm_lock();
     let allowed = llm::placement::allowed_cpus();
     assert!(
@@ -243,13 +244,23 @@ fn pinned_stages_run_each_decode_thread_on_its_own_core_and_give_the_same_tokens
     let unpinned = pipeline_greedy(&mut free, &prompt, 12, &[]);
     drop(free);
 
-    let mut pinned = vec![load(0), load(1)];
-    for stage in pinned.iter_mut() {
-        stage.pin_threads(&cpus).unwrap();
-    }
+    let mut stages = vec![load(0), load(1)];
+    let under = |stages: &mut Vec<Stage>, policy: DecodePolicy, tokens: usize| {
+        for stage in stages.iter_mut() {
+            stage.clear();
+            stage.set_policy(policy, 0).unwrap();
+            assert_eq!(stage.policy(), policy);
+        }
+        let got = pipeline_greedy(stages, &prompt, tokens, &[]);
+        assert_eq!(
+            got.tokens,
+            unpinned.tokens[..got.tokens.len()],
+            "{policy} changed the tokens"
+        );
+        got
+    };
     let before = threads_pinned_to(&cpus[1..]);
-    let got = pipeline_greedy(&mut pinned, &prompt, 12, &[]);
-    assert_eq!(got.tokens, unpinned.tokens, "pinning changed the tokens");
+    let got = under(&mut stages, DecodePolicy::Pinned { threads: 2 }, 12);
     assert_eq!(got.first_logits, unpinned.first_logits);
     // ggml pinned this (the decoding) thread to the team's first CPU, and an OpenMP worker to
     // the second.
@@ -259,12 +270,85 @@ fn pinned_stages_run_each_decode_thread_on_its_own_core_and_give_the_same_tokens
         "no OpenMP worker was pinned to CPU {}",
         cpus[1]
     );
-    // A decode on one thread has no team: the thread may run anywhere again.
-    for stage in pinned.iter_mut() {
+    // A free team: the same OpenMP threads may run anywhere again.
+    under(&mut stages, DecodePolicy::Team { threads: 2 }, 4);
+    assert_eq!(llm::placement::current_thread_cpus(), allowed);
+    assert_eq!(
+        threads_pinned_to(&cpus[1..]),
+        before,
+        "a free team's worker stayed pinned to CPU {}",
+        cpus[1]
+    );
+    // Pinned again, then one thread: a decode on one thread has no team, and the thread ggml
+    // left pinned may run anywhere again.
+    under(&mut stages, DecodePolicy::Pinned { threads: 2 }, 2);
+    assert_eq!(llm::placement::current_thread_cpus(), cpus[..1]);
+    under(&mut stages, DecodePolicy::One, 4);
+    assert_eq!(llm::placement::current_thread_cpus(), allowed);
+    // A pinned team's step on one thread (co-located stages sharing the cores) likewise.
+    for stage in stages.iter_mut() {
+        stage.clear();
+        stage
+            .set_policy(DecodePolicy::Pinned { threads: 2 }, 0)
+            .unwrap();
+    }
+    pipeline_greedy(&mut stages, &prompt, 2, &[]);
+    for stage in stages.iter_mut() {
         stage.clear();
         stage.set_threads(1);
     }
-    let one = pipeline_greedy(&mut pinned, &prompt, 4, &[]);
+    let one = pipeline_greedy(&mut stages, &prompt, 4, &[]);
     assert_eq!(llm::placement::current_thread_cpus(), allowed);
     assert_eq!(one.tokens, unpinned.tokens[..one.tokens.len()]);
+}
+
+#[test]
+fn calibration_times_every_candidate_keeps_the_fastest_and_leaves_the_tokens_alone() {
+    let _one = tests::swarm_lock();
+    let dir = tests::real_shards(2);
+    let load = |k: usize| {
+        let file = dir.path().join(torrents::split::shard_file_name(k, "gguf"));
+        // Two sequences: the calibration runs in the last (the probe slot), the tokens in 0.
+        Stage::load_for(&file, k == 1, 512, 1, 2).unwrap()
+    };
+    let prompt: Vec<i32> = vec![1, 504, 3575, 282, 4649, 314];
+    let mut plain = vec![load(0), load(1)];
+    let expected = pipeline_greedy(&mut plain, &prompt, 8, &[]);
+    drop(plain);
+
+    let mut stages = vec![load(0), load(1)];
+    // Half the tokens, then calibrate both stages, then the rest: the cache of sequence 0 must
+    // come through untouched.
+    let first = pipeline_greedy(&mut stages, &prompt, 1, &[]);
+    assert_eq!(first.tokens, expected.tokens[..1]);
+    let candidates = vec![
+        DecodePolicy::One,
+        DecodePolicy::Team { threads: 2 },
+        DecodePolicy::Pinned { threads: 2 },
+    ];
+    for (k, stage) in stages.iter_mut().enumerate() {
+        let plan = llm::calibrate::Plan::new(candidates.clone(), k == 0, 2, k as u32);
+        let c = llm::calibrate::calibrate(stage, &plan).unwrap();
+        assert_eq!(c.trials.len(), 3);
+        assert!(c.rounds >= plan.min_rounds && c.rounds <= plan.max_rounds);
+        for (t, policy) in c.trials.iter().zip(&candidates) {
+            assert_eq!(t.policy, *policy);
+            assert!(t.per_decode > std::time::Duration::ZERO);
+            assert_eq!(t.decodes, c.rounds * plan.decodes_per_round);
+        }
+        let fastest = c.trials.iter().map(|t| t.per_decode).min().unwrap();
+        let chosen = c.trials.iter().find(|t| t.policy == c.chosen).unwrap();
+        assert_eq!(chosen.per_decode, fastest, "{c:?}");
+        assert_eq!(stage.policy(), c.chosen);
+    }
+    // Go on from where sequence 0 was: the next token at the next position.
+    let mut pos = prompt.len() as i32;
+    let mut token = first.tokens[0];
+    let mut got = first.tokens.clone();
+    while got.len() < expected.tokens.len() {
+        token = common::step_token(&mut stages, token, pos);
+        got.push(token);
+        pos += 1;
+    }
+    assert_eq!(got, expected.tokens, "calibration disturbed sequence 0");
 }

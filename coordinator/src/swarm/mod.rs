@@ -119,6 +119,9 @@ pub struct NodeState {
     /// The highest upload rate it reported while fetching (Mbit/s).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub measured_uplink_mbit: Option<u32>,
+    /// How its stage's decodes use threads (from its `ROUTE` reply).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decode: Option<protocol::DecodeThreads>,
     /// Which connection it registered on (a reconnect replaces it).
     #[serde(skip)]
     pub conn: u64,
@@ -336,6 +339,7 @@ impl Swarm {
             shard_order: BTreeMap::new(),
             given_peers: BTreeMap::new(),
             measured_uplink_mbit: None,
+            decode: None,
             conn,
             last_seen: Instant::now(),
         };

@@ -199,8 +199,11 @@ impl Swarm {
         )]
     }
 
-    /// A node says the stage of its `ROUTE` is loaded.
-    pub fn route_acked(&mut self, node: &str, stage: u32) {
+    /// A node says the stage of its `ROUTE` is loaded (and how its decodes use threads).
+    pub fn route_acked(&mut self, node: &str, stage: u32, decode: Option<protocol::DecodeThreads>) {
+        if let (Some(n), Some(d)) = (self.nodes.get_mut(node), decode) {
+            n.decode = Some(d);
+        }
         if self.assigned.get(node).is_some_and(|p| p.stage == stage) {
             self.stage_loaded.insert(node.to_owned(), stage);
         }

@@ -479,7 +479,7 @@ fn route_keys_replicas_probes_and_eviction() {
     // Only nodes that loaded their stage can be probed; route holders first.
     assert!(s.probe_targets().iter().all(Vec::is_empty));
     for (node, p) in &routes {
-        s.route_acked(node, p.stage);
+        s.route_acked(node, p.stage, None);
     }
     let targets = s.probe_targets();
     let shard = replica.1.stage as usize;

@@ -1,21 +1,10 @@
-//! What a step asks of this stage, checked: its rows, its threads, and (in tests only) the
-//! error a lying node adds to its output.
+//! What a step asks of this stage, checked: its rows, and (in tests only) the error a lying
+//! node adds to its output.
 
 use llm::stage::{Row, RowsOutput, Stage};
 use protocol::data::{Group, Payload};
-use protocol::RouteParams;
 
 use crate::{Error, Result};
-
-/// The threads for a step: all of this node's when its stage works alone on the machine, else
-/// a share. At most `in_flight` stages work at once (one step each), and of those at most
-/// `co_located` on this machine; one thread each is the floor. Stages on machines of their own
-/// (`co_located` 1) always take every thread. Cores are shared fairly only if the nodes on a
-/// machine are given its cores (`--threads`) alike.
-pub(super) fn threads_for(threads: i32, route: &RouteParams, in_flight: u32) -> i32 {
-    let sharing = route.co_located.min(in_flight).max(1) as i32;
-    (threads / sharing).max(1)
-}
 
 /// Test only (`--test-lie`): add an error of about `scale` times each output's RMS, as a node
 /// that computes wrongly (or lies) would.
@@ -91,37 +80,4 @@ pub(super) fn rows_of(
         }));
     }
     Ok(rows)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn route(co_located: u32) -> RouteParams {
-        RouteParams {
-            stage: 0,
-            stage_count: 4,
-            next: None,
-            model_sha256: "m".into(),
-            split_id: "s".into(),
-            parallel: 8,
-            co_located,
-            key: "k".into(),
-            next_key: None,
-            probe_key: "p".into(),
-        }
-    }
-
-    #[test]
-    fn a_stage_alone_takes_every_thread_and_stages_at_work_together_share() {
-        // Four stages on one 2-core machine: alone (one step in flight) 2 threads, else 1.
-        assert_eq!(threads_for(2, &route(4), 1), 2);
-        assert_eq!(threads_for(2, &route(4), 2), 1);
-        assert_eq!(threads_for(2, &route(4), 4), 1);
-        // Eight threads shared by the two stages that can work at once on this machine.
-        assert_eq!(threads_for(8, &route(2), 4), 4);
-        // A machine of its own: every thread, however many steps are in flight.
-        assert_eq!(threads_for(8, &route(1), 4), 8);
-        assert_eq!(threads_for(1, &route(4), 0), 1);
-    }
 }

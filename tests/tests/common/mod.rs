@@ -24,16 +24,7 @@ pub fn pipeline_greedy(
     let mut input = prompt.to_vec();
     let mut pos = 0i32;
     for _ in 0..max_tokens {
-        let mut state = stages[0].forward_tokens(&input, pos).unwrap();
-        for stage in stages[1..].iter_mut() {
-            let StageOutput::Hidden(h) = state else {
-                panic!("a non-final stage gave logits")
-            };
-            state = stage.forward_hidden(&h, pos).unwrap();
-        }
-        let StageOutput::Logits(logits) = state else {
-            panic!("the last stage gave hidden states")
-        };
+        let logits = forward_chain(stages, &input, pos);
         let next = argmax(&logits);
         first_logits.get_or_insert(logits);
         pos += input.len() as i32;
@@ -47,6 +38,27 @@ pub fn pipeline_greedy(
         tokens: out,
         first_logits: first_logits.unwrap_or_default(),
     }
+}
+
+/// The last stage's logits for `input` (token ids) at positions `pos..` of sequence 0, run
+/// through every stage.
+pub fn forward_chain(stages: &mut [Stage], input: &[i32], pos: i32) -> Vec<f32> {
+    let mut state = stages[0].forward_tokens(input, pos).unwrap();
+    for stage in stages[1..].iter_mut() {
+        let StageOutput::Hidden(h) = state else {
+            panic!("a non-final stage gave logits")
+        };
+        state = stage.forward_hidden(&h, pos).unwrap();
+    }
+    let StageOutput::Logits(logits) = state else {
+        panic!("the last stage gave hidden states")
+    };
+    logits
+}
+
+/// The greedy token after `token` at position `pos` of sequence 0.
+pub fn step_token(stages: &mut [Stage], token: i32, pos: i32) -> i32 {
+    argmax(&forward_chain(stages, &[token], pos))
 }
 
 /// The stage files `shard-0.gguf …` in `dir`, loaded with one thread and a context of at most
