@@ -443,6 +443,17 @@ pub fn coordinator(listen: &str, seeder_http: &str, extra: &[&str]) -> Proc {
 /// A node on loopback, with one thread unless `extra` says otherwise, for the coordinator at
 /// `coordinator_http` (an address, for http://, or a whole URL).
 pub fn node(name: &str, coordinator_http: &str, data_dir: &Path, extra: &[&str]) -> Proc {
+    let mut with: Vec<&str> = Vec::new();
+    if !extra.contains(&"--threads") {
+        with.extend(["--threads", "1"]);
+    }
+    with.extend(extra);
+    node_as_given(name, coordinator_http, data_dir, &with)
+}
+
+/// [`node`] with only the settings in `extra`: with neither `--threads` nor `--pin-threads`,
+/// the node measures its decode-thread policy.
+pub fn node_as_given(name: &str, coordinator_http: &str, data_dir: &Path, extra: &[&str]) -> Proc {
     let mut args: Vec<String> = vec![
         "--coordinator".into(),
         if coordinator_http.contains("://") {
@@ -457,9 +468,6 @@ pub fn node(name: &str, coordinator_http: &str, data_dir: &Path, extra: &[&str])
         "--listen-addr".into(),
         "127.0.0.1".into(),
     ];
-    if !extra.contains(&"--threads") {
-        args.extend(["--threads".into(), "1".into()]);
-    }
     args.extend(extra.iter().map(|s| s.to_string()));
     Proc::start(name, &bin("node", "node"), &args)
 }

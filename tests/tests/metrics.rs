@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 
 use serde_json::{json, Value};
 use tests::api::{read_stream, send};
-use tests::{node, swarm_lock, Bed};
+use tests::{node_as_given, swarm_lock, Bed};
 
 /// Parse OpenMetrics text with the Python parser: its samples.
 fn parse(text: &str) -> Vec<Value> {
@@ -59,16 +59,59 @@ fn scrape(url: &str) -> String {
     r.text().unwrap()
 }
 
+/// What a node's `/status` entry must say of its decode threads.
+struct Expected {
+    /// `measured` or `flags`.
+    by: &'static str,
+    /// The policies it measured.
+    measured: &'static [&'static str],
+    /// The policy and threads its flags fixed.
+    fixed: Option<(&'static str, u64)>,
+}
+
+impl Expected {
+    fn measured(policies: &'static [&'static str]) -> Expected {
+        Expected {
+            by: "measured",
+            measured: policies,
+            fixed: None,
+        }
+    }
+
+    fn fixed(policy: &'static str, threads: u64) -> Expected {
+        Expected {
+            by: "flags",
+            measured: &[],
+            fixed: Some((policy, threads)),
+        }
+    }
+}
+
 #[test]
 fn coordinator_and_node_metrics_count_the_served_requests() {
     let _one = swarm_lock();
     let bed = Bed::new(4, &[]);
     let c = bed.coordinator("127.0.0.1:0", &["--min-nodes", "4"]);
     let addr = c.field("http").to_owned();
+    // Each node's decode threads settled another way: n0 measures all three policies, n1 has
+    // them fixed by both flags, n2 measures one thread against a pinned team (`--pin-threads`
+    // fixes the team's kind), n3 is fixed to one thread (`--threads 1`, as in every other
+    // swarm test).
+    let settings: [&[&str]; 4] = [
+        &[],
+        &["--threads", "2", "--pin-threads", "false"],
+        &["--pin-threads", "true"],
+        &["--threads", "1"],
+    ];
     let nodes: Vec<_> = bed
         .node_dirs(4)
         .iter()
-        .map(|(name, dir)| node(name, &addr, dir, &["--metrics-listen", "127.0.0.1:0"]))
+        .zip(settings)
+        .map(|((name, dir), threads)| {
+            let mut extra = vec!["--metrics-listen", "127.0.0.1:0"];
+            extra.extend(threads);
+            node_as_given(name, &addr, dir, &extra)
+        })
         .collect();
     // Waited for as an operator would, with `shard_loader watch` (plain lines: no terminal).
     let watch = Command::new(tests::bin("shard_loader", "shard_loader"))
@@ -161,9 +204,62 @@ fn coordinator_and_node_metrics_count_the_served_requests() {
         );
     }
 
+    // Each node's decode-thread policy, as /status shows it, as the node's log says it, and as
+    // its metrics label it: measured where the settings left a choice, fixed where they did not.
+    let status: Value = reqwest::blocking::get(format!("http://{addr}/status"))
+        .unwrap()
+        .json()
+        .unwrap();
+    let decode_of = |name: &str| -> Value {
+        status["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == name)
+            .unwrap_or_else(|| panic!("{name} is not in /status: {status}"))["decode"]
+            .clone()
+    };
+    let expected = [
+        Expected::measured(&["one", "team", "team-pinned"]),
+        Expected::fixed("team", 2),
+        Expected::measured(&["one", "team-pinned"]),
+        Expected::fixed("one", 1),
+    ];
+    let mut chosen = Vec::new();
+    for (i, (n, e)) in nodes.iter().zip(expected).enumerate() {
+        let (by, measured, fixed) = (e.by, e.measured, e.fixed);
+        let d = decode_of(&format!("n{i}"));
+        assert_eq!(d["chosen_by"], by, "n{i}: {d}");
+        let times = d["measured_ms"].as_object().cloned().unwrap_or_default();
+        let names: Vec<&str> = times.keys().map(String::as_str).collect();
+        assert_eq!(names, measured, "n{i}: {d}");
+        let policy = d["policy"].as_str().unwrap().to_owned();
+        if let Some((fixed_policy, threads)) = fixed {
+            assert_eq!(policy, fixed_policy, "n{i}: {d}");
+            assert_eq!(d["threads"], threads, "n{i}: {d}");
+        } else {
+            // The fastest of what was measured.
+            let best = times
+                .iter()
+                .min_by(|a, b| a.1.as_f64().unwrap().total_cmp(&b.1.as_f64().unwrap()))
+                .unwrap();
+            assert_eq!(&policy, best.0, "n{i}: {d}");
+            assert!(times.values().all(|ms| ms.as_f64().unwrap() > 0.0), "{d}");
+        }
+        if policy == "team-pinned" {
+            assert_eq!(d["cpus"].as_array().unwrap().len(), 2, "{d}");
+        }
+        assert!(
+            n.stderr_text()
+                .contains(&format!("decode threads: {policy} (")),
+            "n{i} does not log its choice"
+        );
+        chosen.push((policy, by, times));
+    }
+
     // Every node runs one stage here, and fetched its shard.
     let mut stages = Vec::new();
-    for n in &nodes {
+    for (n, (policy, by, times)) in nodes.iter().zip(&chosen) {
         let at = n
             .stdout_lines()
             .iter()
@@ -178,6 +274,16 @@ fn coordinator_and_node_metrics_count_the_served_requests() {
         );
         assert!(value(&m, "shardswarm_node_rows_total", &[]) >= 2.0 * f64::from(max_tokens));
         assert!(value(&m, "shardswarm_node_fetched_bytes", &[]) > 0.0);
+        let labels = [("policy", policy.as_str()), ("chosen_by", *by)];
+        assert!(value(&m, "shardswarm_node_decode_threads", &labels) >= 1.0);
+        for (measured, ms) in times {
+            let seconds = value(
+                &m,
+                "shardswarm_node_decode_measured_seconds",
+                &[("policy", measured)],
+            );
+            assert!((seconds * 1e3 - ms.as_f64().unwrap()).abs() < 1e-6);
+        }
         // The last stage answers every step straight to the coordinator, on its answer lane;
         // nothing comes back up the chain, and other stages answer nothing.
         let answers = |way| value(&m, "shardswarm_node_answers_total", &[("way", way)]);
