@@ -17,8 +17,13 @@ printed as the swarm comes up. With --policies, K=1 and K=8 run first under ever
 with nodes fixed to one thread, a free team, a pinned team) and with the nodes' measured choice,
 so that a choice worse than the best fixed policy shows in the same run.
 
+Each line also gives the busiest vCPU's steal time (/proc/stat: the hypervisor running something
+else while the VM wanted that vCPU), which makes teams that wait for their slowest thread slow.
+--busy-core CPU keeps one core busy with a spinning process (a machine shared with other work).
+
 usage: bench/serve.py [--runs 3] [--max-tokens 48] [--clients 1,2,4,8,16] [--micro-batches 0]
                       [--node-threads 1] [--stages 4] [--skip-llama-server] [--policies]
+                      [--busy-core CPU]
 """
 import argparse
 import json
@@ -126,23 +131,31 @@ def cpu_seconds(pids):
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def steal_ticks():
+    """Per CPU, the time the hypervisor ran something else while this VM's vCPU wanted to run
+    (/proc/stat `steal`, in clock ticks)."""
+    with open("/proc/stat") as f:
+        return [int(line.split()[8]) for line in f if line.startswith("cpu") and line[3].isdigit()]
+
+
 def measure(addr, k, runs, max_tokens, pids, busy_of=None):
     """Medians over runs: (tok/s, TTFT p50, inter-token p50, p99, stage busy fractions, texts,
-    server CPU ms per token)."""
+    server CPU ms per token, the busiest vCPU's steal fraction)."""
     rows = []
     for _ in range(runs):
         before = busy_of(addr) if busy_of else []
-        cpu0 = cpu_seconds(pids)
+        cpu0, steal0 = cpu_seconds(pids), steal_ticks()
         t0 = time.monotonic()
         tps, ttft, gaps, texts, tokens = round_of(addr, k, max_tokens)
         wall = time.monotonic() - t0
         cpu_ms = (cpu_seconds(pids) - cpu0) * 1000 / max(tokens, 1)
+        steal = max((b - a for a, b in zip(steal0, steal_ticks())), default=0) / os.sysconf("SC_CLK_TCK") / wall
         after = busy_of(addr) if busy_of else []
         fractions = [(a - b) / wall for a, b in zip(after, before)]
-        rows.append((tps, statistics.median(ttft), pct(gaps, 50), pct(gaps, 99), fractions, texts, cpu_ms))
+        rows.append((tps, statistics.median(ttft), pct(gaps, 50), pct(gaps, 99), fractions, texts, cpu_ms, steal))
     med = lambda j: statistics.median(r[j] for r in rows)
     fractions = [statistics.median(r[4][i] for r in rows) for i in range(len(rows[0][4]))]
-    return med(0), med(1), med(2), med(3), fractions, rows[0][5], med(6)
+    return med(0), med(1), med(2), med(3), fractions, rows[0][5], med(6), med(7)
 
 
 POLICIES = {
@@ -188,7 +201,7 @@ def run_pipeline(args, model, ks, node_flags, label):
             results[k] = measure(coord, k, args.runs, args.max_tokens, [p.pid for p in procs], busy)
             r = results[k]
             print(f"{label:12s} K={k:2d}: {r[0]:6.1f} tok/s, TTFT {r[1]:6.0f} ms, inter-token p50 "
-                  f"{r[2]:5.1f} p99 {r[3]:6.1f} ms, CPU {r[6]:5.1f} ms/token, stage busy "
+                  f"{r[2]:5.1f} p99 {r[3]:6.1f} ms, CPU {r[6]:5.1f} ms/token, steal {r[7]:4.0%}, stage busy "
                   + " ".join(f"{f:.2f}" for f in r[4]), flush=True)
         return results, policies
     finally:
@@ -230,8 +243,22 @@ def main():
     ap.add_argument("--policies", action="store_true",
                     help="K=1 and K=8 under each decode-thread policy (one, team, team-pinned) and the "
                          "nodes' measured choice, then the usual comparison with llama-server (unless skipped)")
+    ap.add_argument("--busy-core", type=int, metavar="CPU",
+                    help="keep CPU busy with a spinning process throughout (other work on the machine: "
+                         "shows which policy the nodes choose then, and what each costs)")
     ap.add_argument("--llama-server", help="llama-server binary (default: build or reuse the cached one)")
     args = ap.parse_args()
+    if args.busy_core is not None:
+        hog = subprocess.Popen(["taskset", "-c", str(args.busy_core), "sh", "-c", "while :; do :; done"])
+        try:
+            run(args)
+        finally:
+            stop([hog])
+    else:
+        run(args)
+
+
+def run(args):
     ks = [int(k) for k in args.clients.split(",")]
     subprocess.run(["cargo", "build", "--release", "-q", "--workspace", "--bins"], cwd=REPO, check=True)
     model = subprocess.run([os.path.join(REPO, "deploy", "fetch-model.sh")], capture_output=True, text=True,
@@ -256,7 +283,8 @@ def main():
             finally:
                 stop([server])
             print(f"llama-server K={k:2d}: {theirs[k][0]:6.1f} tok/s, TTFT {theirs[k][1]:6.0f} ms, inter-token p50 "
-                  f"{theirs[k][2]:5.1f} p99 {theirs[k][3]:6.1f} ms, CPU {theirs[k][6]:5.1f} ms/token", flush=True)
+                  f"{theirs[k][2]:5.1f} p99 {theirs[k][3]:6.1f} ms, CPU {theirs[k][6]:5.1f} ms/token, "
+                  f"steal {theirs[k][7]:4.0%}", flush=True)
     finally:
         subprocess.run(["rm", "-rf", work])
     print()
