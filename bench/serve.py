@@ -15,7 +15,8 @@ partial character). llama-server is built once from full llama.cpp sources by
 Each node's decode-thread policy (measured when its stage loads, or fixed by --node-threads) is
 printed as the swarm comes up. With --policies, K=1 and K=8 run first under every policy (swarms
 with nodes fixed to one thread, a free team, a pinned team) and with the nodes' measured choice,
-so that a choice worse than the best fixed policy shows in the same run.
+each twice in mirrored order, so that a choice worse than the best fixed policy shows in the same
+run.
 
 Each line also gives the busiest vCPU's steal time (/proc/stat: the hypervisor running something
 else while the VM wanted that vCPU), which makes teams that wait for their slowest thread slow.
@@ -211,22 +212,29 @@ def run_pipeline(args, model, ks, node_flags, label):
 
 def compare_policies(args, model):
     """K=1 and K=8 with the nodes' measured choice and under each fixed policy, swarms started
-    in turn; the measured choice against the best fixed one."""
+    in turn, twice in mirrored order (A B C D D C B A) so that the machine's drift falls on all
+    alike; the measured choice against the best fixed one."""
     ks = [1, 8]
-    rows = {}
-    for name, flags in POLICIES.items():
-        rows[name], _ = run_pipeline(args, model, ks, flags, name)
+    runs = {name: {k: [] for k in ks} for name in POLICIES}
+    order = list(POLICIES) + list(reversed(POLICIES))
+    for name in order:
+        results, _ = run_pipeline(args, model, ks, POLICIES[name], name)
+        for k in ks:
+            runs[name][k].append(results[k][0])
+    rate = {name: {k: statistics.median(v) for k, v in by_k.items()} for name, by_k in runs.items()}
     print()
     print(f"decode-thread policies: SmolLM2-135M Q4_1, {args.stages} stages on loopback, {args.max_tokens} greedy "
-          f"tokens per client, medians of {args.runs} runs; teams of {os.cpu_count()} threads")
-    print(f"{'policy':12s} " + " ".join(f"{'K=' + str(k) + ' tok/s':>12s}" for k in ks))
+          f"tokens per client; tok/s: mean of 2 swarms (mirrored order), each the median of {args.runs} runs; "
+          f"teams of {os.cpu_count()} threads")
+    print(f"{'policy':12s} " + " ".join(f"{'K=' + str(k) + ' tok/s':>12s} {'(swarms)':>14s}" for k in ks))
     for name in POLICIES:
-        print(f"{name:12s} " + " ".join(f"{rows[name][k][0]:12.1f}" for k in ks))
+        print(f"{name:12s} " + " ".join(
+            f"{rate[name][k]:12.1f} {'(' + ', '.join(f'{v:.1f}' for v in runs[name][k]) + ')':>14s}" for k in ks))
     for k in ks:
-        best = max((n for n in POLICIES if n != "measured"), key=lambda n: rows[n][k][0])
-        print(f"K={k}: measured {rows['measured'][k][0]:.1f} tok/s = "
-              f"{rows['measured'][k][0] / rows[best][k][0]:.2f}x the best fixed policy ({best}, "
-              f"{rows[best][k][0]:.1f}); goal: about 1 (within noise)")
+        best = max((n for n in POLICIES if n != "measured"), key=lambda n: rate[n][k])
+        print(f"K={k}: measured {rate['measured'][k]:.1f} tok/s = "
+              f"{rate['measured'][k] / rate[best][k]:.2f}x the best fixed policy ({best}, "
+              f"{rate[best][k]:.1f}); goal: about 1 (within noise)")
 
 
 def main():
