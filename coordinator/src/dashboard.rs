@@ -1,6 +1,7 @@
 //! The dashboard at `/`: the swarm for a person to look at (nodes, the shard each holds with
-//! its progress and where its bytes came from, the route, readiness, tokens/s) and a chat with
-//! the model. Plain HTML and a little JS served by the binary, no build step.
+//! its progress and where its bytes came from, how its decodes use threads, the route,
+//! readiness, tokens/s) and a chat with the model. Plain HTML and a little JS served by the
+//! binary, no build step.
 //!
 //! One renderer: the live part is HTML made here from the `/status` document. `/` embeds it
 //! (so the page shows the swarm without running a script, or before its first update), and the
@@ -97,9 +98,19 @@ pub fn live(s: &Value) -> String {
                 parts.join(", ")
             );
         }
+        // How the stage's decodes use threads, and how that was settled.
+        let decode = match n["decode"]["policy"].as_str() {
+            Some(policy) => format!(
+                "<br><small class=\"decode\">{} ×{} ({})</small>",
+                escape(policy),
+                n["decode"]["threads"].as_u64().unwrap_or(1),
+                escape(n["decode"]["chosen_by"].as_str().unwrap_or("?"))
+            ),
+            None => String::new(),
+        };
         let _ = write!(
             h,
-            "<tr class=\"node\"><td><b>{}</b><br><small>{}</small></td><td>{}</td><td>{shards_cell}</td><td>{sources}</td><td>{:.0} s ago</td></tr>",
+            "<tr class=\"node\"><td><b>{}</b><br><small>{}</small></td><td>{}{decode}</td><td>{shards_cell}</td><td>{sources}</td><td>{:.0} s ago</td></tr>",
             escape(n["name"].as_str().unwrap_or("")),
             escape(&id.chars().take(8).collect::<String>()),
             n["stage"].as_u64().map_or("–".into(), |k| k.to_string()),
@@ -175,8 +186,27 @@ mod tests {
                        "fetched_from": {"0": {"seeder": 5}}}],
         });
         let html = live(&status);
+        assert!(!html.contains("class=\"decode\""), "{html}");
         assert!(!html.contains("<script>"), "{html}");
         assert!(html.contains("&lt;script&gt;"), "{html}");
         assert!(html.contains("not ready") && html.contains("50%"), "{html}");
+    }
+
+    #[test]
+    fn a_node_shows_its_decode_thread_policy_with_its_stage() {
+        let status = serde_json::json!({
+            "ready": true, "min_nodes": 1, "shards": [{}], "shards_loaded": 1, "serving": true,
+            "route": null,
+            "nodes": [{"node_id": "n1", "name": "n1", "stage": 0, "shards": {},
+                       "decode": {"policy": "team-pinned", "threads": 2, "cpus": [0, 1],
+                                  "chosen_by": "measured", "measured_ms": {"one": 3.1}}}],
+        });
+        let html = live(&status);
+        assert!(
+            html.contains(
+                "<td>0<br><small class=\"decode\">team-pinned ×2 (measured)</small></td>"
+            ),
+            "{html}"
+        );
     }
 }

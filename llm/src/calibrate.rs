@@ -92,7 +92,7 @@ pub fn calibrate(stage: &mut Stage, plan: &Plan) -> Result<Calibration, LlmError
         return Err(LlmError::Decode("no decode policy to choose from".into()));
     }
     let seq = stage.sequences() as i32 - 1;
-    let input = Synthetic::new(stage.n_embd(), plan.takes_tokens);
+    let input = Synthetic::new(stage, plan.takes_tokens);
     let mut rounds: Vec<Vec<Duration>> = vec![Vec::new(); n];
     let started = Instant::now();
     // The context's first decodes allocate its graph: not part of any policy's time.
@@ -157,13 +157,15 @@ fn fastest(trials: &[Trial]) -> DecodePolicy {
 /// not care about the values), and what it computes is thrown away.
 struct Synthetic {
     n_embd: usize,
+    n_vocab: usize,
     takes_tokens: bool,
 }
 
 impl Synthetic {
-    fn new(n_embd: usize, takes_tokens: bool) -> Synthetic {
+    fn new(stage: &Stage, takes_tokens: bool) -> Synthetic {
         Synthetic {
-            n_embd,
+            n_embd: stage.n_embd(),
+            n_vocab: stage.n_vocab().max(1),
             takes_tokens,
         }
     }
@@ -171,8 +173,9 @@ impl Synthetic {
     fn decode(&self, stage: &mut Stage, seq: i32, pos: i32) -> Result<(), LlmError> {
         let rows = [Row { seq, pos }];
         if self.takes_tokens {
-            // Ids every vocabulary has (the first few hundred are ordinary tokens or bytes).
-            stage.forward_token_rows(&[100 + pos % 100], &rows)?;
+            // Ordinary ids past the special ones at the start, within even a tiny vocabulary.
+            let id = (100 + pos as usize % 100) % self.n_vocab;
+            stage.forward_token_rows(&[id as i32], &rows)?;
         } else {
             // Hidden states of a realistic size: values of order one, varying along the row.
             let hidden: Vec<f32> = (0..self.n_embd)

@@ -202,6 +202,11 @@ impl Stage {
         self.n_embd
     }
 
+    /// Token ids the model knows (the first stage takes ids below this).
+    pub fn n_vocab(&self) -> usize {
+        self.n_vocab
+    }
+
     /// Run tokens (first stage) at positions `pos0..` of sequence 0.
     pub fn forward_tokens(&mut self, tokens: &[i32], pos0: i32) -> Result<StageOutput, LlmError> {
         self.forward(Input::Tokens(tokens), pos0)

@@ -207,8 +207,8 @@ pub struct DecodeThreads {
     /// The cores a pinned team runs on.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cpus: Vec<usize>,
-    /// `measured` (the fastest of `measured_ms`) or `flags` (fixed by the node's settings, or
-    /// the machine left one choice).
+    /// `measured` (the fastest of `measured_ms`), `flags` (fixed by the node's settings, or
+    /// the machine left one choice) or `default` (measuring failed: one thread).
     pub chosen_by: String,
     /// Milliseconds per decode of this stage under each candidate, by policy name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]

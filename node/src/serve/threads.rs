@@ -60,7 +60,8 @@ pub(super) fn threads_for(threads: i32, route: &RouteParams, in_flight: u32) -> 
 const TURN_WAIT: Duration = Duration::from_secs(60);
 
 /// Put a freshly loaded `stage` of `route` under the policy `settings` give: the only
-/// candidate, or the fastest measured. Runs on the decode thread.
+/// candidate, or the fastest measured (one thread if measuring fails). Runs on the decode
+/// thread.
 pub(super) fn choose(
     stage: &mut Stage,
     settings: ThreadSettings,
@@ -73,10 +74,23 @@ pub(super) fn choose(
         return Ok(report(only, cpus, None));
     }
     let turn = machine_turn(TURN_WAIT);
-    let calibration = calibrate(stage, &plan)?;
+    let measured = calibrate(stage, &plan);
     drop(turn);
-    let cpus = stage.set_policy(calibration.chosen, plan.team_offset)?;
-    Ok(report(calibration.chosen, cpus, Some(&calibration)))
+    match measured {
+        Ok(calibration) => {
+            let cpus = stage.set_policy(calibration.chosen, plan.team_offset)?;
+            Ok(report(calibration.chosen, cpus, Some(&calibration)))
+        }
+        // Only speed is at stake: serve under one thread, which never waits for a team, and
+        // say so. (A stage that cannot decode at all fails its first step with the reason.)
+        Err(e) => {
+            tracing::warn!("measuring decode-thread policies failed ({e}): one thread");
+            let cpus = stage.set_policy(DecodePolicy::One, plan.team_offset)?;
+            let mut d = report(DecodePolicy::One, cpus, None);
+            d.chosen_by = "default".into();
+            Ok(d)
+        }
+    }
 }
 
 /// What `/status` and the metrics say of a choice.
@@ -117,7 +131,9 @@ pub(super) fn describe(d: &DecodeThreads) -> String {
         line += &format!(" on CPUs {:?}", d.cpus);
     }
     line += ")";
-    if d.measured_ms.is_empty() {
+    if d.chosen_by == "default" {
+        line += ", since measuring failed";
+    } else if d.measured_ms.is_empty() {
         line += ", as the settings fix it";
     } else {
         let each: Vec<String> = d
