@@ -148,7 +148,10 @@ impl Pipeline {
                 return Ok(l.decode.clone());
             }
         }
-        let path = self.shards_dir.join(format!("shard-{}.gguf", route.stage));
+        let path = self.shards_dir.join(torrents::split::shard_file_name(
+            route.stage as usize,
+            "gguf",
+        ));
         let is_last = route.stage + 1 == route.stage_count;
         let settings = self.threads;
         // The coordinator's sequences, and one more kept for its probes.
