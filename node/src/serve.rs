@@ -37,7 +37,7 @@ use std::time::Instant;
 use llm::sample::sample;
 use llm::stage::{RowsOutput, Stage};
 use protocol::data::io::Connection;
-use protocol::data::{Frame, Group, Payload, MAX_CONTEXT};
+use protocol::data::{Frame, Group, LaneKind, Payload, MAX_CONTEXT};
 use protocol::RouteParams;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -296,24 +296,28 @@ async fn connection(
         }
         (Ok(Ok(_)), None) => return, // admit refuses without a route
     };
-    let probe = hello.probe;
+    let probe = hello.is_probe();
     let (mut steps, to_caller) = conn.into_split();
     let (up, up_queue) = mpsc::unbounded_channel();
     tokio::spawn(write_all(to_caller, up_queue));
-    if hello.answers {
-        return hops::answer_lane(&pipeline.answer_lanes, &route, hello.lane, steps, up).await;
-    }
+    let lane_id = match hello.kind {
+        LaneKind::Answers { lane } => {
+            return hops::answer_lane(&pipeline.answer_lanes, &route, lane, steps, up).await;
+        }
+        LaneKind::Chain { lane } => lane,
+        LaneKind::Probe => String::new(),
+    };
     let answers = match &route.next {
-        None if !probe && !hello.lane.is_empty() => {
+        None if !lane_id.is_empty() => {
             let lanes = pipeline.answer_lanes.lock().unwrap();
-            lanes.get(&hello.lane).cloned()
+            lanes.get(&lane_id).cloned()
         }
         _ => None,
     };
     let down = match &route.next {
         _ if probe => None,
         None => None,
-        Some(next) => match open_next(&route, next, pipeline.client_tls(), &hello.lane).await {
+        Some(next) => match open_next(&route, next, pipeline.client_tls(), &lane_id).await {
             Ok(conn) => {
                 let (answers, to_next) = conn.into_split();
                 let (down, down_queue) = mpsc::unbounded_channel();

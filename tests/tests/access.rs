@@ -136,9 +136,9 @@ fn a_public_coordinator_makes_keeps_and_requires_a_token_and_an_api_key() {
             split_id: st["split_id"].as_str().unwrap().into(),
             stage: 0,
             nonce: "00".into(),
-            probe: false,
-            lane: String::new(),
-            answers: false,
+            kind: protocol::data::LaneKind::Chain {
+                lane: String::new(),
+            },
         })
         .encode();
         s.write_all(&(hello.len() as u32).to_le_bytes()).unwrap();

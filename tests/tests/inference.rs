@@ -164,9 +164,9 @@ fn four_stage_swarm_matches_the_whole_model_streams_and_serves_the_openai_client
             split_id: st["split_id"].as_str().unwrap().into(),
             stage,
             nonce: "00".into(),
-            probe: false,
-            lane: String::new(),
-            answers: false,
+            kind: protocol::data::LaneKind::Chain {
+                lane: String::new(),
+            },
         })
     };
     let mut s = data_connect(stage0);

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use protocol::data::io::{Connection, FrameReader, FrameWriter};
-use protocol::data::{Frame, Hello};
+use protocol::data::{Frame, Hello, LaneKind};
 use protocol::RouteParams;
 use tokio::sync::mpsc;
 
@@ -33,20 +33,21 @@ pub(super) fn admit(route: Option<&RouteParams>, hello: &Hello) -> Result<String
             route.stage, route.split_id, hello.stage, hello.split_id
         ));
     }
-    if hello.answers && (hello.probe || hello.lane.is_empty() || route.next.is_some()) {
+    if matches!(&hello.kind, LaneKind::Answers { lane } if lane.is_empty() || route.next.is_some())
+    {
         return Err(format!(
             "refused: an answer lane goes to the last stage with a lane id, and this node runs \
              stage {} of {}",
             route.stage, route.stage_count
         ));
     }
-    let key = if hello.probe {
+    let key = if hello.is_probe() {
         &route.probe_key
     } else {
         &route.key
     };
     if key.is_empty() {
-        return Err(if hello.probe {
+        return Err(if hello.is_probe() {
             "refused: the coordinator gave this node no probe key".into()
         } else {
             "refused: this node holds its stage as a replica, off the route".into()
@@ -172,11 +173,21 @@ mod tests {
             .contains("answer lane"));
         let without_id = Hello::answers("m", "s", 3, "");
         assert!(admit(Some(&last), &without_id).is_err());
-        let probing = Hello {
-            probe: true,
-            ..Hello::answers("m", "s", 3, "lane-1")
+        // An answer lane without an id, or one that is also a probe, cannot even be read
+        // (protocol::data's Hello refuses them as it parses).
+        let wire = |fields: &str| {
+            serde_json::from_str::<Hello>(&format!(
+                r#"{{"model_sha256":"m","split_id":"s","stage":3,"nonce":"n",{fields}}}"#
+            ))
         };
-        assert!(admit(Some(&last), &probing).is_err());
+        assert!(wire(r#""answers":true"#).is_err());
+        assert!(wire(r#""answers":true,"lane":"lane-1","probe":true"#).is_err());
+        assert_eq!(
+            wire(r#""answers":true,"lane":"lane-1""#).unwrap().kind,
+            LaneKind::Answers {
+                lane: "lane-1".into()
+            }
+        );
         // A chain hop names its lane and is admitted as before.
         let chain = Hello::new("m", "s", 2).on_lane("lane-1");
         assert_eq!(admit(Some(&middle), &chain), Ok("k".into()));

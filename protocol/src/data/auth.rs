@@ -69,9 +69,7 @@ mod tests {
             split_id: "s".into(),
             stage: 1,
             nonce: "00ff".into(),
-            probe: false,
-            lane: "a1".into(),
-            answers: false,
+            kind: super::super::LaneKind::Chain { lane: "a1".into() },
         };
         let n = [7u8; PROOF_LEN];
         let callee = callee_proof("k", &hello, &n);
@@ -91,14 +89,11 @@ mod tests {
         assert!(!is_callee_proof("k", &other_stage, &n, &callee));
         // Nor may a chain hop's proof open the lane's answer lane, or another lane.
         let answers = Hello {
-            answers: true,
+            kind: super::super::LaneKind::Answers { lane: "a1".into() },
             ..hello.clone()
         };
         assert!(!is_callee_proof("k", &answers, &n, &callee));
-        let other_lane = Hello {
-            lane: "a2".into(),
-            ..hello.clone()
-        };
+        let other_lane = hello.clone().on_lane("a2");
         assert!(!is_callee_proof("k", &other_lane, &n, &callee));
         assert!(is_caller_proof(
             "k",

@@ -2,7 +2,7 @@
 //! `io`).
 
 use super::auth::{self, PROOF_LEN};
-use super::{Frame, FrameError, Hello, MAX_FRAME, MAX_HANDSHAKE_FRAME};
+use super::{Frame, FrameError, Hello, LaneKind, MAX_FRAME, MAX_HANDSHAKE_FRAME};
 use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -30,7 +30,7 @@ pub enum ChannelError {
 }
 
 impl Hello {
-    /// A greeting for `stage` of a split, with a fresh nonce.
+    /// A greeting for `stage` of a split, with a fresh nonce: a chain lane with no id.
     pub fn new(model_sha256: &str, split_id: &str, stage: u32) -> Hello {
         Hello {
             model_sha256: model_sha256.to_owned(),
@@ -40,32 +40,36 @@ impl Hello {
                 .iter()
                 .map(|b| format!("{b:02x}"))
                 .collect(),
-            probe: false,
-            lane: String::new(),
-            answers: false,
+            kind: LaneKind::Chain {
+                lane: String::new(),
+            },
         }
     }
 
-    /// This greeting as part of the coordinator's lane `lane` (a chain hop passes it on).
+    /// This greeting as the chain lane `lane` (a chain hop passes the coordinator's id on).
     pub fn on_lane(self, lane: &str) -> Hello {
         Hello {
-            lane: lane.to_owned(),
+            kind: LaneKind::Chain {
+                lane: lane.to_owned(),
+            },
             ..self
         }
     }
 
-    /// A greeting for the answer lane `lane` to the last stage, `stage` ([`Hello::answers`]).
+    /// A greeting for the answer lane `lane` to the last stage, `stage` ([`LaneKind::Answers`]).
     pub fn answers(model_sha256: &str, split_id: &str, stage: u32, lane: &str) -> Hello {
         Hello {
-            answers: true,
-            ..Hello::new(model_sha256, split_id, stage).on_lane(lane)
+            kind: LaneKind::Answers {
+                lane: lane.to_owned(),
+            },
+            ..Hello::new(model_sha256, split_id, stage)
         }
     }
 
-    /// A greeting for a probe lane to `stage` ([`Hello::probe`]).
+    /// A greeting for a probe lane to `stage` ([`LaneKind::Probe`]).
     pub fn probe(model_sha256: &str, split_id: &str, stage: u32) -> Hello {
         Hello {
-            probe: true,
+            kind: LaneKind::Probe,
             ..Hello::new(model_sha256, split_id, stage)
         }
     }
