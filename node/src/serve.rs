@@ -264,6 +264,9 @@ async fn connection(
         .unwrap()
         .as_ref()
         .map(|t| t.acceptor.clone());
+    // Frames for the caller: the writer starts once the connection is admitted, but an
+    // answer lane is registered with this sender during the handshake.
+    let (up, up_queue) = mpsc::unbounded_channel();
     let handshake_all = async {
         let stream: Box<dyn protocol::data::io::DataStream> = match acceptor {
             None => Box::new(stream),
@@ -277,42 +280,51 @@ async fn connection(
                 }
             },
         };
-        Connection::accept(stream, peer.to_string(), |hello| {
-            admit(current.as_ref().map(|(route, _)| route), hello)
-        })
-        .await
+        let route = current.as_ref().map(|(route, _)| route);
+        // An answer lane is registered before it is answered Ready: the coordinator opens
+        // the chain lane that names it only then.
+        let register = |hello: &protocol::data::Hello| match &hello.kind {
+            LaneKind::Answers { lane } => {
+                let stage = route.map_or(0, |r| r.stage);
+                hops::register_answer_lane(&pipeline.answer_lanes, stage, lane, &up)
+            }
+            _ => Ok(()),
+        };
+        Connection::accept_then(stream, peer.to_string(), |h| admit(route, h), register).await
     };
     let admitted = tokio::time::timeout(HANDSHAKE_TIME, handshake_all).await;
     drop(handshake);
     let (conn, hello, (route, generation)) = match (admitted, current) {
         (Ok(Ok((conn, hello))), Some(current)) => (conn, hello, current),
-        (Ok(Err(e)), _) => {
-            tracing::info!("data connection from {peer} refused: {e}");
+        failed => {
+            // Registered, then the handshake failed (the caller went before Ready): forget it.
+            hops::forget_lanes_of(&pipeline.answer_lanes, &up);
+            match failed {
+                (Ok(Err(e)), _) => tracing::info!("data connection from {peer} refused: {e}"),
+                (Err(_), _) => tracing::info!(
+                    "data connection from {peer}: no handshake within {HANDSHAKE_TIME:?}"
+                ),
+                _ => {} // admit refuses without a route
+            }
             return;
         }
-        (Err(_), _) => {
-            tracing::info!("data connection from {peer}: no handshake within {HANDSHAKE_TIME:?}");
-            return;
-        }
-        (Ok(Ok(_)), None) => return, // admit refuses without a route
     };
     let probe = hello.is_probe();
     let (mut steps, to_caller) = conn.into_split();
-    let (up, up_queue) = mpsc::unbounded_channel();
     tokio::spawn(write_all(to_caller, up_queue));
     let lane_id = match hello.kind {
-        LaneKind::Answers { lane } => {
-            return hops::answer_lane(&pipeline.answer_lanes, &route, lane, steps, up).await;
+        LaneKind::Answers { .. } => {
+            return hops::answer_lane(&pipeline.answer_lanes, &route, steps, up).await;
         }
         LaneKind::Chain { lane } => lane,
         LaneKind::Probe => String::new(),
     };
-    let answers = match &route.next {
-        None if !lane_id.is_empty() => {
-            let lanes = pipeline.answer_lanes.lock().unwrap();
-            lanes.get(&lane_id).cloned()
+    let answers = match hops::answers_for(&pipeline.answer_lanes, &route, probe, &lane_id) {
+        Ok(answers) => answers,
+        Err(e) => {
+            let _ = up.send(Frame::Error(e));
+            return;
         }
-        _ => None,
     };
     let down = match &route.next {
         _ if probe => None,

@@ -102,28 +102,34 @@ pub(super) async fn relay(
     }
 }
 
-/// Serve the coordinator's answer lane `lane` (admitted on a last stage): the `Sampled`
-/// answers of the chain lane with the same id go to `to_coordinator` until the coordinator
-/// closes it. The first answer lane of an id stands; the id is the coordinator's secret
-/// until its chain lane names it, after this lane is open.
+/// Register `to_coordinator` as the answer lane `lane` of a last stage. Called on the proved
+/// connection before it is answered `Ready`, so the coordinator, which opens its chain lane
+/// only after that, always finds its answer lane in place. The first answer lane of an id
+/// stands; the id is the coordinator's secret until its chain lane names it.
+pub(super) fn register_answer_lane(
+    lanes: &Mutex<HashMap<String, mpsc::UnboundedSender<Frame>>>,
+    stage: u32,
+    lane: &str,
+    to_coordinator: &mpsc::UnboundedSender<Frame>,
+) -> std::result::Result<(), String> {
+    let mut lanes = lanes.lock().unwrap();
+    if lanes.contains_key(lane) {
+        return Err(format!(
+            "stage {stage}: lane {lane} has an answer lane already"
+        ));
+    }
+    lanes.insert(lane.to_owned(), to_coordinator.clone());
+    Ok(())
+}
+
+/// Serve a registered answer lane: the `Sampled` answers of the chain lane with its id go to
+/// `to_coordinator` until the coordinator closes the lane, which unregisters it.
 pub(super) async fn answer_lane(
     lanes: &Mutex<HashMap<String, mpsc::UnboundedSender<Frame>>>,
     route: &RouteParams,
-    lane: String,
     mut from_coordinator: FrameReader,
     to_coordinator: mpsc::UnboundedSender<Frame>,
 ) {
-    {
-        let mut lanes = lanes.lock().unwrap();
-        if lanes.contains_key(&lane) {
-            let _ = to_coordinator.send(Frame::Error(format!(
-                "stage {}: lane {lane} has an answer lane already",
-                route.stage
-            )));
-            return;
-        }
-        lanes.insert(lane.clone(), to_coordinator.clone());
-    }
     // Nothing is sent this way: any frame, or the end, closes the lane.
     let why = match from_coordinator.receive_or_end().await {
         Ok(Some(frame)) => Some(format!("unexpected {} on an answer lane", frame.kind())),
@@ -133,13 +139,42 @@ pub(super) async fn answer_lane(
     if let Some(why) = why {
         let _ = to_coordinator.send(Frame::Error(format!("stage {}: {why}", route.stage)));
     }
-    let mut lanes = lanes.lock().unwrap();
-    if lanes
-        .get(&lane)
-        .is_some_and(|l| l.same_channel(&to_coordinator))
-    {
-        lanes.remove(&lane);
+    forget_lanes_of(lanes, &to_coordinator);
+}
+
+/// Where the last stage of a route sends the answers of the chain lane `lane`: the lane's
+/// answer lane on a route of several stages, which the coordinator opens before the chain
+/// lane (a chain lane without one is refused, never answered the long way round); on a
+/// one-stage route, and on every other stage or a probe, nowhere but up the lane (None).
+pub(super) fn answers_for(
+    lanes: &Mutex<HashMap<String, mpsc::UnboundedSender<Frame>>>,
+    route: &RouteParams,
+    probe: bool,
+    lane: &str,
+) -> std::result::Result<Option<mpsc::UnboundedSender<Frame>>, String> {
+    if probe || route.next.is_some() || route.stage_count <= 1 {
+        return Ok(None);
     }
+    match lanes.lock().unwrap().get(lane) {
+        Some(to_coordinator) => Ok(Some(to_coordinator.clone())),
+        None => Err(format!(
+            "stage {}: no answer lane {lane:?} is open (the coordinator opens it before the \
+             chain lane)",
+            route.stage
+        )),
+    }
+}
+
+/// Unregister the answer lanes that send to `to_coordinator` (its lane closed, or its
+/// handshake failed after it was registered).
+pub(super) fn forget_lanes_of(
+    lanes: &Mutex<HashMap<String, mpsc::UnboundedSender<Frame>>>,
+    to_coordinator: &mpsc::UnboundedSender<Frame>,
+) {
+    lanes
+        .lock()
+        .unwrap()
+        .retain(|_, sender| !sender.same_channel(to_coordinator));
 }
 
 #[cfg(test)]
@@ -193,42 +228,79 @@ mod tests {
         assert_eq!(admit(Some(&middle), &chain), Ok("k".into()));
     }
 
+    #[test]
+    fn a_last_stages_chain_lane_answers_on_its_answer_lane_or_is_refused() {
+        let lanes = Mutex::new(HashMap::new());
+        let (to_coordinator, _out) = mpsc::unbounded_channel();
+        register_answer_lane(&lanes, 3, "lane-1", &to_coordinator).unwrap();
+        let last = route(3, None);
+        let found = answers_for(&lanes, &last, false, "lane-1")
+            .unwrap()
+            .unwrap();
+        assert!(found.same_channel(&to_coordinator));
+        // No answer lane of that id, or none named: refused, not answered up the chain.
+        for missing in ["lane-2", ""] {
+            let e = answers_for(&lanes, &last, false, missing).unwrap_err();
+            assert!(e.contains("no answer lane"), "{e}");
+        }
+        // Probes, other stages and one-stage routes answer up their own lane.
+        assert!(answers_for(&lanes, &last, true, "").unwrap().is_none());
+        let middle = route(2, Some("127.0.0.1:9"));
+        assert!(answers_for(&lanes, &middle, false, "lane-2")
+            .unwrap()
+            .is_none());
+        let alone = RouteParams {
+            stage: 0,
+            stage_count: 1,
+            ..route(0, None)
+        };
+        assert!(answers_for(&lanes, &alone, false, "lane-2")
+            .unwrap()
+            .is_none());
+    }
+
     #[tokio::test]
     async fn the_first_answer_lane_of_an_id_stands_and_leaves_when_it_closes() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let lanes = Mutex::new(HashMap::new());
         let last = route(3, None);
-        // The coordinator's end of an answer lane, through the real handshake.
-        let accept = || async {
-            let hello = Hello::answers("m", "s", 3, "lane-1");
-            let open = Connection::open(&addr, hello, "k", None);
-            let take = async {
-                let (tcp, peer) = listener.accept().await.unwrap();
-                Connection::accept(Box::new(tcp), peer.to_string(), |h| admit(Some(&last), h))
+        // The coordinator's end of an answer lane, through the real handshake, registered
+        // before Ready as a node does: the coordinator's side of a refused lane fails.
+        let accept = |to_coordinator: mpsc::UnboundedSender<Frame>| {
+            let (lanes, listener, last, addr) = (&lanes, &listener, &last, &addr);
+            async move {
+                let hello = Hello::answers("m", "s", 3, "lane-1");
+                let open = Connection::open(addr, hello, "k", None);
+                let take = async {
+                    let (tcp, peer) = listener.accept().await.unwrap();
+                    Connection::accept_then(
+                        Box::new(tcp),
+                        peer.to_string(),
+                        |h| admit(Some(last), h),
+                        |h| register_answer_lane(lanes, 3, h.lane(), &to_coordinator),
+                    )
                     .await
-                    .unwrap()
-            };
-            let (near, (far, _)) = tokio::join!(open, take);
-            (near.unwrap(), far.into_split().0)
-        };
-        let (coordinator, reader) = accept().await;
-        let (first, mut first_out) = mpsc::unbounded_channel();
-        let serving = answer_lane(&lanes, &last, "lane-1".into(), reader, first.clone());
-        let check = async {
-            // Registered while the lane is open; a second lane of the same id is refused.
-            for _ in 0..100 {
-                if lanes.lock().unwrap().contains_key("lane-1") {
-                    break;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                };
+                let (near, far) = tokio::join!(open, take);
+                (near, far.map(|(far, _)| far.into_split().0))
             }
-            assert!(lanes.lock().unwrap()["lane-1"].same_channel(&first));
-            let (_other, reader) = accept().await;
-            let (second, mut second_out) = mpsc::unbounded_channel();
-            answer_lane(&lanes, &last, "lane-1".into(), reader, second).await;
-            let refused = second_out.recv().await.unwrap();
-            assert!(matches!(refused, Frame::Error(e) if e.contains("already")));
+        };
+        let (first, mut first_out) = mpsc::unbounded_channel();
+        let (coordinator, reader) = accept(first.clone()).await;
+        let (coordinator, reader) = (coordinator.unwrap(), reader.unwrap());
+        // Registered once the handshake is done, before anything else runs.
+        assert!(lanes.lock().unwrap()["lane-1"].same_channel(&first));
+        let serving = answer_lane(&lanes, &last, reader, first.clone());
+        let check = async {
+            // A second lane of the same id is refused in its handshake.
+            let (second, _second_out) = mpsc::unbounded_channel();
+            let (refused, _) = accept(second).await;
+            let refused = refused
+                .err()
+                .expect("a second answer lane of an id")
+                .to_string();
+            assert!(refused.contains("already"), "{refused}");
             assert!(lanes.lock().unwrap()["lane-1"].same_channel(&first));
             drop(coordinator); // the coordinator closes its answer lane
         };

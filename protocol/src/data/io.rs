@@ -156,6 +156,18 @@ impl Connection {
         peer: String,
         admit: impl FnOnce(&Hello) -> Result<String, String>,
     ) -> Result<(Connection, Hello), ChannelError> {
+        Connection::accept_then(stream, peer, admit, |_| Ok(())).await
+    }
+
+    /// [`Connection::accept`], running `proved` once the caller has proved the key and before
+    /// `Ready`: what must hold before the caller may go on (an answer lane registered before
+    /// its chain lane can reach it) is done by then. Its error refuses the connection.
+    pub async fn accept_then(
+        stream: Box<dyn DataStream>,
+        peer: String,
+        admit: impl FnOnce(&Hello) -> Result<String, String>,
+        proved: impl FnOnce(&Hello) -> Result<(), String>,
+    ) -> Result<(Connection, Hello), ChannelError> {
         let mut conn = Connection { stream, peer };
         let hello = match conn.receive_handshake().await? {
             Frame::Hello(h) => h,
@@ -177,6 +189,9 @@ impl Connection {
             }
             Frame::Error(reason) => return Err(conn.refused(reason)),
             _ => return Err(conn.refuse("expected Proof").await),
+        }
+        if let Err(reason) = proved(&hello) {
+            return Err(conn.refuse(&reason).await);
         }
         conn.send(&Frame::Ready).await?;
         Ok((conn, hello))
