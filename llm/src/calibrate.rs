@@ -82,6 +82,8 @@ pub struct Calibration {
     /// Every candidate's measurement, in the plan's order.
     pub trials: Vec<Trial>,
     pub rounds: usize,
+    /// The CPUs the chosen policy's team runs on (none for one thread).
+    pub cpus: Vec<usize>,
 }
 
 /// Time `plan`'s candidates on `stage` and leave the stage under the fastest. Call it on the
@@ -92,6 +94,7 @@ pub fn calibrate(stage: &mut Stage, plan: &Plan) -> Result<Calibration, LlmError
         return Err(LlmError::Decode("no decode policy to choose from".into()));
     }
     let seq = stage.sequences() as i32 - 1;
+    let per_round = plan.decodes_per_round.max(1);
     let input = Synthetic::new(stage, plan.takes_tokens);
     let mut rounds: Vec<Vec<Duration>> = vec![Vec::new(); n];
     let started = Instant::now();
@@ -111,14 +114,14 @@ pub fn calibrate(stage: &mut Stage, plan: &Plan) -> Result<Calibration, LlmError
             stage.truncate_sequence(seq, 0)?;
             input.decode(stage, seq, 0)?; // settles the team on its CPUs
             let mut spent = Duration::ZERO;
-            for pos in 1..=plan.decodes_per_round.max(1) as i32 {
+            for pos in 1..=per_round as i32 {
                 let t = Instant::now();
                 input.decode(stage, seq, pos)?;
                 let took = t.elapsed();
                 spent += took;
                 std::thread::sleep(took.mul_f64(plan.idle_factor).min(MOST_IDLE));
             }
-            rounds[i].push(spent / plan.decodes_per_round.max(1) as u32);
+            rounds[i].push(spent / per_round as u32);
         }
         done += 1;
     }
@@ -132,16 +135,17 @@ pub fn calibrate(stage: &mut Stage, plan: &Plan) -> Result<Calibration, LlmError
             Trial {
                 policy,
                 per_decode: means[means.len() / 2],
-                decodes: means.len() * plan.decodes_per_round.max(1),
+                decodes: means.len() * per_round,
             }
         })
         .collect();
     let chosen = fastest(&trials);
-    stage.set_policy(chosen, plan.team_offset)?;
+    let cpus = stage.set_policy(chosen, plan.team_offset)?;
     Ok(Calibration {
         chosen,
         trials,
         rounds: done,
+        cpus,
     })
 }
 

@@ -389,8 +389,9 @@ async fn connection(
 }
 
 /// The one thread that loads the stage and runs its decodes. llama.cpp's OpenMP team belongs
-/// to the thread that calls it: tokio's blocking pool would hand each decode to whichever of its threads is
-/// free, each with a team of its own, so that a node with N threads could run several times N.
+/// to the thread that calls it: tokio's blocking pool would hand each decode to whichever of
+/// its threads is free, each with a team of its own, so that a node with N threads could run
+/// several times N.
 struct DecodeThread {
     jobs: std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>,
 }
@@ -519,13 +520,13 @@ async fn run_step(pipeline: &Pipeline, w: Work) -> Result<(Vec<Group>, RowsOutpu
     };
     let first = w.lane.route.stage == 0;
     let (groups, payload, probe, lie) = (w.groups, w.payload, w.lane.probe, pipeline.lie);
-    let (route, in_flight) = (w.lane.clone(), w.in_flight);
+    let (lane, in_flight) = (w.lane.clone(), w.in_flight);
     pipeline
         .decoder
         .run(move || {
             let mut stage = stage.lock().unwrap();
             let most = stage.policy().threads() as i32;
-            stage.set_threads(threads_for(most, &route.route, in_flight));
+            stage.set_threads(threads_for(most, &lane.route, in_flight));
             let rows = rows_of(&stage, first, probe, &groups, &payload)?;
             for g in &groups {
                 stage.truncate_sequence(g.seq as i32, g.pos0 as i32)?;

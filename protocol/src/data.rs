@@ -121,14 +121,6 @@ impl From<Hello> for HelloWire {
 }
 
 impl Hello {
-    /// The coordinator's lane id this connection carries (none for a probe).
-    pub fn lane(&self) -> &str {
-        match &self.kind {
-            LaneKind::Chain { lane } | LaneKind::Answers { lane } => lane,
-            LaneKind::Probe => "",
-        }
-    }
-
     pub fn is_probe(&self) -> bool {
         self.kind == LaneKind::Probe
     }

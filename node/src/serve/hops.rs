@@ -278,7 +278,7 @@ mod tests {
                         Box::new(tcp),
                         peer.to_string(),
                         |h| admit(Some(last), h),
-                        |h| register_answer_lane(lanes, 3, h.lane(), &to_coordinator),
+                        |_| register_answer_lane(lanes, 3, "lane-1", &to_coordinator),
                     )
                     .await
                 };

@@ -71,32 +71,30 @@ pub(super) fn choose(
     let plan = Plan::new(candidates, route.stage == 0, route.stage_count, route.stage);
     if let [only] = plan.candidates[..] {
         let cpus = stage.set_policy(only, plan.team_offset)?;
-        return Ok(report(only, cpus, None));
+        return Ok(report(only, cpus, "flags", None));
     }
     let turn = machine_turn(TURN_WAIT);
     let measured = calibrate(stage, &plan);
     drop(turn);
     match measured {
-        Ok(calibration) => {
-            let cpus = stage.set_policy(calibration.chosen, plan.team_offset)?;
-            Ok(report(calibration.chosen, cpus, Some(&calibration)))
-        }
+        // calibrate left the stage under its choice.
+        Ok(c) => Ok(report(c.chosen, c.cpus.clone(), "measured", Some(&c))),
         // Only speed is at stake: serve under one thread, which never waits for a team, and
         // say so. (A stage that cannot decode at all fails its first step with the reason.)
         Err(e) => {
             tracing::warn!("measuring decode-thread policies failed ({e}): one thread");
             let cpus = stage.set_policy(DecodePolicy::One, plan.team_offset)?;
-            let mut d = report(DecodePolicy::One, cpus, None);
-            d.chosen_by = "default".into();
-            Ok(d)
+            Ok(report(DecodePolicy::One, cpus, "default", None))
         }
     }
 }
 
-/// What `/status` and the metrics say of a choice.
+/// What `/status` and the metrics say of a choice, made `chosen_by` (`flags`, `measured` or
+/// `default`; see [`DecodeThreads::chosen_by`]).
 fn report(
     policy: DecodePolicy,
     cpus: Vec<usize>,
+    chosen_by: &str,
     calibration: Option<&Calibration>,
 ) -> DecodeThreads {
     let measured_ms = calibration
@@ -114,12 +112,7 @@ fn report(
             DecodePolicy::Pinned { .. } => cpus,
             _ => Vec::new(),
         },
-        chosen_by: if calibration.is_some() {
-            "measured"
-        } else {
-            "flags"
-        }
-        .to_owned(),
+        chosen_by: chosen_by.to_owned(),
         measured_ms,
     }
 }
@@ -241,7 +234,7 @@ mod tests {
 
     #[test]
     fn the_report_names_the_choice_and_every_measurement() {
-        let d = report(Pinned { threads: 2 }, vec![0, 1], None);
+        let d = report(Pinned { threads: 2 }, vec![0, 1], "flags", None);
         assert_eq!(d.policy, "team-pinned");
         assert_eq!(d.cpus, vec![0, 1]);
         assert_eq!(d.chosen_by, "flags");
@@ -261,8 +254,9 @@ mod tests {
                 },
             ],
             rounds: 3,
+            cpus: Vec::new(),
         };
-        let d = report(One, Vec::new(), Some(&calibration));
+        let d = report(One, Vec::new(), "measured", Some(&calibration));
         assert_eq!(d.chosen_by, "measured");
         assert_eq!(d.threads, 1);
         assert_eq!(d.measured_ms["one"], 2.5);
