@@ -2,7 +2,7 @@
 //! `io`).
 
 use super::auth::{self, PROOF_LEN};
-use super::{Frame, FrameError, Hello, LaneKind, MAX_FRAME, MAX_HANDSHAKE_FRAME};
+use super::{Frame, FrameError, Hello, MAX_FRAME, MAX_HANDSHAKE_FRAME};
 use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -29,53 +29,7 @@ pub enum ChannelError {
     Refused { peer: String, reason: String },
 }
 
-impl Hello {
-    /// A greeting for `stage` of a split, with a fresh nonce: a chain lane with no id.
-    pub fn new(model_sha256: &str, split_id: &str, stage: u32) -> Hello {
-        Hello {
-            model_sha256: model_sha256.to_owned(),
-            split_id: split_id.to_owned(),
-            stage,
-            nonce: random_bytes::<16>()
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect(),
-            kind: LaneKind::Chain {
-                lane: String::new(),
-            },
-        }
-    }
-
-    /// This greeting as the chain lane `lane` (a chain hop passes the coordinator's id on).
-    pub fn on_lane(self, lane: &str) -> Hello {
-        Hello {
-            kind: LaneKind::Chain {
-                lane: lane.to_owned(),
-            },
-            ..self
-        }
-    }
-
-    /// A greeting for the answer lane `lane` to the last stage, `stage` ([`LaneKind::Answers`]).
-    pub fn answers(model_sha256: &str, split_id: &str, stage: u32, lane: &str) -> Hello {
-        Hello {
-            kind: LaneKind::Answers {
-                lane: lane.to_owned(),
-            },
-            ..Hello::new(model_sha256, split_id, stage)
-        }
-    }
-
-    /// A greeting for a probe lane to `stage` ([`LaneKind::Probe`]).
-    pub fn probe(model_sha256: &str, split_id: &str, stage: u32) -> Hello {
-        Hello {
-            kind: LaneKind::Probe,
-            ..Hello::new(model_sha256, split_id, stage)
-        }
-    }
-}
-
-fn random_bytes<const N: usize>() -> [u8; N] {
+pub(super) fn random_bytes<const N: usize>() -> [u8; N] {
     let mut b = [0u8; N];
     // Only a broken system has no random source; no connection can be made safely then.
     getrandom::fill(&mut b).expect("the OS random source");
