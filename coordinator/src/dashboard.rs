@@ -10,13 +10,13 @@
 
 use std::fmt::Write as _;
 
-use serde_json::Value;
+use protocol::status::{Holding, Status};
 
 /// The page: `{{LIVE}}` is the live part, `{{MODEL}}` the model id.
 const PAGE: &str = include_str!("dashboard.html");
 
 /// The whole page, with the live part when it may be shown without a key.
-pub fn page(status: Option<&Value>, model: &str) -> String {
+pub fn page(status: Option<&Status>, model: &str) -> String {
     let live = match status {
         Some(s) => live(s),
         None => {
@@ -28,125 +28,116 @@ pub fn page(status: Option<&Value>, model: &str) -> String {
 }
 
 /// The live part from a `/status` document.
-pub fn live(s: &Value) -> String {
+pub fn live(s: &Status) -> String {
     let mut h = String::new();
-    let names: std::collections::BTreeMap<&str, &str> = s["nodes"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|n| Some((n["node_id"].as_str()?, n["name"].as_str()?)))
+    let names: std::collections::BTreeMap<&str, &str> = s
+        .nodes
+        .iter()
+        .map(|n| (n.node_id.as_str(), n.name.as_str()))
         .collect();
     let name_of = |id: &str| names.get(id).copied().unwrap_or(id).to_owned();
-    let ready = s["ready"] == true;
-    let nodes = s["nodes"].as_array().map_or(0, Vec::len);
-    let shards = s["shards"].as_array().map_or(0, Vec::len);
-    let generated = s["batching"]["generated_tokens"].as_u64().unwrap_or(0);
+    let generated = s.batching.as_ref().map_or(0, |b| b.generated_tokens);
     let _ = write!(
         h,
         "<div class=\"summary\" data-generated=\"{generated}\"><span id=\"readiness\" class=\"{}\">{}</span> \
-         <span>{nodes} node(s), at least {} needed</span> <span>{} of {shards} shards loaded</span> \
+         <span>{} node(s), at least {} needed</span> <span>{} of {} shards loaded</span> \
          <span>{}</span> <span>tokens/s: <b id=\"tps\">–</b></span></div>",
-        if ready { "ready" } else { "waiting" },
-        if ready { "ready" } else { "not ready" },
-        s["min_nodes"],
-        s["shards_loaded"],
-        if s["serving"] == true { "serving" } else { "not serving yet" },
+        if s.ready { "ready" } else { "waiting" },
+        if s.ready { "ready" } else { "not ready" },
+        s.nodes.len(),
+        s.min_nodes,
+        s.shards_loaded,
+        s.shards.len(),
+        if s.serving { "serving" } else { "not serving yet" },
     );
     h.push_str("<h2>Nodes</h2><table id=\"nodes\"><thead><tr><th>node</th><th>stage</th><th>shards</th><th>bytes from</th><th>heartbeat</th></tr></thead><tbody>");
-    let mut rows: Vec<&Value> = s["nodes"].as_array().into_iter().flatten().collect();
-    rows.sort_by_key(|n| (n["name"].as_str(), n["node_id"].as_str()));
+    let mut rows: Vec<_> = s.nodes.iter().collect();
+    rows.sort_by_key(|n| (&n.name, &n.node_id));
     for n in rows {
-        let id = n["node_id"].as_str().unwrap_or("");
         let mut shards_cell = String::new();
-        for (shard, held) in n["shards"].as_object().into_iter().flatten() {
-            let state = held["state"].as_str().unwrap_or("?");
-            let (bytes, total) = (held["bytes"].as_u64(), held["total"].as_u64());
-            let progress = match (state, bytes, total) {
-                ("fetching", Some(b), Some(t)) if t > 0 => format!(
-                    " <progress value=\"{b}\" max=\"{t}\"></progress> {:.0}%",
-                    100.0 * b as f64 / t as f64
+        for (shard, held) in &n.shards {
+            let state = match held {
+                Holding::Waiting => "waiting",
+                Holding::Fetching { .. } => "fetching",
+                Holding::Loaded { .. } => "loaded",
+                Holding::Failed { .. } => "failed",
+            };
+            let progress = match held {
+                Holding::Fetching { bytes, total, .. } if *total > 0 => format!(
+                    " <progress value=\"{bytes}\" max=\"{total}\"></progress> {:.0}%",
+                    100.0 * *bytes as f64 / *total as f64
                 ),
                 _ => String::new(),
             };
             let _ = write!(
                 shards_cell,
-                "<div>shard {} <span class=\"{}\">{}</span>{progress}</div>",
-                escape(shard),
-                escape(state),
-                escape(state)
+                "<div>shard {shard} <span class=\"{state}\">{state}</span>{progress}</div>",
             );
         }
         let mut sources = String::new();
-        for (shard, from) in n["fetched_from"].as_object().into_iter().flatten() {
+        for (shard, from) in &n.fetched_from {
             let parts: Vec<String> = from
-                .as_object()
-                .into_iter()
-                .flatten()
-                .map(|(src, b)| {
+                .iter()
+                .map(|(src, bytes)| {
                     let src = if src == "seeder" {
                         src.clone()
                     } else {
                         name_of(src)
                     };
-                    format!("{} {}", escape(&src), mib(b.as_u64().unwrap_or(0)))
+                    format!("{} {}", escape(&src), mib(*bytes))
                 })
                 .collect();
-            let _ = write!(
-                sources,
-                "<div>shard {}: {}</div>",
-                escape(shard),
-                parts.join(", ")
-            );
+            let _ = write!(sources, "<div>shard {shard}: {}</div>", parts.join(", "));
         }
         // How the stage's decodes use threads, and how that was settled.
-        let decode = match n["decode"]["policy"].as_str() {
-            Some(policy) => format!(
+        let decode = match &n.decode {
+            Some(d) => format!(
                 "<br><small class=\"decode\">{} ×{} ({})</small>",
-                escape(policy),
-                n["decode"]["threads"].as_u64().unwrap_or(1),
-                escape(n["decode"]["chosen_by"].as_str().unwrap_or("?"))
+                escape(&d.policy),
+                d.threads,
+                escape(&d.chosen_by)
             ),
             None => String::new(),
         };
         let _ = write!(
             h,
             "<tr class=\"node\"><td><b>{}</b><br><small>{}</small></td><td>{}{decode}</td><td>{shards_cell}</td><td>{sources}</td><td>{:.0} s ago</td></tr>",
-            escape(n["name"].as_str().unwrap_or("")),
-            escape(&id.chars().take(8).collect::<String>()),
-            n["stage"].as_u64().map_or("–".into(), |k| k.to_string()),
-            n["last_heartbeat_secs_ago"].as_f64().unwrap_or(0.0),
+            escape(&n.name),
+            escape(&n.node_id.chars().take(8).collect::<String>()),
+            n.stage.map_or("–".into(), |k| k.to_string()),
+            n.last_heartbeat_secs_ago,
         );
     }
     h.push_str("</tbody></table><h2>Route</h2><ol id=\"route\">");
-    for hop in s["route"].as_array().into_iter().flatten() {
-        let _ = write!(
-            h,
-            "<li>shard {} on <b>{}</b> <small>{}</small></li>",
-            hop["shard_id"],
-            escape(&name_of(hop["node_id"].as_str().unwrap_or(""))),
-            escape(hop["data_addr"].as_str().unwrap_or(""))
-        );
-    }
-    if s["route"].is_null() {
-        h.push_str("<li>none yet: the route forms once the swarm is ready</li>");
+    match &s.route {
+        Some(route) => {
+            for hop in route {
+                let _ = write!(
+                    h,
+                    "<li>shard {} on <b>{}</b> <small>{}</small></li>",
+                    hop.shard_id,
+                    escape(&name_of(&hop.node_id)),
+                    escape(&hop.data_addr)
+                );
+            }
+        }
+        None => h.push_str("<li>none yet: the route forms once the swarm is ready</li>"),
     }
     h.push_str("</ol>");
-    let b = &s["batching"];
-    if b.is_object() {
-        let busy: Vec<String> = b["stage_busy_fraction"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|f| format!("{:.0}%", 100.0 * f.as_f64().unwrap_or(0.0)))
+    if let Some(b) = &s.batching {
+        let busy: Vec<String> = b
+            .stage_busy_fraction
+            .iter()
+            .map(|f| format!("{:.0}%", 100.0 * f))
             .collect();
         let _ = write!(
             h,
             "<p class=\"serving\">requests running {}, waiting {}; tokens generated {generated}; stage busy {}</p>",
-            b["running"], b["waiting"], busy.join(" ")
+            b.running, b.waiting, busy.join(" ")
         );
     }
-    if let Some(evicted) = s["evicted"].as_object().filter(|e| !e.is_empty()) {
-        let ids: Vec<String> = evicted.keys().map(|k| escape(k)).collect();
+    if !s.evicted.is_empty() {
+        let ids: Vec<String> = s.evicted.keys().map(|k| escape(k)).collect();
         let _ = write!(h, "<p class=\"evicted\">evicted: {}</p>", ids.join(", "));
     }
     h
@@ -176,15 +167,47 @@ fn escape(text: &str) -> String {
 mod tests {
     use super::*;
 
+    /// A `/status` document from JSON: the fields a test sets over an empty swarm's.
+    fn status(fields: serde_json::Value) -> Status {
+        let mut doc = serde_json::json!({
+            "ready": false, "min_nodes": 1, "model_sha256": "", "split_id": "", "shards": [],
+            "shards_loaded": 0, "nodes": [], "placement": {},
+            "bytes": {"from_seeder": 0, "from_peers": 0}, "route": null, "serving": false,
+            "evicted": {}, "verify": protocol::status::Verify::default(),
+        });
+        let node = serde_json::json!({
+            "peer_addr": "127.0.0.1:1", "data_addr": null, "last_heartbeat_secs_ago": 0.0,
+            "capacity": {"ram_bytes": 0, "disk_free_bytes": 0, "threads": 1},
+            "fetched_from": {}, "stage": null,
+        });
+        for (k, v) in fields.as_object().unwrap() {
+            doc[k] = v.clone();
+        }
+        for n in doc["nodes"].as_array_mut().unwrap() {
+            for (k, v) in node.as_object().unwrap() {
+                if n.get(k).is_none() {
+                    n[k] = v.clone();
+                }
+            }
+        }
+        serde_json::from_value(doc).expect("a /status document")
+    }
+
+    fn shard() -> serde_json::Value {
+        serde_json::json!({"shard_id": 0, "file": "shard-0.gguf", "size": 1, "sha256": "",
+                           "info_hash": "", "magnet": "", "torrent_url": "", "web_seed": null})
+    }
+
     #[test]
     fn node_names_are_escaped() {
-        let status = serde_json::json!({
+        let status = status(serde_json::json!({
             "ready": false, "min_nodes": 1, "shards": [], "shards_loaded": 0, "serving": false,
             "route": null,
             "nodes": [{"node_id": "n1", "name": "<script>alert(1)</script>",
-                       "shards": {"0": {"state": "fetching", "bytes": 5, "total": 10}},
+                       "shards": {"0": {"state": "fetching", "bytes": 5, "total": 10,
+                                        "from_seeder": 5, "from_peers": 0, "use_tracker": true}},
                        "fetched_from": {"0": {"seeder": 5}}}],
-        });
+        }));
         let html = live(&status);
         assert!(!html.contains("class=\"decode\""), "{html}");
         assert!(!html.contains("<script>"), "{html}");
@@ -194,13 +217,13 @@ mod tests {
 
     #[test]
     fn a_node_shows_its_decode_thread_policy_with_its_stage() {
-        let status = serde_json::json!({
-            "ready": true, "min_nodes": 1, "shards": [{}], "shards_loaded": 1, "serving": true,
+        let status = status(serde_json::json!({
+            "ready": true, "min_nodes": 1, "shards": [shard()], "shards_loaded": 1, "serving": true,
             "route": null,
             "nodes": [{"node_id": "n1", "name": "n1", "stage": 0, "shards": {},
                        "decode": {"policy": "team-pinned", "threads": 2, "cpus": [0, 1],
                                   "chosen_by": "measured", "measured_ms": {"one": 3.1}}}],
-        });
+        }));
         let html = live(&status);
         assert!(
             html.contains(

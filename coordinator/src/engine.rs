@@ -9,10 +9,12 @@
 //! are split into micro-batches (`--micro-batches`), so that stages on different machines work
 //! at the same time: while stage 2 runs group A, stage 1 runs group B. By default there is one
 //! micro-batch per machine of the route, not per stage: stages on one machine share its cores,
-//! and a batch cut smaller only costs there (a 2-row decode takes about twice a 1-row one, an
-//! 8-row decode about five times; on loopback one micro-batch of 8 streams gave 214 tokens/s
-//! against 155 with four of 2). Steps go down without waiting; their answers come back
-//! in order, each with the tokens the last stage sampled and every stage's compute time.
+//! and a batch cut smaller only costs there (`bench/NOTES.md`). Steps go down without waiting; their answers
+//! come back in order, each with the tokens the last stage sampled and every stage's compute
+//! time. What goes into each step is decided by [`schedule`], which does no IO.
+//!
+//! Admission: a request is refused at once when the swarm is not serving (the published
+//! route is the one source of readiness) or when `--queue` requests already wait (429).
 //!
 //! Prompt cache: a finished request's sequence keeps its KV on the stages until the slot is
 //! needed (least recently used first). A new request takes the free slot that shares the
@@ -24,22 +26,25 @@
 //! lost shard); text a client already has is not sent twice. Without a new route within
 //! [`REROUTE_WAIT`] the requests fail with a clear error.
 
+mod admission;
+pub mod schedule;
 mod stats;
-mod step;
 
-use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use protocol::data::io::{Connection, FrameReader, FrameWriter};
-use protocol::data::{Frame, Hello};
+use protocol::data::io::{ChannelError, Connection, FrameReader, FrameWriter};
+use protocol::data::{Frame, Hello, Payload};
 use tokio::sync::{mpsc, watch};
 
+pub use admission::{Admission, InLine};
 pub use stats::ServingStats;
 
-use crate::hub::InLine;
-use crate::infer::{random_u64, Event, Generation, Request, Vocab};
+use crate::metrics::Live;
 use crate::swarm::{machines_in, RouteHop};
+use crate::text::{random_u64, Event, Generation, Request, Vocab};
+use crate::verify::Sampler;
+use schedule::{AnswerError, Limits, Sampled, Scheduler};
 
 /// The most prompt rows one step carries: a long prompt goes in over several steps while the
 /// running sequences get their next token in each.
@@ -51,22 +56,10 @@ pub const REROUTE_WAIT: Duration = Duration::from_secs(30);
 /// How long opening the lane to stage 0 may take.
 const CONNECT_WAIT: Duration = Duration::from_secs(10);
 
-/// How many times a request is started over after failures before it fails.
+/// How many times a request is started before failures fail it.
 const MAX_ATTEMPTS: u32 = 3;
 
-/// A request handed to the engine.
-pub struct Job {
-    pub req: Request,
-    pub events: mpsc::UnboundedSender<Event>,
-    /// When the request came (for its time to first token).
-    pub arrived: Instant,
-    /// When the request gives up, waiting included.
-    pub deadline: Instant,
-    /// Its place in the admission line, given back when it gets a slot (or leaves).
-    pub in_line: Option<InLine>,
-}
-
-/// How the engine runs: the route's ids and the batching shape.
+/// How the engine runs: the route's ids, the batching shape and the admission bounds.
 #[derive(Debug, Clone)]
 pub struct EngineSettings {
     pub model_sha256: String,
@@ -75,15 +68,58 @@ pub struct EngineSettings {
     pub parallel: usize,
     /// Micro-batches in flight; 0 = one per machine of the route.
     pub micro_batches: usize,
+    /// Requests that may wait for a slot (`--queue`); more are refused.
+    pub queue: usize,
+    /// How long a request may take, waiting included (`--deadline`).
+    pub deadline: Duration,
     /// The data channel's TLS (trust in the swarm's CA) in a TLS swarm.
     pub tls: Option<protocol::data::io::ClientTls>,
     /// Where token timings and counts go (`/metrics`).
-    pub live: Arc<crate::metrics::Live>,
+    pub live: Arc<Live>,
+}
+
+/// Why a request was not taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("the swarm is not ready: not every shard is loaded on a node and in llama.cpp")]
+    NotReady,
+    #[error("{waiting} requests are already waiting for the pipeline: try again shortly")]
+    Full { waiting: usize },
+    #[error("the pipeline stopped")]
+    Stopped,
+}
+
+/// Why the lane to the pipeline broke.
+#[derive(Debug, thiserror::Error)]
+pub enum LaneError {
+    #[error("stage {stage}: {source}")]
+    Channel {
+        stage: usize,
+        #[source]
+        source: ChannelError,
+    },
+    #[error("stage {stage} closed the connection")]
+    Ended { stage: usize },
+    #[error("stage {stage} ({addr}): no answer within {CONNECT_WAIT:?}")]
+    NoAnswer { stage: usize, addr: String },
+    /// A stage reported an error (its own, or one passed up the chain).
+    #[error("{0}")]
+    Stage(String),
+    #[error("stage 0 answered {0}")]
+    Unexpected(&'static str),
+    #[error(transparent)]
+    Answer(#[from] AnswerError),
+    #[error("the route changed")]
+    RouteChanged,
 }
 
 /// The handle requests are sent through.
 pub struct Engine {
     jobs: mpsc::UnboundedSender<Job>,
+    admission: Admission,
+    /// The serving route, as the hub publishes it: `None` while the swarm cannot serve.
+    routes: watch::Receiver<Option<Vec<RouteHop>>>,
+    deadline: Duration,
     pub stats: Arc<Mutex<ServingStats>>,
 }
 
@@ -93,60 +129,75 @@ impl Engine {
         settings: EngineSettings,
         vocab: Arc<Vocab>,
         routes: watch::Receiver<Option<Vec<RouteHop>>>,
-        sampler: Option<crate::verify::Sampler>,
+        sampler: Option<Sampler>,
     ) -> Engine {
         let (jobs, incoming) = mpsc::unbounded_channel();
         let stats = Arc::new(Mutex::new(ServingStats::default()));
+        let limits = Limits {
+            prefill_rows: PREFILL_ROWS,
+            max_attempts: MAX_ATTEMPTS,
+        };
+        let engine = Engine {
+            jobs,
+            admission: Admission::new(settings.queue),
+            routes: routes.clone(),
+            deadline: settings.deadline,
+            stats: stats.clone(),
+        };
         let state = State {
-            slots: (0..settings.parallel.max(1))
-                .map(|_| Slot::default())
-                .collect(),
+            sched: Scheduler::new(settings.parallel, limits),
             settings,
             vocab,
             routes,
-            stats: stats.clone(),
-            waiting: VecDeque::new(),
+            stats,
             lane: None,
             failure: None,
-            steps: HashMap::new(),
-            next_step: 1,
-            next_serial: 1,
-            clock: 0,
             sampler,
         };
         tokio::spawn(state.run(incoming));
-        Engine { jobs, stats }
+        engine
     }
 
-    /// Hand a request over; false if the engine has stopped.
-    pub fn submit(&self, job: Job) -> bool {
-        self.jobs.send(job).is_ok()
+    /// Whether the swarm serves now (every stage of a route loaded).
+    pub fn serving(&self) -> bool {
+        self.routes.borrow().is_some()
+    }
+
+    /// Take a request: its events come on the receiver, until `Done` or `Failed`.
+    pub fn submit(&self, req: Request) -> Result<mpsc::UnboundedReceiver<Event>, Refused> {
+        if !self.serving() {
+            return Err(Refused::NotReady);
+        }
+        let in_line = self.admission.enter().ok_or(Refused::Full {
+            waiting: self.admission.waiting(),
+        })?;
+        let (events, rx) = mpsc::unbounded_channel();
+        let arrived = Instant::now();
+        let job = Job {
+            req,
+            events,
+            arrived,
+            deadline: arrived + self.deadline,
+            in_line: Some(in_line),
+            generation: Generation::new(),
+            last_token: None,
+        };
+        self.jobs.send(job).map_err(|_| Refused::Stopped)?;
+        Ok(rx)
     }
 }
 
-/// One of the stages' sequences.
-#[derive(Default)]
-struct Slot {
-    /// The request running in it.
-    running: Option<Running>,
-    /// What the stages hold for this sequence once it is free (the prompt cache).
-    cached: Vec<i32>,
-    last_used: u64,
-}
-
-/// A request in a slot.
-struct Running {
-    /// Tells this request's answers from those of an earlier holder of the slot.
-    serial: u64,
-    job: Job,
-    /// The prompt, then each generated token as it is fed back.
-    tokens: Vec<i32>,
-    /// `tokens[..fed]` are in the stages' KV cache or on their way there.
-    fed: usize,
-    in_flight: bool,
+/// A request in the engine: its client and the text side of its generation.
+struct Job {
+    req: Request,
+    events: mpsc::UnboundedSender<Event>,
+    /// When the request came (for its time to first token).
+    arrived: Instant,
+    /// When the request gives up, waiting included.
+    deadline: Instant,
+    /// Its place in the admission line, given back when it gets a slot (or leaves).
+    in_line: Option<InLine>,
     generation: Generation,
-    cached_tokens: usize,
-    attempts: u32,
     /// When its last token was generated (none yet: the next one is its first).
     last_token: Option<Instant>,
 }
@@ -161,23 +212,23 @@ struct Lane {
     /// Kept open while the lane lives: the last stage drops the answer lane when it closes.
     _answer_writer: Option<FrameWriter>,
     /// Frames from stage 0 (errors coming up the chain) and from the answer lane.
-    answers: mpsc::UnboundedReceiver<Result<Frame, String>>,
+    answers: mpsc::UnboundedReceiver<Result<Frame, LaneError>>,
+}
+
+/// The lane that failed, and when: running requests wait for another route.
+struct Failure {
+    when: Instant,
+    route: Option<Vec<RouteHop>>,
+    why: LaneError,
 }
 
 /// What woke the engine.
 enum Woke {
-    Answer(Option<Result<Frame, String>>),
+    Answer(Option<Result<Frame, LaneError>>),
     Job(Option<Job>),
     /// The route changed (false: the coordinator is shutting down).
     Route(bool),
     Tick,
-}
-
-/// A group of a step still in the pipeline.
-struct Sent {
-    seq: usize,
-    serial: u64,
-    sample: bool,
 }
 
 struct State {
@@ -185,27 +236,21 @@ struct State {
     vocab: Arc<Vocab>,
     routes: watch::Receiver<Option<Vec<RouteHop>>>,
     stats: Arc<Mutex<ServingStats>>,
-    slots: Vec<Slot>,
-    waiting: VecDeque<Job>,
+    sched: Scheduler<Job>,
     lane: Option<Lane>,
-    /// The last failure: when, on which route, and why.
-    failure: Option<(Instant, Option<Vec<RouteHop>>, String)>,
-    steps: HashMap<u64, Vec<Sent>>,
-    next_step: u64,
-    next_serial: u64,
-    clock: u64,
-    /// Offered every finished request, to check a fraction of them ([`crate::verify`]).
-    sampler: Option<crate::verify::Sampler>,
+    failure: Option<Failure>,
+    /// Picks finished requests for the checks of holders' outputs.
+    sampler: Option<Sampler>,
 }
 
 impl State {
     async fn run(mut self, mut incoming: mpsc::UnboundedReceiver<Job>) {
-        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             self.reap();
             self.admit();
-            if self.lane.is_none() && self.running() > 0 {
+            if self.lane.is_none() && self.sched.running() > 0 {
                 self.connect().await;
             }
             self.send_steps().await;
@@ -228,8 +273,11 @@ impl State {
             match woke {
                 Woke::Answer(Some(Ok(frame))) => self.answered(frame),
                 Woke::Answer(Some(Err(e))) => self.fail(e),
-                Woke::Answer(None) => self.fail("the connection to stage 0 ended".into()),
-                Woke::Job(Some(job)) => self.waiting.push_back(job),
+                Woke::Answer(None) => self.fail(LaneError::Ended { stage: 0 }),
+                Woke::Job(Some(job)) => {
+                    let (prompt, sampling) = (job.req.prompt.clone(), job.req.sampling);
+                    self.sched.enqueue(prompt, sampling, job);
+                }
                 Woke::Job(None) | Woke::Route(false) => return,
                 Woke::Route(true) => self.route_changed(),
                 Woke::Tick => {}
@@ -237,15 +285,11 @@ impl State {
         }
     }
 
-    fn running(&self) -> usize {
-        self.slots.iter().filter(|s| s.running.is_some()).count()
-    }
-
     /// Drop requests whose client left or whose deadline passed, waiting or running: a
     /// running one's slot is free for the next request at once.
     fn reap(&mut self) {
         let now = Instant::now();
-        self.waiting.retain(|job| {
+        self.sched.retain_waiting(|job| {
             if job.events.is_closed() {
                 return false;
             }
@@ -257,59 +301,31 @@ impl State {
             }
             true
         });
-        for seq in 0..self.slots.len() {
-            let Some(r) = &self.slots[seq].running else {
-                continue;
-            };
-            if r.job.events.is_closed() {
+        let ended: Vec<(usize, bool)> = self
+            .sched
+            .running_jobs()
+            .filter_map(|(seq, job)| {
+                let left = job.events.is_closed();
+                (left || now >= job.deadline).then_some((seq, left))
+            })
+            .collect();
+        for (seq, left) in ended {
+            if left {
                 self.client_left(seq);
-            } else if now >= r.job.deadline {
-                let _ = r.job.events.send(Event::Failed(
+            } else if let Some(job) = self.sched.release(seq) {
+                let _ = job.events.send(Event::Failed(
                     "the request ran past its deadline (--deadline)".into(),
                 ));
-                self.release(seq);
             }
         }
     }
 
-    /// Give free slots to waiting requests, each to the slot whose cache shares the longest
-    /// prefix with its prompt (else the least recently used).
+    /// Give free slots to waiting requests; each leaves the admission line.
     fn admit(&mut self) {
-        while !self.waiting.is_empty() {
-            let prompt = &self.waiting[0].req.prompt;
-            let best = (0..self.slots.len())
-                .filter(|&i| self.slots[i].running.is_none())
-                .map(|i| {
-                    let s = &self.slots[i];
-                    let shared = s
-                        .cached
-                        .iter()
-                        .zip(prompt)
-                        .take_while(|(a, b)| a == b)
-                        .count()
-                        .min(prompt.len().saturating_sub(1)); // one row must give logits
-                    (i, shared, s.last_used)
-                })
-                .max_by(|a, b| a.1.cmp(&b.1).then(b.2.cmp(&a.2)));
-            let Some((seq, shared, _)) = best else {
-                return;
-            };
-            let mut job = self.waiting.pop_front().expect("not empty");
-            job.in_line = None;
-            let tokens = job.req.prompt.clone();
-            let serial = self.next_serial;
-            self.next_serial += 1;
-            self.slots[seq].running = Some(Running {
-                serial,
-                job,
-                tokens,
-                fed: shared,
-                in_flight: false,
-                generation: Generation::new(),
-                cached_tokens: shared,
-                attempts: 1,
-                last_token: None,
-            });
+        for seq in self.sched.admit() {
+            if let Some(r) = self.sched.running_mut(seq) {
+                r.job.in_line = None;
+            }
         }
     }
 
@@ -317,11 +333,13 @@ impl State {
     /// (then wait for a new one, at most [`REROUTE_WAIT`]).
     async fn connect(&mut self) {
         let route = self.routes.borrow().clone();
-        if let Some((when, failed_route, why)) = &self.failure {
-            if route.is_none() || route == *failed_route {
-                if when.elapsed() >= REROUTE_WAIT {
-                    let message =
-                        format!("a pipeline stage failed and no replica took its place: {why}");
+        if let Some(failure) = &self.failure {
+            if route.is_none() || route == failure.route {
+                if failure.when.elapsed() >= REROUTE_WAIT {
+                    let message = format!(
+                        "a pipeline stage failed and no replica took its place: {}",
+                        failure.why
+                    );
                     self.fail_all(&message);
                     self.failure = None;
                 }
@@ -329,52 +347,22 @@ impl State {
             }
         }
         let Some(route) = route else {
-            self.fail_all("the swarm is not ready");
+            self.fail_all(&Refused::NotReady.to_string());
             return;
         };
-        let (Some(first), Some(last)) = (route.first(), route.last()) else {
-            return;
-        };
-        let (model, split) = (&self.settings.model_sha256, &self.settings.split_id);
-        let lane_id = format!("{:016x}{:016x}", random_u64(), random_u64());
-        let (tx, answers) = mpsc::unbounded_channel();
-        // The answer lane first, so the last stage knows where the lane's answers go before
-        // the lane's first step reaches it. A one-stage route answers on the lane itself.
-        let mut answer_writer = None;
-        if route.len() > 1 {
-            let stage = route.len() - 1;
-            let hello = Hello::answers(model, split, stage as u32, &lane_id);
-            match open(last, hello, self.settings.tls.as_ref()).await {
-                Ok(conn) => {
-                    let (reader, writer) = conn.into_split();
-                    forward_answers(reader, tx.clone(), format!("stage {stage}"));
-                    answer_writer = Some(writer);
-                }
-                Err(e) => {
-                    self.reset(&format!("stage {stage}: {e}"));
-                    self.failure = Some((Instant::now(), Some(route), e));
-                    return;
-                }
-            }
-        }
-        let hello = Hello::new(model, split, 0).on_lane(&lane_id);
-        match open(first, hello, self.settings.tls.as_ref()).await {
-            Ok(conn) => {
-                let (reader, writer) = conn.into_split();
-                forward_answers(reader, tx, "stage 0".into());
+        match open_lane(&route, &self.settings).await {
+            Ok(lane) => {
                 tracing::info!("serving through {}", describe(&route));
-                self.lane = Some(Lane {
-                    machines: machines_in(&route).max(1),
-                    route,
-                    writer,
-                    _answer_writer: answer_writer,
-                    answers,
-                });
+                self.lane = Some(lane);
                 self.failure = None;
             }
             Err(e) => {
-                self.reset(&format!("stage 0: {e}"));
-                self.failure = Some((Instant::now(), Some(route), e));
+                self.reset(&e);
+                self.failure = Some(Failure {
+                    when: Instant::now(),
+                    route: Some(route),
+                    why: e,
+                });
             }
         }
     }
@@ -385,13 +373,20 @@ impl State {
             0 => self.lane.as_ref().map_or(1, |l| l.machines),
             m => m,
         };
-        while self.lane.is_some() && self.steps.len() < in_flight_limit {
-            let Some(frame) = self.next_step(in_flight_limit) else {
+        while self.lane.is_some() && self.sched.in_flight() < in_flight_limit {
+            let Some(step) = self.sched.next_step(in_flight_limit) else {
                 return;
             };
+            let frame = Frame::Step {
+                step: step.step,
+                in_flight: step.in_flight,
+                busy_us: Vec::new(),
+                groups: step.groups,
+                payload: Payload::Tokens(step.tokens),
+            };
             let lane = self.lane.as_mut().expect("checked");
-            if let Err(e) = lane.writer.send(&frame).await {
-                self.fail(e.to_string());
+            if let Err(source) = lane.writer.send(&frame).await {
+                self.fail(LaneError::Channel { stage: 0, source });
                 return;
             }
         }
@@ -405,129 +400,96 @@ impl State {
                 tokens,
                 busy_us,
             } => (step, tokens, busy_us),
-            Frame::Error(e) => return self.fail(e),
-            other => return self.fail(format!("stage 0 answered {other:?}")),
+            Frame::Error(e) => return self.fail(LaneError::Stage(e)),
+            other => return self.fail(LaneError::Unexpected(other.kind())),
         };
-        let Some(sent) = self.steps.remove(&step) else {
-            return self.fail(format!(
-                "an answer to step {step}, which is not in the pipeline"
-            ));
+        let delivered = match self.sched.answered(step, &tokens) {
+            Ok(delivered) => delivered,
+            Err(e) => return self.fail(e.into()),
         };
-        let (mut generated, mut cached) = (0u64, 0u64);
-        for s in sent {
-            let Some(r) = self.slots[s.seq].running.as_mut() else {
-                continue; // its request left while the step was on its way
-            };
-            if r.serial != s.serial {
+        let generated = delivered.len() as u64;
+        let mut cached = 0u64;
+        let live = self.settings.live.clone();
+        for Sampled { seq, token } in delivered {
+            let Some(r) = self.sched.running_mut(seq) else {
                 continue;
-            }
-            r.in_flight = false;
-            if !s.sample {
-                continue;
-            }
-            let Some(&(_, token)) = tokens.iter().find(|(seq, _)| *seq as usize == s.seq) else {
-                return self.fail(format!(
-                    "step {step} came back without sequence {}'s token",
-                    s.seq
-                ));
             };
-            generated += 1;
+            let (cached_tokens, prompt_len) = (r.cached_tokens(), r.prompt_len());
+            let job = &mut r.job;
             let now = Instant::now();
-            let live = &self.settings.live;
-            match r.last_token.replace(now) {
+            match job.last_token.replace(now) {
                 None => live
                     .time_to_first_token
-                    .observe((now - r.job.arrived).as_secs_f64()),
+                    .observe((now - job.arrived).as_secs_f64()),
                 Some(last) => live.inter_token.observe((now - last).as_secs_f64()),
             }
-            let progress = r.generation.push(&self.vocab, &r.job.req, token);
+            let progress = job.generation.push(&self.vocab, &job.req, token);
             if let Some(text) = progress.text {
-                if r.job.events.send(Event::Text(text)).is_err() {
-                    self.client_left(s.seq);
+                if job.events.send(Event::Text(text)).is_err() {
+                    self.client_left(seq);
                     continue;
                 }
             }
-            match progress.finish {
-                Some(finish) => {
-                    let _ = r.job.events.send(Event::Done {
-                        finish,
-                        completion_tokens: r.generation.len(),
-                        cached_tokens: r.cached_tokens,
-                    });
-                    cached += r.cached_tokens as u64;
-                    live.prompt_tokens.inc_by(r.job.req.prompt.len() as u64);
-                    if let Some(sampler) = &mut self.sampler {
-                        sampler.offer(&r.tokens[..r.fed]);
-                    }
-                    self.release(s.seq);
-                }
-                None => r.tokens.push(token),
+            let Some(finish) = progress.finish else {
+                self.sched.feed(seq, token);
+                continue;
+            };
+            let _ = job.events.send(Event::Done {
+                finish,
+                completion_tokens: job.generation.len(),
+                cached_tokens,
+            });
+            cached += cached_tokens as u64;
+            live.prompt_tokens.inc_by(prompt_len as u64);
+            if let Some(sampler) = &mut self.sampler {
+                sampler.offer(r.computed());
             }
+            self.sched.release(seq);
         }
         let mut stats = self.stats.lock().unwrap();
-        stats.steps += 1;
         stats.add_busy(&busy_us);
-        stats.generated_tokens += generated;
-        self.settings.live.completion_tokens.inc_by(generated);
-        stats.cached_prompt_tokens += cached;
+        let counts = &mut stats.counts;
+        counts.steps += 1;
+        counts.generated_tokens += generated;
+        counts.cached_prompt_tokens += cached;
+        live.completion_tokens.inc_by(generated);
     }
 
     fn client_left(&mut self, seq: usize) {
         tracing::info!("sequence {seq}: the client went away; its slot is free");
-        self.release(seq);
-    }
-
-    /// Free a slot, keeping what its sequence holds on the stages as the prompt cache.
-    fn release(&mut self, seq: usize) {
-        self.clock += 1;
-        let slot = &mut self.slots[seq];
-        if let Some(r) = slot.running.take() {
-            let mut tokens = r.tokens;
-            tokens.truncate(r.fed);
-            slot.cached = tokens;
-            slot.last_used = self.clock;
-        }
+        self.sched.release(seq);
     }
 
     /// The lane broke: start every running request again through the next route.
-    fn fail(&mut self, why: String) {
+    fn fail(&mut self, why: LaneError) {
         tracing::warn!("the pipeline failed: {why}; running requests start again on a new route");
         let route = self.lane.take().map(|l| l.route);
-        self.failure = Some((Instant::now(), route, why.clone()));
         self.reset(&why);
+        self.failure = Some(Failure {
+            when: Instant::now(),
+            route,
+            why,
+        });
     }
 
-    /// Forget every step in the pipeline and everything cached on the stages, and put each
-    /// running request back at its prompt (failing those tried too often).
-    fn reset(&mut self, why: &str) {
+    /// Drop the lane and put each running request back at its prompt (failing those tried
+    /// too often).
+    fn reset(&mut self, why: &LaneError) {
         self.lane = None;
-        self.steps.clear();
-        for seq in 0..self.slots.len() {
-            let slot = &mut self.slots[seq];
-            slot.cached.clear();
-            let Some(r) = slot.running.as_mut() else {
-                continue;
-            };
-            r.attempts += 1;
-            if r.attempts > MAX_ATTEMPTS {
-                let message = format!("the pipeline failed {MAX_ATTEMPTS} times: {why}");
-                let _ = r.job.events.send(Event::Failed(message));
-                slot.running = None;
-                continue;
+        for job in self.sched.reset() {
+            let message = format!("the pipeline failed {MAX_ATTEMPTS} times: {why}");
+            let _ = job.events.send(Event::Failed(message));
+        }
+        for seq in 0..self.settings.parallel.max(1) {
+            if let Some(r) = self.sched.running_mut(seq) {
+                r.job.generation.restart();
             }
-            r.tokens.truncate(r.job.req.prompt.len());
-            r.fed = 0;
-            r.in_flight = false;
-            r.cached_tokens = 0;
-            r.generation.restart();
         }
     }
 
     fn fail_all(&mut self, message: &str) {
-        for slot in &mut self.slots {
-            if let Some(r) = slot.running.take() {
-                let _ = r.job.events.send(Event::Failed(message.to_owned()));
-            }
+        for job in self.sched.take_running() {
+            let _ = job.events.send(Event::Failed(message.to_owned()));
         }
     }
 
@@ -540,31 +502,63 @@ impl State {
         if new.is_some() && new.as_ref() != Some(&lane.route) {
             tracing::info!(
                 "the route changed; {} running request(s) start again on the new one",
-                self.running()
+                self.sched.running()
             );
-            self.reset("the route changed");
+            self.reset(&LaneError::RouteChanged);
         }
     }
 
     fn publish(&self) {
         let mut stats = self.stats.lock().unwrap();
-        stats.running = self.running();
-        stats.waiting = self.waiting.len();
+        stats.counts.running = self.sched.running();
+        stats.counts.waiting = self.sched.waiting();
     }
 }
 
-/// Hand the frames `reader` gets to the engine, then one error when it ends (`who` closed it).
+/// Open a lane through `route`: the answer lane to the last stage first, so that the last
+/// stage knows where the lane's answers go before the lane's first step reaches it (a
+/// one-stage route answers on the lane itself), then the lane to stage 0.
+async fn open_lane(route: &[RouteHop], settings: &EngineSettings) -> Result<Lane, LaneError> {
+    let (Some(first), Some(last)) = (route.first(), route.last()) else {
+        return Err(LaneError::Stage("the route has no stages".into()));
+    };
+    let (model, split) = (&settings.model_sha256, &settings.split_id);
+    let lane_id = format!("{:016x}{:016x}", random_u64(), random_u64());
+    let (tx, answers) = mpsc::unbounded_channel();
+    let tls = settings.tls.as_ref();
+    let mut answer_writer = None;
+    if route.len() > 1 {
+        let stage = route.len() - 1;
+        let hello = Hello::answers(model, split, stage as u32, &lane_id);
+        let (reader, writer) = open(stage, last, hello, tls).await?.into_split();
+        forward_answers(reader, tx.clone(), stage);
+        answer_writer = Some(writer);
+    }
+    let hello = Hello::new(model, split, 0).on_lane(&lane_id);
+    let (reader, writer) = open(0, first, hello, tls).await?.into_split();
+    forward_answers(reader, tx, 0);
+    Ok(Lane {
+        machines: machines_in(route).max(1),
+        route: route.to_vec(),
+        writer,
+        _answer_writer: answer_writer,
+        answers,
+    })
+}
+
+/// Hand the frames `reader` gets to the engine, then one error when it ends (`stage` closed
+/// it).
 fn forward_answers(
     mut reader: FrameReader,
-    tx: mpsc::UnboundedSender<Result<Frame, String>>,
-    who: String,
+    tx: mpsc::UnboundedSender<Result<Frame, LaneError>>,
+    stage: usize,
 ) {
     tokio::spawn(async move {
         loop {
             let next = match reader.receive_or_end().await {
                 Ok(Some(frame)) => Ok(frame),
-                Ok(None) => Err(format!("{who} closed the connection")),
-                Err(e) => Err(format!("{who}: {e}")),
+                Ok(None) => Err(LaneError::Ended { stage }),
+                Err(source) => Err(LaneError::Channel { stage, source }),
             };
             let end = next.is_err();
             if tx.send(next).is_err() || end {
@@ -574,19 +568,21 @@ fn forward_answers(
     });
 }
 
-/// Open a data connection to `hop` with `hello`, waiting at most [`CONNECT_WAIT`].
+/// Open a data connection to `hop` (stage `stage`) with `hello`, waiting at most
+/// [`CONNECT_WAIT`].
 async fn open(
+    stage: usize,
     hop: &RouteHop,
     hello: Hello,
     tls: Option<&protocol::data::io::ClientTls>,
-) -> Result<Connection, String> {
+) -> Result<Connection, LaneError> {
     let opening = Connection::open(&hop.data_addr, hello, &hop.key, tls);
     match tokio::time::timeout(CONNECT_WAIT, opening).await {
-        Ok(opened) => opened.map_err(|e| e.to_string()),
-        Err(_) => Err(format!(
-            "{}: no answer within {CONNECT_WAIT:?}",
-            hop.data_addr
-        )),
+        Ok(opened) => opened.map_err(|source| LaneError::Channel { stage, source }),
+        Err(_) => Err(LaneError::NoAnswer {
+            stage,
+            addr: hop.data_addr.clone(),
+        }),
     }
 }
 

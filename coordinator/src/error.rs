@@ -14,9 +14,12 @@ pub enum Error {
     Io(#[from] daemon::IoError),
     #[error(transparent)]
     Llm(#[from] llm::LlmError),
+    /// Writing a fetched file.
+    #[error(transparent)]
+    Files(#[from] torrents::Error),
     /// The model's vocabulary or chat template could not be used.
-    #[error("{0}")]
-    Vocab(String),
+    #[error(transparent)]
+    Vocab(#[from] crate::text::VocabError),
 }
 
 impl Error {

@@ -1,17 +1,21 @@
-//! What the coordinator's tasks share: the swarm, the node connections' outbound channels,
-//! the vocabulary, and the serving route as a watch channel (so a request that lost a stage
-//! wakes when the route changes, rather than polling).
+//! What the coordinator's tasks share, assembled in one place: the swarm, the node
+//! connections' outbound channels, the inference engine with its vocabulary, and the serving
+//! route as a watch channel (the one source of readiness: the engine admits requests by it,
+//! and a request that lost a stage wakes when it changes rather than polling). The hub only
+//! assembles; the control channel, the API, the checker and `/metrics` use it.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use protocol::Control;
 use tokio::sync::{mpsc, watch};
 
 use crate::engine::{Engine, EngineSettings};
-use crate::infer::Vocab;
+use crate::metrics::Live;
 use crate::swarm::{Outbox, RouteHop, Swarm};
+use crate::text::Vocab;
+use crate::verify::{Sampler, VerifyStats};
 
 /// Commands that may wait to be written to one node. A node reads its control channel all
 /// the time; one that lets this many pile up is stuck (or hostile) and is disconnected
@@ -33,62 +37,79 @@ pub struct Hub {
     next_conn: AtomicU64,
     /// The seeder's HTTP base URL.
     pub seeder: String,
-    /// The model's vocabulary (from shard 0), for the OpenAI API.
-    pub vocab: Option<Arc<Vocab>>,
-    /// Serves the requests (none without a vocabulary).
-    pub engine: Option<Engine>,
-    /// Bounds the requests waiting for a slot (`--queue`).
-    pub queue: Admission,
-    /// How long a request may take, waiting included (`--deadline`).
-    pub deadline: std::time::Duration,
+    /// The OpenAI API's serving, or why there is none.
+    pub inference: Inference,
     /// The route while every stage on it is loaded ([`Swarm::serving_route`]).
     route: watch::Sender<Option<Vec<RouteHop>>>,
     /// What the checks of holders' outputs found ([`crate::verify`]).
-    pub verify_stats: Arc<Mutex<crate::verify::VerifyStats>>,
+    pub verify_stats: Arc<Mutex<VerifyStats>>,
     /// The swarm's CA, which signs the nodes' data-channel certificates (TLS swarms only).
     ca: Option<Arc<crate::ca::SwarmCa>>,
     /// What the coordinator trusts on the data channel (the swarm's CA), built once.
     data_tls: Option<protocol::data::io::ClientTls>,
-    /// `/metrics`.
-    pub metrics: crate::metrics::Metrics,
+    /// The measurements taken as requests are served (`/metrics`).
+    pub live: Arc<Live>,
+}
+
+/// Whether the coordinator can serve inference: both the vocabulary and the engine, or
+/// neither.
+pub enum Inference {
+    Ready {
+        vocab: Arc<Vocab>,
+        engine: Engine,
+    },
+    /// No vocabulary could be loaded (the reason), so no API.
+    Off(String),
 }
 
 impl Hub {
     pub fn new(
         swarm: Swarm,
         seeder: String,
-        vocab: Option<Arc<Vocab>>,
+        vocab: Result<Arc<Vocab>, String>,
         engine: EngineSettings,
-        (queue, deadline): (usize, std::time::Duration),
-        (sampler, verify_stats): (
-            Option<crate::verify::Sampler>,
-            Arc<Mutex<crate::verify::VerifyStats>>,
-        ),
+        (sampler, verify_stats): (Option<Sampler>, Arc<Mutex<VerifyStats>>),
         (ca, data_tls): (
             Option<Arc<crate::ca::SwarmCa>>,
             Option<protocol::data::io::ClientTls>,
         ),
     ) -> Hub {
-        let engine_live = engine.live.clone();
+        let live = engine.live.clone();
         let route = watch::Sender::new(swarm.serving_route());
-        let engine = vocab
-            .clone()
-            .map(|v| Engine::start(engine, v, route.subscribe(), sampler));
-        let metrics = crate::metrics::Metrics::new(engine_live);
+        let inference = match vocab {
+            Ok(vocab) => Inference::Ready {
+                engine: Engine::start(engine, vocab.clone(), route.subscribe(), sampler),
+                vocab,
+            },
+            Err(why) => Inference::Off(why),
+        };
         Hub {
-            metrics,
+            live,
             route,
             swarm: Mutex::new(swarm),
             conns: Mutex::default(),
             next_conn: AtomicU64::new(1),
             seeder,
-            vocab,
-            engine,
-            queue: Admission::new(queue),
-            deadline,
+            inference,
             verify_stats,
             ca,
             data_tls,
+        }
+    }
+
+    /// The engine, when the coordinator serves inference.
+    pub fn engine(&self) -> Option<&Engine> {
+        match &self.inference {
+            Inference::Ready { engine, .. } => Some(engine),
+            Inference::Off(_) => None,
+        }
+    }
+
+    /// The model id the API answers with (empty without a vocabulary).
+    pub fn model_id(&self) -> &str {
+        match &self.inference {
+            Inference::Ready { vocab, .. } => &vocab.model_id,
+            Inference::Off(_) => "",
         }
     }
 
@@ -197,45 +218,5 @@ impl Hub {
             *r = serving;
             changed
         });
-    }
-}
-
-/// A bounded line of requests waiting for the pipeline: past the bound a request is refused at
-/// once (429) instead of waiting without end.
-pub struct Admission {
-    waiting: Arc<AtomicUsize>,
-    limit: usize,
-}
-
-/// A place in the line; leaving it (by taking a slot, or by giving up) frees it.
-pub struct InLine(Arc<AtomicUsize>);
-
-impl Drop for InLine {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-impl Admission {
-    pub fn new(limit: usize) -> Admission {
-        Admission {
-            waiting: Arc::new(AtomicUsize::new(0)),
-            limit,
-        }
-    }
-
-    /// A place in the line, or `None` when `limit` requests are already waiting.
-    pub fn enter(&self) -> Option<InLine> {
-        self.waiting
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.limit).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| InLine(self.waiting.clone()))
-    }
-
-    /// Requests waiting now.
-    pub fn waiting(&self) -> usize {
-        self.waiting.load(Ordering::Acquire)
     }
 }

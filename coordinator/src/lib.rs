@@ -1,24 +1,42 @@
 //! The coordinator: nodes register over a WebSocket control channel (`/control`, JSON
 //! commands); it learns the shards from the seeder, places them, sends `LOAD_SHARD`, tracks
-//! progress and broadcasts `SWARM_READY` once enough nodes are up and every shard is loaded.
+//! progress and broadcasts `SWARM_READY` once enough nodes are up and every shard is loaded;
+//! then it serves the OpenAI API through the pipeline of stage nodes.
 //!
-//! Tasks: the axum server (one task per connection, each with an outbound channel), and a
-//! heartbeat sweeper. State: one [`swarm::Swarm`] behind a std mutex, held only for the
-//! non-blocking bookkeeping of one event; the messages an event produces are sent after the
-//! lock is released.
+//! Layers, each importing only those above it: the leaves ([`swarm`], the IO-free swarm
+//! rules; [`text`], the vocabulary; [`metrics`]' live counters; the [`verify`] sampler and
+//! judge; [`ca`], [`access`], [`seeder_client`]) → [`engine`] (the serving) → [`hub`] (which
+//! only assembles) → its users ([`server`] and its control channel, [`openai`], [`status`],
+//! [`dashboard`], the [`checker`]).
+//!
+//! Tasks:
+//! - the HTTP server: one task per connection; a registered node's connection has a reader
+//!   and a writer fed by an outbound channel ([`hub::CONTROL_QUEUE`] deep);
+//! - the heartbeat sweeper, once a second;
+//! - the engine, which owns the serving state, with one reader task per lane connection
+//!   (stage 0 and the last stage's answer lane);
+//! - the checker, replaying sampled requests through every holder on probe lanes;
+//! - the referee computations, on blocking threads.
+//!
+//! Locks: `Hub::swarm`, `Hub::conns`, the engine's `stats` and the checks' `verify_stats`
+//! are std mutexes held only for a step of bookkeeping: none is held while another is taken
+//! or across an `.await`. The messages a swarm event produces are sent after its lock is
+//! released ([`hub::Hub::dispatch`]).
 
 pub mod access;
 pub mod ca;
+pub mod checker;
 pub mod dashboard;
 pub mod engine;
 pub mod error;
 pub mod hub;
-pub mod infer;
 pub mod metrics;
 pub mod openai;
 pub mod seeder_client;
 pub mod server;
+pub mod status;
 pub mod swarm;
+pub mod text;
 pub mod verify;
 
 use std::net::SocketAddr;
@@ -245,4 +263,17 @@ pub async fn run(config: Config) -> Result<()> {
     running.wait_for_shutdown_signal().await;
     tracing::info!("shutting down");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `Default` restates the flags' defaults for embedders and tests: it must say what clap
+    /// says.
+    #[test]
+    fn the_default_config_is_the_flags_defaults() {
+        let parsed = Config::try_parse_from(["coordinator"]).expect("no flag is required");
+        assert_eq!(format!("{:?}", Config::default()), format!("{parsed:?}"));
+    }
 }

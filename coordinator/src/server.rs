@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::hub::Hub;
+use crate::status::full_status;
 use crate::swarm::{Outbox, Refusal, Swarm, SwarmSettings};
 use crate::{Config, Result};
 
@@ -59,17 +60,15 @@ pub async fn start(config: Config) -> Result<Running> {
     let cache_dir = config
         .cache_dir
         .clone()
-        .unwrap_or_else(crate::infer::default_cache_dir);
+        .unwrap_or_else(crate::text::default_cache_dir);
     let (model_id, model_name) = (split.model_id.clone(), split.model_name.clone());
-    let vocab = match crate::infer::Vocab::fetch(&split.shards[0], &cache_dir, model_id, model_name)
+    let vocab = crate::text::Vocab::fetch(&split.shards[0], &cache_dir, model_id, model_name)
         .await
-    {
-        Ok(v) => Some(Arc::new(v)),
-        Err(e) => {
+        .map(Arc::new)
+        .map_err(|e| {
             tracing::warn!("no vocabulary, so no inference API: {e}");
-            None
-        }
-    };
+            e.to_string()
+        });
     let swarm = Swarm::new(
         split.shards,
         SwarmSettings {
@@ -88,12 +87,14 @@ pub async fn start(config: Config) -> Result<Running> {
         config.verify_tolerance,
         cache_dir.join("referee"),
     );
-    let (sampler, checker) = verify.unzip();
+    let (sampler, checks) = verify.unzip();
     let engine = crate::engine::EngineSettings {
         model_sha256: swarm.settings.model_sha256.clone(),
         split_id: swarm.settings.split_id.clone(),
         parallel: config.parallel as usize,
         micro_batches: config.micro_batches,
+        queue: config.queue,
+        deadline: Duration::from_secs(config.deadline),
         tls: tls.data_client.clone(),
         live: Default::default(),
     };
@@ -102,13 +103,15 @@ pub async fn start(config: Config) -> Result<Running> {
         config.seeder.clone(),
         vocab,
         engine,
-        (config.queue, Duration::from_secs(config.deadline)),
         (sampler, verify_stats),
         (tls.ca.clone(), tls.data_client.clone()),
     ));
-    hub.metrics.init(Arc::downgrade(&hub));
-    if let Some(checker) = checker {
-        checker.spawn(hub.clone());
+    let metrics = Arc::new(crate::metrics::registry(
+        &hub.live,
+        Box::new(crate::status::SwarmCollector(hub.clone())),
+    ));
+    if let Some(checks) = checks {
+        crate::checker::spawn(checks, hub.clone());
     }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -120,7 +123,10 @@ pub async fn start(config: Config) -> Result<Running> {
     // Behind an API key when one is set: the API, and what /status tells about the swarm.
     let api = Router::new()
         .route("/status", get(status))
-        .route("/metrics", get(serve_metrics))
+        .route(
+            "/metrics",
+            get(move || async move { daemon::metrics::answer(crate::metrics::encode(&metrics)) }),
+        )
         .route("/dashboard", get(dashboard_live))
         .route("/v1/models", get(crate::openai::models))
         .route(
@@ -178,11 +184,6 @@ pub async fn start(config: Config) -> Result<Running> {
     })
 }
 
-/// Prometheus metrics (OpenMetrics text).
-async fn serve_metrics(State(hub): State<Arc<Hub>>) -> axum::response::Response {
-    daemon::metrics::answer(hub.metrics.encode())
-}
-
 /// Count each API answer by route and status code (`/metrics`).
 async fn count_requests(
     State(hub): State<Arc<Hub>>,
@@ -193,8 +194,7 @@ async fn count_requests(
     let route = matched.as_str().to_owned();
     let response = next.run(request).await;
     if route.starts_with("/v1/") {
-        hub.metrics
-            .live
+        hub.live
             .requests
             .get_or_create(&vec![
                 ("route", route),
@@ -209,8 +209,7 @@ async fn count_requests(
 /// for the key.
 async fn dashboard_page(hub: Arc<Hub>, open: bool) -> axum::response::Html<String> {
     let status = open.then(|| full_status(&hub));
-    let model = hub.vocab.as_ref().map_or("", |v| v.model_id.as_str());
-    axum::response::Html(crate::dashboard::page(status.as_ref(), model))
+    axum::response::Html(crate::dashboard::page(status.as_ref(), hub.model_id()))
 }
 
 /// The dashboard's live part, which the page fetches every second.
@@ -218,20 +217,8 @@ async fn dashboard_live(State(hub): State<Arc<Hub>>) -> axum::response::Html<Str
     axum::response::Html(crate::dashboard::live(&full_status(&hub)))
 }
 
-async fn status(State(hub): State<Arc<Hub>>) -> Json<serde_json::Value> {
+async fn status(State(hub): State<Arc<Hub>>) -> Json<protocol::status::Status> {
     Json(full_status(&hub))
-}
-
-/// The `/status` document: the swarm, the serving and the checks.
-fn full_status(hub: &Hub) -> serde_json::Value {
-    let mut status = hub.swarm.lock().unwrap().status();
-    if let Some(engine) = &hub.engine {
-        let stats = engine.stats.lock().unwrap().clone();
-        status["batching"] = serde_json::to_value(stats).unwrap_or_default();
-    }
-    let verify = hub.verify_stats.lock().unwrap().clone();
-    status["verify"] = serde_json::to_value(verify).unwrap_or_default();
-    status
 }
 
 /// Drop silent nodes once a second.

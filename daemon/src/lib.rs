@@ -4,16 +4,32 @@
 pub mod config;
 
 /// Log to stderr (stdout carries the `[READY]`-style lines scripts read), without module
-/// targets, filtered by `RUST_LOG` or else by `default_filter`.
+/// targets, filtered by `RUST_LOG` or else by `default_filter`, each line timed.
 pub fn init_logging(default_filter: &str) {
-    tracing_subscriber::fmt()
+    init_logging_with(default_filter, LogTime::Shown);
+}
+
+/// Whether log lines carry their time: a service's do (its log is read later), a one-shot
+/// command's need not (a person reads them as they come).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogTime {
+    Shown,
+    Hidden,
+}
+
+/// [`init_logging`], choosing whether lines carry their time.
+pub fn init_logging_with(default_filter: &str, time: LogTime) {
+    let log = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| default_filter.into()),
         )
         .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+        .with_target(false);
+    match time {
+        LogTime::Shown => log.init(),
+        LogTime::Hidden => log.without_time().init(),
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM: the signals a terminal, systemd or a test harness stops us

@@ -1,16 +1,16 @@
 //! Choosing a stage's decode-thread policy by measuring it.
 //!
 //! Which [`DecodePolicy`] runs a stage fastest is a property of the machine as much as of the
-//! model: the same 4-stage pipeline on two VMs of one kind ran 115 tokens/s with pinned teams
-//! on one and 33 on the other, where one thread per stage gave 78. So a node times a short run
-//! of decodes of its own stage under each candidate and keeps the fastest.
+//! model: on two VMs of one kind the same pipeline was fastest with pinned teams on one and
+//! slowest with them on the other (`bench/NOTES.md`). So a node times a short run of decodes
+//! of its own stage under each candidate and keeps the fastest.
 //!
 //! The run imitates serving one stream: one row per decode at growing positions, and between
 //! decodes the stage idles as long as the rest of the route would take (`idle_factor` times
 //! its own decode), so a team's threads go to sleep and wake as they do in the pipeline; a
 //! loop of back-to-back decodes keeps them spinning and hides exactly the costs that differ
 //! between policies. Rounds alternate the candidates in a rotating order so that the machine's
-//! drift (±15% within minutes here) falls on all of them alike, and each policy's score is the
+//! drift falls on all of them alike, and each policy's score is the
 //! median of its rounds' mean decode times: robust to a round that something else disturbed,
 //! yet charging a policy for its occasional slow decodes, which cost throughput as much as
 //! steady ones. Decodes use the stage's last sequence (the coordinator's probe slot), which is

@@ -5,10 +5,9 @@
 //! threads can end up on one core while another core idles: a stage's threads sleep between
 //! steps (its neighbours are working), and when they wake the kernel may put the woken worker
 //! next to the thread that woke it. Kernels that pack virtual CPUs do this on purpose
-//! (`sched_vcpu_pack` on the VMs we measure on): there two threads of a 4-stage pipeline shared
-//! one vCPU for 8 ms at a time while the other halted, and one token in ten took 15–50 ms
-//! instead of 8. Pinning thread `j` of a team to its own core, as llama.cpp's `--cpu-strict`
-//! does, removes that there. ggml applies the pinning itself at every graph compute when a
+//! (`sched_vcpu_pack`), and a team then loses whole milliseconds per token (the numbers are
+//! in `bench/NOTES.md`). Pinning thread `j` of a team to its own core, as llama.cpp's
+//! `--cpu-strict` does, removes that there. ggml applies the pinning itself at every graph compute when a
 //! context has a thread pool whose workers carry CPU masks (the OpenMP build included), so a
 //! stage attaches one ([`TeamPool`]).
 //!

@@ -98,3 +98,26 @@ impl Default for Config {
 pub async fn run(config: Config) -> Result<()> {
     agent::run(config).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(clap::Parser)]
+    struct Flags {
+        #[command(flatten)]
+        config: Config,
+    }
+
+    /// `Default` restates the flags' defaults for embedders and tests: it must say what clap
+    /// says.
+    #[test]
+    fn the_default_config_is_the_flags_defaults() {
+        use clap::Parser as _;
+        let parsed = Flags::try_parse_from(["node"]).expect("no flag is required");
+        assert_eq!(
+            format!("{:?}", Config::default()),
+            format!("{:?}", parsed.config)
+        );
+    }
+}

@@ -45,10 +45,12 @@ use tokio::sync::mpsc;
 use crate::{Error, Result};
 
 mod hops;
+mod lie;
 mod rows;
 pub mod threads;
 use hops::{admit, open_next, relay, write_all};
-use rows::{corrupt, rows_of};
+use lie::corrupt;
+use rows::rows_of;
 use threads::{threads_for, ThreadSettings};
 
 /// The loaded stage.

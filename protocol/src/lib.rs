@@ -10,6 +10,7 @@
 pub mod data;
 mod params;
 pub mod seeder;
+pub mod status;
 
 pub use params::*;
 

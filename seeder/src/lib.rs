@@ -213,3 +213,18 @@ pub async fn run(config: Config) -> Result<()> {
 pub(crate) fn rescan_period(config: &Config) -> Duration {
     Duration::from_secs(config.rescan_interval)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `Default` restates the flags' defaults (with the seed dir `seeds`) for embedders and
+    /// tests: it must say what clap says.
+    #[test]
+    fn the_default_config_is_the_flags_defaults() {
+        use clap::Parser as _;
+        let parsed = Config::try_parse_from(["server", "--seed-dir", "seeds"])
+            .expect("--seed-dir is the one required flag");
+        assert_eq!(format!("{:?}", Config::default()), format!("{parsed:?}"));
+    }
+}

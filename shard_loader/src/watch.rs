@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use serde_json::Value;
+use protocol::status::{Holding, Status};
 
 /// What to wait for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -19,32 +19,29 @@ pub enum Until {
 }
 
 /// Per node: (name, bytes held, bytes to hold).
-fn node_bytes(status: &Value) -> Vec<(String, u64, u64)> {
-    let size = |shard: &str| -> u64 {
-        status["shards"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|s| s["shard_id"].as_u64().map(|k| k.to_string()).as_deref() == Some(shard))
-            .and_then(|s| s["size"].as_u64())
-            .unwrap_or(0)
+fn node_bytes(status: &Status) -> Vec<(String, u64, u64)> {
+    let size = |shard: u32| -> u64 {
+        status
+            .shards
+            .iter()
+            .find(|s| s.shard_id == shard)
+            .map_or(0, |s| s.size)
     };
-    let mut nodes: Vec<_> = status["nodes"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    let mut nodes: Vec<_> = status
+        .nodes
+        .iter()
         .map(|n| {
             let (mut done, mut total) = (0, 0);
-            for (shard, held) in n["shards"].as_object().into_iter().flatten() {
-                let whole = held["total"].as_u64().unwrap_or_else(|| size(shard));
-                total += whole;
-                done += match held["state"].as_str() {
-                    Some("loaded") => whole,
-                    Some("fetching") => held["bytes"].as_u64().unwrap_or(0),
-                    _ => 0,
+            for (shard, held) in &n.shards {
+                let (held_bytes, whole) = match held {
+                    Holding::Fetching { bytes, total, .. } => (*bytes, *total),
+                    Holding::Loaded { .. } => (size(*shard), size(*shard)),
+                    Holding::Waiting | Holding::Failed { .. } => (0, size(*shard)),
                 };
+                total += whole;
+                done += held_bytes;
             }
-            (n["name"].as_str().unwrap_or("?").to_owned(), done, total)
+            (n.name.clone(), done, total)
         })
         .collect();
     nodes.sort();
@@ -81,12 +78,11 @@ pub fn watch(
         if let Some(key) = api_key {
             request = request.bearer_auth(key);
         }
-        let status: Option<Value> = request
+        let status: Result<Status, reqwest::Error> = request
             .send()
             .and_then(|r| r.error_for_status())
-            .and_then(|r| r.json())
-            .ok();
-        if let Some(s) = &status {
+            .and_then(|r| r.json());
+        if let Ok(s) = &status {
             let nodes = node_bytes(s);
             if tty {
                 for (name, done, total) in &nodes {
@@ -115,13 +111,13 @@ pub fn watch(
                     "{} node(s): {} (ready: {}, serving: {})",
                     nodes.len(),
                     parts.join(", "),
-                    s["ready"],
-                    s["serving"]
+                    s.ready,
+                    s.serving
                 );
             }
             let done = match until {
-                Until::Ready => s["ready"] == true,
-                Until::Serving => s["serving"] == true,
+                Until::Ready => s.ready,
+                Until::Serving => s.serving,
             };
             if done {
                 for bar in by_name.values() {
@@ -140,10 +136,10 @@ pub fn watch(
             }
         }
         if started.elapsed() > timeout {
-            let said = status.map_or_else(
-                || format!("{url} did not answer"),
-                |s| format!("ready: {}, serving: {}", s["ready"], s["serving"]),
-            );
+            let said = match status {
+                Ok(s) => format!("ready: {}, serving: {}", s.ready, s.serving),
+                Err(e) => format!("{url}: {e}"),
+            };
             bail!("not {until:?} after {timeout:?} ({said})");
         }
         std::thread::sleep(Duration::from_millis(250));

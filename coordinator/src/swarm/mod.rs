@@ -20,25 +20,11 @@ use protocol::{
     code, Capacity, Control, Message, RegisterParams, RegisteredParams, ShardFailedParams,
     ShardLoadedParams, ShardProgressParams, COORDINATOR, PROTOCOL_VERSION,
 };
-use serde::Serialize;
 
-/// One shard of the served split, as the seeder lists it.
-#[derive(Debug, Clone, Serialize)]
-pub struct ShardSpec {
-    pub shard_id: u32,
-    pub file: String,
-    pub size: u64,
-    pub sha256: String,
-    pub info_hash: String,
-    pub magnet: String,
-    pub torrent_url: String,
-    /// The seeder's plain HTTP download of the file (BEP 19 web seed).
-    pub web_seed: Option<String>,
-}
+pub use protocol::status::{Eviction, ShardSpec};
 
 /// A node's relation to one shard.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(tag = "state", rename_all = "snake_case")]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Holding {
     /// A replica waiting for a node to finish the shard, to fetch it from that node.
     Waiting,
@@ -57,7 +43,6 @@ pub enum Holding {
         code: String,
         message: String,
         /// When: the node is not given the shard again before [`RETRY_FAILED_AFTER`].
-        #[serde(skip)]
         at: Instant,
     },
 }
@@ -93,10 +78,39 @@ impl Holding {
             Holding::Failed { .. } | Holding::Waiting => (0, 0),
         }
     }
+
+    /// As `/status` shows it.
+    fn shown(&self) -> protocol::status::Holding {
+        use protocol::status::Holding as Shown;
+        match self.clone() {
+            Holding::Waiting => Shown::Waiting,
+            Holding::Fetching {
+                bytes,
+                total,
+                from_seeder,
+                from_peers,
+                use_tracker,
+            } => Shown::Fetching {
+                bytes,
+                total,
+                from_seeder,
+                from_peers,
+                use_tracker,
+            },
+            Holding::Loaded {
+                from_seeder,
+                from_peers,
+            } => Shown::Loaded {
+                from_seeder,
+                from_peers,
+            },
+            Holding::Failed { code, message, .. } => Shown::Failed { code, message },
+        }
+    }
 }
 
 /// A registered node.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct NodeState {
     pub node_id: String,
     pub name: String,
@@ -107,25 +121,18 @@ pub struct NodeState {
     pub shards: BTreeMap<u32, Holding>,
     /// Per shard, the bytes it fetched from each peer address (as the node saw them); `/status`
     /// shows them by node name.
-    #[serde(skip)]
     pub fetched_from: BTreeMap<u32, BTreeMap<String, u64>>,
     /// Per shard, when it was given the shard (a swarm-wide count): a replica's place in the
     /// shard's chain of holders.
-    #[serde(skip)]
     pub shard_order: BTreeMap<u32, u64>,
     /// Per shard, the peers its last LOAD_SHARD named.
-    #[serde(skip)]
     pub given_peers: BTreeMap<u32, Vec<String>>,
     /// The highest upload rate it reported while fetching (Mbit/s).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub measured_uplink_mbit: Option<u32>,
     /// How its stage's decodes use threads (from its `ROUTE` reply).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub decode: Option<protocol::DecodeThreads>,
     /// Which connection it registered on (a reconnect replaces it).
-    #[serde(skip)]
     pub conn: u64,
-    #[serde(skip)]
     pub last_seen: Instant,
 }
 
@@ -187,16 +194,6 @@ pub struct Swarm {
     pub evicted: BTreeMap<String, Eviction>,
 }
 
-/// A node the coordinator evicted, and why.
-#[derive(Debug, Clone, Serialize)]
-pub struct Eviction {
-    pub name: String,
-    pub shard_id: u32,
-    pub reason: String,
-    /// Seconds since the Unix epoch.
-    pub at: u64,
-}
-
 /// A holder of a shard whose stage the coordinator can probe.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProbeTarget {
@@ -224,14 +221,13 @@ pub struct SwarmSettings {
 }
 
 /// One stage of the inference route.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteHop {
     pub shard_id: u32,
     pub node_id: String,
     /// The node's data-channel address.
     pub data_addr: String,
     /// The key the caller of this stage proves on the data channel (never shown).
-    #[serde(skip)]
     pub key: String,
 }
 

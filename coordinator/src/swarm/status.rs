@@ -1,57 +1,79 @@
-//! The coordinator's `/status` document.
+//! The swarm's part of the `/status` document.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
 
+use protocol::status::{Batching, FetchedBytes, NodeStatus, RouteStage, Status, Verify};
+
 use super::{Holding, NodeState, Swarm};
 
 impl Swarm {
-    /// The `/status` document.
-    pub fn status(&self) -> serde_json::Value {
-        let placement: BTreeMap<u32, Vec<&str>> = (0..self.shards.len() as u32)
+    /// The `/status` document, with the serving's counts and the checks' findings.
+    pub fn status(&self, batching: Option<Batching>, verify: Verify) -> Status {
+        let placement = (0..self.shards.len() as u32)
             .map(|id| {
                 let holders = self
                     .nodes
                     .values()
                     .filter(|n| n.shards.get(&id).is_some_and(Holding::counts))
-                    .map(|n| n.node_id.as_str())
+                    .map(|n| n.node_id.clone())
                     .collect();
                 (id, holders)
             })
             .collect();
         let (from_seeder, from_peers) = self.fetched_bytes();
         let now = Instant::now();
-        let nodes: Vec<serde_json::Value> = self
+        let nodes = self
             .nodes
             .values()
-            .map(|n| {
-                let mut v = serde_json::to_value(n).expect("node serialises");
-                v["last_heartbeat_secs_ago"] = now.duration_since(n.last_seen).as_secs_f64().into();
-                v["fetched_from"] = self.fetched_from(n).into();
-                v["stage"] = self.stage_loaded.get(&n.node_id).copied().into();
-                v
+            .map(|n| NodeStatus {
+                node_id: n.node_id.clone(),
+                name: n.name.clone(),
+                peer_addr: n.peer_addr.to_string(),
+                data_addr: n.data_addr.clone(),
+                capacity: n.capacity,
+                shards: n.shards.iter().map(|(id, h)| (*id, h.shown())).collect(),
+                measured_uplink_mbit: n.measured_uplink_mbit,
+                decode: n.decode.clone(),
+                last_heartbeat_secs_ago: now.duration_since(n.last_seen).as_secs_f64(),
+                fetched_from: self.fetched_from(n),
+                stage: self.stage_loaded.get(&n.node_id).copied(),
             })
             .collect();
-        serde_json::json!({
-            "ready": self.ready,
-            "min_nodes": self.settings.min_nodes,
-            "model_sha256": self.settings.model_sha256,
-            "split_id": self.settings.split_id,
-            "shards": self.shards,
-            "shards_loaded": self.loaded_count(),
-            "nodes": nodes,
-            "placement": placement,
-            "bytes": {"from_seeder": from_seeder, "from_peers": from_peers},
-            "route": self.route,
-            "serving": self.serving_route().is_some(),
-            "evicted": self.evicted,
-        })
+        let route = self.route.as_ref().map(|hops| {
+            hops.iter()
+                .map(|h| RouteStage {
+                    shard_id: h.shard_id,
+                    node_id: h.node_id.clone(),
+                    data_addr: h.data_addr.clone(),
+                })
+                .collect()
+        });
+        Status {
+            ready: self.ready,
+            min_nodes: self.settings.min_nodes,
+            model_sha256: self.settings.model_sha256.clone(),
+            split_id: self.settings.split_id.clone(),
+            shards: self.shards.clone(),
+            shards_loaded: self.loaded_count(),
+            nodes,
+            placement,
+            bytes: FetchedBytes {
+                from_seeder,
+                from_peers,
+            },
+            route,
+            serving: self.serving_route().is_some(),
+            evicted: self.evicted.clone(),
+            batching,
+            verify,
+        }
     }
 
     /// A node's bytes per shard by source: `seeder`, another node's id (a peer address it
     /// registered), or the address itself (a node that connected to this one comes from a port
     /// of its own choosing).
-    fn fetched_from(&self, n: &NodeState) -> serde_json::Map<String, serde_json::Value> {
+    fn fetched_from(&self, n: &NodeState) -> BTreeMap<u32, BTreeMap<String, u64>> {
         let name = |addr: &str| -> String {
             if self.settings.seeder_peer.as_deref() == Some(addr) {
                 return "seeder".into();
@@ -68,7 +90,7 @@ impl Swarm {
                 for (addr, bytes) in sources {
                     *named.entry(name(addr)).or_default() += bytes;
                 }
-                (shard.to_string(), serde_json::json!(named))
+                (*shard, named)
             })
             .collect()
     }

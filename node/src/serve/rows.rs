@@ -1,25 +1,9 @@
-//! What a step asks of this stage, checked: its rows, and (in tests only) the error a lying
-//! node adds to its output.
+//! What a step asks of this stage, checked: its rows.
 
-use llm::stage::{Row, RowsOutput, Stage};
+use llm::stage::{Row, Stage};
 use protocol::data::{Group, Payload};
 
 use crate::{Error, Result};
-
-/// Test only (`--test-lie`): add an error of about `scale` times each output's RMS, as a node
-/// that computes wrongly (or lies) would.
-pub(super) fn corrupt(output: &mut RowsOutput, scale: f32) {
-    let values: Vec<&mut [f32]> = match output {
-        RowsOutput::Hidden(data) => vec![data.as_mut_slice()],
-        RowsOutput::Logits(rows) => rows.iter_mut().map(|(_, l)| l.as_mut_slice()).collect(),
-    };
-    for v in values {
-        let rms = (v.iter().map(|x| x * x).sum::<f32>() / v.len().max(1) as f32).sqrt();
-        for (i, x) in v.iter_mut().enumerate() {
-            *x += scale * rms * ((i as f32) * 0.7).sin();
-        }
-    }
-}
 
 /// The rows of a step, after checking that it fits this stage: each sequence once and among
 /// those of its lane (the coordinator's on a pipeline lane, the last one on a probe lane),

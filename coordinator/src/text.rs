@@ -1,10 +1,7 @@
-//! Inference through the pipeline of stage nodes.
-//!
-//! Tokens and text live here, in one place: the coordinator loads the vocabulary (vocab-only,
-//! no weights) of shard 0, which it fetches from the seeder's web seed and checks by sha256, and
-//! does the chat template, tokenizing, detokenizing, stop strings and usage counts. A request
-//! goes through the pipeline as token ids, batched with the others by [`crate::engine`]; the
-//! last stage samples each next token and sends it straight back on the lane's answer lane.
+//! Tokens and text, in one place: the model's vocabulary and chat template (loaded
+//! vocab-only, no weights, from shard 0 as fetched from the seeder's web seed and checked by
+//! sha256), tokenizing, detokenizing, stop strings and what a generation reports. The
+//! pipeline only ever sees token ids.
 
 use std::path::{Path, PathBuf};
 
@@ -15,6 +12,25 @@ use protocol::data::Sampling;
 
 use crate::swarm::ShardSpec;
 use crate::{Error, Result};
+
+/// Why the vocabulary or chat template cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum VocabError {
+    #[error("the seeder lists no web seed for {0}")]
+    NoWebSeed(String),
+    #[error("{}: {source}", path.display())]
+    Load {
+        path: PathBuf,
+        #[source]
+        source: llama_cpp_2::LlamaModelLoadError,
+    },
+    #[error("the model has no chat template: {0}")]
+    NoTemplate(#[source] llama_cpp_2::ChatTemplateError),
+    #[error("a chat message cannot be used: {0}")]
+    Message(#[source] llama_cpp_2::NewLlamaChatMessageError),
+    #[error("the chat template failed: {0}")]
+    Template(#[source] llama_cpp_2::ApplyChatTemplateError),
+}
 
 /// The model's vocabulary and chat template.
 pub struct Vocab {
@@ -34,17 +50,17 @@ pub async fn fetch_shard(shard: &ShardSpec, cache_dir: &Path) -> Result<std::pat
     let path = cache_dir.join(&shard.file);
     let ok = |p: &Path| torrents::hashing::sha256_file(p).is_ok_and(|h| h == shard.sha256);
     if !ok(&path) {
-        let url = shard.web_seed.as_deref().ok_or_else(|| {
-            Error::Vocab(format!("the seeder lists no web seed for {}", shard.file))
-        })?;
+        let url = shard
+            .web_seed
+            .as_deref()
+            .ok_or_else(|| VocabError::NoWebSeed(shard.file.clone()))?;
         tracing::info!("fetching {url}");
         let response = reqwest::get(url)
             .await
             .and_then(|r| r.error_for_status())
             .map_err(|e| Error::seeder(url, e))?;
         let bytes = response.bytes().await.map_err(|e| Error::seeder(url, e))?;
-        torrents::manifest::write_atomically(&path, &bytes)
-            .map_err(|e| Error::Vocab(e.to_string()))?;
+        torrents::manifest::write_atomically(&path, &bytes)?;
         if !ok(&path) {
             return Err(Error::seeder(url, "does not match the manifest's sha256"));
         }
@@ -70,8 +86,13 @@ impl Vocab {
     /// Load the vocabulary of a GGUF file.
     pub fn load(path: &Path, model_id: String) -> Result<Vocab> {
         let params = LlamaModelParams::default().with_vocab_only(true);
-        let model = LlamaModel::load_from_file(llm::backend()?, path, &params)
-            .map_err(|e| Error::Vocab(format!("{}: {e}", path.display())))?;
+        let model =
+            LlamaModel::load_from_file(llm::backend()?, path, &params).map_err(|source| {
+                VocabError::Load {
+                    path: path.to_owned(),
+                    source,
+                }
+            })?;
         Ok(Vocab {
             model,
             model_name: model_id.clone(),
@@ -105,19 +126,19 @@ impl Vocab {
 
     /// The chat messages as a prompt, through the model's own chat template.
     pub fn chat_prompt(&self, messages: &[(String, String)]) -> Result<String> {
-        let vocab_error = |e: &dyn std::fmt::Display| Error::Vocab(e.to_string());
         let template = self
             .model
             .chat_template(None)
-            .map_err(|e| Error::Vocab(format!("the model has no chat template: {e}")))?;
+            .map_err(VocabError::NoTemplate)?;
         let chat = messages
             .iter()
             .map(|(role, content)| LlamaChatMessage::new(role.clone(), content.clone()))
             .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| vocab_error(&e))?;
-        self.model
+            .map_err(VocabError::Message)?;
+        Ok(self
+            .model
             .apply_chat_template(&template, &chat, true)
-            .map_err(|e| vocab_error(&e))
+            .map_err(VocabError::Template)?)
     }
 }
 

@@ -1,0 +1,237 @@
+//! The checker's task (see [`crate::verify`] for the method): replays the sampled requests
+//! through every holder of every stage on probe lanes, asks the coordinator's own computation
+//! when two holders disagree, and acts on the judge's verdicts (evicting through the hub).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use protocol::data::io::{ChannelError, Connection};
+use protocol::data::{Frame, Group, Hello, Payload, Sampling};
+
+use crate::hub::Hub;
+use crate::swarm::ProbeTarget;
+use crate::verify::judge::{judge, Output, Verdict, Who};
+use crate::verify::Checks;
+
+/// How long one probe (connect, compute, answer) may take.
+const PROBE_WAIT: Duration = Duration::from_secs(120);
+
+/// Why a holder's output could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error(transparent)]
+    Channel(#[from] ChannelError),
+    #[error("it reported: {0}")]
+    Reported(String),
+    #[error("it answered {0} to a probe")]
+    Unexpected(&'static str),
+    #[error("no answer within {PROBE_WAIT:?}")]
+    Timeout,
+}
+
+/// Why the coordinator could not compute a stage itself.
+#[derive(Debug, thiserror::Error)]
+pub enum RefereeError {
+    #[error(transparent)]
+    Fetch(#[from] crate::Error),
+    #[error(transparent)]
+    Llm(#[from] llm::LlmError),
+    #[error("the computation stopped: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// The checker: the sampled requests and what it needs to check them.
+struct Checker(Checks);
+
+/// Check the requests the sampler hands over, until the engine stops.
+pub fn spawn(checks: Checks, hub: Arc<Hub>) {
+    let mut checker = Checker(checks);
+    tokio::spawn(async move {
+        while let Some(tokens) = checker.0.incoming.recv().await {
+            checker.check(&hub, &tokens).await;
+        }
+    });
+}
+
+impl Checker {
+    /// Replay `tokens` through every holder of every stage and act on what differs.
+    async fn check(&self, hub: &Hub, tokens: &[i32]) {
+        let stats = &self.0.stats;
+        let targets = hub.swarm.lock().unwrap().probe_targets();
+        if targets.iter().all(|h| h.len() < 2) || targets.iter().any(Vec::is_empty) {
+            stats.lock().unwrap().shown.skipped += 1;
+            return;
+        }
+        let last = targets.len() - 1;
+        let mut input = Payload::Tokens(tokens.to_vec());
+        for (k, holders) in targets.iter().enumerate() {
+            let mut opinions = Vec::new();
+            for h in holders {
+                match probe(hub, k as u32, h, &input).await {
+                    Ok(out) => opinions.push((who(h), out)),
+                    Err(e) => {
+                        tracing::warn!("probe of {} (stage {k}): {e}", h.node_id);
+                        stats.lock().unwrap().shown.probe_failures += 1;
+                    }
+                }
+            }
+            let mut verdict = judge(&opinions, k == last, self.0.tolerance);
+            if opinions.len() == 2 && verdict.dispute.is_some() {
+                // Two that disagree: the coordinator computes the stage itself.
+                match referee(hub, k as u32, &input, &self.0.cache_dir).await {
+                    Ok(truth) => {
+                        opinions.push((Who::Referee, truth));
+                        verdict = judge(&opinions, k == last, self.0.tolerance);
+                    }
+                    Err(e) => tracing::warn!("computing stage {k} to settle a dispute: {e}"),
+                }
+            }
+            self.act(hub, k as u32, &opinions, &verdict);
+            let Some(agreed) = verdict.go_on_with else {
+                return; // nothing to go on with
+            };
+            if opinions.len() >= 2 {
+                stats.lock().unwrap().shown.stage_comparisons += 1;
+            }
+            let output = opinions.swap_remove(agreed).1;
+            input = Payload::Hidden {
+                n_embd: output.width,
+                data: output.data,
+            };
+        }
+        stats.lock().unwrap().shown.requests_checked += 1;
+    }
+
+    /// Evict the holders the verdict names and record what it could not settle.
+    fn act(&self, hub: &Hub, shard: u32, opinions: &[(Who, Output)], verdict: &Verdict) {
+        let name = |i: usize| match opinions[i].0 {
+            Who::Holder { node_id, .. } => node_id.to_owned(),
+            Who::Referee => "the coordinator".to_owned(),
+        };
+        {
+            let mut stats = self.0.stats.lock().unwrap();
+            for e in &verdict.honest {
+                stats.honest(*e);
+            }
+            if let Some(([a, b], error)) = verdict.dispute {
+                tracing::error!(
+                    "shard {shard}: {} and {} disagree (relative error {error:.4}), and no \
+                     computation here tells which is wrong",
+                    name(a),
+                    name(b)
+                );
+                stats.dispute(shard, vec![name(a), name(b)], error);
+            }
+        }
+        for (i, reason) in &verdict.evict {
+            let node = name(*i);
+            let out = hub
+                .swarm
+                .lock()
+                .unwrap()
+                .evict(&node, shard, reason.clone());
+            hub.disconnect(&node);
+            hub.dispatch(out);
+        }
+    }
+}
+
+fn who(target: &ProbeTarget) -> Who<'_> {
+    Who::Holder {
+        node_id: &target.node_id,
+        on_route: target.on_route,
+    }
+}
+
+/// Stage `shard` computed here on `input`, from the seeder's file (fetched once, checked by
+/// sha256): what an honest holder gives.
+async fn referee(
+    hub: &Hub,
+    shard: u32,
+    input: &Payload,
+    cache_dir: &std::path::Path,
+) -> Result<Output, RefereeError> {
+    let (spec, count) = {
+        let s = hub.swarm.lock().unwrap();
+        (s.shards[shard as usize].clone(), s.shards.len() as u32)
+    };
+    let path = crate::text::fetch_shard(&spec, cache_dir).await?;
+    let input = input.clone();
+    let computed = tokio::task::spawn_blocking(move || -> Result<Output, llm::LlmError> {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as i32;
+        let is_last = shard + 1 == count;
+        let mut stage =
+            llm::stage::Stage::load_for(&path, is_last, protocol::data::MAX_CONTEXT, threads, 1)?;
+        let rows: Vec<llm::stage::Row> = (0..input.rows() as i32)
+            .map(|pos| llm::stage::Row { seq: 0, pos })
+            .collect();
+        let output = match &input {
+            Payload::Tokens(t) => stage.forward_token_rows(t, &rows),
+            Payload::Hidden { data, .. } => stage.forward_hidden_rows(data, &rows),
+        }?;
+        Ok(match output {
+            llm::stage::RowsOutput::Hidden(data) => Output {
+                width: (data.len() / rows.len().max(1)) as u32,
+                data,
+            },
+            llm::stage::RowsOutput::Logits(mut rows) => {
+                let data = rows.pop().map(|(_, l)| l).unwrap_or_default();
+                Output {
+                    width: data.len() as u32,
+                    data,
+                }
+            }
+        })
+    })
+    .await??;
+    Ok(computed)
+}
+
+/// Run `input` through `holder`'s stage on a probe lane: its output.
+async fn probe(
+    hub: &Hub,
+    stage: u32,
+    holder: &ProbeTarget,
+    input: &Payload,
+) -> Result<Output, ProbeError> {
+    let (model, split, parallel) = {
+        let s = hub.swarm.lock().unwrap();
+        (
+            s.settings.model_sha256.clone(),
+            s.settings.split_id.clone(),
+            s.settings.parallel,
+        )
+    };
+    let tls = hub.data_tls();
+    let run = async {
+        let hello = Hello::probe(&model, &split, stage);
+        let mut conn = Connection::open(&holder.data_addr, hello, &holder.probe_key, tls).await?;
+        let rows = input.rows() as u32;
+        conn.send(&Frame::Step {
+            step: 1,
+            in_flight: 1,
+            busy_us: Vec::new(),
+            groups: vec![Group {
+                seq: parallel, // the sequence stages keep for probes
+                pos0: 0,
+                rows,
+                sample: true,
+                sampling: Sampling {
+                    temperature: 0.0,
+                    top_p: 1.0,
+                    seed: 0,
+                },
+            }],
+            payload: input.clone(),
+        })
+        .await?;
+        match conn.receive().await? {
+            Frame::Output { width, data, .. } => Ok(Output { width, data }),
+            Frame::Error(e) => Err(ProbeError::Reported(e)),
+            other => Err(ProbeError::Unexpected(other.kind())),
+        }
+    };
+    tokio::time::timeout(PROBE_WAIT, run)
+        .await
+        .map_err(|_| ProbeError::Timeout)?
+}

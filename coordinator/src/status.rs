@@ -1,0 +1,146 @@
+//! What `/status`, the dashboard and `/metrics` read off the hub: the typed status document
+//! and the collector that reads the swarm's state at each scrape.
+
+use std::sync::Arc;
+
+use daemon::metrics::family;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Unit;
+use protocol::status::Status;
+
+use crate::hub::Hub;
+
+/// The `/status` document: the swarm, the serving and the checks.
+pub fn full_status(hub: &Hub) -> Status {
+    let batching = hub
+        .engine()
+        .map(|engine| engine.stats.lock().unwrap().counts.clone());
+    let verify = hub.verify_stats.lock().unwrap().shown.clone();
+    hub.swarm.lock().unwrap().status(batching, verify)
+}
+
+/// The swarm's state at scrape time.
+pub struct SwarmCollector(pub Arc<Hub>);
+
+impl std::fmt::Debug for SwarmCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SwarmCollector")
+    }
+}
+
+impl Collector for SwarmCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        let hub = &self.0;
+        let one = |v: f64| vec![(Vec::new(), v)];
+        let (nodes, ready, serving, coverage, bytes) = {
+            let swarm = hub.swarm.lock().unwrap();
+            let coverage: Vec<_> = (0..swarm.shards.len() as u32)
+                .map(|id| (vec![("shard", id.to_string())], swarm.holders(id) as f64))
+                .collect();
+            let (seeder, peers) = swarm.fetched_bytes();
+            (
+                swarm.nodes.len(),
+                swarm.ready,
+                swarm.serving_route().is_some(),
+                coverage,
+                [
+                    (vec![("source", "seeder".to_owned())], seeder as f64),
+                    (vec![("source", "peers".to_owned())], peers as f64),
+                ],
+            )
+        };
+        family(
+            &mut e,
+            ConstGauge::new,
+            "nodes",
+            "Registered nodes",
+            None,
+            &one(nodes as f64),
+        )?;
+        family(
+            &mut e,
+            ConstGauge::new,
+            "ready",
+            "1 while every shard is loaded on enough nodes",
+            None,
+            &one(f64::from(u8::from(ready))),
+        )?;
+        family(
+            &mut e,
+            ConstGauge::new,
+            "serving",
+            "1 while the route serves requests",
+            None,
+            &one(f64::from(u8::from(serving))),
+        )?;
+        family(
+            &mut e,
+            ConstGauge::new,
+            "shard_holders",
+            "Nodes with the shard loaded",
+            None,
+            &coverage,
+        )?;
+        family(
+            &mut e,
+            ConstGauge::new,
+            "fetched",
+            "Shard bytes the registered nodes fetched, by source",
+            Some(&Unit::Bytes),
+            &bytes,
+        )?;
+        if let Some(engine) = hub.engine() {
+            let stats = engine.stats.lock().unwrap().counts.clone();
+            family(
+                &mut e,
+                ConstGauge::new,
+                "running_requests",
+                "Requests in a slot",
+                None,
+                &one(stats.running as f64),
+            )?;
+            family(
+                &mut e,
+                ConstGauge::new,
+                "queue_depth",
+                "Requests waiting for a slot",
+                None,
+                &one(stats.waiting as f64),
+            )?;
+            family(
+                &mut e,
+                ConstCounter::new,
+                "steps",
+                "Pipeline steps",
+                None,
+                &one(stats.steps as f64),
+            )?;
+            family(
+                &mut e,
+                ConstCounter::new,
+                "cached_prompt_tokens",
+                "Prompt tokens served from the prompt cache",
+                None,
+                &one(stats.cached_prompt_tokens as f64),
+            )?;
+            let busy: Vec<_> = stats
+                .stage_busy_seconds
+                .iter()
+                .enumerate()
+                .map(|(k, s)| (vec![("stage", k.to_string())], *s))
+                .collect();
+            family(
+                &mut e,
+                ConstCounter::new,
+                "stage_compute",
+                "Each stage's compute time",
+                Some(&Unit::Seconds),
+                &busy,
+            )?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,96 @@
+//! `split` and `map`: cut a whole model into stage shards, or turn a set split by another
+//! tool (gguf-split, safetensors parts) into shard-K files.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Result};
+use torrents::gguf::GgufModel;
+use torrents::manifest::Manifest;
+use torrents::map::{find_split_set, gguf_source, map_gguf_split, map_safetensors, SplitSet};
+use torrents::split::split_model;
+
+use crate::cli::Exactness;
+
+/// `split`: cut `model` into `shards` stage files in `target_dir`.
+pub fn split(model: &Path, shards: usize, target_dir: &Path, exactness: &Exactness) -> Result<()> {
+    let m = GgufModel::open(model)?;
+    eprintln!(
+        "splitting {} ({} layers, {} tensors) into {shards} shards in {}",
+        model.display(),
+        m.block_count()?,
+        m.tensors.len(),
+        target_dir.display()
+    );
+    let source = gguf_source(&m)?;
+    let manifest = split_model(
+        &m,
+        shards,
+        target_dir,
+        source,
+        exactness.options(),
+        &report::Reporter::new(),
+    )?;
+    print_manifest_summary(&manifest, target_dir);
+    Ok(())
+}
+
+/// `map`: the parts in `source_dir` as shard files in `target_dir`.
+pub fn map(
+    metadata_dir: Option<PathBuf>,
+    source_dir: &Path,
+    target_dir: &Path,
+    shards: Option<usize>,
+    exactness: &Exactness,
+) -> Result<()> {
+    let manifest = match find_split_set(source_dir)? {
+        SplitSet::Gguf(parts) => {
+            eprintln!(
+                "mapping {} gguf-split parts from {}",
+                parts.len(),
+                source_dir.display()
+            );
+            map_gguf_split(
+                &parts,
+                shards,
+                target_dir,
+                exactness.options(),
+                &report::Reporter::new(),
+            )?
+        }
+        SplitSet::Safetensors(parts) => {
+            if shards.is_some_and(|n| n != parts.len()) {
+                bail!(
+                    "safetensors parts map one to one: --shards must be {} or left out",
+                    parts.len()
+                );
+            }
+            eprintln!(
+                "mapping {} safetensors parts from {}",
+                parts.len(),
+                source_dir.display()
+            );
+            let meta = metadata_dir.unwrap_or_else(|| source_dir.to_owned());
+            map_safetensors(&parts, &meta, target_dir, &report::Reporter::new())?
+        }
+    };
+    print_manifest_summary(&manifest, target_dir);
+    Ok(())
+}
+
+fn print_manifest_summary(m: &Manifest, dir: &Path) {
+    for s in &m.shards {
+        let layers = s
+            .layers
+            .map_or("-".to_string(), |r| format!("{}-{}", r.first, r.last));
+        println!(
+            "{:<22} layers {:<7} {:>12} bytes  sha256 {}",
+            s.file, layers, s.size, s.sha256
+        );
+    }
+    println!(
+        "wrote {} shards and {} (split {})",
+        m.shards.len(),
+        dir.join("shards.json").display(),
+        m.split_id
+    );
+}
