@@ -61,6 +61,12 @@ def url_opener(tls):
     return lambda *a, **k: urllib.request.urlopen(*a, context=context, **k)
 
 
+def bin_dir_of(repo):
+    """Our binaries: $SHARDSWARM_BIN_DIR (another build's, to compare two builds in one run),
+    else the repository's release build."""
+    return os.environ.get("SHARDSWARM_BIN_DIR") or os.path.join(repo, "target", "release")
+
+
 def start_local_swarm(repo, work, model, nodes=4, shards=4, coordinator_flags=(), threads=1, limit=300, tls=None,
                       node_flags=()):
     """Split `model` into `shards`, start a seeder, a coordinator and `nodes` nodes on loopback
@@ -68,7 +74,7 @@ def start_local_swarm(repo, work, model, nodes=4, shards=4, coordinator_flags=()
     for None, and `node_flags`), and wait until the coordinator serves. With `tls` (from `make_certificates`) the
     coordinator serves HTTPS and wss://. Returns (coordinator address, processes): stop them
     with `stop`."""
-    bin_dir = os.path.join(repo, "target", "release")
+    bin_dir = bin_dir_of(repo)
     procs = []
 
     def start(args, log):

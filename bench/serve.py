@@ -22,6 +22,9 @@ Each line also gives the busiest vCPU's steal time (/proc/stat: the hypervisor r
 else while the VM wanted that vCPU), which makes teams that wait for their slowest thread slow.
 --busy-core CPU keeps one core busy with a spinning process (a machine shared with other work).
 
+SHARDSWARM_BIN_DIR=DIR runs another build's binaries instead of building this checkout's (to
+compare two builds: run once with each, one after the other, on the same machine).
+
 usage: bench/serve.py [--runs 3] [--max-tokens 48] [--clients 1,2,4,8,16] [--micro-batches 0]
                       [--node-threads 1] [--stages 4] [--skip-llama-server] [--policies]
                       [--busy-core CPU]
@@ -268,7 +271,8 @@ def main():
 
 def run(args):
     ks = [int(k) for k in args.clients.split(",")]
-    subprocess.run(["cargo", "build", "--release", "-q", "--workspace", "--bins"], cwd=REPO, check=True)
+    if not os.environ.get("SHARDSWARM_BIN_DIR"):
+        subprocess.run(["cargo", "build", "--release", "-q", "--workspace", "--bins"], cwd=REPO, check=True)
     model = subprocess.run([os.path.join(REPO, "deploy", "fetch-model.sh")], capture_output=True, text=True,
                            check=True).stdout.strip()
     if args.policies:

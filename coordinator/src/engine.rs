@@ -168,7 +168,7 @@ impl Engine {
         if !self.serving() {
             return Err(Refused::NotReady);
         }
-        let in_line = self.admission.enter().ok_or(Refused::Full {
+        let in_line = self.admission.enter().ok_or_else(|| Refused::Full {
             waiting: self.admission.waiting(),
         })?;
         let (events, rx) = mpsc::unbounded_channel();

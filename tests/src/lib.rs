@@ -89,22 +89,27 @@ fn newest_source() -> Option<std::time::SystemTime> {
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut newest = None;
-    for krate in [
-        "torrents",
-        "shard_loader",
-        "protocol",
-        "daemon",
-        "llm",
-        "seeder",
-        "coordinator",
-        "node",
-        "deploy",
-    ] {
+    for krate in CRATES.iter().filter(|k| **k != "tests") {
         walk(&root.join(krate).join("src"), &mut newest);
         walk(&root.join(krate).join("Cargo.toml"), &mut newest);
     }
     newest
 }
+
+/// The workspace's crates (each a folder at the top of the repository with `src/`).
+pub const CRATES: &[&str] = &[
+    "torrents",
+    "shard_loader",
+    "protocol",
+    "daemon",
+    "llm",
+    "seeder",
+    "coordinator",
+    "node",
+    "deploy",
+    "tests",
+    "report",
+];
 
 /// A running process of ours, killed on drop.
 pub struct Proc {

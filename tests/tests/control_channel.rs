@@ -150,7 +150,17 @@ fn bad_messages_get_errors_and_the_connection_stays_usable() {
         );
         send(&mut ws, &bare(cmd::HEARTBEAT)).await;
     });
-    let st = tests::get_json(&format!("http://{}/status", c.field("http")));
+    // The coordinator sees the client's connection close a moment after it closes: ask
+    // again for at most 5 s.
+    let status = || tests::get_json(&format!("http://{}/status", c.field("http")));
+    let mut st = status();
+    for _ in 0..50 {
+        if st["nodes"].as_array().is_some_and(Vec::is_empty) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        st = status();
+    }
     assert_eq!(
         st["nodes"].as_array().unwrap().len(),
         0,

@@ -6,20 +6,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-const CRATES: &[&str] = &[
-    "torrents",
-    "shard_loader",
-    "protocol",
-    "daemon",
-    "llm",
-    "seeder",
-    "coordinator",
-    "node",
-    "deploy",
-    "tests",
-    "report",
-];
-
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
@@ -139,7 +125,7 @@ fn find_circle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>
 #[test]
 fn no_crate_has_modules_that_import_each_other_in_a_circle() {
     let mut circles = Vec::new();
-    for krate in CRATES {
+    for krate in tests::CRATES {
         let src = root().join(krate).join("src");
         assert!(src.is_dir(), "{} is missing", src.display());
         if let Some(circle) = find_circle(&module_graph(&src)) {

@@ -21,42 +21,21 @@ use protocol::{
     ShardLoadedParams, ShardProgressParams, COORDINATOR, PROTOCOL_VERSION,
 };
 
-pub use protocol::status::{Eviction, ShardSpec};
-
-/// A node's relation to one shard.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Holding {
-    /// A replica waiting for a node to finish the shard, to fetch it from that node.
-    Waiting,
-    Fetching {
-        bytes: u64,
-        total: u64,
-        from_seeder: u64,
-        from_peers: u64,
-        use_tracker: bool,
-    },
-    Loaded {
-        from_seeder: u64,
-        from_peers: u64,
-    },
-    Failed {
-        code: String,
-        message: String,
-        /// When: the node is not given the shard again before [`RETRY_FAILED_AFTER`].
-        at: Instant,
-    },
-}
+pub use protocol::status::{Eviction, Holding, ShardSpec};
 
 /// How long a node that failed a shard waits before it is given that shard again (a full
 /// disk or a broken download would otherwise fail and be retried as fast as messages go).
 pub const RETRY_FAILED_AFTER: Duration = Duration::from_secs(30);
 
-impl Holding {
-    /// Failed less than [`RETRY_FAILED_AFTER`] ago.
-    fn failed_recently(&self) -> bool {
-        matches!(self, Holding::Failed { at, .. } if at.elapsed() < RETRY_FAILED_AFTER)
-    }
+/// What the swarm rules read off a node's relation to a shard ([`Holding`]).
+trait HoldingRules {
+    /// Whether it counts as a copy: held, being fetched, or waiting to be fetched.
+    fn counts(&self) -> bool;
+    /// Bytes fetched (from the seeder, from peers).
+    fn bytes(&self) -> (u64, u64);
+}
 
+impl HoldingRules for Holding {
     fn counts(&self) -> bool {
         matches!(
             self,
@@ -78,35 +57,6 @@ impl Holding {
             Holding::Failed { .. } | Holding::Waiting => (0, 0),
         }
     }
-
-    /// As `/status` shows it.
-    fn shown(&self) -> protocol::status::Holding {
-        use protocol::status::Holding as Shown;
-        match self.clone() {
-            Holding::Waiting => Shown::Waiting,
-            Holding::Fetching {
-                bytes,
-                total,
-                from_seeder,
-                from_peers,
-                use_tracker,
-            } => Shown::Fetching {
-                bytes,
-                total,
-                from_seeder,
-                from_peers,
-                use_tracker,
-            },
-            Holding::Loaded {
-                from_seeder,
-                from_peers,
-            } => Shown::Loaded {
-                from_seeder,
-                from_peers,
-            },
-            Holding::Failed { code, message, .. } => Shown::Failed { code, message },
-        }
-    }
 }
 
 /// A registered node.
@@ -119,6 +69,9 @@ pub struct NodeState {
     pub data_addr: Option<String>,
     pub capacity: Capacity,
     pub shards: BTreeMap<u32, Holding>,
+    /// When it last failed each shard: it is not given that shard again before
+    /// [`RETRY_FAILED_AFTER`].
+    pub failed_at: BTreeMap<u32, Instant>,
     /// Per shard, the bytes it fetched from each peer address (as the node saw them); `/status`
     /// shows them by node name.
     pub fetched_from: BTreeMap<u32, BTreeMap<String, u64>>,
@@ -137,6 +90,15 @@ pub struct NodeState {
 }
 
 impl NodeState {
+    /// Whether it failed `shard` less than [`RETRY_FAILED_AFTER`] ago.
+    fn failed_recently(&self, shard: u32) -> bool {
+        matches!(self.shards.get(&shard), Some(Holding::Failed { .. }))
+            && self
+                .failed_at
+                .get(&shard)
+                .is_some_and(|at| at.elapsed() < RETRY_FAILED_AFTER)
+    }
+
     fn assigned_bytes(&self, shards: &[ShardSpec]) -> u64 {
         self.shards
             .iter()
@@ -331,6 +293,7 @@ impl Swarm {
                 }),
             capacity: p.capacity,
             shards: held,
+            failed_at: BTreeMap::new(),
             fetched_from: BTreeMap::new(),
             shard_order: BTreeMap::new(),
             given_peers: BTreeMap::new(),
@@ -437,9 +400,9 @@ impl Swarm {
                     Holding::Failed {
                         code: "wrong_sha256".into(),
                         message: "loaded shard does not match the manifest".into(),
-                        at: Instant::now(),
                     },
                 );
+                n.failed_at.insert(p.shard_id, Instant::now());
             }
         }
         self.place()
@@ -459,9 +422,9 @@ impl Swarm {
                 Holding::Failed {
                     code: p.code.clone(),
                     message: p.message.clone(),
-                    at: Instant::now(),
                 },
             );
+            n.failed_at.insert(p.shard_id, Instant::now());
         }
         self.place()
     }

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use protocol::{Control, LoadShardParams, Message, COORDINATOR};
 
-use super::{Holding, NodeState, Outbox, Swarm};
+use super::{Holding, HoldingRules, NodeState, Outbox, Swarm};
 
 impl Swarm {
     /// The nodes other than `node` that `node` can fetch `shard_id` from: those that have it
@@ -147,9 +147,8 @@ impl Swarm {
                 .nodes
                 .values()
                 .filter(|n| {
-                    !n.shards
-                        .get(&shard_id)
-                        .is_some_and(|h| h.counts() || h.failed_recently())
+                    !(n.shards.get(&shard_id).is_some_and(Holding::counts)
+                        || n.failed_recently(shard_id))
                         && n.has_room_for(&spec, &self.shards)
                 })
                 .map(|n| {

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use protocol::status::{Batching, FetchedBytes, NodeStatus, RouteStage, Status, Verify};
 
-use super::{Holding, NodeState, Swarm};
+use super::{Holding, HoldingRules, NodeState, Swarm};
 
 impl Swarm {
     /// The `/status` document, with the serving's counts and the checks' findings.
@@ -32,7 +32,7 @@ impl Swarm {
                 peer_addr: n.peer_addr.to_string(),
                 data_addr: n.data_addr.clone(),
                 capacity: n.capacity,
-                shards: n.shards.iter().map(|(id, h)| (*id, h.shown())).collect(),
+                shards: n.shards.clone(),
                 measured_uplink_mbit: n.measured_uplink_mbit,
                 decode: n.decode.clone(),
                 last_heartbeat_secs_ago: now.duration_since(n.last_seen).as_secs_f64(),
