@@ -44,10 +44,18 @@ pub async fn get_json<T: DeserializeOwned>(seeder: &str, path: &str) -> Result<T
         .await
         .map_err(|e| Error::seeder(&url, format!("not JSON: {e}")))?;
     if !status.is_success() {
-        return Err(Error::seeder(
-            &url,
-            format!("{status}: {}", body["error"]["message"]),
-        ));
+        /// The seeder's error body: `{"error": {"message"}}`.
+        #[derive(serde::Deserialize)]
+        struct Refusal {
+            error: Message,
+        }
+        #[derive(serde::Deserialize)]
+        struct Message {
+            message: String,
+        }
+        let said = serde_json::from_value::<Refusal>(body)
+            .map_or_else(|_| "no error message".to_owned(), |r| r.error.message);
+        return Err(Error::seeder(&url, format!("{status}: {said}")));
     }
     serde_json::from_value(body)
         .map_err(|e| Error::seeder(&url, format!("unexpected document: {e}")))
