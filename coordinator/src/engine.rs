@@ -76,6 +76,16 @@ pub struct EngineSettings {
     pub tls: Option<protocol::data::io::ClientTls>,
     /// Where token timings and counts go (`/metrics`).
     pub live: Arc<Live>,
+    /// Where the engine reports a node that broke the protocol (the hub evicts it).
+    pub breaches: Option<mpsc::UnboundedSender<Breach>>,
+}
+
+/// A node that sent what no honest node sends: it is evicted, and the lane fails over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Breach {
+    pub node_id: String,
+    pub shard_id: u32,
+    pub reason: String,
 }
 
 /// Why a request was not taken.
@@ -111,6 +121,8 @@ pub enum LaneError {
     Answer(#[from] AnswerError),
     #[error("the route changed")]
     RouteChanged,
+    #[error("node {node_id} broke the protocol: {reason}")]
+    Breach { node_id: String, reason: String },
 }
 
 /// The handle requests are sent through.
@@ -403,6 +415,15 @@ impl State {
             Frame::Error(e) => return self.fail(LaneError::Stage(e)),
             other => return self.fail(LaneError::Unexpected(other.kind())),
         };
+        if let Some(&(_, bad)) = tokens.iter().find(|(_, t)| !self.vocab.is_token(*t)) {
+            // The last stage samples the tokens: no honest one sends an id outside the
+            // vocabulary (and llama.cpp aborts the process on one).
+            let reason = format!(
+                "it sampled token id {bad}, outside the vocabulary of {}",
+                self.vocab.n_vocab()
+            );
+            return self.breach_by_last_stage(reason);
+        }
         let delivered = match self.sched.answered(step, &tokens) {
             Ok(delivered) => delivered,
             Err(e) => return self.fail(e.into()),
@@ -453,6 +474,24 @@ impl State {
         counts.generated_tokens += generated;
         counts.cached_prompt_tokens += cached;
         live.completion_tokens.inc_by(generated);
+    }
+
+    /// The lane's last stage (which samples the tokens) broke the protocol: report it for
+    /// eviction and start the running requests again on another route.
+    fn breach_by_last_stage(&mut self, reason: String) {
+        let Some(last) = self.lane.as_ref().and_then(|l| l.route.last()) else {
+            return;
+        };
+        let (node_id, shard_id) = (last.node_id.clone(), last.shard_id);
+        tracing::error!("node {node_id} (shard {shard_id}): {reason}");
+        if let Some(breaches) = &self.settings.breaches {
+            let _ = breaches.send(Breach {
+                node_id: node_id.clone(),
+                shard_id,
+                reason: format!("it broke the protocol: {reason}"),
+            });
+        }
+        self.fail(LaneError::Breach { node_id, reason });
     }
 
     fn client_left(&mut self, seq: usize) {

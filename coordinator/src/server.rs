@@ -88,6 +88,7 @@ pub async fn start(config: Config) -> Result<Running> {
         cache_dir.join("referee"),
     );
     let (sampler, checks) = verify.unzip();
+    let (breaches, breached) = tokio::sync::mpsc::unbounded_channel();
     let engine = crate::engine::EngineSettings {
         model_sha256: swarm.settings.model_sha256.clone(),
         split_id: swarm.settings.split_id.clone(),
@@ -97,6 +98,7 @@ pub async fn start(config: Config) -> Result<Running> {
         deadline: Duration::from_secs(config.deadline),
         tls: tls.data_client.clone(),
         live: Default::default(),
+        breaches: Some(breaches),
     };
     let hub = Arc::new(Hub::new(
         swarm,
@@ -110,6 +112,7 @@ pub async fn start(config: Config) -> Result<Running> {
         &hub.live,
         Box::new(crate::status::SwarmCollector(hub.clone())),
     ));
+    tokio::spawn(evict_breaches(hub.clone(), breached));
     if let Some(checks) = checks {
         crate::checker::spawn(checks, hub.clone());
     }
@@ -184,6 +187,22 @@ pub async fn start(config: Config) -> Result<Running> {
     })
 }
 
+/// Evict each node the engine reports for breaking the protocol, until the engine stops.
+async fn evict_breaches(
+    hub: Arc<Hub>,
+    mut breached: mpsc::UnboundedReceiver<crate::engine::Breach>,
+) {
+    while let Some(b) = breached.recv().await {
+        let out = hub
+            .swarm
+            .lock()
+            .unwrap()
+            .evict(&b.node_id, b.shard_id, b.reason);
+        hub.disconnect(&b.node_id);
+        hub.dispatch(out);
+    }
+}
+
 /// Count each API answer by route and status code (`/metrics`).
 async fn count_requests(
     State(hub): State<Arc<Hub>>,
@@ -249,6 +268,7 @@ async fn control(
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::to_owned);
     ws.max_message_size(1 << 20)
+        .max_frame_size(1 << 20)
         .on_upgrade(move |socket| connection(socket, hub, remote, bearer))
         .into_response()
 }
@@ -266,6 +286,10 @@ fn queue(tx: &mpsc::Sender<Control>, close: &CancellationToken, msg: Control) {
         close.cancel();
     }
 }
+
+/// How long a new control connection may go without registering: one that does not is
+/// closed, so that unregistered sockets cannot pile up.
+const REGISTER_WITHIN: Duration = Duration::from_secs(10);
 
 /// One node connection: frames in, commands out, until either side closes.
 async fn connection(socket: WebSocket, hub: Arc<Hub>, remote: SocketAddr, bearer: Option<String>) {
@@ -289,10 +313,22 @@ async fn connection(socket: WebSocket, hub: Arc<Hub>, remote: SocketAddr, bearer
     let mut node: Option<String> = None;
     // Cancelled when the coordinator drops the node (silent, stuck, or registered anew).
     let close = CancellationToken::new();
+    let register_by = tokio::time::Instant::now() + REGISTER_WITHIN;
     loop {
         let frame = tokio::select! {
             frame = stream.next() => frame,
             _ = close.cancelled() => break,
+            _ = tokio::time::sleep_until(register_by), if node.is_none() => {
+                let msg = Control::error(
+                    "",
+                    COORDINATOR,
+                    "",
+                    code::NOT_REGISTERED,
+                    &format!("no REGISTER within {REGISTER_WITHIN:?}: closing"),
+                );
+                queue(&tx, &close, msg);
+                break;
+            }
         };
         let Some(frame) = frame else { break };
         let text = match frame {

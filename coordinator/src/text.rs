@@ -55,7 +55,15 @@ pub async fn fetch_shard(shard: &ShardSpec, cache_dir: &Path) -> Result<std::pat
             .as_deref()
             .ok_or_else(|| VocabError::NoWebSeed(shard.file.clone()))?;
         tracing::info!("fetching {url}");
-        let response = reqwest::get(url)
+        // A shard can take minutes to come, but never a minute without a byte.
+        let client = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .read_timeout(std::time::Duration::from_secs(60))
+            .build()
+            .map_err(|e| Error::seeder(url, e))?;
+        let response = client
+            .get(url)
+            .send()
             .await
             .and_then(|r| r.error_for_status())
             .map_err(|e| Error::seeder(url, e))?;
@@ -118,6 +126,16 @@ impl Vocab {
     /// The context every stage keeps: the model's trained length, capped.
     pub fn context(&self) -> u32 {
         protocol::data::stage_context(self.model.n_ctx_train())
+    }
+
+    /// Token ids are `0..n_vocab`; llama.cpp must never be asked about another (it aborts).
+    pub fn n_vocab(&self) -> i32 {
+        self.model.n_vocab()
+    }
+
+    /// Whether `id` names a token of this vocabulary.
+    pub fn is_token(&self, id: i32) -> bool {
+        (0..self.n_vocab()).contains(&id)
     }
 
     pub fn is_end(&self, id: i32) -> bool {

@@ -49,16 +49,26 @@ pub async fn shutdown_signal() {
 pub struct HttpLimits {
     /// Connections open at once; further ones wait in the kernel's backlog until one closes.
     pub max_connections: usize,
+    /// Connections open at once from one address (IPv6: one /64): past it a new connection
+    /// from there is closed at once, so one client cannot take every place.
+    pub max_per_address: usize,
+    /// How long a client may take to send a request's headers, from the moment the
+    /// connection waits for them (a new connection, or an idle kept-alive one): a connection
+    /// that sends nothing is closed then. Responses (streams included) are not bounded.
+    pub header_timeout: std::time::Duration,
     /// Request body bytes (larger bodies get 413).
     pub max_body: usize,
 }
 
 impl Default for HttpLimits {
-    /// 1,024 connections, 1 MiB bodies (a 4,096-token prompt is well under 100 KiB).
-    /// Headers are bounded by hyper: 100 of them, about 400 KiB in all (431 beyond).
+    /// 1,024 connections, 256 from one address, 10 s for headers, 1 MiB bodies (a 4,096-token
+    /// prompt is well under 100 KiB). Headers are bounded by hyper: 100 of them, about
+    /// 400 KiB in all (431 beyond).
     fn default() -> HttpLimits {
         HttpLimits {
             max_connections: 1024,
+            max_per_address: 256,
+            header_timeout: std::time::Duration::from_secs(10),
             max_body: 1 << 20,
         }
     }
@@ -67,6 +77,9 @@ impl Default for HttpLimits {
 /// Serve `app` on `listener` (with each request's peer address available to handlers), over
 /// TLS when `tls` is given, until `stop` is cancelled, then finish the requests under way: the
 /// HTTP side of every service.
+///
+/// Our own accept loop over hyper rather than `axum::serve`, which gives no way to set a
+/// header-read timeout: without one, idle connections could hold every place for ever.
 pub fn serve_http(
     listener: tokio::net::TcpListener,
     app: axum::Router,
@@ -74,21 +87,48 @@ pub fn serve_http(
     limits: HttpLimits,
     tls: Option<std::sync::Arc<rustls::ServerConfig>>,
 ) -> Result<tokio::task::JoinHandle<()>, IoError> {
-    use axum::serve::ListenerExt;
-    let listener = http::Capped::new(listener, limits.max_connections, tls)
-        .map_err(|e| IoError::new("the listening address", e))?
-        // tap_io gives handlers the peer address (ConnectInfo) for any listener.
-        .tap_io(|_| {});
+    use axum::serve::Listener as _;
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    let mut listener = http::Capped::new(listener, &limits, tls)
+        .map_err(|e| IoError::new("the listening address", e))?;
     let app = app.layer(axum::extract::DefaultBodyLimit::max(limits.max_body));
+    // HTTP/1.1 only (our TLS offers no other by ALPN): sniffing for an HTTP/2 preface would
+    // wait on a silent client before the header timeout starts.
+    let mut builder =
+        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).http1_only();
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
     Ok(tokio::spawn(async move {
-        let serve = axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move { stop.cancelled().await });
-        if let Err(e) = serve.await {
-            tracing::error!("HTTP server: {e}");
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        loop {
+            let (io, addr) = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = stop.cancelled() => break,
+            };
+            // Handlers read the peer address as axum's `ConnectInfo`.
+            let service = tower::ServiceExt::map_request(
+                app.clone(),
+                move |mut request: axum::http::Request<hyper::body::Incoming>| {
+                    request
+                        .extensions_mut()
+                        .insert(axum::extract::ConnectInfo(addr));
+                    request
+                },
+            );
+            let service = hyper_util::service::TowerToHyperService::new(service);
+            let connection = builder
+                .serve_connection_with_upgrades(TokioIo::new(io), service)
+                .into_owned();
+            let connection = graceful.watch(connection);
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::trace!("HTTP connection from {addr}: {e}");
+                }
+            });
         }
+        graceful.shutdown().await;
     }))
 }
 

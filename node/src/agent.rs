@@ -139,7 +139,11 @@ pub(crate) async fn run(mut config: Config) -> Result<()> {
         threads: config.threads,
         pin: config.pin_threads,
     };
-    let pipeline = crate::serve::Pipeline::new(data.shards_dir(), threads, config.test_lie);
+    let hostility = crate::serve::lie::Hostility {
+        lie: config.test_lie,
+        attack: config.test_attack,
+    };
+    let pipeline = crate::serve::Pipeline::new(data.shards_dir(), threads, hostility);
     let what = format!(
         "binding the data channel on {}:{}",
         config.listen_addr, config.data_port

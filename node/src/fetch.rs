@@ -291,10 +291,23 @@ impl Fetcher {
                 .map_err(Error::torrent)?;
         }
         let url = &p.torrent_url;
-        let response = reqwest::get(url)
+        // Bounded in time and size: a .torrent of even a huge shard is well under 1 MiB.
+        const TORRENT_MAX: u64 = 16 << 20;
+        let client = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(30))
+            .build()
+            .map_err(|e| Error::http(url, e))?;
+        let response = client
+            .get(url)
+            .send()
             .await
             .and_then(|r| r.error_for_status())
             .map_err(|e| Error::http(url, e))?;
+        if response.content_length().is_some_and(|n| n > TORRENT_MAX) {
+            return Err(Error::Shard(format!(
+                "{url} is larger than any .torrent ({TORRENT_MAX} bytes)"
+            )));
+        }
         let bytes = response.bytes().await.map_err(|e| Error::http(url, e))?;
         let meta = torrents::metainfo::parse(&bytes)?;
         if meta.info_hash != h || meta.name != p.file || meta.length != p.size {

@@ -70,6 +70,9 @@ pub struct Config {
     /// by about this fraction of its size (a lying or broken node).
     #[arg(long, default_value_t = 0.0, hide = true)]
     pub test_lie: f32,
+    /// For tests of the coordinator's defences only: break the protocol this way.
+    #[arg(long, value_enum, hide = true)]
+    pub test_attack: Option<serve::lie::Attack>,
 }
 
 impl Default for Config {
@@ -90,6 +93,7 @@ impl Default for Config {
             downlink_mbit: None,
             metrics_listen: None,
             test_lie: 0.0,
+            test_attack: None,
         }
     }
 }

@@ -45,11 +45,11 @@ use tokio::sync::mpsc;
 use crate::{Error, Result};
 
 mod hops;
-mod lie;
+pub mod lie;
 mod rows;
 pub mod threads;
 use hops::{admit, open_next, relay, write_all};
-use lie::corrupt;
+use lie::{corrupt, Hostility};
 use rows::rows_of;
 use threads::{threads_for, ThreadSettings};
 
@@ -70,9 +70,9 @@ pub struct Pipeline {
     threads: ThreadSettings,
     /// The one thread that loads the stage and runs its decodes.
     decoder: DecodeThread,
-    /// Test only (`--test-lie`): scale of the error this node adds to every output, so that
-    /// the tests can check that the coordinator catches a lying node. 0 for an honest node.
-    lie: f32,
+    /// Test only (`--test-lie`, `--test-attack`): what this node does wrong on purpose, so
+    /// that the tests can check the coordinator's defences. Nothing for an honest node.
+    hostility: Hostility,
     loaded: tokio::sync::Mutex<Option<Loaded>>,
     generations: std::sync::atomic::AtomicU64,
     /// The data channel's TLS, from the coordinator (none in a plain swarm): what callers
@@ -93,15 +93,17 @@ struct DataTls {
 }
 
 impl Pipeline {
-    pub fn new(shards_dir: PathBuf, threads: ThreadSettings, lie: f32) -> Arc<Pipeline> {
-        if lie != 0.0 {
-            tracing::warn!("--test-lie {lie}: this node corrupts every output it computes");
-        }
+    pub fn new(
+        shards_dir: PathBuf,
+        threads: ThreadSettings,
+        hostility: Hostility,
+    ) -> Arc<Pipeline> {
+        hostility.announce();
         Arc::new(Pipeline {
             shards_dir,
             threads,
             decoder: DecodeThread::start(),
-            lie,
+            hostility,
             loaded: tokio::sync::Mutex::new(None),
             generations: std::sync::atomic::AtomicU64::new(0),
             tls: std::sync::RwLock::new(None),
@@ -479,7 +481,8 @@ async fn worker(mut queue: mpsc::UnboundedReceiver<Work>, pipeline: Arc<Pipeline
                     None => (&lane.up, "chain"),
                 };
                 pipeline.metrics.answered(way);
-                let _ = to.send(sampled(step, &groups, &logits, stages_busy_us));
+                let answer = sampled(step, &groups, &logits, stages_busy_us);
+                let _ = to.send(pipeline.hostility.answer(answer));
                 continue;
             }
             Err(e) => Frame::Error(format!("stage {}: {e:#}", lane.route.stage)),
@@ -521,7 +524,7 @@ async fn run_step(pipeline: &Pipeline, w: Work) -> Result<(Vec<Group>, RowsOutpu
         }
     };
     let first = w.lane.route.stage == 0;
-    let (groups, payload, probe, lie) = (w.groups, w.payload, w.lane.probe, pipeline.lie);
+    let (groups, payload, probe, lie) = (w.groups, w.payload, w.lane.probe, pipeline.hostility.lie);
     let (lane, in_flight) = (w.lane.clone(), w.in_flight);
     pipeline
         .decoder

@@ -196,6 +196,11 @@ impl Proc {
         self.stderr.lock().unwrap().join("\n")
     }
 
+    /// Whether the process has not exited.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Kill at once (SIGKILL), as a crash would.
     pub fn kill(mut self) {
         let _ = self.child.kill();

@@ -89,7 +89,34 @@ pub struct NodeState {
     pub last_seen: Instant,
 }
 
+/// The fastest link rate believed (Mbit/s).
+pub const MAX_MBIT: u32 = 400_000;
+
+/// The most sources one shard's byte counts may name (peers of a shard are far fewer): a
+/// node cannot grow the coordinator's state with made-up sources.
+pub const MAX_SOURCES: usize = 64;
+
+/// `sources` as kept: the `MAX_SOURCES` largest.
+fn bounded_sources(sources: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+    if sources.len() <= MAX_SOURCES {
+        return sources.clone();
+    }
+    let mut by_bytes: Vec<(&String, &u64)> = sources.iter().collect();
+    by_bytes.sort_by(|a, b| b.1.cmp(a.1));
+    by_bytes
+        .into_iter()
+        .take(MAX_SOURCES)
+        .map(|(k, v)| (k.clone(), *v))
+        .collect()
+}
+
 impl NodeState {
+    /// Whether the coordinator gave it `shard` (or took its word at REGISTER that it held it,
+    /// checked against the manifest's sha256): what it may report on.
+    fn was_given(&self, shard: u32) -> bool {
+        self.shards.contains_key(&shard)
+    }
+
     /// Whether it failed `shard` less than [`RETRY_FAILED_AFTER`] ago.
     fn failed_recently(&self, shard: u32) -> bool {
         matches!(self.shards.get(&shard), Some(Holding::Failed { .. }))
@@ -342,11 +369,22 @@ impl Swarm {
     }
 
     pub fn progress(&mut self, node: &str, p: &ShardProgressParams) -> Outbox {
-        if let Some(n) = self.nodes.get_mut(node) {
-            n.fetched_from.insert(p.shard_id, p.by_source.clone());
-            if let Some(up) = p.upload_mbit.filter(|u| *u > 0) {
-                n.measured_uplink_mbit = Some(n.measured_uplink_mbit.map_or(up, |m| m.max(up)));
-            }
+        let Some(n) = self.nodes.get_mut(node) else {
+            return Vec::new();
+        };
+        if !n.was_given(p.shard_id) {
+            tracing::warn!(
+                "node {} reported progress on shard {}, which it was not given: ignored",
+                n.name,
+                p.shard_id
+            );
+            return Vec::new();
+        }
+        n.fetched_from
+            .insert(p.shard_id, bounded_sources(&p.by_source));
+        // A rate no link has (over 400 Gbit/s) is not believed: it would put the node first.
+        if let Some(up) = p.upload_mbit.filter(|u| (1..=MAX_MBIT).contains(u)) {
+            n.measured_uplink_mbit = Some(n.measured_uplink_mbit.map_or(up, |m| m.max(up)));
         }
         if let Some(Holding::Fetching {
             bytes,
@@ -374,8 +412,19 @@ impl Swarm {
         let Some(n) = self.nodes.get_mut(node) else {
             return Vec::new();
         };
+        if !n.was_given(p.shard_id) {
+            // Only a shard the coordinator gave (or the node proved it held at REGISTER) can
+            // be loaded: a claim about any other would make it a holder without a check.
+            tracing::warn!(
+                "node {} reported shard {} loaded, which it was not given: ignored",
+                n.name,
+                p.shard_id
+            );
+            return Vec::new();
+        }
         if !p.by_source.is_empty() {
-            n.fetched_from.insert(p.shard_id, p.by_source.clone());
+            n.fetched_from
+                .insert(p.shard_id, bounded_sources(&p.by_source));
         }
         match self.shards.get(p.shard_id as usize) {
             Some(s) if s.sha256 == p.sha256 => {
@@ -409,7 +458,7 @@ impl Swarm {
     }
 
     pub fn failed(&mut self, node: &str, p: &ShardFailedParams) -> Outbox {
-        if let Some(n) = self.nodes.get_mut(node) {
+        if let Some(n) = self.nodes.get_mut(node).filter(|n| n.was_given(p.shard_id)) {
             tracing::warn!(
                 "node {} failed shard {}: {} ({})",
                 n.name,

@@ -1,7 +1,50 @@
-//! For the tests of the coordinator's checks only (`--test-lie`): the error a lying or
-//! broken node adds to its outputs.
+//! For the tests of the coordinator's defences only: how a hostile node misbehaves. An
+//! honest node (the default) does none of it.
 
 use llm::stage::RowsOutput;
+use protocol::data::Frame;
+
+/// What this node does wrong, on purpose (hidden flags `--test-lie`, `--test-attack`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Hostility {
+    /// Scale of the error it adds to every output it computes (0: none).
+    pub lie: f32,
+    pub attack: Option<Attack>,
+}
+
+/// A protocol attack (`--test-attack`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Attack {
+    /// As the last stage, answer every sampled token with an id outside any vocabulary.
+    BadToken,
+}
+
+impl Hostility {
+    /// Say what this node will do wrong, so that nobody runs it by mistake unnoticed.
+    pub fn announce(&self) {
+        if self.lie != 0.0 {
+            tracing::warn!(
+                "--test-lie {}: this node corrupts every output it computes",
+                self.lie
+            );
+        }
+        if let Some(attack) = self.attack {
+            tracing::warn!("--test-attack {attack:?}: this node breaks the protocol on purpose");
+        }
+    }
+
+    /// The last stage's answer as this node sends it.
+    pub(super) fn answer(&self, mut frame: Frame) -> Frame {
+        if self.attack == Some(Attack::BadToken) {
+            if let Frame::Sampled { tokens, .. } = &mut frame {
+                for (_, token) in tokens {
+                    *token = i32::MAX;
+                }
+            }
+        }
+        frame
+    }
+}
 
 /// Test only (`--test-lie`): add an error of about `scale` times each output's RMS, as a node
 /// that computes wrongly (or lies) would.
