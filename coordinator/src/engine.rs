@@ -369,6 +369,7 @@ impl State {
                 self.failure = None;
             }
             Err(e) => {
+                tracing::warn!("opening a lane through {}: {e}", describe(&route));
                 self.reset(&e);
                 self.failure = Some(Failure {
                     when: Instant::now(),

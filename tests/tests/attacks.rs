@@ -25,7 +25,7 @@ fn a_last_stage_sending_an_out_of_range_token_is_evicted_and_the_coordinator_sur
     let status = || get_json(&format!("http://{addr}/status"));
 
     // An honest node takes shard 0, the attacker shard 1: the last stage, which samples.
-    let dirs = bed.node_dirs(2);
+    let dirs = bed.node_dirs(3);
     let _honest = node(&dirs[0].0, &addr, &dirs[0].1, &[]);
     wait_for(
         "the first node given shard 0",
@@ -49,11 +49,19 @@ fn a_last_stage_sending_an_out_of_range_token_is_evicted_and_the_coordinator_sur
         (st["serving"] == true && a["stage"] == 1)
             .then(|| a["node_id"].as_str().map(str::to_owned))?
     });
-    // A second honest node: where shard 1 goes once the attacker is gone.
-    let _spare = node(&dirs[1].0, &addr, &dirs[1].1, &[]);
-    wait_for("three nodes loaded", Duration::from_secs(240), || {
-        (nodes_fully_loaded(&status()) == 3).then_some(())
-    });
+    // Two more honest nodes: replicas of shard 0, then of shard 1 (the least held), which
+    // takes the attacker's place.
+    let _spares: Vec<_> = dirs[1..]
+        .iter()
+        .enumerate()
+        .map(|(i, (name, dir))| {
+            let spare = node(name, &addr, dir, &[]);
+            wait_for("the spare loaded", Duration::from_secs(240), || {
+                (nodes_fully_loaded(&status()) == 3 + i).then_some(())
+            });
+            spare
+        })
+        .collect();
 
     // The request meets the attacker's token: it fails over to a new route, or fails with a
     // clear error; either way the coordinator is still there.

@@ -24,7 +24,8 @@ impl Swarm {
     /// While ready, pick one node per shard and send each its `ROUTE` when the route changes.
     /// A stage keeps its node while that node holds the shard: a replica that finishes later
     /// never takes the place of a working stage (no needless replays, and a newcomer serves
-    /// nothing before the checks have seen it). A lost stage goes to the first holder by id.
+    /// nothing before the checks have seen it). A lost stage goes to the first holder by id
+    /// that is not already on the route (else to the first).
     pub(super) fn update_route(&mut self) -> Outbox {
         let serves = |n: &NodeState, id: u32| {
             matches!(n.shards.get(&id), Some(Holding::Loaded { .. })) && n.data_addr.is_some()
@@ -40,11 +41,20 @@ impl Swarm {
             self.nodes.get(node).filter(|n| serves(n, id))
         };
         let route: Option<Vec<RouteHop>> = if self.ready {
+            // A node runs one stage: a lost stage goes to a holder not already on the route
+            // where there is one.
+            let mut on_route: Vec<&str> = Vec::new();
             (0..self.shards.len() as u32)
                 .map(|id| {
-                    current(id)
-                        .or_else(|| self.nodes.values().find(|n| serves(n, id)))
-                        .map(|n| hop(n, id))
+                    let n = current(id).or_else(|| {
+                        let mut holders = self.nodes.values().filter(|n| serves(n, id));
+                        let free = holders
+                            .clone()
+                            .find(|n| !on_route.contains(&n.node_id.as_str()));
+                        free.or_else(|| holders.next())
+                    })?;
+                    on_route.push(&n.node_id);
+                    Some(hop(n, id))
                 })
                 .collect()
         } else {

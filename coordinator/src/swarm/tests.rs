@@ -634,3 +634,13 @@ fn a_nodes_byte_sources_and_rates_are_bounded() {
     );
     assert_eq!(node.measured_uplink_mbit, None, "no link is that fast");
 }
+
+#[test]
+fn a_route_puts_each_stage_on_a_node_of_its_own_where_it_can() {
+    let mut s = swarm(2, 2);
+    register_at(&mut s, "a", &[0, 1], "127.0.0.1", Some("127.0.0.1:9001")).unwrap();
+    register_at(&mut s, "b", &[1], "127.0.0.1", Some("127.0.0.1:9002")).unwrap();
+    let route = s.route.clone().expect("ready with both shards held");
+    let nodes: Vec<&str> = route.iter().map(|h| h.node_id.as_str()).collect();
+    assert_eq!(nodes, ["a", "b"], "stage 1 on b, not a second stage on a");
+}
