@@ -72,17 +72,19 @@ impl Access {
                 let (made, fresh) = secret::load_or_create_secret(&path)?;
                 announce("swarm token", &path, fresh);
                 // Not --insecure on a public address: TLS (the operator's or the swarm's CA).
+                // The join command names a file, not the token: `ps` shows command lines.
                 println!(
-                    "[JOIN] node --coordinator https://{} --token {made}",
+                    "[JOIN] node --coordinator https://{} --token-file TOKEN_FILE",
                     join_host(config)
                 );
+                print_secret("TOKEN", &made, &path, fresh, "each node's TOKEN_FILE");
                 token = Some(made);
             }
             if api_keys.is_empty() {
                 let path = state.join("api-key");
                 let (made, fresh) = secret::load_or_create_secret(&path)?;
                 announce("API key", &path, fresh);
-                println!("[API-KEY] Authorization: Bearer {made}");
+                print_secret("API-KEY", &made, &path, fresh, "the API's clients");
                 api_keys.push(made);
             }
         }
@@ -96,6 +98,19 @@ impl Access {
             (Some(want), Some(got)) => secret::same_secret(want, got),
             (Some(_), None) => false,
         }
+    }
+}
+
+/// A secret made now is printed once, for the operator to pass on; at later starts only where
+/// it is kept (logs are kept and read by more people than the state dir).
+fn print_secret(tag: &str, secret: &str, path: &Path, fresh: bool, for_whom: &str) {
+    if fresh {
+        println!(
+            "[{tag}] {secret} (made now and kept in {}: give it to {for_whom}; it is not printed again)",
+            path.display()
+        );
+    } else {
+        println!("[{tag}] kept in {}", path.display());
     }
 }
 

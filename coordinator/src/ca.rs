@@ -75,7 +75,7 @@ pub fn choose(config: &crate::Config) -> Result<Tls> {
 /// the swarm token so that a node holding the token can tell it is the real one.
 pub fn route(app: axum::Router, ca: &SwarmCa, token: Option<&str>) -> axum::Router {
     let pem = ca.cert_pem.clone();
-    let tag = token.map(|t| daemon::secret::tag(t, pem.as_bytes()));
+    let tag = token.map(|t| daemon::secret::tag(t, protocol::CA_TAG_LABEL, pem.as_bytes()));
     app.route(
         "/ca.pem",
         axum::routing::get(move || {

@@ -59,7 +59,7 @@ replicas, fetched from the first holder rather than the seeder), sends LOAD_SHAR
 SWARM_READY once --min-nodes nodes are registered and every shard is loaded.\n\nHTTP: GET /status \
 (JSON), GET /healthz, the OpenAI API under /v1. Prints `[READY] http=ADDR` once serving.\n\n\
 Access: on loopback with no token or API key set, everything is open. On any other address a \
-missing token and API key are made, kept in --state-dir and printed ([JOIN], [API-KEY]), and \
+missing token and API key are made, kept in --state-dir and printed once ([TOKEN], [API-KEY]), and \
 only TLS is served: --tls-cert/--tls-key, or else the swarm's own CA ([CA] STATE/ca.pem), which \
 nodes with the token fetch and pin. --insecure runs open and plain there."
 )]

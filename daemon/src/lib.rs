@@ -132,6 +132,19 @@ pub fn serve_http(
     }))
 }
 
+/// What counts as one client of a service, for its per-client limits: an IPv4 address, or an
+/// IPv6 /64 (one host is commonly given a whole /64, so per address it could take millions).
+pub fn client_of(ip: std::net::IpAddr) -> std::net::IpAddr {
+    use std::net::IpAddr;
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        },
+    }
+}
+
 /// An IO error with what was being done: every library's errors carry one, so a message
 /// names the file, directory or address at fault.
 #[derive(Debug, thiserror::Error)]
@@ -155,3 +168,22 @@ mod http;
 pub mod metrics;
 pub mod secret;
 pub mod tls;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::IpAddr;
+
+    #[test]
+    fn an_ipv6_client_is_its_slash_64() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(client_of(a), client_of(b));
+        assert_ne!(client_of(a), client_of(c));
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        assert_eq!(client_of(mapped), "10.0.0.1".parse::<IpAddr>().unwrap());
+        let v4: IpAddr = "10.0.0.2".parse().unwrap();
+        assert_eq!(client_of(v4), v4);
+    }
+}

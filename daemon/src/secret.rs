@@ -27,11 +27,15 @@ pub fn any_secret(keys: &[String], presented: &str) -> bool {
         .fold(false, |found, k| same_secret(k, presented) | found)
 }
 
-/// HMAC-SHA256 of `data` under `secret`, as hex: lets a holder of the secret (a node with the
-/// swarm token) check that `data` (the swarm's CA certificate) comes from another holder.
-pub fn tag(secret: &str, data: &[u8]) -> String {
+/// HMAC-SHA256 of `label`, a zero byte and `data` under `secret`, as hex: lets a holder of the
+/// secret (a node with the swarm token) check that `data` (the swarm's CA certificate) comes
+/// from another holder. The label says what the tag vouches for, so a tag made for one
+/// purpose is never accepted for another.
+pub fn tag(secret: &str, label: &str, data: &[u8]) -> String {
     use hmac::Mac;
     let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("any key");
+    m.update(label.as_bytes());
+    m.update(&[0]);
     m.update(data);
     m.finalize()
         .into_bytes()
@@ -40,9 +44,10 @@ pub fn tag(secret: &str, data: &[u8]) -> String {
         .collect()
 }
 
-/// Whether `tag_hex` is [`tag`] of `data` under `secret` (compared in constant time).
-pub fn is_tag(secret: &str, data: &[u8], tag_hex: &str) -> bool {
-    same_secret(&tag(secret, data), tag_hex.trim())
+/// Whether `tag_hex` is [`tag`] of `label` and `data` under `secret` (compared in constant
+/// time).
+pub fn is_tag(secret: &str, label: &str, data: &[u8], tag_hex: &str) -> bool {
+    same_secret(&tag(secret, label, data), tag_hex.trim())
 }
 
 /// The secret in `path`: its first non-empty line, trimmed. An empty file is an error.
@@ -135,10 +140,16 @@ mod tests {
         assert!(any_secret(&keys, "k2"));
         assert!(!any_secret(&keys, "k3"));
         assert!(!any_secret(&[], ""));
-        let t = tag("token", b"ca");
-        assert!(is_tag("token", b"ca", &t));
-        assert!(!is_tag("other", b"ca", &t));
-        assert!(!is_tag("token", b"cb", &t));
+        let t = tag("token", "ca", b"pem");
+        assert!(is_tag("token", "ca", b"pem", &t));
+        assert!(!is_tag("other", "ca", b"pem", &t));
+        assert!(!is_tag("token", "ca", b"pen", &t));
+        assert!(
+            !is_tag("token", "other use", b"pem", &t),
+            "a label of its own"
+        );
+        // The label and the data do not run into each other.
+        assert_ne!(tag("token", "ab", b"c"), tag("token", "a", b"bc"));
 
         let file = dir.path().join("keys");
         std::fs::write(&file, "# ops keys\n\n  alpha  \nbeta\n").unwrap();

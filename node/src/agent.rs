@@ -96,7 +96,9 @@ async fn pinned_ca(
             "the coordinator has a CA of its own: give it with --ca, or the swarm token to fetch it".into(),
         ));
     };
-    if !tag.is_some_and(|t| daemon::secret::is_tag(token, pem.as_bytes(), &t)) {
+    if !tag
+        .is_some_and(|t| daemon::secret::is_tag(token, protocol::CA_TAG_LABEL, pem.as_bytes(), &t))
+    {
         return Err(refuse(
             "its CA does not check out under the swarm token: wrong token, or not the coordinator"
                 .into(),
@@ -143,7 +145,7 @@ pub(crate) async fn run(mut config: Config) -> Result<()> {
         lie: config.test_lie,
         attack: config.test_attack,
     };
-    let pipeline = crate::serve::Pipeline::new(data.shards_dir(), threads, hostility);
+    let pipeline = crate::serve::Pipeline::new(data.clone(), threads, hostility);
     let what = format!(
         "binding the data channel on {}:{}",
         config.listen_addr, config.data_port

@@ -203,10 +203,17 @@ impl Fetcher {
             .map_err(|e| ("verify", Error::Shard(format!("hashing {}: {e}", p.file))))?
             .map_err(|e| ("verify", Error::from(e)))?;
         if sha != p.sha256 {
+            // Not the manifest's file: stop sharing it and delete it, so it is neither loaded
+            // nor served to other nodes.
+            if let Ok(h) = info_hash(&p.info_hash) {
+                let _ = self.session.delete(Id20::new(h).into(), false).await;
+                self.modes.lock().unwrap().remove(&h);
+            }
+            let _ = self.data.forget(&p.file, true);
             return Err((
                 "sha256_mismatch",
                 Error::Shard(format!(
-                    "{} has sha256 {sha}, expected {}",
+                    "{} has sha256 {sha}, expected {}: deleted",
                     p.file, p.sha256
                 )),
             ));

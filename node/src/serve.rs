@@ -30,7 +30,6 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -65,7 +64,8 @@ struct Loaded {
 
 /// This node's part of the inference pipeline.
 pub struct Pipeline {
-    shards_dir: PathBuf,
+    /// Where the shards are, and which of them this node verified.
+    data: Arc<crate::store::DataDir>,
     /// What `--threads` and `--pin-threads` fix of the decode threads.
     threads: ThreadSettings,
     /// The one thread that loads the stage and runs its decodes.
@@ -94,13 +94,13 @@ struct DataTls {
 
 impl Pipeline {
     pub fn new(
-        shards_dir: PathBuf,
+        data: Arc<crate::store::DataDir>,
         threads: ThreadSettings,
         hostility: Hostility,
     ) -> Arc<Pipeline> {
         hostility.announce();
         Arc::new(Pipeline {
-            shards_dir,
+            data,
             threads,
             decoder: DecodeThread::start(),
             hostility,
@@ -152,10 +152,15 @@ impl Pipeline {
                 return Ok(l.decode.clone());
             }
         }
-        let path = self.shards_dir.join(torrents::split::shard_file_name(
-            route.stage as usize,
-            "gguf",
-        ));
+        let file = torrents::split::shard_file_name(route.stage as usize, "gguf");
+        // Only a file this node verified against the manifest, unchanged since: never one
+        // that failed its check or was put there by something else.
+        if !self.data.verified().iter().any(|(name, _)| *name == file) {
+            return Err(Error::Shard(format!(
+                "{file} is not a shard this node verified (or it changed since): not loading it"
+            )));
+        }
+        let path = self.data.shards_dir().join(&file);
         let is_last = route.stage + 1 == route.stage_count;
         let settings = self.threads;
         // The coordinator's sequences, and one more kept for its probes.

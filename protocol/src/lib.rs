@@ -25,9 +25,13 @@ pub const COORDINATOR: &str = "coordinator";
 /// Receiver id of a broadcast.
 pub const BROADCAST: &str = "*";
 
-/// The header with which the coordinator serves its CA (`GET /ca.pem`): HMAC-SHA256 of the
-/// PEM under the swarm token, in hex, so that a node with the token can check it.
+/// The header with which the coordinator serves its CA (`GET /ca.pem`): HMAC-SHA256 of
+/// [`CA_TAG_LABEL`] and the PEM under the swarm token, in hex, so that a node with the token
+/// can check it.
 pub const CA_TAG_HEADER: &str = "x-shardswarm-ca-tag";
+
+/// The label of the CA's tag (`daemon::secret::tag`): what the tag vouches for.
+pub const CA_TAG_LABEL: &str = "shardswarm swarm CA v1";
 
 /// Command names.
 pub mod cmd {

@@ -164,7 +164,8 @@ impl Tracker {
         if buckets.len() >= REMEMBERED_ADDRESSES {
             buckets.retain(|_, b| b.tokens + now.duration_since(b.at).as_secs_f64() * rate < burst);
         }
-        let b = buckets.entry(ip).or_insert(Bucket {
+        // Per client: an IPv6 host has a whole /64 to announce from.
+        let b = buckets.entry(daemon::client_of(ip)).or_insert(Bucket {
             tokens: burst,
             at: now,
         });
@@ -203,12 +204,23 @@ impl Tracker {
         } else {
             INTERVAL_SETTLED
         };
-        let new_peer = !swarm.peers.contains_key(&req.peer_id);
+        let known = swarm.peers.get(&req.peer_id);
+        if known.is_some_and(|p| p.expires.is_none() || p.addr.ip() != ip) {
+            // A peer id is its first address's (the seeder's never expires): an announce from
+            // elsewhere could otherwise stop it or point it at another address.
+            return failure("this peer id announces from another address");
+        }
+        let new_peer = known.is_none();
         if new_peer && req.event != Event::Stopped {
             if swarm.peers.len() >= self.limits.max_peers {
                 return failure("this swarm is full; try again later");
             }
-            let from_ip = swarm.peers.values().filter(|p| p.addr.ip() == ip).count();
+            let client = daemon::client_of(ip);
+            let from_ip = swarm
+                .peers
+                .values()
+                .filter(|p| daemon::client_of(p.addr.ip()) == client)
+                .count();
             if !ip.is_loopback() && from_ip >= self.limits.max_peers_per_ip {
                 return failure("too many peers from this address in this swarm");
             }
@@ -452,5 +464,69 @@ mod tests {
             }
         )
         .allow(flood));
+    }
+
+    #[test]
+    fn a_peer_id_is_changed_or_stopped_only_from_its_own_address() {
+        let t = Tracker::new(false, Limits::default());
+        let ih = [2u8; 20];
+        t.add_torrent(ih, "198.18.0.1:51820".parse().unwrap());
+        // Anyone may send `stopped` with the seeder's (public) peer id: it stays listed.
+        let stop_seeder = AnnounceRequest {
+            info_hash: ih,
+            peer_id: SELF_ID,
+            port: 1,
+            left: 0,
+            event: Event::Stopped,
+            compact: true,
+            no_peer_id: true,
+            numwant: 50,
+            ip: None,
+        };
+        let refused = t.announce(&stop_seeder, "10.0.0.66".parse().unwrap());
+        assert!(String::from_utf8_lossy(&refused).contains("another address"));
+        assert_eq!(
+            t.counts(&ih).unwrap().complete,
+            1,
+            "the seeder is still listed"
+        );
+        // A peer's id, announced from elsewhere, is refused; from its own address it works.
+        assert!(!announce_from(&t, ih, 1, "10.0.0.1").contains("failure"));
+        assert!(announce_from(&t, ih, 1, "10.0.0.2").contains("another address"));
+        assert!(!announce_from(&t, ih, 1, "10.0.0.1").contains("failure"));
+    }
+
+    #[test]
+    fn an_ipv6_host_is_one_client_across_its_slash_64() {
+        let t = Tracker::new(
+            false,
+            Limits {
+                announce_rate: 2,
+                ..Limits::default()
+            },
+        );
+        // Each announce from a different address of one /64: they share one bucket...
+        let allowed = (0..100u16)
+            .filter(|i| t.allow(format!("2001:db8:0:1::{i:x}").parse().unwrap()))
+            .count();
+        assert!((20..=21).contains(&allowed), "{allowed}");
+        assert!(t.allow("2001:db8:0:2::1".parse().unwrap()), "another /64");
+        // ...and one share of a swarm's places.
+        let t = Tracker::new(
+            false,
+            Limits {
+                max_peers_per_ip: 2,
+                ..Limits::default()
+            },
+        );
+        let ih = [3u8; 20];
+        t.add_torrent(ih, "198.18.0.1:51820".parse().unwrap());
+        assert!(!announce_from(&t, ih, 1, "2001:db8:0:1::1").contains("failure"));
+        assert!(!announce_from(&t, ih, 2, "2001:db8:0:1::2").contains("failure"));
+        let third = announce_from(&t, ih, 3, "2001:db8:0:1::3");
+        assert!(
+            third.contains("too many peers from this address"),
+            "{third}"
+        );
     }
 }

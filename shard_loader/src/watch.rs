@@ -138,7 +138,7 @@ pub fn watch(
         if started.elapsed() > timeout {
             let said = match status {
                 Ok(s) => format!("ready: {}, serving: {}", s.ready, s.serving),
-                Err(e) => format!("{url}: {e}"),
+                Err(e) => format!("{url} did not answer: {e}"),
             };
             bail!("not {until:?} after {timeout:?} ({said})");
         }

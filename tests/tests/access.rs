@@ -82,8 +82,13 @@ fn a_public_coordinator_makes_keeps_and_requires_a_token_and_an_api_key() {
 
     // Made, kept in the state dir (owner only), printed with how to use them.
     let join = printed(&c, "[JOIN] ").expect("a [JOIN] line");
-    let token = join.rsplit_once("--token ").unwrap().1.to_owned();
-    let key = printed(&c, "[API-KEY] Authorization: Bearer ").expect("an [API-KEY] line");
+    assert!(join.ends_with("--token-file TOKEN_FILE"), "{join}");
+    let first_word = |tag: &str| {
+        let line = printed(&c, tag).unwrap_or_else(|| panic!("a {tag} line"));
+        line.split_whitespace().next().unwrap().to_owned()
+    };
+    let token = first_word("[TOKEN] ");
+    let key = first_word("[API-KEY] ");
     let read = |name: &str| std::fs::read_to_string(state.join(name)).unwrap();
     assert_eq!(read("token").trim(), token);
     assert_eq!(read("api-key").trim(), key);
@@ -188,12 +193,14 @@ fn a_public_coordinator_makes_keeps_and_requires_a_token_and_an_api_key() {
         "0.0.0.0:0",
         &["--min-nodes", "2", "--state-dir", &state_flag],
     );
-    let again_token = printed(&again, "[JOIN] ").unwrap();
-    assert_eq!(again_token.rsplit_once("--token ").unwrap().1, token);
-    assert_eq!(
-        printed(&again, "[API-KEY] Authorization: Bearer ").unwrap(),
-        key
-    );
+    // Secrets are printed once, when made: later starts say only where they are kept.
+    let kept = |tag: &str, file: &str| {
+        let line = printed(&again, tag).unwrap();
+        assert_eq!(line, format!("kept in {}", state.join(file).display()));
+    };
+    kept("[TOKEN] ", "token");
+    kept("[API-KEY] ", "api-key");
+    assert!(!again.stdout_lines().join("\n").contains(&token));
     let again_api = Api::new(format!("https://{}", via_loopback(&again)), Some(&ca));
     assert_eq!(again_api.get("/status", Some(&key)).0, 200);
 }

@@ -200,7 +200,9 @@ impl GgufModel {
                 "absurd counts: {n_kv} metadata entries, {n_tensors} tensors in a {len}-byte file"
             )));
         }
-        let mut kvs = Vec::with_capacity(n_kv as usize);
+        // Counts come from the file: room is made as entries are read, not from the count
+        // (a large file could otherwise ask for gigabytes before a single entry is read).
+        let mut kvs = Vec::with_capacity((n_kv as usize).min(1 << 12));
         for _ in 0..n_kv {
             let key = r.string()?;
             let key = String::from_utf8(key).map_err(|_| r.err("metadata key is not UTF-8"))?;
@@ -215,7 +217,7 @@ impl GgufModel {
             },
             None => DEFAULT_ALIGNMENT,
         };
-        let mut raw = Vec::with_capacity(n_tensors as usize);
+        let mut raw = Vec::with_capacity((n_tensors as usize).min(1 << 12));
         for _ in 0..n_tensors {
             let name = r.string()?;
             let name = String::from_utf8(name).map_err(|_| r.err("tensor name is not UTF-8"))?;
@@ -505,4 +507,34 @@ pub fn copy_range(
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 10 GB file (sparse) whose header claims 800 million metadata entries, which its
+    /// size allows: the reader reserves room as it reads, so the first bad entry ends it
+    /// with an error instead of a 45 GB allocation aborting the process.
+    #[test]
+    fn a_large_files_counts_reserve_no_memory_before_its_entries_are_read() {
+        let path = std::env::temp_dir().join(format!("gguf-counts-{}.gguf", std::process::id()));
+        let mut head = Vec::new();
+        head.extend_from_slice(&MAGIC);
+        head.extend_from_slice(&3u32.to_le_bytes());
+        head.extend_from_slice(&0u64.to_le_bytes());
+        head.extend_from_slice(&800_000_000u64.to_le_bytes());
+        head.extend_from_slice(&1u64.to_le_bytes());
+        head.push(b'k');
+        head.extend_from_slice(&99u32.to_le_bytes());
+        std::fs::write(&path, &head).unwrap();
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len(10 << 30).unwrap();
+        let result = GgufModel::open(&path);
+        let _ = std::fs::remove_file(&path);
+        let Err(err) = result else {
+            panic!("an unknown value type is refused");
+        };
+        assert!(err.to_string().contains("value type 99"), "{err}");
+    }
 }
