@@ -206,8 +206,10 @@ impl Hub {
             for node in stuck {
                 if let Some(c) = conns.remove(&node) {
                     c.close.cancel();
+                    // The same words as the connection's own check (`server::queue`):
+                    // whichever notices first, it is one event.
                     tracing::warn!(
-                        "{node} has {CONTROL_QUEUE} commands waiting unread: disconnecting it"
+                        "{node} let {CONTROL_QUEUE} commands pile up unread: disconnecting it"
                     );
                 }
             }

@@ -117,6 +117,19 @@ impl NodeState {
         self.shards.contains_key(&shard)
     }
 
+    /// Whether it may report `what` on `shard` ([`NodeState::was_given`]); a report it may
+    /// not make is logged and ignored.
+    fn may_report(&self, shard: u32, what: &str) -> bool {
+        let given = self.was_given(shard);
+        if !given {
+            tracing::warn!(
+                "node {} reported {what} on shard {shard}, which it was not given: ignored",
+                self.name
+            );
+        }
+        given
+    }
+
     /// Whether it failed `shard` less than [`RETRY_FAILED_AFTER`] ago.
     fn failed_recently(&self, shard: u32) -> bool {
         matches!(self.shards.get(&shard), Some(Holding::Failed { .. }))
@@ -372,12 +385,7 @@ impl Swarm {
         let Some(n) = self.nodes.get_mut(node) else {
             return Vec::new();
         };
-        if !n.was_given(p.shard_id) {
-            tracing::warn!(
-                "node {} reported progress on shard {}, which it was not given: ignored",
-                n.name,
-                p.shard_id
-            );
+        if !n.may_report(p.shard_id, "progress") {
             return Vec::new();
         }
         n.fetched_from
@@ -412,14 +420,9 @@ impl Swarm {
         let Some(n) = self.nodes.get_mut(node) else {
             return Vec::new();
         };
-        if !n.was_given(p.shard_id) {
-            // Only a shard the coordinator gave (or the node proved it held at REGISTER) can
-            // be loaded: a claim about any other would make it a holder without a check.
-            tracing::warn!(
-                "node {} reported shard {} loaded, which it was not given: ignored",
-                n.name,
-                p.shard_id
-            );
+        // Only a shard the coordinator gave (or the node proved it held at REGISTER) can be
+        // loaded: a claim about any other would make it a holder without a check.
+        if !n.may_report(p.shard_id, "it loaded") {
             return Vec::new();
         }
         if !p.by_source.is_empty() {
@@ -458,7 +461,11 @@ impl Swarm {
     }
 
     pub fn failed(&mut self, node: &str, p: &ShardFailedParams) -> Outbox {
-        if let Some(n) = self.nodes.get_mut(node).filter(|n| n.was_given(p.shard_id)) {
+        if let Some(n) = self
+            .nodes
+            .get_mut(node)
+            .filter(|n| n.may_report(p.shard_id, "a failure"))
+        {
             tracing::warn!(
                 "node {} failed shard {}: {} ({})",
                 n.name,
