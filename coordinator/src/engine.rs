@@ -27,24 +27,26 @@
 //! [`REROUTE_WAIT`] the requests fail with a clear error.
 
 mod admission;
+mod lane;
 pub mod schedule;
 mod stats;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use protocol::data::io::{ChannelError, Connection, FrameReader, FrameWriter};
-use protocol::data::{Frame, Hello, Payload};
+use protocol::data::{Frame, Payload};
 use tokio::sync::{mpsc, watch};
 
 pub use admission::{Admission, InLine};
+pub use lane::LaneError;
 pub use stats::ServingStats;
 
 use crate::metrics::Live;
-use crate::swarm::{machines_in, RouteHop};
-use crate::text::{random_u64, Event, Generation, Request, Vocab};
+use crate::swarm::RouteHop;
+use crate::text::{Event, Generation, Request, Vocab};
 use crate::verify::Sampler;
-use schedule::{AnswerError, Limits, Sampled, Scheduler};
+use lane::{describe, open_lane, Lane};
+use schedule::{Limits, Sampled, Scheduler};
 
 /// The most prompt rows one step carries: a long prompt goes in over several steps while the
 /// running sequences get their next token in each.
@@ -52,9 +54,6 @@ pub const PREFILL_ROWS: usize = 256;
 
 /// How long running requests wait for a new route after a stage failed.
 pub const REROUTE_WAIT: Duration = Duration::from_secs(30);
-
-/// How long opening the lane to stage 0 may take.
-const CONNECT_WAIT: Duration = Duration::from_secs(10);
 
 /// How many times a request is started before failures fail it.
 const MAX_ATTEMPTS: u32 = 3;
@@ -97,32 +96,6 @@ pub enum Refused {
     Full { waiting: usize },
     #[error("the pipeline stopped")]
     Stopped,
-}
-
-/// Why the lane to the pipeline broke.
-#[derive(Debug, thiserror::Error)]
-pub enum LaneError {
-    #[error("stage {stage}: {source}")]
-    Channel {
-        stage: usize,
-        #[source]
-        source: ChannelError,
-    },
-    #[error("stage {stage} closed the connection")]
-    Ended { stage: usize },
-    #[error("stage {stage} ({addr}): no answer within {CONNECT_WAIT:?}")]
-    NoAnswer { stage: usize, addr: String },
-    /// A stage reported an error (its own, or one passed up the chain).
-    #[error("{0}")]
-    Stage(String),
-    #[error("stage 0 answered {0}")]
-    Unexpected(&'static str),
-    #[error(transparent)]
-    Answer(#[from] AnswerError),
-    #[error("the route changed")]
-    RouteChanged,
-    #[error("node {node_id} broke the protocol: {reason}")]
-    Breach { node_id: String, reason: String },
 }
 
 /// The handle requests are sent through.
@@ -212,19 +185,6 @@ struct Job {
     generation: Generation,
     /// When its last token was generated (none yet: the next one is its first).
     last_token: Option<Instant>,
-}
-
-/// The connection to stage 0: steps go out on `writer`, answers come in on `answers` (read by
-/// a task of its own, since reading a frame cannot be cancelled half-way).
-struct Lane {
-    route: Vec<RouteHop>,
-    /// The machines its stages run on: the default number of micro-batches in flight.
-    machines: usize,
-    writer: FrameWriter,
-    /// Kept open while the lane lives: the last stage drops the answer lane when it closes.
-    _answer_writer: Option<FrameWriter>,
-    /// Frames from stage 0 (errors coming up the chain) and from the answer lane.
-    answers: mpsc::UnboundedReceiver<Result<Frame, LaneError>>,
 }
 
 /// The lane that failed, and when: running requests wait for another route.
@@ -407,7 +367,7 @@ impl State {
 
     /// An answer from the pipeline.
     fn answered(&mut self, frame: Frame) {
-        let (step, tokens, busy_us) = match frame {
+        let (step, tokens, mut busy_us) = match frame {
             Frame::Sampled {
                 step,
                 tokens,
@@ -425,6 +385,9 @@ impl State {
             );
             return self.breach_by_last_stage(reason);
         }
+        // One compute time per stage: a longer list (from a hostile stage) would grow the
+        // stats without bound.
+        busy_us.truncate(self.lane.as_ref().map_or(0, |l| l.route.len()));
         let delivered = match self.sched.answered(step, &tokens) {
             Ok(delivered) => delivered,
             Err(e) => return self.fail(e.into()),
@@ -553,83 +516,4 @@ impl State {
         stats.counts.running = self.sched.running();
         stats.counts.waiting = self.sched.waiting();
     }
-}
-
-/// Open a lane through `route`: the answer lane to the last stage first, so that the last
-/// stage knows where the lane's answers go before the lane's first step reaches it (a
-/// one-stage route answers on the lane itself), then the lane to stage 0.
-async fn open_lane(route: &[RouteHop], settings: &EngineSettings) -> Result<Lane, LaneError> {
-    let (Some(first), Some(last)) = (route.first(), route.last()) else {
-        return Err(LaneError::Stage("the route has no stages".into()));
-    };
-    let (model, split) = (&settings.model_sha256, &settings.split_id);
-    let lane_id = format!("{:016x}{:016x}", random_u64(), random_u64());
-    let (tx, answers) = mpsc::unbounded_channel();
-    let tls = settings.tls.as_ref();
-    let mut answer_writer = None;
-    if route.len() > 1 {
-        let stage = route.len() - 1;
-        let hello = Hello::answers(model, split, stage as u32, &lane_id);
-        let (reader, writer) = open(stage, last, hello, tls).await?.into_split();
-        forward_answers(reader, tx.clone(), stage);
-        answer_writer = Some(writer);
-    }
-    let hello = Hello::new(model, split, 0).on_lane(&lane_id);
-    let (reader, writer) = open(0, first, hello, tls).await?.into_split();
-    forward_answers(reader, tx, 0);
-    Ok(Lane {
-        machines: machines_in(route).max(1),
-        route: route.to_vec(),
-        writer,
-        _answer_writer: answer_writer,
-        answers,
-    })
-}
-
-/// Hand the frames `reader` gets to the engine, then one error when it ends (`stage` closed
-/// it).
-fn forward_answers(
-    mut reader: FrameReader,
-    tx: mpsc::UnboundedSender<Result<Frame, LaneError>>,
-    stage: usize,
-) {
-    tokio::spawn(async move {
-        loop {
-            let next = match reader.receive_or_end().await {
-                Ok(Some(frame)) => Ok(frame),
-                Ok(None) => Err(LaneError::Ended { stage }),
-                Err(source) => Err(LaneError::Channel { stage, source }),
-            };
-            let end = next.is_err();
-            if tx.send(next).is_err() || end {
-                return;
-            }
-        }
-    });
-}
-
-/// Open a data connection to `hop` (stage `stage`) with `hello`, waiting at most
-/// [`CONNECT_WAIT`].
-async fn open(
-    stage: usize,
-    hop: &RouteHop,
-    hello: Hello,
-    tls: Option<&protocol::data::io::ClientTls>,
-) -> Result<Connection, LaneError> {
-    let opening = Connection::open(&hop.data_addr, hello, &hop.key, tls);
-    match tokio::time::timeout(CONNECT_WAIT, opening).await {
-        Ok(opened) => opened.map_err(|source| LaneError::Channel { stage, source }),
-        Err(_) => Err(LaneError::NoAnswer {
-            stage,
-            addr: hop.data_addr.clone(),
-        }),
-    }
-}
-
-fn describe(route: &[RouteHop]) -> String {
-    route
-        .iter()
-        .map(|h| format!("{}@{}", h.node_id, h.data_addr))
-        .collect::<Vec<_>>()
-        .join(" → ")
 }

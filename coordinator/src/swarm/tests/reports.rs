@@ -1,0 +1,89 @@
+//! What a node may report, and what the coordinator believes of it: only shards it was given,
+//! bounded sources and rates, and a route that gives each stage a node of its own.
+
+use super::*;
+
+/// `node` reports `shard` loaded with the manifest's sha256.
+fn report_loaded(s: &mut Swarm, node: &str, shard: u32) -> Outbox {
+    s.loaded(
+        node,
+        &ShardLoadedParams {
+            shard_id: shard,
+            sha256: format!("sha{shard}"),
+            from_seeder: 0,
+            from_peers: 0,
+            by_source: Default::default(),
+        },
+    )
+}
+
+#[test]
+fn reports_on_shards_a_node_was_not_given_change_nothing() {
+    let mut s = swarm(2, 2);
+    let out = register(&mut s, "a", &[]).unwrap();
+    assert_eq!(
+        loads(&out).len(),
+        1,
+        "a node gets one shard while others are awaited"
+    );
+    let given = loads(&out)[0].1.shard_id;
+    let other = 1 - given;
+    // Loaded, progress and failure on the shard it was not given, and on one that does not
+    // exist: ignored, so the node holds nothing it was not given.
+    report_loaded(&mut s, "a", other);
+    progress(&mut s, "a", other, 500);
+    report_loaded(&mut s, "a", 77);
+    progress(&mut s, "a", 4_000_000_000, 1);
+    s.failed(
+        "a",
+        &ShardFailedParams {
+            shard_id: 99,
+            code: "x".into(),
+            message: "x".into(),
+        },
+    );
+    let node = &s.nodes["a"];
+    assert_eq!(node.shards.keys().copied().collect::<Vec<_>>(), vec![given]);
+    assert!(node.fetched_from.keys().all(|k| *k == given));
+    assert_eq!(s.holders(other), 0);
+    // The shard it was given loads as before.
+    report_loaded(&mut s, "a", given);
+    assert_eq!(s.holders(given), 1);
+}
+
+#[test]
+fn a_nodes_byte_sources_and_rates_are_bounded() {
+    let mut s = swarm(1, 1);
+    let out = register(&mut s, "a", &[]).unwrap();
+    assert_eq!(loads(&out).len(), 1);
+    let by_source = (0..1000).map(|i| (format!("10.0.0.1:{i}"), i)).collect();
+    s.progress(
+        "a",
+        &ShardProgressParams {
+            shard_id: 0,
+            bytes: 1,
+            total: 1000,
+            from_seeder: 0,
+            from_peers: 1,
+            by_source,
+            upload_mbit: Some(u32::MAX),
+        },
+    );
+    let node = &s.nodes["a"];
+    assert_eq!(node.fetched_from[&0].len(), MAX_SOURCES);
+    assert_eq!(
+        node.fetched_from[&0]["10.0.0.1:999"], 999,
+        "the largest are kept"
+    );
+    assert_eq!(node.measured_uplink_mbit, None, "no link is that fast");
+}
+
+#[test]
+fn a_route_puts_each_stage_on_a_node_of_its_own_where_it_can() {
+    let mut s = swarm(2, 2);
+    register_at(&mut s, "a", &[0, 1], "127.0.0.1", Some("127.0.0.1:9001")).unwrap();
+    register_at(&mut s, "b", &[1], "127.0.0.1", Some("127.0.0.1:9002")).unwrap();
+    let route = s.route.clone().expect("ready with both shards held");
+    let nodes: Vec<&str> = route.iter().map(|h| h.node_id.as_str()).collect();
+    assert_eq!(nodes, ["a", "b"], "stage 1 on b, not a second stage on a");
+}
