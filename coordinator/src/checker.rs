@@ -76,8 +76,8 @@ impl Checker {
                 }
             }
             let mut verdict = judge(&opinions, k == last, self.0.tolerance);
-            if opinions.len() == 2 && verdict.dispute.is_some() {
-                // Two that disagree: the coordinator computes the stage itself.
+            if verdict.needs_referee {
+                // Holders disagree: the coordinator computes the stage itself.
                 match referee(hub, k as u32, &input, &self.0.cache_dir).await {
                     Ok(truth) => {
                         opinions.push((Who::Referee, truth));

@@ -182,3 +182,70 @@ fn idle_connections_from_one_address_do_not_lock_out_the_coordinator_or_the_seed
         assert_eq!(open, 0, "{service}: idle connections left open");
     }
 }
+
+/// Two colluding liars (the same wrong outputs) and one honest holder of the only shard: a
+/// majority vote would evict the honest one. The coordinator's own computation settles it:
+/// both liars go, the honest holder stays, and the text stays exact.
+#[test]
+fn two_colluding_liars_and_one_honest_holder_the_liars_go() {
+    let _one = swarm_lock();
+    let bed = Bed::new(1, &[]);
+    let mut coordinator = bed.coordinator(
+        "127.0.0.1:0",
+        &["--min-nodes", "1", "--verify-fraction", "1"],
+    );
+    let addr = coordinator.field("http").to_owned();
+    let status = || get_json(&format!("http://{addr}/status"));
+
+    let dirs = bed.node_dirs(1);
+    let _honest = node(&dirs[0].0, &addr, &dirs[0].1, &[]);
+    wait_for("the honest node serving", Duration::from_secs(240), || {
+        (status()["serving"] == true).then_some(())
+    });
+    let liars: Vec<_> = ["liar-a", "liar-b"]
+        .iter()
+        .map(|name| {
+            let dir = bed.work.path().join(name);
+            node(name, &addr, &dir, &["--test-lie", "0.05"])
+        })
+        .collect();
+    let ids: Vec<String> = wait_for(
+        "both liars running the stage",
+        Duration::from_secs(240),
+        || {
+            let st = status();
+            let ids: Vec<String> = ["liar-a", "liar-b"]
+                .iter()
+                .filter_map(|name| {
+                    let n = node_named(&st, name)?;
+                    n["stage"]
+                        .is_u64()
+                        .then(|| n["node_id"].as_str().map(str::to_owned))?
+                })
+                .collect();
+            (ids.len() == 2 && nodes_fully_loaded(&st) == 3).then_some(ids)
+        },
+    );
+
+    let client = reqwest::blocking::Client::new();
+    assert_texts_equal_the_whole_model(&client, &format!("http://{addr}"), None, &PROMPTS[..1]);
+    let st = wait_for("both liars' eviction", Duration::from_secs(180), || {
+        let st = status();
+        ids.iter()
+            .all(|id| st["evicted"].get(id).is_some())
+            .then_some(st)
+    });
+    for id in &ids {
+        let reason = st["evicted"][id]["reason"].as_str().unwrap();
+        assert!(reason.contains("computed by the coordinator"), "{reason}");
+    }
+    assert_eq!(
+        st["evicted"].as_object().unwrap().len(),
+        2,
+        "the honest node was evicted: {st}"
+    );
+    assert!(node_named(&st, &dirs[0].0).is_some(), "{st}");
+    assert_texts_equal_the_whole_model(&client, &format!("http://{addr}"), None, &PROMPTS[1..2]);
+    assert!(coordinator.is_running());
+    drop(liars);
+}

@@ -1,6 +1,6 @@
 //! Lying nodes are caught: the coordinator replays requests through every holder of each
-//! shard and evicts a holder whose outputs differ from the others', while requests keep
-//! their exact text. The liar is a real node started with the test-only `--test-lie`.
+//! shard and evicts a holder whose outputs differ from its own computation of the stage,
+//! while requests keep their exact text. The liar is a real node started with the test-only `--test-lie`.
 
 use std::time::Duration;
 
@@ -114,10 +114,11 @@ fn a_liar_among(honest: usize, why: &str) {
     nodes.clear();
 }
 
-/// Three holders of the liar's shard: the two honest ones agree, the liar with neither.
+/// Three holders of the liar's shard: the two honest ones agree, the liar with neither; the
+/// coordinator's own computation decides (never the majority alone).
 #[test]
 fn a_node_with_wrong_outputs_among_three_holders_is_evicted() {
-    a_liar_among(5, "differs from every other holder");
+    a_liar_among(5, "computed by the coordinator");
 }
 
 /// Two holders that disagree: the coordinator computes the stage itself from the seeder's file

@@ -22,12 +22,15 @@ pub enum Who<'a> {
 pub struct Verdict {
     /// Holders (indices into the opinions) to evict, with the reason.
     pub evict: Vec<(usize, String)>,
+    /// Holders disagree and no referee is among the opinions: only the coordinator's own
+    /// computation may settle it (a majority may be colluding liars).
+    pub needs_referee: bool,
     /// Two outputs that disagree with nobody to tell which is right, and their error.
     pub dispute: Option<([usize; 2], f32)>,
     /// The relative errors of the pairs that agreed: honest rounding.
     pub honest: Vec<f32>,
-    /// The output the check goes on with: the route's holder's when others agree with it,
-    /// else the best-agreed one. `None` without outputs.
+    /// The output the check goes on with: the referee's when there is one, else the route's
+    /// holder's when all agree. `None` without outputs, or when nothing is settled.
     pub go_on_with: Option<usize>,
 }
 
@@ -42,9 +45,11 @@ pub fn agree(a: &Output, b: &Output, last: bool, tolerance: f32) -> (bool, f32) 
     )
 }
 
-/// Judge one stage's outputs. With two holders that disagree and no referee, it is a
-/// dispute. With three or more outputs, a holder that agrees with none of the others while
-/// two others agree is evicted; a referee that agrees with nobody makes it a dispute.
+/// Judge one stage's outputs. Holders that all agree are honest. Any disagreement is settled
+/// by the coordinator's own computation (the referee), never by a majority, which two
+/// colluding liars could make: without a referee the verdict asks for one; with it, every
+/// holder that differs from it is evicted; a referee that agrees with no holder, or a
+/// disagreement the referee could not be had for, is a dispute and evicts nobody.
 pub fn judge(opinions: &[(Who, Output)], last: bool, tolerance: f32) -> Verdict {
     let n = opinions.len();
     let mut verdict = Verdict::default();
@@ -52,53 +57,44 @@ pub fn judge(opinions: &[(Who, Output)], last: bool, tolerance: f32) -> Verdict 
         return verdict;
     }
     let mut agrees = vec![vec![false; n]; n];
-    let mut worst = vec![0f32; n];
+    let mut error = vec![vec![0f32; n]; n];
     for i in 0..n {
         for j in i + 1..n {
-            let (ok, error) = agree(&opinions[i].1, &opinions[j].1, last, tolerance);
-            agrees[i][j] = ok;
-            agrees[j][i] = ok;
+            let (ok, e) = agree(&opinions[i].1, &opinions[j].1, last, tolerance);
+            (agrees[i][j], agrees[j][i]) = (ok, ok);
+            (error[i][j], error[j][i]) = (e, e);
             if ok {
-                verdict.honest.push(error);
-            }
-            worst[i] = worst[i].max(error);
-            worst[j] = worst[j].max(error);
-        }
-    }
-    let friends = |i: usize| (0..n).filter(|&j| agrees[i][j]).count();
-    let referee_at = (0..n).find(|&i| opinions[i].0 == Who::Referee);
-    let error_01 = || relative_error(&opinions[0].1.data, &opinions[1].1.data);
-    if n == 2 && !agrees[0][1] {
-        verdict.dispute = Some(([0, 1], error_01()));
-    }
-    if n >= 3 {
-        for i in (0..n).filter(|&i| Some(i) != referee_at) {
-            // Wrong: it agrees with nobody while two others agree, or (two holders and the
-            // coordinator's own computation) it disagrees with that computation, which the
-            // other holder matches.
-            let others_agree = (0..n)
-                .filter(|&j| j != i)
-                .any(|j| (0..n).any(|l| l != i && l != j && agrees[j][l]));
-            if friends(i) == 0 && others_agree {
-                let reason = match referee_at {
-                    Some(_) => format!(
-                        "its output differs from the stage computed by the coordinator from the seeder's file, which the other holder matches (relative error {:.4}, tolerance {tolerance})",
-                        worst[i]
-                    ),
-                    None => format!(
-                        "its output differs from every other holder's (relative error at least {:.4}, tolerance {tolerance})",
-                        worst[i]
-                    ),
-                };
-                verdict.evict.push((i, reason));
+                verdict.honest.push(e);
             }
         }
-        if referee_at.is_some_and(|r| friends(r) == 0) {
-            verdict.dispute = Some(([0, 1], error_01()));
-        }
     }
+    let first_disagreement = (0..n)
+        .flat_map(|i| (i + 1..n).map(move |j| (i, j)))
+        .find(|&(i, j)| !agrees[i][j]);
     let on_route = |i: usize| matches!(opinions[i].0, Who::Holder { on_route: true, .. });
-    verdict.go_on_with = (0..n).max_by_key(|&i| (friends(i), on_route(i)));
+    let Some((a, b)) = first_disagreement else {
+        verdict.go_on_with = (0..n).max_by_key(|&i| on_route(i));
+        return verdict;
+    };
+    let Some(r) = (0..n).find(|&i| opinions[i].0 == Who::Referee) else {
+        verdict.needs_referee = true;
+        verdict.dispute = Some(([a, b], error[a][b]));
+        return verdict;
+    };
+    if (0..n).all(|i| i == r || !agrees[i][r]) {
+        // The coordinator's computation matches no holder: nothing here tells who is right.
+        verdict.dispute = Some(([a, b], error[a][b]));
+        return verdict;
+    }
+    for i in (0..n).filter(|&i| i != r && !agrees[i][r]) {
+        let reason = format!(
+            "its output differs from the stage computed by the coordinator from the seeder's \
+             file (relative error {:.4}, tolerance {tolerance})",
+            error[i][r]
+        );
+        verdict.evict.push((i, reason));
+    }
+    verdict.go_on_with = Some(r);
     verdict
 }
 
@@ -183,42 +179,40 @@ mod tests {
     }
 
     #[test]
-    fn three_holders_evict_the_one_that_agrees_with_nobody() {
+    fn any_disagreement_asks_for_the_referee_and_a_majority_alone_evicts_nobody() {
+        // Two colluding liars (b, c) agree with each other, the honest route holder with
+        // neither: without the coordinator's own computation nobody is evicted.
         let opinions = [
             (holder("a", true), output(1.0)),
             (holder("b", false), output(1.2)),
-            (holder("c", false), output(1.0005)),
+            (holder("c", false), output(1.2)),
         ];
         let v = judge(&opinions, false, TOLERANCE);
-        assert_eq!(v.evict.len(), 1);
-        assert_eq!(v.evict[0].0, 1);
-        assert!(
-            v.evict[0].1.contains("every other holder"),
-            "{}",
-            v.evict[0].1
-        );
-        assert_eq!(v.dispute, None);
-        assert_eq!(v.honest.len(), 1);
-        assert_eq!(
-            v.go_on_with,
-            Some(0),
-            "the route's holder, which others agree with"
-        );
+        assert!(v.evict.is_empty(), "{v:?}");
+        assert!(v.needs_referee);
+        assert_eq!(v.dispute.map(|d| d.0), Some([0, 1]));
+        assert_eq!(v.go_on_with, None, "nothing settled to go on with");
+        // The referee sides with the honest one: both liars go.
+        let mut with_referee = opinions.to_vec();
+        with_referee.push((Who::Referee, output(1.0005)));
+        let v = judge(&with_referee, false, TOLERANCE);
+        assert_eq!(v.evict.iter().map(|e| e.0).collect::<Vec<_>>(), vec![1, 2]);
+        assert!(v.evict[0].1.contains("computed by the coordinator"));
+        assert!(!v.needs_referee && v.dispute.is_none());
+        assert_eq!(v.go_on_with, Some(3), "the referee's output");
     }
 
     #[test]
-    fn the_route_holder_is_evicted_too_when_it_is_the_odd_one() {
+    fn the_route_holder_is_evicted_too_when_the_referee_differs_from_it() {
         let opinions = [
             (holder("a", true), output(2.0)),
             (holder("b", false), output(1.0)),
             (holder("c", false), output(1.0)),
+            (Who::Referee, output(1.0)),
         ];
         let v = judge(&opinions, false, TOLERANCE);
         assert_eq!(v.evict.iter().map(|e| e.0).collect::<Vec<_>>(), vec![0]);
-        assert!(
-            matches!(v.go_on_with, Some(1 | 2)),
-            "an output the others agree on"
-        );
+        assert_eq!(v.go_on_with, Some(3));
     }
 
     #[test]
@@ -229,6 +223,7 @@ mod tests {
         ];
         let v = judge(&two, false, TOLERANCE);
         assert!(v.evict.is_empty());
+        assert!(v.needs_referee);
         assert_eq!(v.dispute.map(|d| d.0), Some([0, 1]));
         // The coordinator's computation sides with b: a is evicted, by the referee's word.
         let with_referee = [
@@ -251,8 +246,9 @@ mod tests {
             (Who::Referee, output(3.0)),
         ];
         let v = judge(&opinions, false, TOLERANCE);
-        assert!(v.evict.is_empty());
+        assert!(v.evict.is_empty() && !v.needs_referee);
         assert_eq!(v.dispute.map(|d| d.0), Some([0, 1]));
+        assert_eq!(v.go_on_with, None);
     }
 
     #[test]

@@ -6,12 +6,12 @@
 //! lane and answers with its output; the outputs are compared by relative L2 error, and on
 //! the last stage also by their greedy token. Honest holders differ only by floating-point
 //! rounding (different CPUs and SIMD paths add up in different orders); the tolerance
-//! (`--verify-tolerance`) sits far above that and far below any real error. With three or
-//! more holders, one that agrees with none of the others while they agree with each other is
-//! evicted: dropped, refused from then on, and listed in `/status`. With two that disagree,
-//! the coordinator computes the stage itself, from the seeder's file (checked by sha256), and
-//! evicts the holder that differs from it; should it differ from both, the disagreement is
-//! reported (`/status` `verify.disputes`, the log).
+//! (`--verify-tolerance`) sits far above that and far below any real error. When all holders
+//! agree, the check goes on. Any disagreement is settled by the coordinator's own computation
+//! of the stage, from the seeder's file (checked by sha256), never by a majority (two
+//! colluding liars would be one): every holder that differs from it is evicted (dropped,
+//! refused from then on, listed in `/status`); should it match no holder, the disagreement is
+//! reported (`/status` `verify.disputes`, the log) and nobody is evicted.
 //!
 //! Here: [`sampler`] picks the requests (the engine offers each finished one) and keeps the
 //! findings, [`judge`] decides from the outputs alone. Both are leaves; [`crate::checker`]
