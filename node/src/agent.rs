@@ -293,6 +293,7 @@ async fn session(
         peer_port: fetcher.peer_port(),
         data_addr: Some(links.data_addr.to_string()),
         shards: held,
+        signing_key: Some(links.pipeline.signing_key()),
         capacity: Capacity {
             ram_bytes: crate::store::ram_available(),
             disk_free_bytes: data.disk_free(),

@@ -36,7 +36,8 @@ use std::time::Instant;
 use llm::sample::sample;
 use llm::stage::{RowsOutput, Stage};
 use protocol::data::io::Connection;
-use protocol::data::{Frame, Group, LaneKind, Payload, MAX_CONTEXT};
+use protocol::data::seal::{self, SigningKey};
+use protocol::data::{Frame, Group, LaneKind, Payload, KEPT_STEP_BYTES, MAX_CONTEXT};
 use protocol::RouteParams;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -45,10 +46,12 @@ use crate::{Error, Result};
 
 mod hops;
 pub mod lie;
+mod records;
 mod rows;
 pub mod threads;
 use hops::{admit, open_next, relay, write_all};
 use lie::{corrupt, Hostility};
+use records::Records;
 use rows::rows_of;
 use threads::{threads_for, ThreadSettings};
 
@@ -81,6 +84,10 @@ pub struct Pipeline {
     /// The coordinator's answer lanes to this (last) stage, by lane id: where the `Sampled`
     /// answers of the chain lane with that id go.
     answer_lanes: Mutex<HashMap<String, mpsc::UnboundedSender<Frame>>>,
+    /// Signs the steps this node sends to the next stage (made at start, named at REGISTER).
+    signer: SigningKey,
+    /// The signed steps this node received, for the coordinator's checks of served requests.
+    records: Mutex<Records>,
     /// What `--metrics-listen` shows.
     pub metrics: Arc<crate::metrics::NodeMetrics>,
 }
@@ -108,8 +115,15 @@ impl Pipeline {
             generations: std::sync::atomic::AtomicU64::new(0),
             tls: std::sync::RwLock::new(None),
             answer_lanes: Mutex::new(HashMap::new()),
+            signer: SigningKey::generate(),
+            records: Mutex::new(Records::new(KEPT_STEP_BYTES)),
             metrics: Default::default(),
         })
+    }
+
+    /// The public key of the node's signed steps (hex), for `REGISTER`.
+    pub fn signing_key(&self) -> String {
+        self.signer.public_hex()
     }
 
     /// Run the data channel over TLS with the certificate the coordinator gave (at REGISTER).
@@ -202,6 +216,8 @@ impl Pipeline {
 struct Lane {
     route: RouteParams,
     generation: u64,
+    /// The coordinator's lane id (empty on a probe lane).
+    id: String,
     /// A probe lane: outputs go back to the caller, steps use only the probe sequence.
     probe: bool,
     /// Frames for the caller.
@@ -356,20 +372,79 @@ async fn connection(
     let lane = Arc::new(Lane {
         route,
         generation,
+        id: lane_id,
         probe,
         answers,
         up,
         down,
     });
     loop {
-        match steps.receive_or_end().await {
-            Ok(Some(Frame::Step {
+        let frame = match steps.receive_or_end().await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!("data connection from {peer}: {e}");
+                let _ = lane.up.send(Frame::Error(e.to_string()));
+                return;
+            }
+        };
+        let frame = match (frame, lane.route.previous_signer.as_deref()) {
+            (
+                Frame::Recall {
+                    lane: of,
+                    seq,
+                    first,
+                    last,
+                },
+                _,
+            ) if lane.probe => {
+                let answer = if pipeline.hostility.refuses_checks() {
+                    Frame::Error("no".into())
+                } else {
+                    let kept = pipeline.records.lock().unwrap();
+                    Frame::Recalled(kept.recall(&of, seq, first, last))
+                };
+                let _ = lane.up.send(answer);
+                continue;
+            }
+            // On the route after stage 0: only steps the previous stage signed, which are
+            // kept for the coordinator's checks.
+            (frame, Some(signer)) if !lane.probe => {
+                let bytes = frame.encode();
+                match seal::open(frame, signer, &lane.id, lane.route.stage) {
+                    Ok(step) => {
+                        if let Frame::Step {
+                            step: n, groups, ..
+                        } = &step
+                        {
+                            let seqs = groups.iter().map(|g| g.seq).collect();
+                            pipeline
+                                .records
+                                .lock()
+                                .unwrap()
+                                .keep(&lane.id, *n, seqs, bytes);
+                        }
+                        step
+                    }
+                    Err(e) => {
+                        tracing::warn!("data connection from {peer}: {e}");
+                        let _ = lane
+                            .up
+                            .send(Frame::Error(format!("stage {}: {e}", lane.route.stage)));
+                        return;
+                    }
+                }
+            }
+            (frame, _) => frame,
+        };
+        match frame {
+            Frame::Step {
                 step,
                 in_flight,
                 busy_us,
                 groups,
                 payload,
-            })) => {
+            } => {
                 let w = Work {
                     lane: lane.clone(),
                     step,
@@ -382,16 +457,10 @@ async fn connection(
                     return;
                 }
             }
-            Ok(Some(other)) => {
+            other => {
                 let _ = lane
                     .up
-                    .send(Frame::Error(format!("unexpected frame {other:?}")));
-            }
-            Ok(None) => return,
-            Err(e) => {
-                tracing::debug!("data connection from {peer}: {e}");
-                let _ = lane.up.send(Frame::Error(e.to_string()));
-                return;
+                    .send(Frame::Error(format!("unexpected frame {}", other.kind())));
             }
         }
     }
@@ -476,7 +545,9 @@ async fn worker(mut queue: mpsc::UnboundedReceiver<Work>, pipeline: Arc<Pipeline
                     groups,
                     payload: Payload::Hidden { n_embd, data },
                 };
-                // A next stage that is gone is reported by the lane's relay.
+                // Signed, so that the next stage can prove what it got from this one. A next
+                // stage that is gone is reported by the lane's relay.
+                let next = pipeline.signer.sign(&lane.id, lane.route.stage + 1, next);
                 let _ = down.send(next);
                 continue;
             }
@@ -529,7 +600,8 @@ async fn run_step(pipeline: &Pipeline, w: Work) -> Result<(Vec<Group>, RowsOutpu
         }
     };
     let first = w.lane.route.stage == 0;
-    let (groups, payload, probe, lie) = (w.groups, w.payload, w.lane.probe, pipeline.hostility.lie);
+    let (groups, payload, probe) = (w.groups, w.payload, w.lane.probe);
+    let lie = pipeline.hostility.lie_on(probe);
     let (lane, in_flight) = (w.lane.clone(), w.in_flight);
     pipeline
         .decoder

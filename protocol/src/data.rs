@@ -12,6 +12,8 @@
 
 pub mod auth;
 mod hello;
+#[cfg(feature = "io")]
+pub mod seal;
 
 pub use hello::{Hello, LaneKind};
 
@@ -115,8 +117,36 @@ pub enum Frame {
         width: u32,
         data: Vec<f32>,
     },
+    /// A `Step` from one stage to the next, signed by the sender's node key
+    /// ([`seal`]): the receiver checks it and keeps it, so that it can later prove to the
+    /// coordinator what exactly the sender sent on a served request.
+    Signed {
+        signature: [u8; SIGNATURE_LEN],
+        step: Box<Frame>,
+    },
+    /// On a probe lane, from the coordinator: the signed steps this node received on chain
+    /// lane `lane` from step `first` to `last` that carry sequence `seq` (the check of a
+    /// served request).
+    Recall {
+        lane: String,
+        seq: u32,
+        first: u64,
+        last: u64,
+    },
+    /// The answer to `Recall`: each kept `Signed` frame, encoded as it was received.
+    Recalled(Vec<Vec<u8>>),
     Error(String),
 }
+
+/// Bytes in a step's signature (Ed25519).
+pub const SIGNATURE_LEN: usize = 64;
+
+/// The most steps one `Recalled` may hold (a request of [`MAX_CONTEXT`] tokens takes fewer).
+pub const MAX_RECALLED: usize = 2 * MAX_CONTEXT as usize;
+
+/// What each stage keeps of the signed steps it received, in bytes (the oldest go first):
+/// enough for the coordinator to recall a request's steps right after it is served.
+pub const KEPT_STEP_BYTES: usize = 256 << 20;
 
 impl Payload {
     /// How many rows (positions) the payload holds.
@@ -200,6 +230,8 @@ pub enum FrameError {
     Rows { groups: u64, payload: usize },
     #[error("{0} entries is over the limit")]
     TooMany(usize),
+    #[error("a signed frame holds a frame of kind {0}, not a Step")]
+    Signed(u8),
 }
 
 /// The most groups (sequences) one step may carry, and the most stages an answer may list.
@@ -261,6 +293,9 @@ impl Frame {
             Frame::Step { .. } => "Step",
             Frame::Sampled { .. } => "Sampled",
             Frame::Output { .. } => "Output",
+            Frame::Signed { .. } => "Signed",
+            Frame::Recall { .. } => "Recall",
+            Frame::Recalled(_) => "Recalled",
             Frame::Error(_) => "Error",
         }
     }
@@ -328,6 +363,31 @@ impl Frame {
                 out.extend(width.to_le_bytes());
                 out.extend((data.len() as u32).to_le_bytes());
                 data.iter().for_each(|x| out.extend(x.to_le_bytes()));
+            }
+            Frame::Signed { signature, step } => {
+                out.push(9);
+                out.extend(signature);
+                out.extend(step.encode());
+            }
+            Frame::Recall {
+                lane,
+                seq,
+                first,
+                last,
+            } => {
+                out.push(10);
+                out.extend(seq.to_le_bytes());
+                out.extend(first.to_le_bytes());
+                out.extend(last.to_le_bytes());
+                out.extend(lane.as_bytes());
+            }
+            Frame::Recalled(frames) => {
+                out.push(11);
+                out.extend((frames.len() as u32).to_le_bytes());
+                for f in frames {
+                    out.extend((f.len() as u32).to_le_bytes());
+                    out.extend(f);
+                }
             }
             Frame::Error(m) => {
                 out.push(255);
@@ -418,6 +478,36 @@ impl Frame {
                     .collect();
                 Frame::Output { step, width, data }
             }
+            9 => {
+                let signature = r.take(SIGNATURE_LEN, "signature")?.try_into().unwrap();
+                // Checked before decoding: a signed frame inside a signed frame would recurse.
+                if r.0.first() != Some(&6) {
+                    return Err(FrameError::Signed(r.0.first().copied().unwrap_or(0)));
+                }
+                let step = Frame::decode(std::mem::take(&mut r.0))?;
+                Frame::Signed {
+                    signature,
+                    step: Box::new(step),
+                }
+            }
+            10 => Frame::Recall {
+                seq: r.u32("seq")?,
+                first: r.u64("first step")?,
+                last: r.u64("last step")?,
+                lane: String::from_utf8_lossy(std::mem::take(&mut r.0)).into_owned(),
+            },
+            11 => {
+                let n = r.u32("step count")? as usize;
+                if n > MAX_RECALLED {
+                    return Err(FrameError::TooMany(n));
+                }
+                let mut frames = Vec::new();
+                for _ in 0..n {
+                    let len = r.u32("step length")? as usize;
+                    frames.push(r.take(len, "recalled step")?.to_vec());
+                }
+                Frame::Recalled(frames)
+            }
             255 => return Ok(Frame::Error(String::from_utf8_lossy(r.0).into_owned())),
             k => return Err(FrameError::Kind(k)),
         };
@@ -495,6 +585,17 @@ mod tests {
                 tokens: vec![(0, 42), (3, -1)],
                 busy_us: vec![10, 20],
             },
+            Frame::Signed {
+                signature: [5; SIGNATURE_LEN],
+                step: Box::new(hidden_step.clone()),
+            },
+            Frame::Recall {
+                lane: "0f1e".into(),
+                seq: 3,
+                first: 10,
+                last: 20,
+            },
+            Frame::Recalled(vec![vec![1, 2, 3], vec![]]),
             Frame::Error("no".into()),
         ] {
             assert_eq!(Frame::decode(&f.encode()).unwrap(), f);
@@ -523,6 +624,14 @@ mod tests {
         huge.extend(u32::MAX.to_le_bytes());
         assert!(matches!(Frame::decode(&huge), Err(FrameError::TooMany(_))));
         assert!(Frame::decode(&[9]).is_err());
+        // Only a Step is signed.
+        let mut signed_ready = vec![9u8];
+        signed_ready.extend([0; SIGNATURE_LEN]);
+        signed_ready.push(2);
+        assert!(matches!(
+            Frame::decode(&signed_ready),
+            Err(FrameError::Signed(2))
+        ));
         assert!(Frame::decode(&[]).is_err());
     }
 }

@@ -41,6 +41,10 @@ pub struct RegisterParams {
     /// Shared secret (or the HTTP `Authorization: Bearer` header).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// The node's Ed25519 public key (hex), made at start: it signs every step it sends to
+    /// the next stage ([`crate::data::seal`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_key: Option<String>,
 }
 
 /// `REGISTERED`.
@@ -188,6 +192,10 @@ pub struct RouteParams {
     /// through it to compare its output with other holders').
     #[serde(default)]
     pub probe_key: String,
+    /// The previous stage's public key (stage 0 and replicas: none): every step this stage
+    /// gets on the route must be signed with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_signer: Option<String>,
 }
 
 fn one() -> u32 {

@@ -87,6 +87,8 @@ pub struct NodeState {
     /// Which connection it registered on (a reconnect replaces it).
     pub conn: u64,
     pub last_seen: Instant,
+    /// Its public key for signed steps (from `REGISTER`).
+    pub signing_key: Option<String>,
 }
 
 /// The fastest link rate believed (Mbit/s).
@@ -231,6 +233,8 @@ pub struct RouteHop {
     pub data_addr: String,
     /// The key the caller of this stage proves on the data channel (never shown).
     pub key: String,
+    /// The node's public key, which signs the steps it sends to the next stage.
+    pub signer: Option<String>,
 }
 
 /// Why a registration is refused: the `ERROR` code and the message.
@@ -341,6 +345,7 @@ impl Swarm {
             decode: None,
             conn,
             last_seen: Instant::now(),
+            signing_key: p.signing_key.clone(),
         };
         tracing::info!(
             "node {} ({}) registered from {} with {} shard(s)",

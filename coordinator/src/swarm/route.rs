@@ -35,6 +35,7 @@ impl Swarm {
             node_id: n.node_id.clone(),
             data_addr: n.data_addr.clone().unwrap_or_default(),
             key: String::new(),
+            signer: n.signing_key.clone(),
         };
         let current = |id: u32| {
             let node = &self.route.as_ref()?.get(id as usize)?.node_id;
@@ -63,7 +64,8 @@ impl Swarm {
         let same_stages = |a: &[RouteHop], b: &[RouteHop]| {
             a.len() == b.len()
                 && a.iter().zip(b).all(|(x, y)| {
-                    (x.shard_id, &x.node_id, &x.data_addr) == (y.shard_id, &y.node_id, &y.data_addr)
+                    (x.shard_id, &x.node_id, &x.data_addr, &x.signer)
+                        == (y.shard_id, &y.node_id, &y.data_addr, &y.signer)
                 })
         };
         let changed = match (&route, &self.route) {
@@ -113,6 +115,7 @@ impl Swarm {
             key: String::new(),
             next_key: None,
             probe_key: String::new(),
+            previous_signer: None,
         };
         if let (true, Some(route)) = (self.ready, &self.route) {
             for (k, hop) in route.iter().enumerate() {
@@ -124,6 +127,7 @@ impl Swarm {
                         .count() as u32,
                     key: hop.key.clone(),
                     next_key: route.get(k + 1).map(|h| h.key.clone()),
+                    previous_signer: k.checked_sub(1).and_then(|p| route[p].signer.clone()),
                     ..base(hop.shard_id)
                 };
                 want.entry(hop.node_id.clone()).or_insert(params);

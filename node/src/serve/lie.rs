@@ -17,7 +17,16 @@ pub struct Hostility {
 pub enum Attack {
     /// As the last stage, answer every sampled token with an id outside any vocabulary.
     BadToken,
+    /// Corrupt every output on the route's lanes (what is served), and answer the
+    /// coordinator's probes honestly: a liar that knows probes from served traffic.
+    LieOnLanes,
+    /// Refuse the coordinator's recall of the signed steps this stage received.
+    RefuseChecks,
 }
+
+/// How much [`Attack::LieOnLanes`] corrupts (times each output's RMS): enough to change
+/// tokens.
+const LANE_LIE: f32 = 0.5;
 
 impl Hostility {
     /// Say what this node will do wrong, so that nobody runs it by mistake unnoticed.
@@ -31,6 +40,20 @@ impl Hostility {
         if let Some(attack) = self.attack {
             tracing::warn!("--test-attack {attack:?}: this node breaks the protocol on purpose");
         }
+    }
+
+    /// The error this node adds to an output it computed on a probe lane (`probe`) or a lane
+    /// of the route.
+    pub(super) fn lie_on(&self, probe: bool) -> f32 {
+        match self.attack {
+            Some(Attack::LieOnLanes) if !probe => LANE_LIE,
+            _ => self.lie,
+        }
+    }
+
+    /// Whether this node refuses the coordinator's recalls.
+    pub(super) fn refuses_checks(&self) -> bool {
+        self.attack == Some(Attack::RefuseChecks)
     }
 
     /// The last stage's answer as this node sends it.

@@ -1,0 +1,165 @@
+//! Signed steps: what one stage sends the next, under the sender's node key.
+//!
+//! Each node makes an Ed25519 key pair when it starts and names the public half at
+//! `REGISTER`; the coordinator tells each stage its predecessor's key in `ROUTE`. A stage signs
+//! every step it sends down the chain, over a label, the lane id, the receiving stage and the
+//! step's exact bytes; the receiver checks the signature before running the step (a bad one
+//! ends the lane) and keeps the signed step a while ([`super::KEPT_STEP_BYTES`]). When the
+//! coordinator checks a served request, the receiver hands the signed steps back
+//! (`Recall`): they prove what the sender sent, which the sender cannot deny and the receiver
+//! cannot forge, so each stage is judged by its own output alone.
+
+use ring::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey, ED25519};
+use sha2::{Digest, Sha256};
+
+use super::{Frame, SIGNATURE_LEN};
+
+const LABEL: &[u8] = b"shardswarm signed step v1\0";
+
+/// A node's signing key: made at start, never written anywhere.
+pub struct SigningKey(Ed25519KeyPair);
+
+impl SigningKey {
+    /// A fresh key pair from the system's random source.
+    pub fn generate() -> SigningKey {
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).expect("the system random source");
+        SigningKey(Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).expect("a key just made"))
+    }
+
+    /// The public key, hex (what `REGISTER` carries and `ROUTE` passes on).
+    pub fn public_hex(&self) -> String {
+        hex::encode(self.0.public_key().as_ref())
+    }
+
+    /// `step` (a `Step`) signed for stage `to` of lane `lane`.
+    pub fn sign(&self, lane: &str, to: u32, step: Frame) -> Frame {
+        let digest = digest(lane, to, &step.encode());
+        let signature = self
+            .0
+            .sign(&digest)
+            .as_ref()
+            .try_into()
+            .expect("an Ed25519 signature is 64 bytes");
+        Frame::Signed {
+            signature,
+            step: Box::new(step),
+        }
+    }
+}
+
+/// Why a signed step is not accepted.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SealError {
+    #[error("the sender's key {0:?} is not a hex Ed25519 public key")]
+    Key(String),
+    #[error("the step's signature does not check out under the sending stage's key")]
+    Signature,
+    #[error("expected a signed step, got {0}")]
+    NotSigned(&'static str),
+}
+
+/// The step inside `frame` if `frame` is a step signed by `signer` (hex public key) for stage
+/// `to` of lane `lane`.
+pub fn open(frame: Frame, signer: &str, lane: &str, to: u32) -> Result<Frame, SealError> {
+    let Frame::Signed { signature, step } = frame else {
+        return Err(SealError::NotSigned(frame.kind()));
+    };
+    let key = hex::decode(signer)
+        .ok()
+        .filter(|k| k.len() == 32)
+        .ok_or_else(|| SealError::Key(signer.to_owned()))?;
+    let digest = digest(lane, to, &step.encode());
+    UnparsedPublicKey::new(&ED25519, key)
+        .verify(&digest, &signature)
+        .map_err(|_| SealError::Signature)?;
+    Ok(*step)
+}
+
+fn digest(lane: &str, to: u32, step: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(LABEL);
+    h.update((lane.len() as u32).to_le_bytes());
+    h.update(lane.as_bytes());
+    h.update(to.to_le_bytes());
+    h.update(step);
+    h.finalize().into()
+}
+
+const _: () = assert!(SIGNATURE_LEN == 64);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::{Group, Payload, Sampling};
+
+    fn step(x: f32) -> Frame {
+        Frame::Step {
+            step: 7,
+            in_flight: 1,
+            busy_us: vec![3],
+            groups: vec![Group {
+                seq: 0,
+                pos0: 0,
+                rows: 1,
+                sample: true,
+                sampling: Sampling {
+                    temperature: 0.0,
+                    top_p: 1.0,
+                    seed: 0,
+                },
+            }],
+            payload: Payload::Hidden {
+                n_embd: 2,
+                data: vec![x, 2.0],
+            },
+        }
+    }
+
+    #[test]
+    fn a_signed_step_opens_only_with_its_key_lane_and_stage_and_unchanged() {
+        let (key, other) = (SigningKey::generate(), SigningKey::generate());
+        let signed = key.sign("lane", 2, step(1.0));
+        let bytes = signed.encode();
+        let again = Frame::decode(&bytes).unwrap();
+        assert_eq!(
+            open(again, &key.public_hex(), "lane", 2).unwrap(),
+            step(1.0)
+        );
+        let fails = |frame: Frame, signer: &str, lane: &str, to: u32| {
+            open(frame, signer, lane, to).unwrap_err()
+        };
+        assert_eq!(
+            fails(signed.clone(), &other.public_hex(), "lane", 2),
+            SealError::Signature
+        );
+        assert_eq!(
+            fails(signed.clone(), &key.public_hex(), "other", 2),
+            SealError::Signature
+        );
+        assert_eq!(
+            fails(signed.clone(), &key.public_hex(), "lane", 3),
+            SealError::Signature
+        );
+        // One changed float, same signature.
+        let Frame::Signed { signature, .. } = signed else {
+            unreachable!()
+        };
+        let tampered = Frame::Signed {
+            signature,
+            step: Box::new(step(1.5)),
+        };
+        assert_eq!(
+            fails(tampered, &key.public_hex(), "lane", 2),
+            SealError::Signature
+        );
+        assert_eq!(
+            fails(step(1.0), &key.public_hex(), "lane", 2),
+            SealError::NotSigned("Step")
+        );
+        assert!(matches!(
+            fails(key.sign("l", 0, step(1.0)), "zz", "l", 0),
+            SealError::Key(_)
+        ));
+    }
+}
