@@ -1,7 +1,9 @@
 //! The checker's task (see [`crate::verify`] for the method): replays the sampled requests
 //! through every holder of every stage on probe lanes, asks the coordinator's own computation
-//! when two holders disagree, and acts on the judge's verdicts (evicting through the hub).
+//! when holders disagree, checks what the route actually served against the replay
+//! ([`served`]), and acts on the verdicts (evicting through the hub).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +13,9 @@ use protocol::data::{Frame, Group, Hello, Payload, Sampling};
 use crate::hub::Hub;
 use crate::swarm::ProbeTarget;
 use crate::verify::judge::{judge, Output, Verdict, Who};
-use crate::verify::Checks;
+use crate::verify::{Checks, Served};
+
+mod served;
 
 /// How long one probe (connect, compute, answer) may take.
 const PROBE_WAIT: Duration = Duration::from_secs(120);
@@ -40,30 +44,56 @@ pub enum RefereeError {
     Join(#[from] tokio::task::JoinError),
 }
 
-/// The checker: the sampled requests and what it needs to check them.
-struct Checker(Checks);
+/// The checker: the sampled requests, what it needs to check them, and how many recalls each
+/// node failed.
+struct Checker {
+    checks: Checks,
+    strikes: HashMap<String, u32>,
+}
 
 /// Check the requests the sampler hands over, until the engine stops.
 pub fn spawn(checks: Checks, hub: Arc<Hub>) {
-    let mut checker = Checker(checks);
+    let mut checker = Checker {
+        checks,
+        strikes: HashMap::new(),
+    };
     tokio::spawn(async move {
-        while let Some(tokens) = checker.0.incoming.recv().await {
-            checker.check(&hub, &tokens).await;
+        while let Some(request) = checker.checks.incoming.recv().await {
+            checker.check(&hub, &request).await;
         }
     });
 }
 
 impl Checker {
-    /// Replay `tokens` through every holder of every stage and act on what differs.
-    async fn check(&self, hub: &Hub, tokens: &[i32]) {
-        let stats = &self.0.stats;
-        let targets = hub.swarm.lock().unwrap().probe_targets();
-        if targets.iter().all(|h| h.len() < 2) || targets.iter().any(Vec::is_empty) {
-            stats.lock().unwrap().shown.skipped += 1;
+    /// Check a served request: recall what its route's stages received (first: they keep
+    /// it only a while), replay it through every holder of every stage, then judge the
+    /// served traffic against the replay.
+    async fn check(&mut self, hub: &Hub, request: &Served) {
+        let recalled = match &request.trace {
+            Some(trace) => served::recall(hub, trace).await,
+            None => Vec::new(),
+        };
+        let Some(reference) = self.replay(hub, &request.tokens).await else {
             return;
+        };
+        self.checks.stats.lock().unwrap().shown.requests_checked += 1;
+        if let Some(trace) = &request.trace {
+            served::judge(self, hub, request, trace, recalled, &reference).await;
+        }
+    }
+
+    /// Replay `tokens` through every holder of every stage, act on what differs, and give
+    /// each stage's settled output (none when a stage has no holder or nothing was settled).
+    async fn replay(&self, hub: &Hub, tokens: &[i32]) -> Option<Vec<Output>> {
+        let stats = &self.checks.stats;
+        let targets = hub.swarm.lock().unwrap().probe_targets();
+        if targets.iter().any(Vec::is_empty) {
+            stats.lock().unwrap().shown.skipped += 1;
+            return None;
         }
         let last = targets.len() - 1;
         let mut input = Payload::Tokens(tokens.to_vec());
+        let mut outputs = Vec::new();
         for (k, holders) in targets.iter().enumerate() {
             let mut opinions = Vec::new();
             for h in holders {
@@ -75,31 +105,31 @@ impl Checker {
                     }
                 }
             }
-            let mut verdict = judge(&opinions, k == last, self.0.tolerance);
+            let tolerance = self.checks.tolerance;
+            let mut verdict = judge(&opinions, k == last, tolerance);
             if verdict.needs_referee {
                 // Holders disagree: the coordinator computes the stage itself.
-                match referee(hub, k as u32, &input, &self.0.cache_dir).await {
+                match referee(hub, k as u32, &input, &self.checks.cache_dir).await {
                     Ok(truth) => {
                         opinions.push((Who::Referee, truth));
-                        verdict = judge(&opinions, k == last, self.0.tolerance);
+                        verdict = judge(&opinions, k == last, tolerance);
                     }
                     Err(e) => tracing::warn!("computing stage {k} to settle a dispute: {e}"),
                 }
             }
             self.act(hub, k as u32, &opinions, &verdict);
-            let Some(agreed) = verdict.go_on_with else {
-                return; // nothing to go on with
-            };
+            let agreed = verdict.go_on_with?;
             if opinions.len() >= 2 {
                 stats.lock().unwrap().shown.stage_comparisons += 1;
             }
             let output = opinions.swap_remove(agreed).1;
             input = Payload::Hidden {
                 n_embd: output.width,
-                data: output.data,
+                data: output.data.clone(),
             };
+            outputs.push(output);
         }
-        stats.lock().unwrap().shown.requests_checked += 1;
+        Some(outputs)
     }
 
     /// Evict the holders the verdict names and record what it could not settle.
@@ -109,7 +139,7 @@ impl Checker {
             Who::Referee => "the coordinator".to_owned(),
         };
         {
-            let mut stats = self.0.stats.lock().unwrap();
+            let mut stats = self.checks.stats.lock().unwrap();
             for e in &verdict.honest {
                 stats.honest(*e);
             }
@@ -124,16 +154,17 @@ impl Checker {
             }
         }
         for (i, reason) in &verdict.evict {
-            let node = name(*i);
-            let out = hub
-                .swarm
-                .lock()
-                .unwrap()
-                .evict(&node, shard, reason.clone());
-            hub.disconnect(&node);
-            hub.dispatch(out);
+            evict(hub, &name(*i), shard, reason.clone());
         }
     }
+}
+
+/// Evict `node` (caught on `shard`) for `reason`: dropped, refused from then on, named in
+/// `/status`.
+fn evict(hub: &Hub, node: &str, shard: u32, reason: String) {
+    let out = hub.swarm.lock().unwrap().evict(node, shard, reason);
+    hub.disconnect(node);
+    hub.dispatch(out);
 }
 
 fn who(target: &ProbeTarget) -> Who<'_> {
@@ -151,17 +182,8 @@ async fn referee(
     input: &Payload,
     cache_dir: &std::path::Path,
 ) -> Result<Output, RefereeError> {
-    let (spec, count) = {
-        let s = hub.swarm.lock().unwrap();
-        (s.shards[shard as usize].clone(), s.shards.len() as u32)
-    };
-    let path = crate::text::fetch_shard(&spec, cache_dir).await?;
     let input = input.clone();
-    let computed = tokio::task::spawn_blocking(move || -> Result<Output, llm::LlmError> {
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as i32;
-        let is_last = shard + 1 == count;
-        let mut stage =
-            llm::stage::Stage::load_for(&path, is_last, protocol::data::MAX_CONTEXT, threads, 1)?;
+    on_referee_stage(hub, shard, cache_dir, move |stage| {
         let rows: Vec<llm::stage::Row> = (0..input.rows() as i32)
             .map(|pos| llm::stage::Row { seq: 0, pos })
             .collect();
@@ -182,6 +204,29 @@ async fn referee(
                 }
             }
         })
+    })
+    .await
+}
+
+/// Load stage `shard` here from the seeder's file (fetched once into `cache_dir`, checked by
+/// sha256) and run `f` on it, off the async threads.
+async fn on_referee_stage<T: Send + 'static>(
+    hub: &Hub,
+    shard: u32,
+    cache_dir: &std::path::Path,
+    f: impl FnOnce(&mut llm::stage::Stage) -> Result<T, llm::LlmError> + Send + 'static,
+) -> Result<T, RefereeError> {
+    let (spec, count) = {
+        let s = hub.swarm.lock().unwrap();
+        (s.shards[shard as usize].clone(), s.shards.len() as u32)
+    };
+    let path = crate::text::fetch_shard(&spec, cache_dir).await?;
+    let computed = tokio::task::spawn_blocking(move || -> Result<T, llm::LlmError> {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as i32;
+        let is_last = shard + 1 == count;
+        let mut stage =
+            llm::stage::Stage::load_for(&path, is_last, protocol::data::MAX_CONTEXT, threads, 1)?;
+        f(&mut stage)
     })
     .await??;
     Ok(computed)

@@ -44,7 +44,16 @@ pub use stats::ServingStats;
 use crate::metrics::Live;
 use crate::swarm::RouteHop;
 use crate::text::{Event, Generation, Request, Vocab};
-use crate::verify::Sampler;
+use crate::verify::{Hop, Sampler, Served, Trace};
+
+impl From<&RouteHop> for Hop {
+    fn from(h: &RouteHop) -> Hop {
+        Hop {
+            node_id: h.node_id.clone(),
+            signer: h.signer.clone(),
+        }
+    }
+}
 use lane::{describe, open_lane, Lane};
 use schedule::{Limits, Sampled, Scheduler};
 
@@ -166,6 +175,7 @@ impl Engine {
             in_line: Some(in_line),
             generation: Generation::new(),
             last_token: None,
+            trace: None,
         };
         self.jobs.send(job).map_err(|_| Refused::Stopped)?;
         Ok(rx)
@@ -185,6 +195,8 @@ struct Job {
     generation: Generation,
     /// When its last token was generated (none yet: the next one is its first).
     last_token: Option<Instant>,
+    /// The lane and steps its current attempt ran on, for the check of served requests.
+    trace: Option<Trace>,
 }
 
 /// The lane that failed, and when: running requests wait for another route.
@@ -350,6 +362,19 @@ impl State {
             let Some(step) = self.sched.next_step(in_flight_limit) else {
                 return;
             };
+            let lane = self.lane.as_mut().expect("checked");
+            for g in &step.groups {
+                if let Some(r) = self.sched.running_mut(g.seq as usize) {
+                    let trace = r.job.trace.get_or_insert_with(|| Trace {
+                        lane: lane.id.clone(),
+                        seq: g.seq,
+                        first: step.step,
+                        last: step.step,
+                        route: lane.route.iter().map(|h| h.into()).collect(),
+                    });
+                    trace.last = step.step;
+                }
+            }
             let frame = Frame::Step {
                 step: step.step,
                 in_flight: step.in_flight,
@@ -357,7 +382,6 @@ impl State {
                 groups: step.groups,
                 payload: Payload::Tokens(step.tokens),
             };
-            let lane = self.lane.as_mut().expect("checked");
             if let Err(source) = lane.writer.send(&frame).await {
                 self.fail(LaneError::Channel { stage: 0, source });
                 return;
@@ -427,7 +451,14 @@ impl State {
             cached += cached_tokens as u64;
             live.prompt_tokens.inc_by(prompt_len as u64);
             if let Some(sampler) = &mut self.sampler {
-                sampler.offer(r.computed());
+                sampler.offer(|| Served {
+                    tokens: r.computed().to_vec(),
+                    last_token: token,
+                    prompt_len,
+                    from_pos: cached_tokens,
+                    sampling: r.sampling(),
+                    trace: r.job.trace.take(),
+                });
             }
             self.sched.release(seq);
         }
@@ -486,6 +517,7 @@ impl State {
         for seq in 0..self.settings.parallel.max(1) {
             if let Some(r) = self.sched.running_mut(seq) {
                 r.job.generation.restart();
+                r.job.trace = None; // the attempt starts again on another lane
             }
         }
     }

@@ -326,7 +326,7 @@ impl Stage {
                 rows.len()
             )));
         }
-        self.forward_rows(Input::Tokens(tokens), rows)
+        self.forward_rows(Input::Tokens(tokens), rows, None)
     }
 
     /// Run hidden states ([rows, n_embd]) at `rows`.
@@ -343,14 +343,42 @@ impl Stage {
                 self.n_embd
             )));
         }
-        self.forward_rows(Input::Hidden(hidden), rows)
+        self.forward_rows(Input::Hidden(hidden), rows, None)
+    }
+
+    /// A last stage's logits at each of `rows` where `want` says, in row order, for `tokens`
+    /// (a one-stage model) or `hidden` states: what the coordinator needs to check the token
+    /// sampled at every position of a served request.
+    pub fn logits_at(
+        &mut self,
+        tokens: Option<&[i32]>,
+        hidden: &[f32],
+        rows: &[Row],
+        want: &[bool],
+    ) -> Result<Vec<Vec<f32>>, LlmError> {
+        let input = match tokens {
+            Some(t) if t.len() == rows.len() => Input::Tokens(t),
+            None if hidden.len() == rows.len() * self.n_embd => Input::Hidden(hidden),
+            _ => return Err(LlmError::Decode("input and rows differ in length".into())),
+        };
+        if !self.is_last || want.len() != rows.len() {
+            return Err(LlmError::Decode(
+                "logits at chosen rows: a last stage, one choice per row".into(),
+            ));
+        }
+        match self.forward_rows(input, rows, Some(want))? {
+            RowsOutput::Logits(l) => Ok(l.into_iter().map(|(_, l)| l).collect()),
+            RowsOutput::Hidden(_) => {
+                Err(LlmError::Decode("a last stage gave hidden states".into()))
+            }
+        }
     }
 
     /// Run `input` at positions `pos0..` of sequence 0.
     fn forward(&mut self, input: Input<'_>, pos0: i32) -> Result<StageOutput, LlmError> {
         let n = input.len(self.n_embd) as i32;
         let rows: Vec<Row> = (pos0..pos0 + n).map(|pos| Row { seq: 0, pos }).collect();
-        Ok(match self.forward_rows(input, &rows)? {
+        Ok(match self.forward_rows(input, &rows, None)? {
             RowsOutput::Hidden(h) => StageOutput::Hidden(h),
             RowsOutput::Logits(mut l) => StageOutput::Logits(
                 l.pop()
@@ -372,7 +400,15 @@ impl Stage {
     /// sequence's states as another's (garbage text, found with 16 streams at once). Each decode
     /// here therefore holds runs of one length in increasing sequence order, which
     /// `split_equal` keeps as they are; a run longer than a decode goes alone, in chunks.
-    fn forward_rows(&mut self, input: Input<'_>, rows: &[Row]) -> Result<RowsOutput, LlmError> {
+    ///
+    /// `want` (a last stage) names the rows whose logits to give instead of each sequence's
+    /// last.
+    fn forward_rows(
+        &mut self,
+        input: Input<'_>,
+        rows: &[Row],
+        want: Option<&[bool]>,
+    ) -> Result<RowsOutput, LlmError> {
         let n = rows.len();
         if n == 0 {
             return Err(LlmError::Decode("empty batch".into()));
@@ -390,7 +426,10 @@ impl Stage {
             // The last stage outputs the logits of each sequence's last row only.
             let outputs: Vec<bool> = indices
                 .iter()
-                .map(|&i| !self.is_last || i + 1 == n || rows[i + 1].seq != rows[i].seq)
+                .map(|&i| match want {
+                    Some(want) => want[i],
+                    None => !self.is_last || i + 1 == n || rows[i + 1].seq != rows[i].seq,
+                })
                 .collect();
             if let Some(c) = self.capture.as_mut() {
                 c.data.clear();

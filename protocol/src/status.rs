@@ -158,6 +158,14 @@ pub struct Verify {
     pub disputes: Vec<Dispute>,
     /// Probes that failed (a holder down or refusing).
     pub probe_failures: u64,
+    /// Served requests whose every hop (the signed steps the stages received) and every
+    /// sampled token were checked against the replay.
+    #[serde(default)]
+    pub served_checked: u64,
+    /// Recalls of signed steps a route's node refused, failed or timed out on (each counts
+    /// against the node: two evict it).
+    #[serde(default)]
+    pub recall_failures: u64,
 }
 
 /// Two holders of a shard whose outputs differ.

@@ -6,11 +6,117 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use tests::api::{assert_texts_equal_the_whole_model, post, PROMPTS};
-use tests::{get_json, node, nodes_fully_loaded, swarm_lock, wait_for, Bed};
+use tests::{get_json, node, nodes_fully_loaded, swarm_lock, wait_for, Bed, Proc};
 
 /// `name`'s entry in `/status` `nodes`.
 fn node_named<'a>(st: &'a Value, name: &str) -> Option<&'a Value> {
     st["nodes"].as_array()?.iter().find(|n| n["name"] == name)
+}
+
+/// A two-shard swarm (checks on every request) with an attacker (a node started with
+/// `attack_flags`) as stage `attacker_stage` of the route, and two honest spares loaded (so
+/// that each shard has a replica to take the attacker's place).
+struct Attacked {
+    _bed: Bed,
+    coordinator: Proc,
+    addr: String,
+    attacker_id: String,
+    _nodes: Vec<Proc>,
+}
+
+impl Attacked {
+    fn new(attack_flags: &[&str], attacker_stage: u32) -> Attacked {
+        let bed = Bed::new(2, &[]);
+        let coordinator = bed.coordinator(
+            "127.0.0.1:0",
+            &["--min-nodes", "2", "--verify-fraction", "1"],
+        );
+        let addr = coordinator.field("http").to_owned();
+        let status = || get_json(&format!("http://{addr}/status"));
+        let dirs = bed.node_dirs(3);
+        let attacker_dir = bed.work.path().join("attacker");
+        // The first node takes shard 0, the second shard 1.
+        let mut firsts = vec![
+            ("attacker", attacker_dir.as_path(), attack_flags),
+            (dirs[0].0.as_str(), dirs[0].1.as_path(), &[][..]),
+        ];
+        if attacker_stage == 1 {
+            firsts.reverse();
+        }
+        let mut nodes = Vec::new();
+        let (name, dir, flags) = firsts[0];
+        nodes.push(node(name, &addr, dir, flags));
+        wait_for(
+            "the first node given shard 0",
+            Duration::from_secs(60),
+            || node_named(&status(), name)?["shards"].get("0").map(|_| ()),
+        );
+        let (name, dir, flags) = firsts[1];
+        nodes.push(node(name, &addr, dir, flags));
+        let attacker_id = wait_for(
+            "the attacker on the route",
+            Duration::from_secs(240),
+            || {
+                let st = status();
+                let a = node_named(&st, "attacker")?;
+                (st["serving"] == true && a["stage"] == attacker_stage)
+                    .then(|| a["node_id"].as_str().map(str::to_owned))?
+            },
+        );
+        for (i, (name, dir)) in dirs[1..].iter().enumerate() {
+            nodes.push(node(name, &addr, dir, &[]));
+            wait_for("the spare loaded", Duration::from_secs(240), || {
+                (nodes_fully_loaded(&status()) == 3 + i).then_some(())
+            });
+        }
+        Attacked {
+            _bed: bed,
+            coordinator,
+            addr,
+            attacker_id,
+            _nodes: nodes,
+        }
+    }
+
+    fn status(&self) -> Value {
+        get_json(&format!("http://{}/status", self.addr))
+    }
+
+    /// Wait for the attacker's eviction, check that it alone went, for a reason that says
+    /// `why`, that the coordinator lives, and that the swarm serves exact text without it.
+    fn assert_evicted_for(&mut self, why: &str) {
+        let st = wait_for("the attacker's eviction", Duration::from_secs(120), || {
+            let st = self.status();
+            st["evicted"].get(&self.attacker_id).is_some().then_some(st)
+        });
+        let reason = st["evicted"][&self.attacker_id]["reason"].as_str().unwrap();
+        assert!(reason.contains(why), "{reason}");
+        assert_eq!(st["evicted"].as_object().unwrap().len(), 1, "{st}");
+        assert!(
+            self.coordinator.is_running(),
+            "the coordinator died: {}",
+            self.coordinator.stderr_text()
+        );
+        wait_for(
+            "a route without the attacker",
+            Duration::from_secs(240),
+            || (self.status()["serving"] == true).then_some(()),
+        );
+        let client = reqwest::blocking::Client::new();
+        let url = format!("http://{}", self.addr);
+        assert_texts_equal_the_whole_model(&client, &url, None, &PROMPTS[..1]);
+        assert!(self.coordinator.is_running());
+    }
+
+    /// A request that may meet the attacker: answered, or failed with a clear error.
+    fn request(&self, prompt: &str) {
+        let body = json!({"prompt": prompt, "max_tokens": 12, "temperature": 0});
+        let (code, answer) = post(&self.addr, "/v1/completions", body);
+        assert!(
+            code == 200 || (code == 503 && answer["error"]["message"].is_string()),
+            "{code}: {answer}"
+        );
+    }
 }
 
 /// A last stage that answers with a token id outside the vocabulary (which llama.cpp aborts
@@ -19,83 +125,41 @@ fn node_named<'a>(st: &'a Value, name: &str) -> Option<&'a Value> {
 #[test]
 fn a_last_stage_sending_an_out_of_range_token_is_evicted_and_the_coordinator_survives() {
     let _one = swarm_lock();
-    let bed = Bed::new(2, &[]);
-    let mut coordinator = bed.coordinator("127.0.0.1:0", &["--min-nodes", "2"]);
-    let addr = coordinator.field("http").to_owned();
-    let status = || get_json(&format!("http://{addr}/status"));
+    let mut swarm = Attacked::new(&["--test-attack", "bad-token"], 1);
+    swarm.request(PROMPTS[0]);
+    swarm.assert_evicted_for("outside the vocabulary");
+}
 
-    // An honest node takes shard 0, the attacker shard 1: the last stage, which samples.
-    let dirs = bed.node_dirs(3);
-    let _honest = node(&dirs[0].0, &addr, &dirs[0].1, &[]);
-    wait_for(
-        "the first node given shard 0",
-        Duration::from_secs(60),
-        || {
-            node_named(&status(), &dirs[0].0)?["shards"]
-                .get("0")
-                .map(|_| ())
-        },
-    );
-    let attacker_dir = bed.work.path().join("attacker");
-    let _attacker = node(
-        "attacker",
-        &addr,
-        &attacker_dir,
-        &["--test-attack", "bad-token"],
-    );
-    let attacker_id = wait_for("the attacker as stage 1", Duration::from_secs(240), || {
-        let st = status();
-        let a = node_named(&st, "attacker")?;
-        (st["serving"] == true && a["stage"] == 1)
-            .then(|| a["node_id"].as_str().map(str::to_owned))?
-    });
-    // Two more honest nodes: replicas of shard 0, then of shard 1 (the least held), which
-    // takes the attacker's place.
-    let _spares: Vec<_> = dirs[1..]
-        .iter()
-        .enumerate()
-        .map(|(i, (name, dir))| {
-            let spare = node(name, &addr, dir, &[]);
-            wait_for("the spare loaded", Duration::from_secs(240), || {
-                (nodes_fully_loaded(&status()) == 3 + i).then_some(())
-            });
-            spare
-        })
-        .collect();
+/// A stage that corrupts what it serves but answers probes honestly (it can tell them
+/// apart) is caught by what it served: the next stage hands back the steps it received,
+/// signed by the liar, and they differ from the replay. Evicted after one checked request.
+#[test]
+fn a_stage_lying_only_on_served_requests_is_evicted_by_the_steps_it_signed() {
+    let _one = swarm_lock();
+    let mut swarm = Attacked::new(&["--test-attack", "lie-on-lanes"], 0);
+    swarm.request(PROMPTS[0]);
+    swarm.assert_evicted_for("hidden states it sent to stage 1 differ");
+}
 
-    // The request meets the attacker's token: it fails over to a new route, or fails with a
-    // clear error; either way the coordinator is still there.
-    let body = json!({"prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0});
-    let (code, answer) = post(&addr, "/v1/completions", body);
-    assert!(
-        code == 200 || (code == 503 && answer["error"]["message"].is_string()),
-        "{code}: {answer}"
-    );
-    assert!(
-        coordinator.is_running(),
-        "the coordinator died: {}",
-        coordinator.stderr_text()
-    );
-    let st = wait_for("the attacker's eviction", Duration::from_secs(60), || {
-        let st = status();
-        st["evicted"].get(&attacker_id).is_some().then_some(st)
-    });
-    let reason = st["evicted"][&attacker_id]["reason"].as_str().unwrap();
-    assert!(reason.contains("outside the vocabulary"), "{reason}");
-    assert_eq!(st["evicted"].as_object().unwrap().len(), 1, "{st}");
+/// A last stage that samples wrong tokens on served requests but answers probes honestly is
+/// caught by the tokens it served, against the logits the coordinator computes from its
+/// input.
+#[test]
+fn a_last_stage_lying_only_on_served_requests_is_evicted_by_its_tokens() {
+    let _one = swarm_lock();
+    let mut swarm = Attacked::new(&["--test-attack", "lie-on-lanes"], 1);
+    swarm.request(PROMPTS[0]);
+    swarm.assert_evicted_for("logits on its input rule out");
+}
 
-    // Exact text through the honest nodes.
-    wait_for(
-        "a route without the attacker",
-        Duration::from_secs(240),
-        || {
-            let st = status();
-            (st["serving"] == true).then_some(())
-        },
-    );
-    let client = reqwest::blocking::Client::new();
-    assert_texts_equal_the_whole_model(&client, &format!("http://{addr}"), None, &PROMPTS[..1]);
-    assert!(coordinator.is_running());
+/// A stage that will not hand back the steps it received fails each check: two evict it.
+#[test]
+fn a_stage_refusing_checks_is_evicted() {
+    let _one = swarm_lock();
+    let mut swarm = Attacked::new(&["--test-attack", "refuse-checks"], 1);
+    swarm.request(PROMPTS[0]);
+    swarm.request(PROMPTS[1]);
+    swarm.assert_evicted_for("failed 2 checks of served requests");
 }
 
 /// Connections from `from` (a loopback address) to `to` that send nothing, or only the start

@@ -98,11 +98,14 @@ fn a_liar_among(honest: usize, why: &str) {
     // The honest holders agreed within the tolerance; what they differed by, for the record.
     let v = &st["verify"];
     eprintln!(
-        "honest relative error: p50 {} p99 {} max {} (tolerance {}), {} requests checked, {} stage comparisons",
+        "honest relative error: p50 {} p99 {} max {} (tolerance {}), {} requests checked, {} stage comparisons, {} served requests checked",
         v["honest_error_p50"], v["honest_error_p99"], v["honest_error_max"], v["tolerance"],
-        v["requests_checked"], v["stage_comparisons"]
+        v["requests_checked"], v["stage_comparisons"], v["served_checked"]
     );
     assert!(v["honest_error_max"].as_f64().unwrap() <= v["tolerance"].as_f64().unwrap());
+    // What the honest route served was checked too (every hop and token), and passed.
+    assert!(v["served_checked"].as_u64().unwrap() >= 1, "{v}");
+    assert_eq!(v["recall_failures"], 0, "{v}");
     assert!(v["disputes"].as_array().unwrap().is_empty(), "{v}");
 
     // Still exact afterwards, and the liar cannot come back under its id.

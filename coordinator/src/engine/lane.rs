@@ -44,6 +44,8 @@ pub enum LaneError {
 /// The connection to stage 0: steps go out on `writer`, answers come in on `answers` (read by
 /// a task of its own, since reading a frame cannot be cancelled half-way).
 pub(super) struct Lane {
+    /// The random id the stages know the lane by (and sign its steps under).
+    pub(super) id: String,
     pub(super) route: Vec<RouteHop>,
     /// The machines its stages run on: the default number of micro-batches in flight.
     pub(super) machines: usize,
@@ -80,6 +82,7 @@ pub(super) async fn open_lane(
     let (reader, writer) = open(0, first, hello, tls).await?.into_split();
     forward_answers(reader, tx, 0);
     Ok(Lane {
+        id: lane_id,
         machines: machines_in(route).max(1),
         route: route.to_vec(),
         writer,

@@ -79,6 +79,10 @@ impl<J> Running<J> {
     pub fn prompt_len(&self) -> usize {
         self.prompt_len
     }
+
+    pub fn sampling(&self) -> Sampling {
+        self.sampling
+    }
 }
 
 /// A group of a step still in the pipeline.

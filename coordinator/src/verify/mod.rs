@@ -19,5 +19,6 @@
 
 pub mod judge;
 pub mod sampler;
+pub mod served;
 
-pub use sampler::{new, Checks, Sampler, VerifyStats};
+pub use sampler::{new, Checks, Hop, Sampler, Served, Trace, VerifyStats};

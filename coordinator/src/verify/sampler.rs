@@ -2,6 +2,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use protocol::data::Sampling;
 use protocol::status::{Dispute, Verify};
 use tokio::sync::mpsc;
 
@@ -16,19 +17,57 @@ const KEPT_ERRORS: usize = 1000;
 pub struct Sampler {
     fraction: f64,
     credit: f64,
-    jobs: mpsc::Sender<Vec<i32>>,
+    jobs: mpsc::Sender<Served>,
     stats: Arc<Mutex<VerifyStats>>,
 }
 
+/// A served request, as the checks need it.
+#[derive(Debug, Clone)]
+pub struct Served {
+    /// The prompt and the fed-back completion tokens: what the stages computed.
+    pub tokens: Vec<i32>,
+    /// The last token the last stage sampled (never fed back).
+    pub last_token: i32,
+    pub prompt_len: usize,
+    /// The first position this request computed (before it: a prefix cached on the stages).
+    pub from_pos: usize,
+    pub sampling: Sampling,
+    /// Where it ran (none for a request that never got a step out).
+    pub trace: Option<Trace>,
+}
+
+/// The lane a served request ran on: its id, the request's sequence there, its first and
+/// last step numbers, and the route's nodes.
+#[derive(Debug, Clone)]
+pub struct Trace {
+    pub lane: String,
+    pub seq: u32,
+    pub first: u64,
+    pub last: u64,
+    pub route: Vec<Hop>,
+}
+
+/// A stage of the route a request ran on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hop {
+    pub node_id: String,
+    /// Its public key for signed steps.
+    pub signer: Option<String>,
+}
+
 impl Sampler {
-    /// Offer a finished request's tokens (prompt and completion, as the stages computed them).
-    pub fn offer(&mut self, tokens: &[i32]) {
+    /// Offer a finished request (made only if it is picked).
+    pub fn offer(&mut self, served: impl FnOnce() -> Served) {
         self.credit += self.fraction;
-        if self.credit < 1.0 || tokens.is_empty() {
+        if self.credit < 1.0 {
             return;
         }
         self.credit -= 1.0;
-        if self.jobs.try_send(tokens.to_vec()).is_err() {
+        let served = served();
+        if served.tokens.is_empty() {
+            return;
+        }
+        if self.jobs.try_send(served).is_err() {
             self.stats.lock().unwrap().shown.skipped += 1;
         }
     }
@@ -72,7 +111,7 @@ impl VerifyStats {
 /// The requests the sampler picked, for the checker ([`crate::checker`]), and what it needs
 /// to check them.
 pub struct Checks {
-    pub incoming: mpsc::Receiver<Vec<i32>>,
+    pub incoming: mpsc::Receiver<Served>,
     pub tolerance: f32,
     pub stats: Arc<Mutex<VerifyStats>>,
     /// Where the shards the coordinator computes itself are kept.
@@ -97,7 +136,7 @@ pub fn new(
     if fraction <= 0.0 {
         return (None, stats);
     }
-    let (jobs, incoming) = mpsc::channel::<Vec<i32>>(QUEUE);
+    let (jobs, incoming) = mpsc::channel::<Served>(QUEUE);
     let sampler = Sampler {
         fraction,
         credit: 0.0,
@@ -121,13 +160,30 @@ mod tests {
     fn a_fraction_picks_every_nth_request_and_a_full_queue_counts_as_skipped() {
         let (picked, stats) = new(0.5, 0.01, std::env::temp_dir());
         let (mut sampler, mut checker) = picked.unwrap();
+        let made = std::cell::Cell::new(0);
         for i in 0..12 {
-            sampler.offer(&[i]);
+            sampler.offer(|| {
+                made.set(made.get() + 1);
+                Served {
+                    tokens: vec![i],
+                    last_token: 0,
+                    prompt_len: 1,
+                    from_pos: 0,
+                    sampling: Sampling {
+                        temperature: 0.0,
+                        top_p: 1.0,
+                        seed: 0,
+                    },
+                    trace: None,
+                }
+            });
         }
-        // Every second request, 6 in all: 4 fit the queue, 2 are skipped.
+        // Every second request, 6 in all (only those are made): 4 fit the queue, 2 are
+        // skipped.
+        assert_eq!(made.get(), 6);
         let mut got = Vec::new();
-        while let Ok(tokens) = checker.incoming.try_recv() {
-            got.push(tokens[0]);
+        while let Ok(served) = checker.incoming.try_recv() {
+            got.push(served.tokens[0]);
         }
         assert_eq!(got, vec![1, 3, 5, 7]);
         assert_eq!(stats.lock().unwrap().shown.skipped, 2);
