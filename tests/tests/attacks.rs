@@ -36,7 +36,7 @@ impl Attacked {
         let dirs = bed.node_dirs(3);
         let attacker_dir = bed.work.path().join("attacker");
         // The first node takes shard 0, the second shard 1.
-        let mut firsts = vec![
+        let mut firsts = [
             ("attacker", attacker_dir.as_path(), attack_flags),
             (dirs[0].0.as_str(), dirs[0].1.as_path(), &[][..]),
         ];

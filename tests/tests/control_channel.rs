@@ -78,6 +78,7 @@ fn register(token: &str) -> Command {
             downlink_mbit: None,
         },
         token: Some(token.into()),
+        signing_key: None,
     };
     Command::new(cmd::REGISTER, "test-node", protocol::COORDINATOR, &p)
 }

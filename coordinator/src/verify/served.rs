@@ -94,7 +94,8 @@ pub fn check_tokens(
             Some(l) => best - l,
             None => f32::INFINITY,
         };
-        if !(gap <= allowed) {
+        // NaN logits rule the token out too.
+        if gap.is_nan() || gap > allowed {
             return Err(BadToken { pos, token, gap });
         }
     }
@@ -166,18 +167,18 @@ mod tests {
     fn tokens_are_checked_against_the_logits_before_them() {
         let logits = vec![
             (1, vec![0.0, 5.0, 4.8, -3.0]),
-            (2, vec![9.0, 0.0, 0.0, 0.0]),
+            (2, vec![12.0, 0.0, 0.0, 0.0]),
         ];
         // The best, and a near tie within rounding, pass; a far one does not.
         assert!(check_tokens(&[(1, 1), (2, 0)], &logits, GREEDY).is_ok());
         assert!(check_tokens(&[(1, 2)], &logits, GREEDY).is_ok());
         let bad = check_tokens(&[(1, 1), (2, 3)], &logits, GREEDY).unwrap_err();
-        assert_eq!((bad.pos, bad.token, bad.gap), (2, 3, 9.0));
+        assert_eq!((bad.pos, bad.token, bad.gap), (2, 3, 12.0));
         // Out of the vocabulary: ruled out.
         assert!(check_tokens(&[(1, 7)], &logits, GREEDY).is_err());
         assert!(check_tokens(&[(1, -1)], &logits, GREEDY).is_err());
-        // Sampling at temperature 1 draws a token 8 below the best now and then; 9.0 ×
-        // the odds is out.
+        // Sampling at temperature 1 draws a token 8 below the best now and then (odds of
+        // e^8, about 3,000 to 1); 12 below (e^12, 160,000 to 1) is out.
         let warm = Sampling {
             temperature: 1.0,
             ..GREEDY

@@ -193,6 +193,7 @@ mod tests {
             key: "k".into(),
             next_key: next.map(|_| "n".into()),
             probe_key: "p".into(),
+            previous_signer: None,
         }
     }
 

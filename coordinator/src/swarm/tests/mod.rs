@@ -79,6 +79,7 @@ fn register_with(
             downlink_mbit: None,
         },
         token: Some("t".into()),
+        signing_key: Some(format!("key of {id}")),
     };
     s.register("r", &p, ip.parse().unwrap(), 1, None)
 }
@@ -346,6 +347,7 @@ fn held_shards_are_kept_and_refusals_are_named() {
         }],
         capacity: Capacity::default(),
         token: Some("t".into()),
+        signing_key: None,
     };
     let req = Command::new(cmd::REGISTER, "x", COORDINATOR, &p);
     assert_eq!(
@@ -473,6 +475,11 @@ fn route_keys_replicas_probes_and_eviction() {
         .find(|(n, _)| !route.iter().any(|h| &&h.node_id == n))
         .unwrap();
     assert!(replica.1.key.is_empty() && replica.1.next.is_none());
+    // Each stage after the first checks its steps against the previous stage's key.
+    assert_eq!(first.previous_signer, None);
+    let first_key = format!("key of {}", route[0].node_id);
+    assert_eq!(second.previous_signer.as_deref(), Some(first_key.as_str()));
+    assert_eq!(replica.1.previous_signer, None);
     let probe_keys: std::collections::BTreeSet<&str> =
         routes.values().map(|p| p.probe_key.as_str()).collect();
     assert_eq!(probe_keys.len(), 3);
