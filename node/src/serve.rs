@@ -244,6 +244,11 @@ struct Work {
 /// caller per stage, so only strangers (or a storm of reconnects) come near it.
 const PENDING_HANDSHAKES: usize = 32;
 
+/// Of those, how many one client (an address, an IPv6 /64) may hold: a stranger flooding the
+/// port from one address cannot take the places the route's callers need. Beyond it a
+/// connection is closed at once.
+const PENDING_PER_CLIENT: usize = 8;
+
 /// How long a caller has to prove the route key before the connection is closed.
 const HANDSHAKE_TIME: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -252,6 +257,7 @@ pub async fn serve(listener: TcpListener, pipeline: Arc<Pipeline>) {
     let (work, queue) = mpsc::unbounded_channel();
     tokio::spawn(worker(queue, pipeline.clone()));
     let pending = Arc::new(tokio::sync::Semaphore::new(PENDING_HANDSHAKES));
+    let per_client = Arc::new(Mutex::new(HashMap::<std::net::IpAddr, usize>::new()));
     loop {
         let Ok(permit) = pending.clone().acquire_owned().await else {
             return;
@@ -259,13 +265,54 @@ pub async fn serve(listener: TcpListener, pipeline: Arc<Pipeline>) {
         let Ok((stream, peer)) = listener.accept().await else {
             continue;
         };
+        let Some(slot) = ClientSlot::take(&per_client, peer) else {
+            tracing::debug!("data connection from {peer}: too many handshakes from its address");
+            continue; // dropped: closed at once
+        };
         tokio::spawn(connection(
             stream,
             peer,
             pipeline.clone(),
             work.clone(),
-            permit,
+            (permit, slot),
         ));
+    }
+}
+
+/// One of a client's [`PENDING_PER_CLIENT`] handshake places, given back when dropped.
+struct ClientSlot {
+    counts: Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
+    client: std::net::IpAddr,
+}
+
+impl ClientSlot {
+    fn take(
+        counts: &Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
+        peer: SocketAddr,
+    ) -> Option<ClientSlot> {
+        let client = daemon::client_of(peer.ip());
+        let mut map = counts.lock().unwrap();
+        let n = map.entry(client).or_default();
+        if *n >= PENDING_PER_CLIENT {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot {
+            counts: counts.clone(),
+            client,
+        })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut map = self.counts.lock().unwrap();
+        if let Some(n) = map.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.client);
+            }
+        }
     }
 }
 
@@ -274,7 +321,7 @@ async fn connection(
     peer: SocketAddr,
     pipeline: Arc<Pipeline>,
     work: mpsc::UnboundedSender<Work>,
-    handshake: tokio::sync::OwnedSemaphorePermit,
+    handshake: (tokio::sync::OwnedSemaphorePermit, ClientSlot),
 ) {
     let current = pipeline
         .loaded

@@ -233,18 +233,53 @@ fn idle_connections_from_one_address_do_not_lock_out_the_coordinator_or_the_seed
             fresh.is_ok_and(|r| r.status().is_success()),
             "{service}: a fresh request was not answered"
         );
-        // Every idle socket is closed: at once past the address's share, else when its time
-        // for headers is up (10 s; waited for at most 30 s in all).
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        let mut open = 0;
-        for s in &mut idle {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if !closed_within(s, left.max(Duration::from_millis(10))) {
-                open += 1;
-            }
-        }
-        assert_eq!(open, 0, "{service}: idle connections left open");
+        // At once past the address's share, else when its time for headers is up (10 s).
+        assert_all_closed(service, &mut idle);
     }
+}
+
+/// Every idle socket is closed (waited for at most 30 s in all).
+fn assert_all_closed(service: &str, idle: &mut [std::net::TcpStream]) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut open = 0;
+    for s in idle {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if !closed_within(s, left.max(Duration::from_millis(10))) {
+            open += 1;
+        }
+    }
+    assert_eq!(open, 0, "{service}: idle connections left open");
+}
+
+/// 1,100 connections that never start a handshake, from one address, against a node's data
+/// port: the route still opens its lane and the check its probe (from another address), and
+/// the idle sockets are closed, at once past the address's 8 places, else when their
+/// handshake time (10 s) is up.
+#[test]
+fn idle_connections_from_one_address_do_not_lock_out_a_nodes_data_port() {
+    let _one = swarm_lock();
+    let bed = Bed::new(1, &[]);
+    let coordinator = bed.coordinator(
+        "127.0.0.1:0",
+        &["--min-nodes", "1", "--verify-fraction", "1"],
+    );
+    let addr = coordinator.field("http").to_owned();
+    let status = || get_json(&format!("http://{addr}/status"));
+    let dirs = bed.node_dirs(1);
+    let _node = node(&dirs[0].0, &addr, &dirs[0].1, &[]);
+    let data_addr = wait_for("the node serving", Duration::from_secs(240), || {
+        let st = status();
+        (st["serving"] == true).then_some(())?;
+        st["nodes"][0]["data_addr"].as_str().map(str::to_owned)
+    });
+    let mut idle = idle_connections("127.0.0.2", &data_addr, 1100);
+    assert!(idle.len() >= 32, "{} connected", idle.len());
+    let client = reqwest::blocking::Client::new();
+    assert_texts_equal_the_whole_model(&client, &format!("http://{addr}"), None, &PROMPTS[..1]);
+    wait_for("the request checked", Duration::from_secs(60), || {
+        (status()["verify"]["requests_checked"].as_u64()? >= 1).then_some(())
+    });
+    assert_all_closed("node", &mut idle);
 }
 
 /// Two colluding liars (the same wrong outputs) and one honest holder of the only shard: a
