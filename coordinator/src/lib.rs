@@ -4,7 +4,7 @@
 //! then it serves the OpenAI API through the pipeline of stage nodes.
 //!
 //! Layers, each importing only those above it: the leaves ([`swarm`], the IO-free swarm
-//! rules; [`text`], the vocabulary; [`metrics`]' live counters; the [`verify`] sampler and
+//! rules, in a crate of their own; [`text`], the vocabulary; [`metrics`]' live counters; the [`verify`] sampler and
 //! judge; [`ca`], [`access`], [`seeder_client`]) → [`engine`] (the serving) → [`hub`] (which
 //! only assembles) → its users ([`server`] and its control channel, [`openai`], [`status`],
 //! [`dashboard`], the [`checker`]).
@@ -35,8 +35,9 @@ pub mod openai;
 pub mod seeder_client;
 pub mod server;
 pub mod status;
-pub mod swarm;
 pub mod text;
+/// The IO-free swarm rules, a crate of their own (fuzzed without llama.cpp).
+pub use swarm;
 pub mod verify;
 
 use std::net::SocketAddr;

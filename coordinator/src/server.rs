@@ -455,24 +455,17 @@ async fn handle(
         reply_error(code::NOT_REGISTERED, "send REGISTER first");
         return Ok(None);
     };
-    hub.swarm.lock().unwrap().seen(node);
+    let taken = hub.swarm.lock().unwrap().take(node, &req.message);
+    if let Some(out) = taken {
+        hub.dispatch(out);
+        return Ok(None);
+    }
     use protocol::Message as M;
     let out = match &req.message {
         M::Heartbeat(_) => {
             reply(M::Heartbeat(protocol::Empty {}));
             Vec::new()
         }
-        M::Route(protocol::Route::Loaded(p)) if p.loaded => {
-            hub.swarm
-                .lock()
-                .unwrap()
-                .route_acked(node, p.stage, p.decode.clone());
-            Vec::new()
-        }
-        M::Route(_) => Vec::new(),
-        M::ShardProgress(p) => hub.swarm.lock().unwrap().progress(node, p),
-        M::ShardLoaded(p) => hub.swarm.lock().unwrap().loaded(node, p),
-        M::ShardFailed(p) => hub.swarm.lock().unwrap().failed(node, p),
         M::ListFiles(_) => {
             match crate::seeder_client::get_json(&hub.seeder, "/files").await {
                 Ok(files) => reply(M::ListFiles(protocol::ListFiles::Reply(files))),

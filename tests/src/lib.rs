@@ -104,6 +104,7 @@ pub const CRATES: &[&str] = &[
     "daemon",
     "llm",
     "seeder",
+    "swarm",
     "coordinator",
     "node",
     "deploy",

@@ -57,11 +57,16 @@ fn parse(target: &str, data: &[u8]) -> Result<(), String> {
         "data_frame" => protocol::data::Frame::decode(data)
             .map(|_| ())
             .map_err(|e| e.to_string()),
+        // Handling never fails: it panics, or it takes the input.
+        "control_handling" => {
+            swarm::fuzz::control_messages(data);
+            Ok(())
+        }
         other => panic!("no parser for fuzz target {other}"),
     }
 }
 
-const TARGETS: [&str; 8] = [
+const TARGETS: [&str; 9] = [
     "bencode",
     "torrent",
     "magnet",
@@ -70,6 +75,7 @@ const TARGETS: [&str; 8] = [
     "tracker_query",
     "control_json",
     "data_frame",
+    "control_handling",
 ];
 
 #[test]

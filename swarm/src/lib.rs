@@ -1,8 +1,9 @@
 //! The swarm's state and its rules: who is registered, who holds or fetches which shard,
 //! where shards go, and when the swarm is ready. No IO: every event returns the messages to
-//! send, so the rules are tested without sockets.
+//! send, so the rules are tested without sockets, and fuzzed ([`fuzz`]) without the rest of
+//! the coordinator (which links llama.cpp).
 //!
-//! This module holds the state and the node events (register, progress, loaded, failed, gone);
+//! This crate's root holds the state and the node events (register, progress, loaded, failed, gone);
 //! [`placement`] decides where shards go, [`route`] readiness and the inference route, and
 //! [`status`] the `/status` document.
 
@@ -543,6 +544,24 @@ impl Swarm {
             .collect()
     }
 
+    /// A registered node's command, as far as it concerns the swarm: the messages it makes
+    /// go out, or `None` for a command that is not the swarm's to take (the server answers
+    /// those: heartbeats, `LIST_FILES`, anything unknown).
+    pub fn take(&mut self, node: &str, message: &Message) -> Option<Outbox> {
+        self.seen(node);
+        Some(match message {
+            Message::Route(protocol::Route::Loaded(p)) if p.loaded => {
+                self.route_acked(node, p.stage, p.decode.clone());
+                Vec::new()
+            }
+            Message::Route(_) => Vec::new(),
+            Message::ShardProgress(p) => self.progress(node, p),
+            Message::ShardLoaded(p) => self.loaded(node, p),
+            Message::ShardFailed(p) => self.failed(node, p),
+            _ => return None,
+        })
+    }
+
     /// A connection closed: its node is gone (unless it already re-registered elsewhere).
     pub fn disconnected(&mut self, node: &str, conn: u64) -> Outbox {
         if self.nodes.get(node).is_some_and(|n| n.conn == conn) {
@@ -578,3 +597,5 @@ impl Swarm {
 
 #[cfg(test)]
 mod tests;
+
+pub mod fuzz;
