@@ -6,7 +6,10 @@
 
 use std::path::{Path, PathBuf};
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
 
 use crate::{Error, Result};
 
@@ -141,10 +144,17 @@ impl SwarmCa {
         })
     }
 
-    /// A node's data-channel TLS: a certificate for the host of its data address.
-    pub fn node_tls(&self, data_addr: &str) -> Result<protocol::NodeTls> {
-        let host = protocol::host_of(data_addr);
-        let (cert_pem, key_pem) = self.certificate_for(vec![host.to_owned()])?;
+    /// A node's data-channel TLS: a certificate for its node id's name
+    /// ([`protocol::node_tls_name`]), never for an address it claims (a node could claim the
+    /// coordinator's), for serving and calling on the data channel.
+    pub fn node_tls(&self, node_id: &str) -> Result<protocol::NodeTls> {
+        let names = vec![protocol::node_tls_name(node_id)];
+        let usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let (cert_pem, key_pem) =
+            self.sign(names, &format!("shardswarm node {node_id}"), usages)?;
         Ok(protocol::NodeTls {
             ca_pem: self.cert_pem.clone(),
             cert_pem,
@@ -152,14 +162,25 @@ impl SwarmCa {
         })
     }
 
-    /// A certificate for `names` (IP addresses or host names), signed by the CA: (chain PEM
-    /// with the CA last, key PEM).
+    /// The coordinator's certificate for `names` (IP addresses or host names), signed by the
+    /// CA: (chain PEM with the CA last, key PEM).
     pub fn certificate_for(&self, names: Vec<String>) -> Result<(String, String)> {
+        let usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self.sign(names, "shardswarm coordinator", usages)
+    }
+
+    fn sign(
+        &self,
+        names: Vec<String>,
+        common_name: &str,
+        usages: Vec<ExtendedKeyUsagePurpose>,
+    ) -> Result<(String, String)> {
         let key = KeyPair::generate().map_err(|e| fail("a key", e))?;
         let mut params = CertificateParams::new(names).map_err(|e| fail("names", e))?;
         params
             .distinguished_name
-            .push(DnType::CommonName, "shardswarm coordinator");
+            .push(DnType::CommonName, common_name);
+        params.extended_key_usages = usages;
         let cert = params
             .signed_by(&key, &self.issuer)
             .map_err(|e| fail("signing", e))?;
@@ -193,4 +214,55 @@ pub fn host_name() -> Option<String> {
         .ok()
         .map(|h| h.trim().to_owned())
         .filter(|h| !h.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::client::danger::ServerCertVerifier;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+
+    /// Whether `chain_pem` (leaf first) is a valid server certificate for `name` under `ca`.
+    fn valid_for(ca: &SwarmCa, chain_pem: &str, name: &str) -> bool {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(ca.cert_pem.as_bytes()) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let verifier =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(roots.into(), provider)
+                .build()
+                .unwrap();
+        let chain: Vec<CertificateDer> = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+            .map(Result::unwrap)
+            .collect();
+        let name = ServerName::try_from(name.to_owned()).unwrap();
+        verifier
+            .verify_server_cert(&chain[0], &chain[1..], &name, &[], UnixTime::now())
+            .is_ok()
+    }
+
+    /// A token holder that registers with the coordinator's address gets a certificate for
+    /// its node id only: never one a client would take for the coordinator.
+    #[test]
+    fn a_nodes_certificate_names_its_node_id_never_an_address() {
+        let dir = std::env::temp_dir().join(format!("shardswarm-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = SwarmCa::load_or_create(&dir).unwrap();
+        let (coordinator, _) = ca.certificate_for(vec!["127.0.0.1".into()]).unwrap();
+        assert!(valid_for(&ca, &coordinator, "127.0.0.1"));
+
+        let node = ca.node_tls("6addd700-894c-4b31-974d-ffba0a716d5b").unwrap();
+        let own_name = protocol::node_tls_name("6addd700-894c-4b31-974d-ffba0a716d5b");
+        assert!(valid_for(&ca, &node.cert_pem, &own_name));
+        assert!(!valid_for(&ca, &node.cert_pem, "127.0.0.1"));
+        assert!(!valid_for(&ca, &node.cert_pem, "localhost"));
+        assert!(!valid_for(
+            &ca,
+            &node.cert_pem,
+            &protocol::node_tls_name("another-node")
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

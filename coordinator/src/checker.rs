@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use protocol::data::io::{ChannelError, Connection};
+use protocol::data::io::{ChannelError, Connection, TlsTo};
 use protocol::data::{Frame, Group, Hello, Payload, Sampling};
 
 use crate::hub::Hub;
@@ -250,6 +250,10 @@ async fn probe(
     let tls = hub.data_tls();
     let run = async {
         let hello = Hello::probe(&model, &split, stage);
+        let tls = tls.map(|config| TlsTo {
+            config,
+            node_id: &holder.node_id,
+        });
         let mut conn = Connection::open(&holder.data_addr, hello, &holder.probe_key, tls).await?;
         let rows = input.rows() as u32;
         conn.send(&Frame::Step {

@@ -116,15 +116,14 @@ impl Hub {
     /// `node`'s data-channel TLS (a TLS swarm, and the node has a data address).
     pub fn node_tls(&self, node: &str) -> Option<protocol::NodeTls> {
         let ca = self.ca.as_ref()?;
-        let addr = self
-            .swarm
+        self.swarm
             .lock()
             .unwrap()
             .nodes
             .get(node)?
             .data_addr
-            .clone()?;
-        match ca.node_tls(&addr) {
+            .as_ref()?;
+        match ca.node_tls(node) {
             Ok(tls) => Some(tls),
             Err(e) => {
                 tracing::error!("no data-channel certificate for {node}: {e}");

@@ -140,6 +140,24 @@ impl DecodeError {
 /// The host of an address as nodes give it (`HOST:PORT`, `[IPv6]:PORT`, `[IPv6]`, a bare host
 /// or IPv6 address), without port or brackets: what a certificate names, what TLS checks, and
 /// what tells whether two stages share a machine.
+/// The name a node's data-channel certificate carries: derived from its node id, never from
+/// an address it claims, and in a domain no real host has (`.invalid`, RFC 2606), so that the
+/// swarm's CA never vouches for a node as any other machine (the coordinator above all).
+pub fn node_tls_name(node_id: &str) -> String {
+    format!("{node_id}.node.shardswarm.invalid")
+}
+
+/// Whether `node_id` can name a node's certificate: a DNS label (letters, digits and
+/// hyphens, at most 63, not starting or ending with a hyphen). Node ids are UUIDs.
+pub fn is_node_id(node_id: &str) -> bool {
+    (1..=63).contains(&node_id.len())
+        && node_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && !node_id.starts_with('-')
+        && !node_id.ends_with('-')
+}
+
 pub fn host_of(addr: &str) -> &str {
     if let Some(rest) = addr.strip_prefix('[') {
         return rest.split(']').next().unwrap_or(rest);
@@ -415,6 +433,25 @@ impl From<Control> for Command {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_node_id_is_a_dns_label_and_names_a_certificate_no_real_host_has() {
+        assert!(is_node_id("6addd700-894c-4b31-974d-ffba0a716d5b"));
+        assert!(is_node_id("n0"));
+        for bad in [
+            "",
+            "-a",
+            "a-",
+            "a.b",
+            "a b",
+            "a_b",
+            "10.0.0.1",
+            &"a".repeat(64),
+        ] {
+            assert!(!is_node_id(bad), "{bad:?}");
+        }
+        assert_eq!(node_tls_name("n0"), "n0.node.shardswarm.invalid");
+    }
 
     #[test]
     fn the_host_of_an_address_has_no_port_or_brackets() {

@@ -171,6 +171,9 @@ pub struct RouteParams {
     pub stage_count: u32,
     /// Data address of the next stage; None on the last stage.
     pub next: Option<String>,
+    /// The next stage's node id: its data-channel certificate names it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_node: Option<String>,
     pub model_sha256: String,
     pub split_id: String,
     /// Sequences (requests) each stage keeps at once: the coordinator's `--parallel`.

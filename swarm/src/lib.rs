@@ -297,10 +297,13 @@ impl Swarm {
                 ),
             ));
         }
-        if p.node_id.is_empty() || p.node_id.len() > 128 || p.peer_port == 0 {
+        // The node id names the node's data-channel certificate: a DNS label.
+        if !protocol::is_node_id(&p.node_id) || p.peer_port == 0 {
             return Err(Refusal(
                 code::BAD_PARAMS,
-                "node_id must be 1-128 characters and peer_port non-zero".into(),
+                "node_id must be a DNS label (letters, digits and hyphens, at most 63; nodes \
+                 make a UUID) and peer_port non-zero"
+                    .into(),
             ));
         }
         let mut held = BTreeMap::new();

@@ -108,6 +108,7 @@ impl Swarm {
             stage,
             stage_count,
             next: None,
+            next_node: None,
             model_sha256: self.settings.model_sha256.clone(),
             split_id: self.settings.split_id.clone(),
             parallel: self.settings.parallel,
@@ -121,6 +122,7 @@ impl Swarm {
             for (k, hop) in route.iter().enumerate() {
                 let params = RouteParams {
                     next: route.get(k + 1).map(|h| h.data_addr.clone()),
+                    next_node: route.get(k + 1).map(|h| h.node_id.clone()),
                     co_located: route
                         .iter()
                         .filter(|h| host_of(&h.data_addr) == host_of(&hop.data_addr))

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use protocol::data::io::{ChannelError, Connection};
+use protocol::data::io::{ChannelError, Connection, TlsTo};
 use protocol::data::{seal, Frame, Hello, Payload};
 
 use super::{evict, on_referee_stage, Checker, RefereeError};
@@ -76,6 +76,10 @@ async fn recall_one(
     let tls = hub.data_tls();
     let run = async {
         let hello = Hello::probe(&model, &split, stage);
+        let tls = tls.map(|config| TlsTo {
+            config,
+            node_id: &target.node_id,
+        });
         let mut conn = Connection::open(&target.data_addr, hello, &target.probe_key, tls).await?;
         conn.send(&Frame::Recall {
             lane: trace.lane.clone(),

@@ -121,6 +121,10 @@ async fn open(
     hello: Hello,
     tls: Option<&protocol::data::io::ClientTls>,
 ) -> Result<Connection, LaneError> {
+    let tls = tls.map(|config| protocol::data::io::TlsTo {
+        config,
+        node_id: &hop.node_id,
+    });
     let opening = Connection::open(&hop.data_addr, hello, &hop.key, tls);
     match tokio::time::timeout(CONNECT_WAIT, opening).await {
         Ok(opened) => opened.map_err(|source| LaneError::Channel { stage, source }),

@@ -13,9 +13,14 @@
 //! refused from then on, listed in `/status`); should it match no holder, the disagreement is
 //! reported (`/status` `verify.disputes`, the log) and nobody is evicted.
 //!
+//! The replay alone cannot catch a node that answers probes honestly and lies on the route's
+//! lanes. So the check also judges what was served: the signed steps each stage received for
+//! the request (recalled right after it finished) against the replay's outputs, and each
+//! sampled token against the last stage's logits computed here ([`served`]).
+//!
 //! Here: [`sampler`] picks the requests (the engine offers each finished one) and keeps the
-//! findings, [`judge`] decides from the outputs alone. Both are leaves; [`crate::checker`]
-//! does the probing through the hub and acts on the verdicts.
+//! findings, [`judge`] and [`served`] decide from the outputs alone. All are leaves;
+//! [`crate::checker`] does the probing and recalling through the hub and acts on the verdicts.
 
 pub mod judge;
 pub mod sampler;

@@ -65,7 +65,11 @@ pub(super) async fn open_next(
 ) -> Result<Connection> {
     let hello = Hello::new(&route.model_sha256, &route.split_id, route.stage + 1).on_lane(lane);
     let key = route.next_key.as_deref().unwrap_or_default();
-    Connection::open(next, hello, key, tls.as_ref())
+    let node_id = route.next_node.as_deref().unwrap_or_default();
+    let tls = tls
+        .as_ref()
+        .map(|config| protocol::data::io::TlsTo { config, node_id });
+    Connection::open(next, hello, key, tls)
         .await
         .map_err(|e| Error::Pipeline(format!("stage {}: {e}", route.stage + 1)))
 }
@@ -194,6 +198,7 @@ mod tests {
             next_key: next.map(|_| "n".into()),
             probe_key: "p".into(),
             previous_signer: None,
+            next_node: None,
         }
     }
 

@@ -15,6 +15,14 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> DataStream for T {}
 /// the IP address the caller connects to.
 pub type ClientTls = std::sync::Arc<rustls::ClientConfig>;
 
+/// TLS to a node: what the caller trusts, and the node it must be (its certificate names the
+/// node id, [`crate::node_tls_name`]).
+#[derive(Clone, Copy)]
+pub struct TlsTo<'a> {
+    pub config: &'a ClientTls,
+    pub node_id: &'a str,
+}
+
 /// Why a data-channel connection failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ChannelError {
@@ -50,12 +58,12 @@ impl Connection {
     /// Connect to `addr` and run the handshake with the hop's `key`; fails unless the callee
     /// proves the key and answers `Ready`.
     /// With `tls`, the connection runs over TLS, and the callee must show a certificate from
-    /// the swarm's CA for the address.
+    /// the swarm's CA for the node it names.
     pub async fn open(
         addr: &str,
         hello: Hello,
         key: &str,
-        tls: Option<&ClientTls>,
+        tls: Option<TlsTo<'_>>,
     ) -> Result<Connection, ChannelError> {
         let io = |source| ChannelError::Io {
             peer: addr.to_owned(),
@@ -65,10 +73,11 @@ impl Connection {
         let _ = tcp.set_nodelay(true);
         let stream: Box<dyn DataStream> = match tls {
             None => Box::new(tcp),
-            Some(config) => {
-                let host = crate::host_of(addr);
-                let name = rustls::pki_types::ServerName::try_from(host.to_owned())
-                    .map_err(|e| io(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
+            Some(TlsTo { config, node_id }) => {
+                let name = rustls::pki_types::ServerName::try_from(crate::node_tls_name(node_id))
+                    .map_err(|e| {
+                    io(std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+                })?;
                 let connector = tokio_rustls::TlsConnector::from(config.clone());
                 Box::new(connector.connect(name, tcp).await.map_err(io)?)
             }
@@ -386,7 +395,7 @@ mod tests {
         let ca_cert = ca.self_signed(&ca_key).unwrap();
         let issuer = rcgen::Issuer::new(ca, ca_key);
         let key = rcgen::KeyPair::generate().unwrap();
-        let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        let leaf = rcgen::CertificateParams::new(vec![crate::node_tls_name("n1")])
             .unwrap()
             .signed_by(&key, &issuer)
             .unwrap();
@@ -428,7 +437,13 @@ mod tests {
                     .with_no_client_auth(),
             )
         };
-        for (trusted, ok) in [(ca, true), (certificates().0, false)] {
+        // Trusted CA and the right node; another CA; the right CA but another node (as a
+        // node's certificate would be shown for an address it claimed).
+        for (trusted, node, ok) in [
+            (ca.clone(), "n1", true),
+            (certificates().0, "n1", false),
+            (ca, "n2", false),
+        ] {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap().to_string();
             let acceptor = acceptor.clone();
@@ -440,8 +455,12 @@ mod tests {
                     .map(|(conn, _)| conn)
                     .map_err(|e| e.to_string())
             });
-            let caller =
-                Connection::open(&addr, Hello::new("m", "s", 1), "k", Some(&client(trusted))).await;
+            let config = client(trusted);
+            let tls = TlsTo {
+                config: &config,
+                node_id: node,
+            };
+            let caller = Connection::open(&addr, Hello::new("m", "s", 1), "k", Some(tls)).await;
             assert_eq!(caller.is_ok(), ok, "{:?}", caller.as_ref().err());
             if let (Ok(mut caller), Ok(mut callee)) = (caller, callee.await.unwrap()) {
                 caller.send(&Frame::Ready).await.unwrap();
