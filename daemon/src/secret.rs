@@ -7,19 +7,7 @@ use std::path::Path;
 
 use crate::IoError;
 
-/// `bytes` random bytes from the OS, as lowercase hex.
-pub fn random_hex(bytes: usize) -> String {
-    let mut buf = vec![0u8; bytes];
-    // The OS random source fails only on a broken system; nothing secret can be made then.
-    getrandom::fill(&mut buf).expect("the OS random source");
-    buf.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Whether two secrets are equal, in time that depends only on their lengths.
-pub fn same_secret(a: &str, b: &str) -> bool {
-    use subtle::ConstantTimeEq;
-    a.as_bytes().ct_eq(b.as_bytes()).into()
-}
+pub use protocol::secret::{random_hex, same_secret};
 
 /// Whether `presented` equals any of `keys` (each compared in constant time, all of them).
 pub fn any_secret(keys: &[String], presented: &str) -> bool {

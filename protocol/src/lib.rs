@@ -9,6 +9,7 @@
 
 pub mod data;
 mod params;
+pub mod secret;
 pub mod seeder;
 pub mod status;
 

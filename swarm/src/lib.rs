@@ -275,7 +275,7 @@ impl Swarm {
     ) -> Result<Outbox, Refusal> {
         if let Some(want) = &self.settings.token {
             let presented = p.token.as_deref().or(header_token);
-            if !presented.is_some_and(|got| daemon::secret::same_secret(want, got)) {
+            if !presented.is_some_and(|got| protocol::secret::same_secret(want, got)) {
                 return Err(Refusal(code::UNAUTHORIZED, "wrong or missing token".into()));
             }
         }

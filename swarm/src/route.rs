@@ -78,7 +78,7 @@ impl Swarm {
             self.route = route.map(|hops| {
                 hops.into_iter()
                     .map(|hop| RouteHop {
-                        key: daemon::secret::random_hex(32),
+                        key: protocol::secret::random_hex(32),
                         ..hop
                     })
                     .collect::<Vec<_>>()
@@ -154,7 +154,7 @@ impl Swarm {
             params.probe_key = self
                 .probe_keys
                 .entry(node.clone())
-                .or_insert_with(|| daemon::secret::random_hex(32))
+                .or_insert_with(|| protocol::secret::random_hex(32))
                 .clone();
             if self.assigned.get(&node) == Some(&params) {
                 continue;
