@@ -61,10 +61,13 @@ target/release/server --listen-addr 127.0.0.1 --port 0 --http-port 0 --seed-dir 
     --state-dir "$out/state" >"$out/logs/seeder.out" 2>"$out/logs/seeder.log" &
 pids+=($!)
 seeder=$(ready_addr "$out/logs/seeder.out")
+# The key the seeder signs its manifest with: the coordinator uses the manifest only if it checks out.
+seeder_key=$(sed -n 's/^\[READY\].* key=\([0-9a-f]*\).*/\1/p' "$out/logs/seeder.out" | head -1)
 grep '^\[TORRENT\]' "$out/logs/seeder.out"
 echo "seeder:      http://$seeder"
 
-target/release/coordinator --listen 127.0.0.1:0 --seeder "http://$seeder" --min-nodes "$nodes" --cache-dir "$out/cache" \
+target/release/coordinator --listen 127.0.0.1:0 --seeder "http://$seeder" --seeder-key "$seeder_key" \
+    --min-nodes "$nodes" --cache-dir "$out/cache" \
     >"$out/logs/coordinator.out" 2>"$out/logs/coordinator.log" &
 pids+=($!)
 coordinator=$(ready_addr "$out/logs/coordinator.out")

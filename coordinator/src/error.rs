@@ -10,6 +10,10 @@ pub enum Error {
     /// The seeder did not answer as expected.
     #[error("{url}: {message}")]
     Seeder { url: String, message: String },
+    /// A document from the seeder whose signature does not check out under `--seeder-key`:
+    /// not tried again.
+    #[error("{url}: its signature does not check out under --seeder-key: not the seeder's document (changed on the way?), or the wrong key")]
+    Unsigned { url: String },
     #[error(transparent)]
     Io(#[from] daemon::IoError),
     #[error(transparent)]

@@ -79,6 +79,11 @@ pub struct Config {
         env = "SHARDSWARM_COORDINATOR_SEEDER"
     )]
     pub seeder: String,
+    /// The seeder's public key (its log's `[SEEDER-KEY]`): the manifest and file list are
+    /// used only if signed with it, so that nobody between the two can swap the shards'
+    /// sha256s (which every node checks against).
+    #[arg(long, env = "SHARDSWARM_SEEDER_KEY")]
+    pub seeder_key: Option<String>,
     /// Nodes that must be registered for the swarm to be ready.
     #[arg(long, default_value_t = 4)]
     pub min_nodes: usize,
@@ -177,6 +182,7 @@ impl Default for Config {
         Config {
             listen: SocketAddr::from(([0, 0, 0, 0], 51830)),
             seeder: "http://127.0.0.1:51821".into(),
+            seeder_key: None,
             min_nodes: 4,
             token: None,
             token_file: None,

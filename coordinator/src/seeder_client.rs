@@ -32,6 +32,33 @@ fn client() -> reqwest::Client {
 
 /// GET a JSON document of type `T` from the seeder.
 pub async fn get_json<T: DeserializeOwned>(seeder: &str, path: &str) -> Result<T> {
+    get_document(seeder, path, None).await
+}
+
+/// Whether the seeder's URL names this machine (nothing in between to swap documents).
+pub fn is_local(seeder: &str) -> bool {
+    let host = seeder
+        .split("://")
+        .nth(1)
+        .unwrap_or(seeder)
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    let host = protocol::host_of(host);
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// GET a JSON document of type `T` from the seeder; with `signer` (its public key), only if
+/// the seeder signed it.
+async fn get_document<T: DeserializeOwned>(
+    seeder: &str,
+    path: &str,
+    signer: Option<&str>,
+) -> Result<T> {
+    use protocol::data::seal::{document_signed, SIGNATURE_HEADER};
     let url = format!("{}{path}", seeder.trim_end_matches('/'));
     let resp = client()
         .get(&url)
@@ -39,9 +66,13 @@ pub async fn get_json<T: DeserializeOwned>(seeder: &str, path: &str) -> Result<T
         .await
         .map_err(|e| Error::seeder(&url, e))?;
     let status = resp.status();
-    let body: serde_json::Value = resp
-        .json()
-        .await
+    let signature = resp
+        .headers()
+        .get(SIGNATURE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let bytes = resp.bytes().await.map_err(|e| Error::seeder(&url, e))?;
+    let body: serde_json::Value = serde_json::from_slice(&bytes)
         .map_err(|e| Error::seeder(&url, format!("not JSON: {e}")))?;
     if !status.is_success() {
         /// The seeder's error body: `{"error": {"message"}}`.
@@ -57,14 +88,20 @@ pub async fn get_json<T: DeserializeOwned>(seeder: &str, path: &str) -> Result<T
             .map_or_else(|_| "no error message".to_owned(), |r| r.error.message);
         return Err(Error::seeder(&url, format!("{status}: {said}")));
     }
+    if let Some(key) = signer {
+        if !signature.is_some_and(|s| document_signed(key, path, &bytes, &s)) {
+            return Err(Error::Unsigned { url });
+        }
+    }
     serde_json::from_value(body)
         .map_err(|e| Error::seeder(&url, format!("unexpected document: {e}")))
 }
 
-/// Read the split from the seeder's `/manifest` and `/files`.
-pub async fn fetch_split(seeder: &str) -> Result<SplitInfo> {
-    let manifest: Manifest = get_json(seeder, "/manifest").await?;
-    let files: FileList = get_json(seeder, "/files").await?;
+/// Read the split from the seeder's `/manifest` and `/files` (signed with `signer`, when
+/// given).
+pub async fn fetch_split(seeder: &str, signer: Option<&str>) -> Result<SplitInfo> {
+    let manifest: Manifest = get_document(seeder, "/manifest", signer).await?;
+    let files: FileList = get_document(seeder, "/files", signer).await?;
     let health: Option<Health> = get_json(seeder, "/healthz").await.ok();
     let mut shards = Vec::new();
     for (k, s) in manifest.shards.iter().enumerate() {
@@ -109,12 +146,13 @@ pub async fn fetch_split(seeder: &str) -> Result<SplitInfo> {
 }
 
 /// Fetch the split, retrying with backoff (bounded: about two minutes) while the seeder starts.
-pub async fn fetch_split_with_retry(seeder: &str) -> Result<SplitInfo> {
+pub async fn fetch_split_with_retry(seeder: &str, signer: Option<&str>) -> Result<SplitInfo> {
     let mut delay = Duration::from_millis(250);
     let mut last = None;
     for _ in 0..20 {
-        match fetch_split(seeder).await {
+        match fetch_split(seeder, signer).await {
             Ok(s) => return Ok(s),
+            Err(e @ Error::Unsigned { .. }) => return Err(e),
             Err(e) => {
                 tracing::warn!("seeder not ready: {e}");
                 last = Some(e);

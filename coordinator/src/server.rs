@@ -49,7 +49,15 @@ pub async fn start(config: Config) -> Result<Running> {
     config.check()?;
     let access = Arc::new(crate::access::Access::resolve(&config)?);
     let tls = crate::ca::choose(&config)?;
-    let split = crate::seeder_client::fetch_split_with_retry(&config.seeder).await?;
+    let key = config.seeder_key.as_deref();
+    if key.is_none() && !crate::seeder_client::is_local(&config.seeder) {
+        tracing::warn!(
+            "no --seeder-key: the manifest from {} is taken as it comes (give the key the seeder \
+             prints as [SEEDER-KEY], so that nobody in between can swap it)",
+            config.seeder
+        );
+    }
+    let split = crate::seeder_client::fetch_split_with_retry(&config.seeder, key).await?;
     tracing::info!(
         "split {} of model {}: {} shards",
         split.split_id,

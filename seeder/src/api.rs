@@ -137,7 +137,7 @@ fn file_entry(s: &Seeder, f: &SeedFile) -> FileEntry {
 async fn list_files(State(s): State<AppState>) -> Response {
     let snap = s.snapshot();
     let files = snap.by_name.values().map(|f| file_entry(&s, f)).collect();
-    Json(FileList { files }).into_response()
+    signed(&s, "/files", &FileList { files })
 }
 
 /// The seed dir's shards.json with each shard's info hash.
@@ -163,7 +163,28 @@ async fn manifest(State(s): State<AppState>) -> ApiResult {
     for shard in &mut manifest.shards {
         shard.info_hash = snap.by_name.get(&shard.file).map(SeedFile::info_hash_hex);
     }
-    Ok(Json(manifest).into_response())
+    Ok(signed(&s, "/manifest", &manifest))
+}
+
+/// `document` as JSON, signed as `name` with the seeder's key
+/// ([`protocol::data::seal::SIGNATURE_HEADER`]).
+fn signed(s: &AppState, name: &str, document: &impl serde::Serialize) -> Response {
+    let body = serde_json::to_vec(document).expect("a document serialises");
+    let signature = s.signer.sign_document(name, &body);
+    (
+        [
+            (
+                axum::http::header::CONTENT_TYPE,
+                "application/json".to_owned(),
+            ),
+            (
+                axum::http::HeaderName::from_static(protocol::data::seal::SIGNATURE_HEADER),
+                signature,
+            ),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 async fn torrent_file(State(s): State<AppState>, Path(name): Path<String>) -> ApiResult {

@@ -196,13 +196,20 @@ pub struct Bound {
     pub http: SocketAddr,
     pub peer: SocketAddr,
     pub public_url: String,
+    /// The public key (hex) `/manifest` and `/files` are signed with: what a coordinator is
+    /// given as `--seeder-key`.
+    pub key: String,
 }
 
 /// Run the seeder until SIGINT/SIGTERM (or `shutdown` resolves).
 pub async fn run(config: Config) -> Result<()> {
     let server = service::start(config, api::router).await?;
     let b = server.bound().clone();
-    println!("[READY] http={} peer={}", b.http, b.peer);
+    println!("[READY] http={} peer={} key={}", b.http, b.peer, b.key);
+    println!(
+        "[SEEDER-KEY] {} (give it to the coordinator: --seeder-key; it checks the manifest with it)",
+        b.key
+    );
     server.wait_for_shutdown_signal().await;
     tracing::info!("shutting down");
     server.stop().await;

@@ -74,6 +74,9 @@ impl HttpCounters {
 pub struct Seeder {
     pub config: Config,
     pub bound: Bound,
+    /// Signs `/manifest` and `/files`, so that a coordinator given the public key can tell
+    /// them from a swapped copy (plain HTTP crosses networks in between).
+    pub signer: protocol::data::seal::SigningKey,
     pub session: Arc<Session>,
     pub tracker: Tracker,
     pub snapshot: RwLock<Arc<Snapshot>>,
@@ -86,6 +89,30 @@ pub struct Seeder {
     registry: FileRegistry,
     /// Ask the rescan loop for a scan now.
     pub rescan_tx: mpsc::Sender<()>,
+}
+
+/// The seeder's document-signing key, kept in `state_dir` (`documents.key`, PKCS#8 as hex,
+/// owner-only), made on first use: the same public key at every start.
+fn document_key(state_dir: &std::path::Path) -> Result<protocol::data::seal::SigningKey> {
+    use protocol::data::seal::SigningKey;
+    let path = state_dir.join("documents.key");
+    if path.exists() {
+        let text = daemon::secret::read_secret_file(&path)?;
+        return hex::decode(text.trim())
+            .ok()
+            .and_then(|pkcs8| SigningKey::from_pkcs8(&pkcs8))
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "{} is not a signing key: delete it to make a new one (and give \
+                     coordinators the new --seeder-key)",
+                    path.display()
+                ))
+            });
+    }
+    let key = SigningKey::generate();
+    daemon::secret::write_private(&path, &hex::encode(key.to_pkcs8()))?;
+    tracing::info!("made the seeder's signing key: {}", path.display());
+    Ok(key)
 }
 
 impl Seeder {
@@ -229,6 +256,7 @@ pub async fn start(
         tracing::warn!("--transport quic: BitTorrent has no QUIC transport; using TCP and uTP");
     }
     let state_dir = config.state_dir()?;
+    let signer = document_key(&state_dir)?;
     let http_listener = tokio::net::TcpListener::bind((config.listen_addr, config.http_port()))
         .await
         .map_err(|e| {
@@ -330,7 +358,9 @@ pub async fn start(
             http: http_addr,
             peer: SocketAddr::new(config.listen_addr, peer_addr.port()),
             public_url,
+            key: signer.public_hex(),
         },
+        signer,
         config: config.clone(),
         session,
         tracker: Tracker::new(

@@ -348,3 +348,48 @@ fn two_colluding_liars_and_one_honest_holder_the_liars_go() {
     assert!(coordinator.is_running());
     drop(liars);
 }
+
+/// A manifest swapped between the seeder and the coordinator is refused: a coordinator given
+/// the seeder's key (its `[SEEDER-KEY]`) and reaching documents signed with another key (here
+/// another seeder's, standing for a machine in the middle) stops at once with a clear error;
+/// given the right key, it starts.
+#[test]
+fn a_swapped_manifest_is_refused_under_the_seeders_key() {
+    use std::io::Read;
+    let _one = swarm_lock();
+    let (real, other) = (Bed::new(2, &[]), Bed::new(1, &[]));
+    let key = real.seeder.field("key").to_owned();
+    let cache = real.work.path().join("cache").display().to_string();
+    let other_url = format!("http://{}", other.seeder.field("http"));
+    let mut swapped = std::process::Command::new(tests::bin("coordinator", "coordinator"))
+        .args(["--listen", "127.0.0.1:0", "--seeder", &other_url])
+        .args(["--seeder-key", &key, "--cache-dir", &cache])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = swapped.try_wait().unwrap() {
+            break Some(s);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = swapped.kill();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut stderr = String::new();
+    swapped
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "the coordinator took the swapped manifest: {stderr}"
+    );
+    assert!(stderr.contains("signature does not check out"), "{stderr}");
+    let _right = real.coordinator("127.0.0.1:0", &["--seeder-key", &key]);
+}

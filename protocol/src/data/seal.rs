@@ -15,28 +15,56 @@ use sha2::{Digest, Sha256};
 use super::{Frame, SIGNATURE_LEN};
 
 const LABEL: &[u8] = b"shardswarm signed step v1\0";
+const DOCUMENT_LABEL: &[u8] = b"shardswarm signed document v1\0";
 
-/// A node's signing key: made at start, never written anywhere.
-pub struct SigningKey(Ed25519KeyPair);
+/// The HTTP header that carries a document's signature.
+pub const SIGNATURE_HEADER: &str = "x-shardswarm-signature";
+
+/// An Ed25519 signing key: a node's (made at start, never written anywhere), or the seeder's
+/// for its documents (kept in its state dir, [`SigningKey::to_pkcs8`]).
+pub struct SigningKey {
+    pair: Ed25519KeyPair,
+    pkcs8: Vec<u8>,
+}
 
 impl SigningKey {
     /// A fresh key pair from the system's random source.
     pub fn generate() -> SigningKey {
         let rng = ring::rand::SystemRandom::new();
         let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).expect("the system random source");
-        SigningKey(Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).expect("a key just made"))
+        SigningKey::from_pkcs8(pkcs8.as_ref()).expect("a key just made")
+    }
+
+    /// A key kept as PKCS#8 bytes; `None` if they are not an Ed25519 key.
+    pub fn from_pkcs8(pkcs8: &[u8]) -> Option<SigningKey> {
+        let pair = Ed25519KeyPair::from_pkcs8(pkcs8).ok()?;
+        Some(SigningKey {
+            pair,
+            pkcs8: pkcs8.to_vec(),
+        })
+    }
+
+    /// The key as PKCS#8 bytes, to keep (a secret).
+    pub fn to_pkcs8(&self) -> &[u8] {
+        &self.pkcs8
+    }
+
+    /// A detached signature (hex) of `body` as the document `name` (the seeder's `/manifest`
+    /// and `/files`): [`document_signed`] checks it.
+    pub fn sign_document(&self, name: &str, body: &[u8]) -> String {
+        hex::encode(self.pair.sign(&document_digest(name, body)).as_ref())
     }
 
     /// The public key, hex (what `REGISTER` carries and `ROUTE` passes on).
     pub fn public_hex(&self) -> String {
-        hex::encode(self.0.public_key().as_ref())
+        hex::encode(self.pair.public_key().as_ref())
     }
 
     /// `step` (a `Step`) signed for stage `to` of lane `lane`.
     pub fn sign(&self, lane: &str, to: u32, step: Frame) -> Frame {
         let digest = digest(lane, to, &step.encode());
         let signature = self
-            .0
+            .pair
             .sign(&digest)
             .as_ref()
             .try_into()
@@ -74,6 +102,26 @@ pub fn open(frame: Frame, signer: &str, lane: &str, to: u32) -> Result<Frame, Se
         .verify(&digest, &signature)
         .map_err(|_| SealError::Signature)?;
     Ok(*step)
+}
+
+/// Whether `signature` (hex) is `signer`'s (hex public key) over `body` as the document
+/// `name`.
+pub fn document_signed(signer: &str, name: &str, body: &[u8], signature: &str) -> bool {
+    let (Ok(key), Ok(signature)) = (hex::decode(signer), hex::decode(signature)) else {
+        return false;
+    };
+    UnparsedPublicKey::new(&ED25519, key)
+        .verify(&document_digest(name, body), &signature)
+        .is_ok()
+}
+
+fn document_digest(name: &str, body: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(DOCUMENT_LABEL);
+    h.update((name.len() as u32).to_le_bytes());
+    h.update(name.as_bytes());
+    h.update(body);
+    h.finalize().into()
 }
 
 fn digest(lane: &str, to: u32, step: &[u8]) -> [u8; 32] {
@@ -161,5 +209,20 @@ mod tests {
             fails(key.sign("l", 0, step(1.0)), "zz", "l", 0),
             SealError::Key(_)
         ));
+    }
+
+    #[test]
+    fn a_document_checks_out_only_as_signed_and_the_key_survives_its_keeping() {
+        let key = SigningKey::from_pkcs8(SigningKey::generate().to_pkcs8()).unwrap();
+        let signature = key.sign_document("/manifest", b"{}");
+        let signer = key.public_hex();
+        assert!(document_signed(&signer, "/manifest", b"{}", &signature));
+        assert!(!document_signed(&signer, "/manifest", b"{ }", &signature));
+        assert!(!document_signed(&signer, "/files", b"{}", &signature));
+        let other = SigningKey::generate().public_hex();
+        assert!(!document_signed(&other, "/manifest", b"{}", &signature));
+        assert!(!document_signed("zz", "/manifest", b"{}", &signature));
+        assert!(!document_signed(&signer, "/manifest", b"{}", "zz"));
+        assert!(SigningKey::from_pkcs8(b"not a key").is_none());
     }
 }
