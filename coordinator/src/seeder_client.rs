@@ -97,6 +97,35 @@ async fn get_document<T: DeserializeOwned>(
         .map_err(|e| Error::seeder(&url, format!("unexpected document: {e}")))
 }
 
+/// `length` bytes at `offset` of a shard, from the seeder's web seed (an HTTP range).
+pub async fn fetch_range(spec: &ShardSpec, offset: u64, length: u32) -> Result<Vec<u8>> {
+    let url = spec
+        .web_seed
+        .as_deref()
+        .ok_or_else(|| Error::seeder(&spec.file, "the seeder has no web seed for it"))?;
+    let end = offset + u64::from(length.max(1)) - 1;
+    let resp = client()
+        .get(url)
+        .header(reqwest::header::RANGE, format!("bytes={offset}-{end}"))
+        .send()
+        .await
+        .map_err(|e| Error::seeder(url, e))?;
+    if resp.status() != reqwest::StatusCode::PARTIAL_CONTENT {
+        return Err(Error::seeder(
+            url,
+            format!("answered {} to a range", resp.status()),
+        ));
+    }
+    let bytes = resp.bytes().await.map_err(|e| Error::seeder(url, e))?;
+    if bytes.len() != length as usize {
+        return Err(Error::seeder(
+            url,
+            format!("{} bytes for a range of {length}", bytes.len()),
+        ));
+    }
+    Ok(bytes.to_vec())
+}
+
 /// Read the split from the seeder's `/manifest` and `/files` (signed with `signer`, when
 /// given).
 pub async fn fetch_split(seeder: &str, signer: Option<&str>) -> Result<SplitInfo> {

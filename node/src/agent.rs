@@ -357,6 +357,11 @@ async fn session(
                         unload(fetcher, data, p).await;
                     }
                     M::SwarmReady(p) | M::SwarmNotReady(p) => tracing::info!("{command}: {p:?}"),
+                    M::ProveShard(protocol::ProveShard::Challenge(c)) => {
+                        let proof = prove(data, &c).await;
+                        let reply = Control::reply_to(&msg.request_id, &me, COORDINATOR, M::ProveShard(protocol::ProveShard::Proof(proof)));
+                        sink.send(send(reply)).await.map_err(Error::control)?;
+                    }
                     M::Route(Route::Assign(p)) => {
                         let _ = routes.send((msg.request_id.clone(), p));
                     }
@@ -398,6 +403,41 @@ async fn session(
                 }
             }
         }
+    }
+}
+
+/// The answer to a challenge for a shard this node claimed: the digest of the range of its
+/// verified file (an empty digest when it has no such file, or cannot read it).
+async fn prove(data: &DataDir, c: &protocol::ShardChallenge) -> protocol::ShardProof {
+    let file = data.verified().into_iter().find(|(f, _)| {
+        torrents::split::parse_shard_file_name(f).is_some_and(|(k, _)| k == c.shard_id)
+    });
+    let path = file.map(|(f, _)| data.shards_dir().join(f));
+    let (offset, length, nonce) = (c.offset, c.length, c.nonce.clone());
+    let digest = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
+        use std::io::{Read, Seek};
+        let Some(path) = path else {
+            return Ok(String::new());
+        };
+        let mut f = std::fs::File::open(path)?;
+        f.seek(std::io::SeekFrom::Start(offset))?;
+        let mut bytes = Vec::new();
+        f.take(u64::from(length.min(protocol::MAX_CHALLENGE_BYTES)))
+            .read_to_end(&mut bytes)?;
+        Ok(protocol::possession_digest(&nonce, &bytes))
+    })
+    .await;
+    let digest = match digest {
+        Ok(Ok(d)) => d,
+        Ok(Err(e)) => {
+            tracing::warn!("proving shard {}: {e}", c.shard_id);
+            String::new()
+        }
+        Err(_) => String::new(),
+    };
+    protocol::ShardProof {
+        shard_id: c.shard_id,
+        digest,
     }
 }
 

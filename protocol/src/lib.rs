@@ -48,6 +48,7 @@ pub mod cmd {
     pub const SWARM_READY: &str = "SWARM_READY";
     pub const SWARM_NOT_READY: &str = "SWARM_NOT_READY";
     pub const ROUTE: &str = "ROUTE";
+    pub const PROVE_SHARD: &str = "PROVE_SHARD";
     pub const ERROR: &str = "ERROR";
 }
 
@@ -266,12 +267,15 @@ pub enum Message {
     /// Coordinator → node: the route (the node's stage); node → coordinator: its stage is
     /// loaded (same command name, as the seed protocol answers with the request's name).
     Route(Route),
+    /// Coordinator → node: prove you hold a shard you claimed (a range's digest); node →
+    /// coordinator: the digest (same command name).
+    ProveShard(ProveShard),
     Error(ErrorParams),
 }
 
 impl Message {
     /// Every command name a [`Message`] can carry.
-    pub const COMMANDS: [&'static str; 13] = [
+    pub const COMMANDS: [&'static str; 14] = [
         cmd::REGISTER,
         cmd::REGISTERED,
         cmd::HEARTBEAT,
@@ -284,6 +288,7 @@ impl Message {
         cmd::SWARM_READY,
         cmd::SWARM_NOT_READY,
         cmd::ROUTE,
+        cmd::PROVE_SHARD,
         cmd::ERROR,
     ];
 
@@ -302,6 +307,7 @@ impl Message {
             Message::SwarmReady(_) => cmd::SWARM_READY,
             Message::SwarmNotReady(_) => cmd::SWARM_NOT_READY,
             Message::Route(_) => cmd::ROUTE,
+            Message::ProveShard(_) => cmd::PROVE_SHARD,
             Message::Error(_) => cmd::ERROR,
         }
     }
@@ -322,6 +328,49 @@ pub enum ListFiles {
 pub enum Route {
     Assign(RouteParams),
     Loaded(RouteLoadedParams),
+}
+
+/// `PROVE_SHARD` params: the coordinator's challenge, the node's proof.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ProveShard {
+    Challenge(ShardChallenge),
+    Proof(ShardProof),
+}
+
+/// A shard a node claims at `REGISTER` counts only once it proves it has the bytes: the
+/// digest of `length` bytes at `offset`, after a fresh `nonce`, which the coordinator checks
+/// against the seeder's file ([`possession_digest`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardChallenge {
+    pub shard_id: u32,
+    pub offset: u64,
+    pub length: u32,
+    /// Hex.
+    pub nonce: String,
+}
+
+/// The most bytes a [`ShardChallenge`] asks for (a node reads no more).
+pub const MAX_CHALLENGE_BYTES: u32 = 1 << 20;
+
+/// The answer to a [`ShardChallenge`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardProof {
+    pub shard_id: u32,
+    /// [`possession_digest`] of the range, hex.
+    pub digest: String,
+}
+
+/// sha256 of the challenge's nonce and the bytes it names, hex: what only a holder of the
+/// bytes can give for a nonce it has not seen before.
+pub fn possession_digest(nonce: &str, bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"shardswarm possession v1\0");
+    h.update(nonce.as_bytes());
+    h.update(b"\0");
+    h.update(bytes);
+    hex::encode(h.finalize())
 }
 
 /// A node's `ROUTE` reply: its stage is loaded and serving.

@@ -7,8 +7,11 @@
 //! [`placement`] decides where shards go, [`route`] readiness and the inference route, and
 //! [`status`] the `/status` document.
 
+mod claims;
 mod placement;
 mod route;
+
+pub use claims::{Claim, CLAIM_WAIT};
 
 pub use route::machines_in;
 mod status;
@@ -90,6 +93,10 @@ pub struct NodeState {
     pub last_seen: Instant,
     /// Its public key for signed steps (from `REGISTER`).
     pub signing_key: Option<String>,
+    /// Shards it says it holds (at `REGISTER`, or by `SHARD_LOADED`) and has not proved yet
+    /// (`PROVE_SHARD`): they do not count, and the node is given nothing new until they are
+    /// settled (or [`CLAIM_WAIT`] is up).
+    pub claimed: BTreeMap<u32, Claim>,
 }
 
 /// The fastest link rate believed (Mbit/s).
@@ -161,6 +168,9 @@ impl NodeState {
     }
 
     fn has_room_for(&self, shard: &ShardSpec, shards: &[ShardSpec]) -> bool {
+        if !self.claimed.is_empty() {
+            return false; // what it holds is not known yet
+        }
         let used = self.assigned_bytes(shards);
         let disk_ok = self.capacity.disk_free_bytes >= used + shard.size;
         // A stage is mapped into memory when it is served: it must fit in RAM too.
@@ -197,6 +207,9 @@ pub struct Swarm {
     probe_keys: BTreeMap<String, String>,
     /// Nodes caught computing wrong outputs: refused from then on.
     pub evicted: BTreeMap<String, Eviction>,
+    /// The digest each open `PROVE_SHARD` challenge expects, by (node, shard) (none while
+    /// the coordinator fetches the range it asks for).
+    challenges: BTreeMap<(String, u32), Option<String>>,
 }
 
 /// A holder of a shard whose stage the coordinator can probe.
@@ -259,6 +272,7 @@ impl Swarm {
             stage_loaded: BTreeMap::new(),
             probe_keys: BTreeMap::new(),
             evicted: BTreeMap::new(),
+            challenges: BTreeMap::new(),
             settings,
         }
     }
@@ -306,11 +320,12 @@ impl Swarm {
                     .into(),
             ));
         }
-        let mut held = BTreeMap::new();
+        // What it says it holds counts once it proves it has the bytes ([`Swarm::proved`]).
+        let mut claimed = BTreeMap::new();
         for h in &p.shards {
             match self.shards.get(h.shard_id as usize) {
                 Some(s) if s.sha256 == h.sha256 => {
-                    held.insert(h.shard_id, Holding::Loaded { from_seeder: 0, from_peers: 0 });
+                    claimed.insert(h.shard_id, Claim::new(0, 0));
                 }
                 _ => {
                     return Err(Refusal(
@@ -340,7 +355,7 @@ impl Swarm {
                     }
                 }),
             capacity: p.capacity,
-            shards: held,
+            shards: BTreeMap::new(),
             failed_at: BTreeMap::new(),
             fetched_from: BTreeMap::new(),
             shard_order: BTreeMap::new(),
@@ -350,6 +365,7 @@ impl Swarm {
             conn,
             last_seen: Instant::now(),
             signing_key: p.signing_key.clone(),
+            claimed,
         };
         tracing::info!(
             "node {} ({}) registered from {} with {} shard(s)",
@@ -441,19 +457,15 @@ impl Swarm {
         match self.shards.get(p.shard_id as usize) {
             Some(s) if s.sha256 == p.sha256 => {
                 tracing::info!(
-                    "node {} loaded shard {} ({} bytes from the seeder, {} from peers)",
+                    "node {} loaded shard {} ({} bytes from the seeder, {} from peers); it \
+                     counts once proved",
                     n.name,
                     p.shard_id,
                     p.from_seeder,
                     p.from_peers
                 );
-                n.shards.insert(
-                    p.shard_id,
-                    Holding::Loaded {
-                        from_seeder: p.from_seeder,
-                        from_peers: p.from_peers,
-                    },
-                );
+                n.claimed
+                    .insert(p.shard_id, Claim::new(p.from_seeder, p.from_peers));
             }
             _ => {
                 n.shards.insert(
@@ -561,6 +573,9 @@ impl Swarm {
             Message::ShardProgress(p) => self.progress(node, p),
             Message::ShardLoaded(p) => self.loaded(node, p),
             Message::ShardFailed(p) => self.failed(node, p),
+            Message::ProveShard(protocol::ProveShard::Proof(p)) => {
+                self.proved(node, p.shard_id, Some(&p.digest))
+            }
             _ => return None,
         })
     }
@@ -575,9 +590,12 @@ impl Swarm {
         Vec::new()
     }
 
-    /// Drop nodes silent for longer than the heartbeat timeout. Returns the messages and the
-    /// dropped node ids (whose connections should be closed).
+    /// Drop nodes silent for longer than the heartbeat timeout, and claims not proved within
+    /// [`CLAIM_WAIT`]. Returns the messages and the dropped node ids (whose connections should
+    /// be closed).
     pub fn expire(&mut self, now: Instant) -> (Outbox, Vec<String>) {
+        self.expire_claims(now);
+        let mut out = Vec::new();
         let dead: Vec<String> = self
             .nodes
             .values()
@@ -586,7 +604,8 @@ impl Swarm {
             .collect();
         if dead.is_empty() {
             // Placement may have waited for the settling time to pass.
-            return (self.place(), dead);
+            out.extend(self.place());
+            return (out, dead);
         }
         for id in &dead {
             tracing::warn!(
@@ -594,7 +613,8 @@ impl Swarm {
             );
             self.nodes.remove(id);
         }
-        (self.place(), dead)
+        out.extend(self.place());
+        (out, dead)
     }
 }
 

@@ -109,10 +109,15 @@ impl Swarm {
             .fold((0, 0), |(s, p), (ds, dp)| (s + ds, p + dp))
     }
 
+    /// How many nodes hold or fetch `shard_id`, or claimed it and are being asked to prove
+    /// it (for at most [`crate::CLAIM_WAIT`]): placement gives it to nobody else meanwhile.
     pub(super) fn coverage(&self, shard_id: u32) -> usize {
         self.nodes
             .values()
-            .filter(|n| n.shards.get(&shard_id).is_some_and(Holding::counts))
+            .filter(|n| {
+                n.shards.get(&shard_id).is_some_and(Holding::counts)
+                    || n.claimed.contains_key(&shard_id)
+            })
             .count()
     }
 

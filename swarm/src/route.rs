@@ -179,9 +179,13 @@ impl Swarm {
 
     pub(super) fn update_ready_flag(&mut self) -> Outbox {
         let loaded = self.loaded_count();
+        // The first route waits for claims being proved (milliseconds, at most CLAIM_WAIT):
+        // a node about to prove what it holds would have had a stage of its own.
+        let claims_pending = self.nodes.values().any(|n| !n.claimed.is_empty());
         let ready = self.nodes.len() >= self.settings.min_nodes
             && loaded == self.shards.len()
-            && !self.shards.is_empty();
+            && !self.shards.is_empty()
+            && (self.ready || !claims_pending);
         if ready == self.ready {
             return Vec::new();
         }

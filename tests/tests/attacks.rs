@@ -393,3 +393,77 @@ fn a_swapped_manifest_is_refused_under_the_seeders_key() {
     assert!(stderr.contains("signature does not check out"), "{stderr}");
     let _right = real.coordinator("127.0.0.1:0", &["--seeder-key", &key]);
 }
+
+/// `from` copied into `to`, file by file (without the node's lock and id).
+fn copy_data_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name();
+        if name == ".lock" || name == "node_id" {
+            continue;
+        }
+        let target = to.join(&name);
+        if entry.file_type().unwrap().is_dir() {
+            copy_data_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+            let modified = entry.metadata().unwrap().modified().unwrap();
+            let f = std::fs::File::options().write(true).open(&target).unwrap();
+            f.set_modified(modified).unwrap();
+        }
+    }
+}
+
+/// A node that claims at REGISTER shards it does not have the bytes of (another node's
+/// record of verified files, the files themselves zeros of the same size and time, so that
+/// its own record still holds) is not counted as their holder: it fails the coordinator's
+/// challenge (a random range of the seeder's file under a fresh nonce) and is placed like a
+/// node that holds nothing: whatever it holds, it fetched.
+#[test]
+fn a_node_claiming_shards_without_their_bytes_is_not_counted() {
+    let _one = swarm_lock();
+    let bed = Bed::new(2, &[]);
+    let coordinator = bed.coordinator("127.0.0.1:0", &["--min-nodes", "2"]);
+    let addr = coordinator.field("http").to_owned();
+    let status = || get_json(&format!("http://{addr}/status"));
+    let dirs = bed.node_dirs(2);
+    let _nodes: Vec<Proc> = dirs.iter().map(|(n, d)| node(n, &addr, d, &[])).collect();
+    wait_for("the swarm serving", Duration::from_secs(240), || {
+        let st = status();
+        (st["serving"] == true && nodes_fully_loaded(&st) == 2).then_some(())
+    });
+    let claimer = bed.work.path().join("claimer");
+    copy_data_dir(&dirs[0].1, &claimer);
+    let mut zeroed = 0;
+    for entry in std::fs::read_dir(claimer.join("shards")).unwrap() {
+        let path = entry.unwrap().path();
+        let meta = std::fs::metadata(&path).unwrap();
+        if !meta.is_file() || path.extension().is_none_or(|e| e != "gguf") {
+            continue;
+        }
+        std::fs::write(&path, vec![0u8; meta.len() as usize]).unwrap();
+        let f = std::fs::File::options().write(true).open(&path).unwrap();
+        f.set_modified(meta.modified().unwrap()).unwrap();
+        zeroed += 1;
+    }
+    assert!(zeroed >= 1, "n0 holds no shard file");
+    let _claimer = node("claimer", &addr, &claimer, &[]);
+    wait_for("the claim refused", Duration::from_secs(60), || {
+        coordinator
+            .stderr_text()
+            .contains("could not prove it holds its bytes")
+            .then_some(())
+    });
+    let st = status();
+    let holdings = &node_named(&st, "claimer").expect("the claimer registered")["shards"];
+    for (shard, h) in holdings.as_object().unwrap() {
+        if h["state"] == "loaded" {
+            let fetched = h["from_seeder"].as_u64().unwrap() + h["from_peers"].as_u64().unwrap();
+            assert!(
+                fetched > 0,
+                "shard {shard} counted from the claim alone: {st}"
+            );
+        }
+    }
+}

@@ -81,7 +81,26 @@ fn register_with(
         token: Some("t".into()),
         signing_key: Some(format!("key of {id}")),
     };
-    s.register("r", &p, ip.parse().unwrap(), 1, None)
+    let mut out = s.register("r", &p, ip.parse().unwrap(), 1, None)?;
+    out.extend(prove_all(s, id));
+    Ok(out)
+}
+
+/// `node` proves every shard it claimed, as an honest node does at once (the challenges
+/// themselves left out of what is returned).
+fn prove_all(s: &mut Swarm, node: &str) -> Outbox {
+    let mut out = Vec::new();
+    for shard in s.claims_to_challenge(node) {
+        let challenge = protocol::ShardChallenge {
+            shard_id: shard,
+            offset: 0,
+            length: 10,
+            nonce: "n".into(),
+        };
+        assert_eq!(s.challenge(node, challenge, "right".into()).len(), 1);
+        out.extend(s.proved(node, shard, Some("right")));
+    }
+    out
 }
 
 /// `node` reports `bytes` of `shard` verified (of 1000).
@@ -140,6 +159,7 @@ fn load_all(s: &mut Swarm, out: &Outbox) -> Outbox {
                 by_source: Default::default(),
             },
         ));
+        next.extend(prove_all(s, &node));
     }
     next
 }
@@ -207,6 +227,7 @@ fn replicas_trail_the_first_holder_and_fall_back_to_the_tracker() {
         by_source: Default::default(),
     };
     s.loaded("d", &done);
+    prove_all(&mut s, "d");
     assert!(loads(&s.disconnected("b", 1)).iter().all(|(n, _)| n != "d"));
 }
 

@@ -3,9 +3,9 @@
 
 use super::*;
 
-/// `node` reports `shard` loaded with the manifest's sha256.
+/// `node` reports `shard` loaded with the manifest's sha256 (and proves it, if asked).
 fn report_loaded(s: &mut Swarm, node: &str, shard: u32) -> Outbox {
-    s.loaded(
+    let mut out = s.loaded(
         node,
         &ShardLoadedParams {
             shard_id: shard,
@@ -14,7 +14,9 @@ fn report_loaded(s: &mut Swarm, node: &str, shard: u32) -> Outbox {
             from_peers: 0,
             by_source: Default::default(),
         },
-    )
+    );
+    out.extend(prove_all(s, node));
+    out
 }
 
 #[test]
@@ -86,4 +88,83 @@ fn a_route_puts_each_stage_on_a_node_of_its_own_where_it_can() {
     let route = s.route.clone().expect("ready with both shards held");
     let nodes: Vec<&str> = route.iter().map(|h| h.node_id.as_str()).collect();
     assert_eq!(nodes, ["a", "b"], "stage 1 on b, not a second stage on a");
+}
+
+/// A shard claimed at REGISTER counts only once proved: a wrong digest, no answer within
+/// CLAIM_WAIT, or a proof nobody asked for leave it uncounted, and the node is then placed
+/// like one that holds nothing.
+#[test]
+fn a_claimed_shard_counts_only_once_proved() {
+    let mut s = swarm(2, 1);
+    let p = RegisterParams {
+        node_id: "liar".into(),
+        protocol_version: PROTOCOL_VERSION,
+        name: "liar".into(),
+        peer_port: 1,
+        data_addr: None,
+        shards: vec![
+            protocol::HeldShard {
+                shard_id: 0,
+                sha256: "sha0".into(),
+            },
+            protocol::HeldShard {
+                shard_id: 1,
+                sha256: "sha1".into(),
+            },
+        ],
+        capacity: Capacity {
+            ram_bytes: 1000,
+            disk_free_bytes: 1000,
+            threads: 1,
+            uplink_mbit: None,
+            downlink_mbit: None,
+        },
+        token: Some("t".into()),
+        signing_key: None,
+    };
+    let out = s
+        .register("r", &p, "10.0.0.9".parse().unwrap(), 1, None)
+        .unwrap();
+    assert!(!out
+        .iter()
+        .any(|(_, c)| matches!(c.message, Message::LoadShard(_))));
+    assert!(s.nodes["liar"].shards.is_empty() && !s.ready);
+    assert_eq!(s.unproven("liar"), vec![0, 1]);
+    // An answer before any challenge is ignored.
+    assert!(s.proved("liar", 0, Some("guess")).is_empty());
+    assert_eq!(s.unproven("liar"), vec![0, 1]);
+    // A wrong digest: shard 0 does not count.
+    let challenge = protocol::ShardChallenge {
+        shard_id: 0,
+        offset: 5,
+        length: 10,
+        nonce: "n".into(),
+    };
+    assert_eq!(s.challenge("liar", challenge, "right".into()).len(), 1);
+    s.proved("liar", 0, Some("wrong"));
+    assert!(!s.nodes["liar"].shards.contains_key(&0));
+    assert_eq!(s.unproven("liar"), vec![1]);
+    // Shard 1 is never answered: its claim expires, and the node is given a shard to fetch.
+    let long_ago = Instant::now()
+        .checked_sub(CLAIM_WAIT + Duration::from_secs(1))
+        .unwrap();
+    s.nodes.get_mut("liar").unwrap().claimed.insert(
+        1,
+        Claim {
+            since: long_ago,
+            from_seeder: 0,
+            from_peers: 0,
+        },
+    );
+    let (out, _) = s.expire(Instant::now());
+    assert!(s.unproven("liar").is_empty());
+    assert!(s.nodes["liar"]
+        .shards
+        .values()
+        .all(|h| !matches!(h, Holding::Loaded { .. })));
+    assert!(
+        out.iter()
+            .any(|(_, c)| matches!(c.message, Message::LoadShard(_))),
+        "placed like a node holding nothing"
+    );
 }
