@@ -139,14 +139,11 @@ impl Swarm {
             return;
         };
         // A shard it was given (fetching): failed, given again after a while.
-        if n.shards.contains_key(&shard_id) {
-            n.shards.insert(
-                shard_id,
-                Holding::Failed {
-                    code: "unproven".into(),
-                    message: format!("it says it holds the shard but {why}"),
-                },
-            );
+        if let Some(holding) = n.shards.get_mut(&shard_id) {
+            *holding = Holding::Failed {
+                code: "unproven".into(),
+                message: format!("it says it holds the shard but {why}"),
+            };
             n.failed_at.insert(shard_id, Instant::now());
         }
     }
