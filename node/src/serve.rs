@@ -35,7 +35,7 @@ use std::time::Instant;
 
 use llm::sample::sample;
 use llm::stage::{RowsOutput, Stage};
-use protocol::data::io::Connection;
+use protocol::data::io::{Accepted, Connection};
 use protocol::data::seal::{self, SigningKey};
 use protocol::data::{Frame, Group, LaneKind, Payload, KEPT_STEP_BYTES, MAX_CONTEXT};
 use protocol::RouteParams;
@@ -340,10 +340,10 @@ async fn connection(
     // answer lane is registered with this sender during the handshake.
     let (up, up_queue) = mpsc::unbounded_channel();
     let handshake_all = async {
-        let stream: Box<dyn protocol::data::io::DataStream> = match acceptor {
-            None => Box::new(stream),
+        let stream = match acceptor {
+            None => Accepted::plain(stream),
             Some(acceptor) => match acceptor.accept(stream).await {
-                Ok(tls) => Box::new(tls),
+                Ok(tls) => Accepted::tls(tls),
                 Err(e) => {
                     return Err(protocol::data::io::ChannelError::Refused {
                         peer: peer.to_string(),

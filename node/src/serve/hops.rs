@@ -281,7 +281,7 @@ mod tests {
                 let take = async {
                     let (tcp, peer) = listener.accept().await.unwrap();
                     Connection::accept_then(
-                        Box::new(tcp),
+                        protocol::data::io::Accepted::plain(tcp),
                         peer.to_string(),
                         |h| admit(Some(last), h),
                         |_| register_answer_lane(lanes, 3, "lane-1", &to_coordinator),

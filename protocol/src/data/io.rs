@@ -11,6 +11,40 @@ use tokio::net::TcpStream;
 pub trait DataStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> DataStream for T {}
 
+/// An accepted connection (its TLS handshake done, if any) and its channel binding
+/// ([`auth::Binding`]), which the route key's proofs cover.
+pub struct Accepted {
+    stream: Box<dyn DataStream>,
+    binding: auth::Binding,
+}
+
+impl Accepted {
+    /// A connection without TLS: nothing to bind.
+    pub fn plain(stream: impl DataStream) -> Accepted {
+        Accepted {
+            stream: Box::new(stream),
+            binding: auth::UNBOUND,
+        }
+    }
+
+    /// A TLS connection, bound to its session.
+    pub fn tls(stream: tokio_rustls::server::TlsStream<TcpStream>) -> Accepted {
+        let binding = exporter(stream.get_ref().1);
+        Accepted {
+            stream: Box::new(stream),
+            binding,
+        }
+    }
+}
+
+/// The session's TLS exporter value for the data channel ([`auth::EXPORTER_LABEL`]).
+fn exporter<D>(conn: &rustls::ConnectionCommon<D>) -> auth::Binding {
+    // Fails only before the handshake is done, or for TLS 1.2 without extended master secret
+    // (rustls negotiates neither here): then nothing is bound, and the proofs fail across.
+    conn.export_keying_material([0u8; 32], auth::EXPORTER_LABEL, None)
+        .unwrap_or(auth::UNBOUND)
+}
+
 /// TLS for the callers of a hop: trust in the swarm's CA. The callee's certificate must name
 /// the IP address the caller connects to.
 pub type ClientTls = std::sync::Arc<rustls::ClientConfig>;
@@ -71,15 +105,17 @@ impl Connection {
         };
         let tcp = TcpStream::connect(addr).await.map_err(io)?;
         let _ = tcp.set_nodelay(true);
-        let stream: Box<dyn DataStream> = match tls {
-            None => Box::new(tcp),
+        let (stream, binding): (Box<dyn DataStream>, _) = match tls {
+            None => (Box::new(tcp), auth::UNBOUND),
             Some(TlsTo { config, node_id }) => {
                 let name = rustls::pki_types::ServerName::try_from(crate::node_tls_name(node_id))
                     .map_err(|e| {
                     io(std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
                 })?;
                 let connector = tokio_rustls::TlsConnector::from(config.clone());
-                Box::new(connector.connect(name, tcp).await.map_err(io)?)
+                let tls = connector.connect(name, tcp).await.map_err(io)?;
+                let binding = exporter(tls.get_ref().1);
+                (Box::new(tls), binding)
             }
         };
         let mut conn = Connection {
@@ -89,7 +125,7 @@ impl Connection {
         conn.send(&Frame::Hello(hello.clone())).await?;
         let nonce = match conn.receive_handshake().await? {
             Frame::Challenge { nonce, proof }
-                if auth::is_callee_proof(key, &hello, &nonce, &proof) =>
+                if auth::is_callee_proof(key, &hello, &nonce, &binding, &proof) =>
             {
                 nonce
             }
@@ -101,8 +137,10 @@ impl Connection {
             Frame::Error(reason) => return Err(conn.refused(reason)),
             other => return Err(conn.refused(format!("answered {} to Hello", other.kind()))),
         };
-        conn.send(&Frame::Proof(auth::caller_proof(key, &hello, &nonce)))
-            .await?;
+        conn.send(&Frame::Proof(auth::caller_proof(
+            key, &hello, &nonce, &binding,
+        )))
+        .await?;
         match conn.receive_handshake().await? {
             Frame::Ready => Ok(conn),
             Frame::Error(reason) => Err(conn.refused(reason)),
@@ -115,7 +153,7 @@ impl Connection {
     /// answer `Ready`. A refusal is answered `Error` with the reason (and fails).
     /// `stream` is the accepted connection (its TLS handshake done, if any), from `peer`.
     pub async fn accept(
-        stream: Box<dyn DataStream>,
+        stream: Accepted,
         peer: String,
         admit: impl FnOnce(&Hello) -> Result<String, String>,
     ) -> Result<(Connection, Hello), ChannelError> {
@@ -126,11 +164,12 @@ impl Connection {
     /// `Ready`: what must hold before the caller may go on (an answer lane registered before
     /// its chain lane can reach it) is done by then. Its error refuses the connection.
     pub async fn accept_then(
-        stream: Box<dyn DataStream>,
+        stream: Accepted,
         peer: String,
         admit: impl FnOnce(&Hello) -> Result<String, String>,
         proved: impl FnOnce(&Hello) -> Result<(), String>,
     ) -> Result<(Connection, Hello), ChannelError> {
+        let Accepted { stream, binding } = stream;
         let mut conn = Connection { stream, peer };
         let hello = match conn.receive_handshake().await? {
             Frame::Hello(h) => h,
@@ -141,10 +180,10 @@ impl Connection {
             Err(reason) => return Err(conn.refuse(&reason).await),
         };
         let nonce = random_bytes::<PROOF_LEN>();
-        let proof = auth::callee_proof(&key, &hello, &nonce);
+        let proof = auth::callee_proof(&key, &hello, &nonce, &binding);
         conn.send(&Frame::Challenge { nonce, proof }).await?;
         match conn.receive_handshake().await? {
-            Frame::Proof(p) if auth::is_caller_proof(&key, &hello, &nonce, &p) => {}
+            Frame::Proof(p) if auth::is_caller_proof(&key, &hello, &nonce, &binding, &p) => {}
             Frame::Proof(_) => {
                 return Err(conn
                     .refuse("refused: wrong proof of the route key (not the predecessor the coordinator named)")
@@ -326,7 +365,7 @@ mod tests {
         let callee_key = callee_key.to_owned();
         let callee = tokio::spawn(async move {
             let (stream, peer) = listener.accept().await.unwrap();
-            Connection::accept(Box::new(stream), peer.to_string(), |h| {
+            Connection::accept(Accepted::plain(stream), peer.to_string(), |h| {
                 assert_eq!(h.stage, 3);
                 Ok(callee_key)
             })
@@ -355,9 +394,11 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let callee = tokio::spawn(async move {
             let (stream, peer) = listener.accept().await.unwrap();
-            Connection::accept(Box::new(stream), peer.to_string(), |_| Ok("k".to_owned()))
-                .await
-                .map(|_| ())
+            Connection::accept(Accepted::plain(stream), peer.to_string(), |_| {
+                Ok("k".to_owned())
+            })
+            .await
+            .map(|_| ())
         });
         let mut s = TcpStream::connect(addr).await.unwrap();
         write_frame(&mut s, &Frame::Hello(Hello::new("m", "s", 3)))
@@ -450,7 +491,7 @@ mod tests {
             let callee = tokio::spawn(async move {
                 let (tcp, peer) = listener.accept().await.unwrap();
                 let tls = acceptor.accept(tcp).await.map_err(|e| e.to_string())?;
-                Connection::accept(Box::new(tls), peer.to_string(), |_| Ok("k".to_owned()))
+                Connection::accept(Accepted::tls(tls), peer.to_string(), |_| Ok("k".to_owned()))
                     .await
                     .map(|(conn, _)| conn)
                     .map_err(|e| e.to_string())
