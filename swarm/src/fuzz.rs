@@ -14,7 +14,7 @@ use crate::{ShardSpec, Swarm, SwarmSettings};
 /// its first byte picks), anything else comes from `n0` or `n1` (by its `from`). After each,
 /// the swarm's placement, route and `/status` are worked out and checked.
 pub fn control_messages(data: &[u8]) {
-    let mut s = swarm();
+    let mut s = fixture(3, 2, None, 2);
     for (id, held) in [("n0", vec![0]), ("n1", vec![])] {
         let p = register_params(id, &held);
         s.register("r", &p, IpAddr::from([127, 0, 0, 1]), 1, None)
@@ -56,8 +56,10 @@ fn check(s: &Swarm) {
     let _ = s.status(None, Default::default());
 }
 
-fn swarm() -> Swarm {
-    let shards = (0..3)
+/// A swarm of `shards` shards (`shard-K.gguf`, 100 bytes, sha256 `shaK`), settled: what the
+/// fuzz target and the unit tests start from.
+pub fn fixture(shards: u32, min_nodes: usize, token: Option<&str>, parallel: u32) -> Swarm {
+    let shards = (0..shards)
         .map(|i| ShardSpec {
             shard_id: i,
             file: format!("shard-{i}.gguf"),
@@ -72,14 +74,14 @@ fn swarm() -> Swarm {
     let mut s = Swarm::new(
         shards,
         SwarmSettings {
-            min_nodes: 2,
+            min_nodes,
             model_sha256: "m".into(),
             split_id: "s".into(),
             seeder_peer: None,
-            token: None,
+            token: token.map(str::to_owned),
             heartbeat_interval: Duration::from_secs(2),
             heartbeat_timeout: Duration::from_secs(10),
-            parallel: 2,
+            parallel,
         },
     );
     s.settle_until = std::time::Instant::now();

@@ -303,7 +303,9 @@ fn a_lost_holder_is_replaced_and_a_restarted_coordinator_needs_no_download() {
     assert!(c.terminate().success());
     let c2 = bed.coordinator(&addr, &flags);
     let st = wait_ready(&c2, true);
+    let mut claims = 0;
     for n in st["nodes"].as_array().unwrap() {
+        claims += n["shards"].as_object().unwrap().len() as u64;
         for h in n["shards"].as_object().unwrap().values() {
             assert_eq!(
                 (
@@ -324,9 +326,12 @@ fn a_lost_holder_is_replaced_and_a_restarted_coordinator_needs_no_download() {
         "shardswarm_seeder_uploaded_bytes_total",
         "",
     );
-    assert_eq!(
-        sent_after, sent_before,
-        "nothing is downloaded again after a coordinator restart"
+    // Only the ranges the coordinator checks the nodes' claims against (64 KiB a shard), far
+    // below any shard.
+    assert!(
+        sent_after - sent_before <= claims * 65536,
+        "nothing is downloaded again after a coordinator restart: {} bytes for {claims} claims",
+        sent_after - sent_before
     );
 }
 

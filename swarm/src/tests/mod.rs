@@ -5,33 +5,7 @@ use super::*;
 use protocol::{cmd, Command, LoadShardParams, BROADCAST};
 
 fn swarm(shards: u32, min_nodes: usize) -> Swarm {
-    let shards = (0..shards)
-        .map(|i| ShardSpec {
-            shard_id: i,
-            file: format!("shard-{i}.gguf"),
-            size: 100,
-            sha256: format!("sha{i}"),
-            info_hash: format!("ih{i}"),
-            magnet: String::new(),
-            torrent_url: String::new(),
-            web_seed: None,
-        })
-        .collect();
-    let mut s = Swarm::new(
-        shards,
-        SwarmSettings {
-            min_nodes,
-            model_sha256: "m".into(),
-            split_id: "s".into(),
-            seeder_peer: None,
-            token: Some("t".into()),
-            heartbeat_interval: Duration::from_secs(2),
-            heartbeat_timeout: Duration::from_secs(10),
-            parallel: 1,
-        },
-    );
-    s.settle_until = Instant::now();
-    s
+    crate::fuzz::fixture(shards, min_nodes, Some("t"), 1)
 }
 
 fn register(s: &mut Swarm, id: &str, held: &[u32]) -> Result<Outbox, Refusal> {
