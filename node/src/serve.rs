@@ -37,7 +37,9 @@ use llm::sample::sample;
 use llm::stage::{RowsOutput, Stage};
 use protocol::data::io::{Accepted, Connection};
 use protocol::data::seal::{self, SigningKey};
-use protocol::data::{Frame, Group, LaneKind, Payload, KEPT_STEP_BYTES, MAX_CONTEXT};
+use protocol::data::{
+    Frame, Group, LaneKind, Payload, KEPT_STEP_BYTES, MAX_CONTEXT, MAX_QUEUED_STEPS,
+};
 use protocol::RouteParams;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -218,6 +220,8 @@ struct Lane {
     generation: u64,
     /// The coordinator's lane id (empty on a probe lane).
     id: String,
+    /// Its steps waiting for the worker or running (at most [`MAX_QUEUED_STEPS`]).
+    queued: std::sync::atomic::AtomicUsize,
     /// A probe lane: outputs go back to the caller, steps use only the probe sequence.
     probe: bool,
     /// Frames for the caller.
@@ -420,6 +424,7 @@ async fn connection(
         route,
         generation,
         id: lane_id,
+        queued: Default::default(),
         probe,
         answers,
         up,
@@ -492,6 +497,18 @@ async fn connection(
                 groups,
                 payload,
             } => {
+                use std::sync::atomic::Ordering::Relaxed;
+                if lane.queued.fetch_add(1, Relaxed) >= MAX_QUEUED_STEPS {
+                    tracing::warn!(
+                        "data connection from {peer}: more than {MAX_QUEUED_STEPS} steps \
+                         waiting: closing it"
+                    );
+                    let _ = lane.up.send(Frame::Error(format!(
+                        "stage {}: more than {MAX_QUEUED_STEPS} steps sent without waiting",
+                        lane.route.stage
+                    )));
+                    return;
+                }
                 let w = Work {
                     lane: lane.clone(),
                     step,
@@ -554,6 +571,8 @@ async fn worker(mut queue: mpsc::UnboundedReceiver<Work>, pipeline: Arc<Pipeline
         let mut stages_busy_us = std::mem::take(&mut w.busy_us);
         let started = Instant::now();
         let result = run_step(&pipeline, w).await;
+        lane.queued
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         let busy_us = u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX);
         stages_busy_us.push(busy_us);
         if let Ok((groups, _)) = &result {

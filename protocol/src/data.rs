@@ -138,6 +138,11 @@ pub enum Frame {
     Error(String),
 }
 
+/// The most steps a caller may have waiting at a stage on one lane: twice what a coordinator
+/// ever has in flight (one per sequence, at most 64). A caller that sends more is cut off,
+/// so that no peer can grow a stage's queue without bound.
+pub const MAX_QUEUED_STEPS: usize = 128;
+
 /// Bytes in a step's signature (Ed25519).
 pub const SIGNATURE_LEN: usize = 64;
 
