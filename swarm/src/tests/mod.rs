@@ -2,7 +2,7 @@
 
 mod reports;
 use super::*;
-use protocol::{cmd, Command, LoadShardParams, BROADCAST};
+use protocol::{cmd, Capacity, Command, LoadShardParams, BROADCAST};
 
 fn swarm(shards: u32, min_nodes: usize) -> Swarm {
     crate::fuzz::fixture(shards, min_nodes, Some("t"), 1)

@@ -2,6 +2,7 @@
 //! bounded sources and rates, and a route that gives each stage a node of its own.
 
 use super::*;
+use protocol::Capacity;
 
 /// `node` reports `shard` loaded with the manifest's sha256 (and proves it, if asked).
 fn report_loaded(s: &mut Swarm, node: &str, shard: u32) -> Outbox {
