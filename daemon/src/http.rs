@@ -24,12 +24,13 @@ pub struct Capped {
     local: SocketAddr,
 }
 
-/// Open connections by client address ([`client_of`]).
+/// Open connections by client address ([`crate::client_of`]): the HTTP listener's cap per
+/// client, and the node data port's on handshakes.
 #[derive(Default)]
-struct PerAddress(Mutex<HashMap<IpAddr, usize>>);
+pub struct PerAddress(Mutex<HashMap<IpAddr, usize>>);
 
 /// One open connection counted against its client; dropping it gives the place back.
-struct AddressPlace {
+pub struct AddressPlace {
     counts: Arc<PerAddress>,
     client: IpAddr,
 }
@@ -48,7 +49,7 @@ impl Drop for AddressPlace {
 
 impl PerAddress {
     /// A place for a connection from `ip`, unless `max` are open from its client.
-    fn enter(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<AddressPlace> {
+    pub fn enter(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<AddressPlace> {
         let client = crate::client_of(ip);
         let mut counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let n = counts.entry(client).or_default();

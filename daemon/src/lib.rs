@@ -165,6 +165,7 @@ impl IoError {
 }
 
 mod http;
+pub use http::{AddressPlace, PerAddress};
 pub mod metrics;
 pub mod secret;
 pub mod tls;

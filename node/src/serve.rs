@@ -260,7 +260,7 @@ pub async fn serve(listener: TcpListener, pipeline: Arc<Pipeline>) {
     let (work, queue) = mpsc::unbounded_channel();
     tokio::spawn(worker(queue, pipeline.clone()));
     let pending = Arc::new(tokio::sync::Semaphore::new(PENDING_HANDSHAKES));
-    let per_client = Arc::new(Mutex::new(HashMap::<std::net::IpAddr, usize>::new()));
+    let per_client = Arc::new(daemon::PerAddress::default());
     loop {
         let Ok(permit) = pending.clone().acquire_owned().await else {
             return;
@@ -268,7 +268,7 @@ pub async fn serve(listener: TcpListener, pipeline: Arc<Pipeline>) {
         let Ok((stream, peer)) = listener.accept().await else {
             continue;
         };
-        let Some(slot) = ClientSlot::take(&per_client, peer) else {
+        let Some(place) = per_client.enter(peer.ip(), PENDING_PER_CLIENT) else {
             tracing::debug!("data connection from {peer}: too many handshakes from its address");
             continue; // dropped: closed at once
         };
@@ -277,45 +277,8 @@ pub async fn serve(listener: TcpListener, pipeline: Arc<Pipeline>) {
             peer,
             pipeline.clone(),
             work.clone(),
-            (permit, slot),
+            (permit, place),
         ));
-    }
-}
-
-/// One of a client's [`PENDING_PER_CLIENT`] handshake places, given back when dropped.
-struct ClientSlot {
-    counts: Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
-    client: std::net::IpAddr,
-}
-
-impl ClientSlot {
-    fn take(
-        counts: &Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
-        peer: SocketAddr,
-    ) -> Option<ClientSlot> {
-        let client = daemon::client_of(peer.ip());
-        let mut map = counts.lock().unwrap();
-        let n = map.entry(client).or_default();
-        if *n >= PENDING_PER_CLIENT {
-            return None;
-        }
-        *n += 1;
-        Some(ClientSlot {
-            counts: counts.clone(),
-            client,
-        })
-    }
-}
-
-impl Drop for ClientSlot {
-    fn drop(&mut self) {
-        let mut map = self.counts.lock().unwrap();
-        if let Some(n) = map.get_mut(&self.client) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.client);
-            }
-        }
     }
 }
 
@@ -324,7 +287,7 @@ async fn connection(
     peer: SocketAddr,
     pipeline: Arc<Pipeline>,
     work: mpsc::UnboundedSender<Work>,
-    handshake: (tokio::sync::OwnedSemaphorePermit, ClientSlot),
+    handshake: (tokio::sync::OwnedSemaphorePermit, daemon::AddressPlace),
 ) {
     let current = pipeline
         .loaded
