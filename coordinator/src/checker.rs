@@ -232,6 +232,28 @@ async fn on_referee_stage<T: Send + 'static>(
     Ok(computed)
 }
 
+/// Send `question` to `target`'s stage `stage` on a probe lane (proved with its probe key, over
+/// TLS to that node in a TLS swarm) and give its answer: a probe, or a recall.
+async fn ask(
+    hub: &Hub,
+    stage: u32,
+    target: &ProbeTarget,
+    question: &Frame,
+) -> Result<Frame, ChannelError> {
+    let (model, split) = {
+        let s = hub.swarm.lock().unwrap();
+        (s.settings.model_sha256.clone(), s.settings.split_id.clone())
+    };
+    let hello = Hello::probe(&model, &split, stage);
+    let tls = hub.data_tls().map(|config| TlsTo {
+        config,
+        node_id: &target.node_id,
+    });
+    let mut conn = Connection::open(&target.data_addr, hello, &target.probe_key, tls).await?;
+    conn.send(question).await?;
+    conn.receive().await
+}
+
 /// Run `input` through `holder`'s stage on a probe lane: its output.
 async fn probe(
     hub: &Hub,
@@ -239,29 +261,16 @@ async fn probe(
     holder: &ProbeTarget,
     input: &Payload,
 ) -> Result<Output, ProbeError> {
-    let (model, split, parallel) = {
-        let s = hub.swarm.lock().unwrap();
-        (
-            s.settings.model_sha256.clone(),
-            s.settings.split_id.clone(),
-            s.settings.parallel,
-        )
-    };
-    let tls = hub.data_tls();
+    // The sequence stages keep for probes.
+    let seq = hub.swarm.lock().unwrap().settings.parallel;
     let run = async {
-        let hello = Hello::probe(&model, &split, stage);
-        let tls = tls.map(|config| TlsTo {
-            config,
-            node_id: &holder.node_id,
-        });
-        let mut conn = Connection::open(&holder.data_addr, hello, &holder.probe_key, tls).await?;
         let rows = input.rows() as u32;
-        conn.send(&Frame::Step {
+        let question = Frame::Step {
             step: 1,
             in_flight: 1,
             busy_us: Vec::new(),
             groups: vec![Group {
-                seq: parallel, // the sequence stages keep for probes
+                seq,
                 pos0: 0,
                 rows,
                 sample: true,
@@ -272,9 +281,8 @@ async fn probe(
                 },
             }],
             payload: input.clone(),
-        })
-        .await?;
-        match conn.receive().await? {
+        };
+        match ask(hub, stage, holder, &question).await? {
             Frame::Output { width, data, .. } => Ok(Output { width, data }),
             Frame::Error(e) => Err(ProbeError::Reported(e)),
             other => Err(ProbeError::Unexpected(other.kind())),

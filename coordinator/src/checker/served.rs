@@ -6,10 +6,10 @@
 
 use std::time::Duration;
 
-use protocol::data::io::{ChannelError, Connection, TlsTo};
-use protocol::data::{seal, Frame, Hello, Payload};
+use protocol::data::io::ChannelError;
+use protocol::data::{seal, Frame, Payload};
 
-use super::{evict, on_referee_stage, Checker, RefereeError};
+use super::{ask, evict, on_referee_stage, Checker, RefereeError};
 use crate::hub::Hub;
 use crate::verify::judge::Output;
 use crate::verify::served::{check_hop, check_tokens, sampled_tokens, HopFault};
@@ -69,26 +69,14 @@ async fn recall_one(
     trace: &Trace,
     signer: &str,
 ) -> Result<Rows, RecallError> {
-    let (model, split) = {
-        let s = hub.swarm.lock().unwrap();
-        (s.settings.model_sha256.clone(), s.settings.split_id.clone())
+    let question = Frame::Recall {
+        lane: trace.lane.clone(),
+        seq: trace.seq,
+        first: trace.first,
+        last: trace.last,
     };
-    let tls = hub.data_tls();
     let run = async {
-        let hello = Hello::probe(&model, &split, stage);
-        let tls = tls.map(|config| TlsTo {
-            config,
-            node_id: &target.node_id,
-        });
-        let mut conn = Connection::open(&target.data_addr, hello, &target.probe_key, tls).await?;
-        conn.send(&Frame::Recall {
-            lane: trace.lane.clone(),
-            seq: trace.seq,
-            first: trace.first,
-            last: trace.last,
-        })
-        .await?;
-        match conn.receive().await? {
+        match ask(hub, stage, target, &question).await? {
             Frame::Recalled(frames) => Ok(frames),
             Frame::Error(e) => Err(RecallError::Refused(e)),
             other => Err(RecallError::Unexpected(other.kind())),
