@@ -103,8 +103,13 @@ fn a_liar_among(honest: usize, why: &str) {
         v["requests_checked"], v["stage_comparisons"], v["served_checked"]
     );
     assert!(v["honest_error_max"].as_f64().unwrap() <= v["tolerance"].as_f64().unwrap());
-    // What the honest route served was checked too (every hop and token), and passed.
-    assert!(v["served_checked"].as_u64().unwrap() >= 1, "{v}");
+    // What the honest route served was checked too (every hop and token), and passed. The
+    // served part of a check comes after its replay, which is where the liar is evicted:
+    // waited for.
+    let v = wait_for("a served request checked", Duration::from_secs(60), || {
+        let v = status()["verify"].clone();
+        (v["served_checked"].as_u64()? >= 1).then_some(v)
+    });
     assert_eq!(v["recall_failures"], 0, "{v}");
     assert!(v["disputes"].as_array().unwrap().is_empty(), "{v}");
 
