@@ -424,9 +424,8 @@ async fn connection(
             // On the route after stage 0: only steps the previous stage signed, which are
             // kept for the coordinator's checks.
             (frame, Some(signer)) if !lane.probe => {
-                let bytes = frame.encode();
                 match seal::open(frame, signer, &lane.id, lane.route.stage) {
-                    Ok(step) => {
+                    Ok((step, bytes)) => {
                         if let Frame::Step {
                             step: n, groups, ..
                         } = &step

@@ -98,15 +98,18 @@ fn rows_of(
     let forged = |why: String| RecallError::Forged(why);
     let mut rows = Vec::new();
     for bytes in frames {
-        let frame = Frame::decode(&bytes).map_err(|e| forged(e.to_string()))?;
-        let step =
-            seal::open(frame, signer, &trace.lane, stage).map_err(|e| forged(e.to_string()))?;
+        seal::verify(&bytes, signer, &trace.lane, stage).map_err(|e| forged(e.to_string()))?;
+        let Frame::Signed { step, .. } =
+            Frame::decode(&bytes).map_err(|e| forged(e.to_string()))?
+        else {
+            return Err(forged("not a signed step".into()));
+        };
         let Frame::Step {
             step,
             groups,
             payload: Payload::Hidden { n_embd, data },
             ..
-        } = step
+        } = *step
         else {
             return Err(forged("a step without hidden states".into()));
         };

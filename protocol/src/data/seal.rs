@@ -85,23 +85,46 @@ pub enum SealError {
     Signature,
     #[error("expected a signed step, got {0}")]
     NotSigned(&'static str),
+    #[error("expected a signed step, got a frame of kind {0}")]
+    NotSignedKind(u8),
 }
 
 /// The step inside `frame` if `frame` is a step signed by `signer` (hex public key) for stage
-/// `to` of lane `lane`.
-pub fn open(frame: Frame, signer: &str, lane: &str, to: u32) -> Result<Frame, SealError> {
-    let Frame::Signed { signature, step } = frame else {
+/// `to` of lane `lane`, and the frame's bytes (encoded once: what the check covers, and what
+/// a receiver keeps).
+pub fn open(
+    frame: Frame,
+    signer: &str,
+    lane: &str,
+    to: u32,
+) -> Result<(Frame, Vec<u8>), SealError> {
+    if !matches!(frame, Frame::Signed { .. }) {
         return Err(SealError::NotSigned(frame.kind()));
+    }
+    let encoded = frame.encode();
+    verify(&encoded, signer, lane, to)?;
+    let Frame::Signed { step, .. } = frame else {
+        unreachable!("checked above");
+    };
+    Ok((*step, encoded))
+}
+
+/// Whether `encoded`, a `Signed` frame as it travels, is a step signed by `signer` (hex
+/// public key) for stage `to` of lane `lane`: checked on the bytes themselves, without
+/// decoding them.
+pub fn verify(encoded: &[u8], signer: &str, lane: &str, to: u32) -> Result<(), SealError> {
+    let (signature, step) = match encoded {
+        [9, rest @ ..] if rest.len() >= SIGNATURE_LEN => rest.split_at(SIGNATURE_LEN),
+        [kind, ..] => return Err(SealError::NotSignedKind(*kind)),
+        [] => return Err(SealError::NotSignedKind(0)),
     };
     let key = hex::decode(signer)
         .ok()
         .filter(|k| k.len() == 32)
         .ok_or_else(|| SealError::Key(signer.to_owned()))?;
-    let digest = digest(lane, to, &step.encode());
     UnparsedPublicKey::new(&ED25519, key)
-        .verify(&digest, &signature)
-        .map_err(|_| SealError::Signature)?;
-    Ok(*step)
+        .verify(&digest(lane, to, step), signature)
+        .map_err(|_| SealError::Signature)
 }
 
 /// Whether `signature` (hex) is `signer`'s (hex public key) over `body` as the document
@@ -172,7 +195,23 @@ mod tests {
         let again = Frame::decode(&bytes).unwrap();
         assert_eq!(
             open(again, &key.public_hex(), "lane", 2).unwrap(),
-            step(1.0)
+            (step(1.0), bytes.clone())
+        );
+        // The same check on the bytes as they travel; a flipped byte or another kind fails.
+        assert_eq!(verify(&bytes, &key.public_hex(), "lane", 2), Ok(()));
+        let mut flipped = bytes.clone();
+        *flipped.last_mut().unwrap() ^= 1;
+        assert_eq!(
+            verify(&flipped, &key.public_hex(), "lane", 2),
+            Err(SealError::Signature)
+        );
+        assert_eq!(
+            verify(&step(1.0).encode(), &key.public_hex(), "lane", 2),
+            Err(SealError::NotSignedKind(6))
+        );
+        assert_eq!(
+            verify(&[], &key.public_hex(), "lane", 2),
+            Err(SealError::NotSignedKind(0))
         );
         let fails = |frame: Frame, signer: &str, lane: &str, to: u32| {
             open(frame, signer, lane, to).unwrap_err()
