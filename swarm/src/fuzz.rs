@@ -88,6 +88,12 @@ pub fn fixture(shards: u32, min_nodes: usize, token: Option<&str>, parallel: u32
     s
 }
 
+/// A well-formed signing key (64 hex digits) that names `id`, for fixtures.
+pub fn signing_key_of(id: &str) -> String {
+    let hex: String = id.bytes().take(32).map(|b| format!("{b:02x}")).collect();
+    format!("{hex:0<64}")
+}
+
 fn register_params(id: &str, held: &[u32]) -> RegisterParams {
     RegisterParams {
         node_id: id.into(),
@@ -110,6 +116,6 @@ fn register_params(id: &str, held: &[u32]) -> RegisterParams {
             downlink_mbit: None,
         },
         token: None,
-        signing_key: Some(format!("key of {id}")),
+        signing_key: Some(signing_key_of(id)),
     }
 }

@@ -163,6 +163,14 @@ impl Swarm {
                 ),
             ));
         }
+        // A signing key goes to the next stage in ROUTE: an Ed25519 public key, hex.
+        let key_ok = |k: &String| k.len() == 64 && k.bytes().all(|b| b.is_ascii_hexdigit());
+        if !p.signing_key.as_ref().is_none_or(key_ok) {
+            return Err(Refusal(
+                code::BAD_PARAMS,
+                "signing_key must be an Ed25519 public key in hex (64 digits)".into(),
+            ));
+        }
         // The node id names the node's data-channel certificate: a DNS label.
         if !protocol::is_node_id(&p.node_id) || p.peer_port == 0 {
             return Err(Refusal(

@@ -53,7 +53,7 @@ fn register_with(
             downlink_mbit: None,
         },
         token: Some("t".into()),
-        signing_key: Some(format!("key of {id}")),
+        signing_key: Some(crate::fuzz::signing_key_of(id)),
     };
     let mut out = s.register("r", &p, ip.parse().unwrap(), 1, None)?;
     out.extend(prove_all(s, id));
@@ -368,6 +368,22 @@ fn held_shards_are_kept_and_refusals_are_named() {
         .0,
         code::UNAUTHORIZED
     );
+    // A signing key that is not one (it goes on to the next stage in ROUTE).
+    let oversized = RegisterParams {
+        token: Some("t".into()),
+        signing_key: Some("k".repeat(100_000)),
+        ..wrong
+    };
+    let refused = bad
+        .register(
+            &req.request_id,
+            &oversized,
+            "127.0.0.1".parse().unwrap(),
+            1,
+            None,
+        )
+        .unwrap_err();
+    assert_eq!(refused.0, code::BAD_PARAMS, "{refused}");
     assert!(bad.nodes.is_empty());
 }
 
@@ -472,7 +488,7 @@ fn route_keys_replicas_probes_and_eviction() {
     assert!(replica.1.key.is_empty() && replica.1.next.is_none());
     // Each stage after the first checks its steps against the previous stage's key.
     assert_eq!(first.previous_signer, None);
-    let first_key = format!("key of {}", route[0].node_id);
+    let first_key = crate::fuzz::signing_key_of(&route[0].node_id);
     assert_eq!(second.previous_signer.as_deref(), Some(first_key.as_str()));
     assert_eq!(replica.1.previous_signer, None);
     let probe_keys: std::collections::BTreeSet<&str> =
