@@ -25,7 +25,8 @@ pub struct SwarmCa {
 pub struct Tls {
     pub server: Option<std::sync::Arc<rustls::ServerConfig>>,
     pub ca: Option<std::sync::Arc<SwarmCa>>,
-    /// Whether `/ca.pem` is served (the coordinator's certificate is the swarm CA's).
+    /// Whether the coordinator's certificate is the swarm CA's (served at `/ca.pem`), not
+    /// the operator's.
     pub serve_ca: bool,
     pub data_client: Option<protocol::data::io::ClientTls>,
 }
@@ -74,11 +75,24 @@ pub fn choose(config: &crate::Config) -> Result<Tls> {
     })
 }
 
-/// `GET /ca.pem`: the swarm's CA, for nodes to pin. Open (it is no secret), with its HMAC under
-/// the swarm token so that a node holding the token can tell it is the real one.
-pub fn route(app: axum::Router, ca: &SwarmCa, token: Option<&str>) -> axum::Router {
-    let pem = ca.cert_pem.clone();
-    let tag = token.map(|t| daemon::secret::tag(t, protocol::CA_TAG_LABEL, pem.as_bytes()));
+/// `GET /ca.pem`: what a node should trust for the control channel, tagged under the swarm
+/// token so that a node holding it can tell the answer is the coordinator's. With the swarm's
+/// CA (`ca`): its PEM, with its HMAC. With an operator's certificate (`None`): 204 and an HMAC
+/// of nothing under another label, meaning "the system's roots". Open (it is no secret).
+pub fn route(app: axum::Router, ca: Option<&SwarmCa>, token: Option<&str>) -> axum::Router {
+    let (status, label, pem) = match ca {
+        Some(ca) => (
+            axum::http::StatusCode::OK,
+            protocol::CA_TAG_LABEL,
+            ca.cert_pem.clone(),
+        ),
+        None => (
+            axum::http::StatusCode::NO_CONTENT,
+            protocol::CA_OPERATOR_TAG_LABEL,
+            String::new(),
+        ),
+    };
+    let tag = token.map(|t| daemon::secret::tag(t, label, pem.as_bytes()));
     app.route(
         "/ca.pem",
         axum::routing::get(move || {
@@ -88,7 +102,7 @@ pub fn route(app: axum::Router, ca: &SwarmCa, token: Option<&str>) -> axum::Rout
                 if let Some(tag) = tag.and_then(|t| t.parse().ok()) {
                     headers.insert(protocol::CA_TAG_HEADER, tag);
                 }
-                (headers, pem)
+                (status, headers, pem)
             }
         }),
     )

@@ -176,9 +176,10 @@ pub async fn start(config: Config) -> Result<Running> {
         max_connections: config.max_connections,
         ..daemon::HttpLimits::default()
     };
-    let app = match &tls.ca {
-        Some(ca) if tls.serve_ca => crate::ca::route(app, ca, access.token.as_deref()),
-        _ => app,
+    let app = match (&tls.ca, tls.serve_ca) {
+        (Some(ca), true) => crate::ca::route(app, Some(ca), access.token.as_deref()),
+        (Some(_), false) => crate::ca::route(app, None, access.token.as_deref()),
+        (None, _) => app,
     };
     let scheme = if tls.server.is_some() {
         "https"

@@ -55,7 +55,8 @@ fn control_url(coordinator: &str) -> String {
 /// The swarm's CA for a `wss://` coordinator given no `--ca`: the one pinned in the data dir,
 /// else fetched from the coordinator's `/ca.pem` and kept only if its tag checks out under the
 /// swarm token (so a machine in the middle cannot slip in its own). None when the coordinator
-/// has no CA of its own (an operator's certificate: the system's roots then).
+/// says, under the token, that it serves an operator's certificate (the system's roots then),
+/// or when the node has no token to check anything with and the coordinator offers no CA.
 async fn pinned_ca(
     control_url: &str,
     data: &DataDir,
@@ -82,9 +83,7 @@ async fn pinned_ca(
         .send()
         .await
         .map_err(|e| refuse(e.to_string()))?;
-    if response.status() == reqwest::StatusCode::NOT_FOUND {
-        return Ok(None);
-    }
+    let status = response.status();
     let tag = response
         .headers()
         .get(protocol::CA_TAG_HEADER)
@@ -92,17 +91,39 @@ async fn pinned_ca(
         .map(str::to_owned);
     let pem = response.text().await.map_err(|e| refuse(e.to_string()))?;
     let Some(token) = token else {
-        return Err(refuse(
-            "the coordinator has a CA of its own: give it with --ca, or the swarm token to fetch it".into(),
-        ));
+        if status == reqwest::StatusCode::OK {
+            return Err(refuse(
+                "the coordinator has a CA of its own: give it with --ca, or the swarm token to fetch it".into(),
+            ));
+        }
+        // Nothing can be checked without the token: the system's roots, as any client.
+        return Ok(None);
     };
-    if !tag
-        .is_some_and(|t| daemon::secret::is_tag(token, protocol::CA_TAG_LABEL, pem.as_bytes(), &t))
-    {
-        return Err(refuse(
+    let vouched = |label: &str, data: &[u8]| {
+        tag.as_deref()
+            .is_some_and(|t| daemon::secret::is_tag(token, label, data, t))
+    };
+    match status {
+        reqwest::StatusCode::OK if vouched(protocol::CA_TAG_LABEL, pem.as_bytes()) => {}
+        reqwest::StatusCode::NO_CONTENT if vouched(protocol::CA_OPERATOR_TAG_LABEL, b"") => {
+            tracing::info!(
+                "the coordinator serves a certificate of its operator's: trusting the system's roots"
+            );
+            return Ok(None);
+        }
+        reqwest::StatusCode::OK | reqwest::StatusCode::NO_CONTENT => return Err(refuse(
             "its CA does not check out under the swarm token: wrong token, or not the coordinator"
                 .into(),
-        ));
+        )),
+        // A 404 would otherwise make the node trust the system's roots: refused, since a
+        // machine in the middle could answer it.
+        other => {
+            return Err(refuse(format!(
+                "answered {other}, neither the swarm's CA nor an operator's certificate vouched \
+                 for under the swarm token: not the coordinator, or one older than this node \
+                 (give the CA to trust with --ca)"
+            )))
+        }
     }
     torrents::manifest::write_atomically(&pinned, pem.as_bytes())?;
     tracing::info!("pinned the swarm's CA in {}", pinned.display());

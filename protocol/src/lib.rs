@@ -34,6 +34,11 @@ pub const CA_TAG_HEADER: &str = "x-shardswarm-ca-tag";
 /// The label of the CA's tag (`daemon::secret::tag`): what the tag vouches for.
 pub const CA_TAG_LABEL: &str = "shardswarm swarm CA v1";
 
+/// The label of the tag a coordinator serving an operator's certificate sends with an empty
+/// `/ca.pem` (204): "trust the system's roots" is vouched for under the token too, so that a
+/// machine in the middle cannot make a node drop the swarm's CA by answering 404.
+pub const CA_OPERATOR_TAG_LABEL: &str = "shardswarm operator certificate v1";
+
 /// Command names.
 pub mod cmd {
     pub const REGISTER: &str = "REGISTER";

@@ -467,3 +467,85 @@ fn a_node_claiming_shards_without_their_bytes_is_not_counted() {
         }
     }
 }
+
+/// A machine in the middle between a node and a `wss://` coordinator answers `/ca.pem` with
+/// 404 (here `openssl s_server` with a certificate of its own, answering every path so). A
+/// node holding the swarm token must refuse to go on, rather than fall back to trusting the
+/// system's roots (under which anyone with a public certificate for the name could pose as
+/// the coordinator).
+#[test]
+fn a_404_for_the_swarms_ca_is_refused_not_taken_for_the_systems_roots() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "impostor.key",
+        "-out",
+        "impostor.pem",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=impostor",
+    ]);
+    // With -HTTP, s_server sends a file as the whole response, status line and all.
+    std::fs::write(
+        dir.path().join("ca.pem"),
+        "HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n",
+    )
+    .unwrap();
+    let mut impostor = std::process::Command::new("openssl")
+        .args([
+            "s_server",
+            "-accept",
+            "127.0.0.1:0",
+            "-cert",
+            "impostor.pem",
+        ])
+        .args(["-key", "impostor.key", "-HTTP"])
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr = {
+        use std::io::BufRead;
+        let out = std::io::BufReader::new(impostor.stdout.take().unwrap());
+        // The first lines s_server prints (bounded): the one naming its address.
+        out.lines()
+            .take(20)
+            .map_while(Result::ok)
+            .find_map(|l| l.strip_prefix("ACCEPT ").map(str::to_owned))
+            .expect("s_server printed no ACCEPT line")
+    };
+    let data = dir.path().join("node");
+    let (status, stderr) = node(
+        "misled",
+        &format!("https://{addr}"),
+        &data,
+        &["--token", "the-swarm-token"],
+    )
+    .wait_exit(Duration::from_secs(60));
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains("/ca.pem: answered 404"), "{stderr}");
+    assert!(!data.join("coordinator-ca.pem").exists());
+    let _ = impostor.kill();
+    let _ = impostor.wait();
+}

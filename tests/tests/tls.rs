@@ -36,6 +36,9 @@ fn make_certificates(dir: &Path) -> (String, String, String) {
     (p("ca.pem"), p("server.pem"), p("server.key"))
 }
 
+/// The swarm token of the test's coordinator.
+const TOKEN: &str = "tls-test-token";
+
 #[test]
 fn https_and_wss_with_the_operators_certificate_give_the_same_tokens() {
     let _one = swarm_lock();
@@ -58,6 +61,8 @@ fn https_and_wss_with_the_operators_certificate_give_the_same_tokens() {
             &key,
             "--state-dir",
             &state,
+            "--token",
+            TOKEN,
         ],
     );
     assert_eq!(c.field("scheme"), "https");
@@ -83,12 +88,14 @@ fn https_and_wss_with_the_operators_certificate_give_the_same_tokens() {
         .send();
     assert!(plain.is_err() || !plain.unwrap().status().is_success());
 
-    // A node that does not trust the CA cannot join; nodes given it can.
+    // A node that does not trust the CA cannot join; nodes given it can. Without `--ca`, the
+    // coordinator's `/ca.pem` tells a node with the token, vouched for under it, to trust the
+    // system's roots (which do not hold this CA).
     let dirs = bed.node_dirs(3);
-    let stranger = node("untrusting", &base, &dirs[2].1, &[]);
+    let stranger = node("untrusting", &base, &dirs[2].1, &["--token", TOKEN]);
     let _nodes: Vec<_> = dirs[..2]
         .iter()
-        .map(|(n, d)| node(n, &base, d, &["--ca", &ca]))
+        .map(|(n, d)| node(n, &base, d, &["--ca", &ca, "--token", TOKEN]))
         .collect();
     // Waited for with `shard_loader watch` trusting the operator's CA (without it: refused).
     let watch = |ca_flag: &[&str], timeout: &str| {
@@ -121,6 +128,10 @@ fn https_and_wss_with_the_operators_certificate_give_the_same_tokens() {
     let log = stranger.stderr_text();
     assert!(
         log.contains("certificate") || log.contains("UnknownIssuer"),
+        "{log}"
+    );
+    assert!(
+        log.contains("serves a certificate of its operator's: trusting the system's roots"),
         "{log}"
     );
 
