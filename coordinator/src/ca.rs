@@ -158,50 +158,52 @@ impl SwarmCa {
         })
     }
 
-    /// A node's data-channel TLS: a certificate for its node id's name
-    /// ([`protocol::node_tls_name`]), never for an address it claims (a node could claim the
-    /// coordinator's), for serving and calling on the data channel.
-    pub fn node_tls(&self, node_id: &str) -> Result<protocol::NodeTls> {
+    /// A node's data-channel TLS: a certificate of the public key it named
+    /// (`public_key_pem`, a PEM SubjectPublicKeyInfo; the node keeps the private half) for
+    /// its node id's name ([`protocol::node_tls_name`]), never for an address it claims (a
+    /// node could claim the coordinator's), for serving and calling on the data channel.
+    /// A key that is not one is [`Error::NodeKey`].
+    pub fn node_tls(&self, node_id: &str, public_key_pem: &str) -> Result<protocol::NodeTls> {
+        let key = rcgen::SubjectPublicKeyInfo::from_pem(public_key_pem)
+            .map_err(|e| Error::NodeKey(format!("tls_public_key is not a public key: {e}")))?;
         let names = vec![protocol::node_tls_name(node_id)];
         let usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
-        let (cert_pem, key_pem) =
-            self.sign(names, &format!("shardswarm node {node_id}"), usages)?;
+        let cert_pem = self.sign(&key, names, &format!("shardswarm node {node_id}"), usages)?;
         Ok(protocol::NodeTls {
             ca_pem: self.cert_pem.clone(),
             cert_pem,
-            key_pem,
         })
     }
 
     /// The coordinator's certificate for `names` (IP addresses or host names), signed by the
     /// CA: (chain PEM with the CA last, key PEM).
     pub fn certificate_for(&self, names: Vec<String>) -> Result<(String, String)> {
+        let key = KeyPair::generate().map_err(|e| fail("a key", e))?;
         let usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        self.sign(names, "shardswarm coordinator", usages)
+        let chain = self.sign(&key, names, "shardswarm coordinator", usages)?;
+        Ok((chain, key.serialize_pem()))
     }
 
+    /// A certificate of `key` for `names`, signed by the CA: its chain (PEM, the CA last).
     fn sign(
         &self,
+        key: &impl rcgen::PublicKeyData,
         names: Vec<String>,
         common_name: &str,
         usages: Vec<ExtendedKeyUsagePurpose>,
-    ) -> Result<(String, String)> {
-        let key = KeyPair::generate().map_err(|e| fail("a key", e))?;
+    ) -> Result<String> {
         let mut params = CertificateParams::new(names).map_err(|e| fail("names", e))?;
         params
             .distinguished_name
             .push(DnType::CommonName, common_name);
         params.extended_key_usages = usages;
         let cert = params
-            .signed_by(&key, &self.issuer)
+            .signed_by(key, &self.issuer)
             .map_err(|e| fail("signing", e))?;
-        Ok((
-            format!("{}{}", cert.pem(), self.cert_pem),
-            key.serialize_pem(),
-        ))
+        Ok(format!("{}{}", cert.pem(), self.cert_pem))
     }
 }
 
@@ -267,7 +269,25 @@ mod tests {
         let (coordinator, _) = ca.certificate_for(vec!["127.0.0.1".into()]).unwrap();
         assert!(valid_for(&ca, &coordinator, "127.0.0.1"));
 
-        let node = ca.node_tls("6addd700-894c-4b31-974d-ffba0a716d5b").unwrap();
+        // The node's key is the node's: only its public half reaches the CA.
+        let node_key = KeyPair::generate().unwrap();
+        let id = "6addd700-894c-4b31-974d-ffba0a716d5b";
+        let node = ca.node_tls(id, &node_key.public_key_pem()).unwrap();
+        let leaf = CertificateDer::pem_slice_iter(node.cert_pem.as_bytes())
+            .next()
+            .unwrap()
+            .unwrap();
+        let (_, parsed) = x509_parser::parse_x509_certificate(&leaf).unwrap();
+        assert_eq!(
+            parsed.public_key().subject_public_key.data.as_ref(),
+            node_key.public_key_raw()
+        );
+        assert!(!node.cert_pem.contains("PRIVATE KEY"));
+        // What is not a public key is refused, naming the field.
+        for bad in ["", "not a key", &node_key.serialize_pem()] {
+            let e = ca.node_tls(id, bad).unwrap_err().to_string();
+            assert!(e.contains("tls_public_key"), "{e}");
+        }
         let own_name = protocol::node_tls_name("6addd700-894c-4b31-974d-ffba0a716d5b");
         assert!(valid_for(&ca, &node.cert_pem, &own_name));
         assert!(!valid_for(&ca, &node.cert_pem, "127.0.0.1"));

@@ -14,6 +14,9 @@ pub enum Error {
     /// not tried again.
     #[error("{url}: its signature does not check out under --seeder-key: not the seeder's document (changed on the way?), or the wrong key")]
     Unsigned { url: String },
+    /// A node named a key the swarm's CA cannot certify (REGISTER `tls_public_key`).
+    #[error("{0}")]
+    NodeKey(String),
     #[error(transparent)]
     Io(#[from] daemon::IoError),
     #[error(transparent)]

@@ -113,23 +113,26 @@ impl Hub {
         }
     }
 
-    /// `node`'s data-channel TLS (a TLS swarm, and the node has a data address).
-    pub fn node_tls(&self, node: &str) -> Option<protocol::NodeTls> {
-        let ca = self.ca.as_ref()?;
-        self.swarm
-            .lock()
-            .unwrap()
-            .nodes
-            .get(node)?
-            .data_addr
-            .as_ref()?;
-        match ca.node_tls(node) {
-            Ok(tls) => Some(tls),
-            Err(e) => {
-                tracing::error!("no data-channel certificate for {node}: {e}");
-                None
-            }
+    /// The data-channel TLS of a node registering with `p`, in a TLS swarm and when it has a
+    /// data address: a certificate of the key it named. Err (for `bad_params`) when that key is
+    /// missing or not a key, or the CA fails.
+    pub fn node_tls(
+        &self,
+        p: &protocol::RegisterParams,
+    ) -> Result<Option<protocol::NodeTls>, String> {
+        let Some(ca) = self.ca.as_ref() else {
+            return Ok(None);
+        };
+        if p.data_addr.is_none() {
+            return Ok(None);
         }
+        let key = p.tls_public_key.as_deref().ok_or(
+            "this swarm runs TLS: REGISTER must name tls_public_key, the public half of the \
+             node's data-channel key",
+        )?;
+        ca.node_tls(&p.node_id, key)
+            .map_err(|e| e.to_string())
+            .map(Some)
     }
 
     /// What the coordinator trusts on the data channel: the swarm's CA (TLS swarms only).

@@ -479,6 +479,14 @@ async fn handle(
         queue(tx, close, msg);
     };
     if let protocol::Message::Register(p) = &req.message {
+        let tls = match hub.node_tls(p) {
+            Ok(tls) => tls,
+            Err(message) => {
+                tracing::warn!("refused registration of {} from {ip}: {message}", p.node_id);
+                reply_error(code::BAD_PARAMS, &message);
+                return Ok(None);
+            }
+        };
         let result = hub
             .swarm
             .lock()
@@ -492,7 +500,7 @@ async fn handle(
                 });
                 for (_, mut c) in mine {
                     if let protocol::Message::Registered(r) = &mut c.message {
-                        r.tls = hub.node_tls(&p.node_id);
+                        r.tls = tls.clone();
                     }
                     queue(tx, close, c);
                 }

@@ -166,7 +166,7 @@ pub(crate) async fn run(mut config: Config) -> Result<()> {
         lie: config.test_lie,
         attack: config.test_attack,
     };
-    let pipeline = crate::serve::Pipeline::new(data.clone(), threads, hostility);
+    let pipeline = crate::serve::Pipeline::new(data.clone(), threads, hostility)?;
     let what = format!(
         "binding the data channel on {}:{}",
         config.listen_addr, config.data_port
@@ -315,6 +315,7 @@ async fn session(
         data_addr: Some(links.data_addr.to_string()),
         shards: held,
         signing_key: Some(links.pipeline.signing_key()),
+        tls_public_key: Some(links.pipeline.tls_public_key()),
         capacity: Capacity {
             ram_bytes: crate::store::ram_available(),
             disk_free_bytes: data.disk_free(),

@@ -87,6 +87,9 @@ pub struct Pipeline {
     answer_lanes: Mutex<HashMap<String, mpsc::UnboundedSender<Frame>>>,
     /// Signs the steps this node sends to the next stage (made at start, named at REGISTER).
     signer: SigningKey,
+    /// The data channel's TLS key, made at start; only its public half leaves the node
+    /// (REGISTER `tls_public_key`), for the coordinator to certify.
+    tls_key: rcgen::KeyPair,
     /// The signed steps this node received, for the coordinator's checks of served requests.
     records: Mutex<Records>,
     /// What `--metrics-listen` shows.
@@ -105,9 +108,11 @@ impl Pipeline {
         data: Arc<crate::store::DataDir>,
         threads: ThreadSettings,
         hostility: Hostility,
-    ) -> Arc<Pipeline> {
+    ) -> Result<Arc<Pipeline>> {
         hostility.announce();
-        Arc::new(Pipeline {
+        let tls_key = rcgen::KeyPair::generate()
+            .map_err(|e| Error::Pipeline(format!("making the data channel's TLS key: {e}")))?;
+        Ok(Arc::new(Pipeline {
             data,
             threads,
             decoder: DecodeThread::start(),
@@ -117,9 +122,15 @@ impl Pipeline {
             tls: std::sync::RwLock::new(None),
             answer_lanes: Mutex::new(HashMap::new()),
             signer: SigningKey::generate(),
+            tls_key,
             records: Mutex::new(Records::new(KEPT_STEP_BYTES)),
             metrics: Default::default(),
-        })
+        }))
+    }
+
+    /// The public half of the data channel's TLS key (PEM), for `REGISTER`.
+    pub fn tls_public_key(&self) -> String {
+        self.tls_key.public_key_pem()
     }
 
     /// The public key of the node's signed steps (hex), for `REGISTER`.
@@ -127,11 +138,13 @@ impl Pipeline {
         self.signer.public_hex()
     }
 
-    /// Run the data channel over TLS with the certificate the coordinator gave (at REGISTER).
+    /// Run the data channel over TLS with the certificate of its key the coordinator gave (at
+    /// REGISTER).
     pub fn set_tls(&self, tls: &protocol::NodeTls) -> Result<()> {
         let bad = |e: daemon::tls::TlsError| Error::Pipeline(format!("data-channel TLS: {e}"));
         let server =
-            daemon::tls::server_config_from_pem(&tls.cert_pem, &tls.key_pem).map_err(bad)?;
+            daemon::tls::server_config_from_pem(&tls.cert_pem, &self.tls_key.serialize_pem())
+                .map_err(bad)?;
         let client = daemon::tls::client_config_from_pem(&tls.ca_pem).map_err(bad)?;
         *self.tls.write().unwrap() = Some(DataTls {
             acceptor: tokio_rustls::TlsAcceptor::from(server),

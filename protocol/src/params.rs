@@ -45,6 +45,11 @@ pub struct RegisterParams {
     /// the next stage ([`crate::data::seal`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signing_key: Option<String>,
+    /// The public half of the node's data-channel TLS key (PEM SubjectPublicKeyInfo), made at
+    /// start: in a TLS swarm the coordinator certifies it, so the private half never leaves
+    /// the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_public_key: Option<String>,
 }
 
 /// `REGISTERED`.
@@ -55,26 +60,18 @@ pub struct RegisteredParams {
     pub split_id: String,
     /// Seconds between heartbeats the coordinator expects.
     pub heartbeat_interval_secs: u64,
-    /// The node's TLS for the data channel, when the swarm runs TLS: its certificate (for its
-    /// data address, signed by the swarm's CA) and key, and the CA it trusts in others.
+    /// The node's TLS for the data channel, when the swarm runs TLS: the certificate of the key
+    /// it named at REGISTER (signed by the swarm's CA), and the CA it trusts in others.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<NodeTls>,
 }
 
-/// A node's data-channel certificate, key and the swarm's CA (PEM), sent over the control
-/// channel, which is itself TLS whenever this is sent.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A node's data-channel certificate (chain, the CA last) and the swarm's CA (PEM). No key:
+/// the node made its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeTls {
     pub ca_pem: String,
     pub cert_pem: String,
-    pub key_pem: String,
-}
-
-/// The key stays out of logs.
-impl std::fmt::Debug for NodeTls {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NodeTls").finish_non_exhaustive()
-    }
 }
 
 /// `LOAD_SHARD`: fetch and verify a shard, then keep seeding it.

@@ -117,5 +117,6 @@ fn register_params(id: &str, held: &[u32]) -> RegisterParams {
         },
         token: None,
         signing_key: Some(signing_key_of(id)),
+        tls_public_key: None,
     }
 }

@@ -54,6 +54,7 @@ fn register_with(
         },
         token: Some("t".into()),
         signing_key: Some(crate::fuzz::signing_key_of(id)),
+        tls_public_key: None,
     };
     let mut out = s.register("r", &p, ip.parse().unwrap(), 1, None)?;
     out.extend(prove_all(s, id));
@@ -343,6 +344,7 @@ fn held_shards_are_kept_and_refusals_are_named() {
         capacity: Capacity::default(),
         token: Some("t".into()),
         signing_key: None,
+        tls_public_key: None,
     };
     let req = Command::new(cmd::REGISTER, "x", COORDINATOR, &p);
     assert_eq!(
