@@ -37,6 +37,7 @@ use protocol::data::io::{Accepted, Connection};
 use protocol::data::seal::{self, SigningKey};
 use protocol::data::{
     Frame, Group, LaneKind, Payload, KEPT_STEP_BYTES, MAX_CONTEXT, MAX_QUEUED_STEPS,
+    MAX_RECALLED_BYTES,
 };
 use protocol::RouteParams;
 use tokio::net::{TcpListener, TcpStream};
@@ -429,7 +430,7 @@ async fn connection(
                     Frame::Error("no".into())
                 } else {
                     let kept = pipeline.records.lock().unwrap();
-                    Frame::Recalled(kept.recall(&of, seq, first, last))
+                    Frame::Recalled(kept.recall(&of, seq, (first, last), MAX_RECALLED_BYTES))
                 };
                 let _ = lane.up.send(answer);
                 continue;

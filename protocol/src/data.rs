@@ -149,6 +149,11 @@ pub const SIGNATURE_LEN: usize = 64;
 /// The most steps one `Recalled` may hold (a request of [`MAX_CONTEXT`] tokens takes fewer).
 pub const MAX_RECALLED: usize = 2 * MAX_CONTEXT as usize;
 
+/// The bytes of steps one `Recalled` holds at most (it holds at least one step, whatever its
+/// size): half a frame, so that an answer always fits in one. The coordinator asks again from
+/// the step after the last it got until it has the whole range.
+pub const MAX_RECALLED_BYTES: usize = MAX_FRAME / 2;
+
 /// What each stage keeps of the signed steps it received, in bytes (the oldest go first):
 /// enough for the coordinator to recall a request's steps right after it is served.
 pub const KEPT_STEP_BYTES: usize = 256 << 20;

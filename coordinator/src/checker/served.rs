@@ -69,34 +69,48 @@ async fn recall_one(
     trace: &Trace,
     signer: &str,
 ) -> Result<Rows, RecallError> {
-    let question = Frame::Recall {
-        lane: trace.lane.clone(),
-        seq: trace.seq,
-        first: trace.first,
-        last: trace.last,
-    };
-    let run = async {
-        match ask(hub, stage, target, &question).await? {
-            Frame::Recalled(frames) => Ok(frames),
-            Frame::Error(e) => Err(RecallError::Refused(e)),
-            other => Err(RecallError::Unexpected(other.kind())),
+    let mut rows = Rows::new();
+    let mut from = trace.first;
+    // An answer holds at least one step (at most MAX_RECALLED_BYTES of them), so the range's
+    // length bounds the asks.
+    let most = (trace.last - trace.first).min(protocol::data::MAX_RECALLED as u64);
+    for _ in 0..=most {
+        let question = Frame::Recall {
+            lane: trace.lane.clone(),
+            seq: trace.seq,
+            first: from,
+            last: trace.last,
+        };
+        let run = async {
+            match ask(hub, stage, target, &question).await? {
+                Frame::Recalled(frames) => Ok(frames),
+                Frame::Error(e) => Err(RecallError::Refused(e)),
+                other => Err(RecallError::Unexpected(other.kind())),
+            }
+        };
+        let frames = tokio::time::timeout(RECALL_WAIT, run)
+            .await
+            .map_err(|_| RecallError::Timeout)??;
+        match rows_of(frames, signer, trace, stage, from, &mut rows)? {
+            Some(step) if step < trace.last => from = step + 1,
+            _ => break,
         }
-    };
-    let frames = tokio::time::timeout(RECALL_WAIT, run)
-        .await
-        .map_err(|_| RecallError::Timeout)??;
-    rows_of(frames, signer, trace, stage)
+    }
+    Ok(rows)
 }
 
-/// The request's rows in the recalled steps, each checked against the sender's signature.
+/// Adds to `rows` the request's rows in the recalled steps (each checked against the sender's
+/// signature, numbered `from..=trace.last` and rising); returns the last step's number.
 fn rows_of(
     frames: Vec<Vec<u8>>,
     signer: &str,
     trace: &Trace,
     stage: u32,
-) -> Result<Rows, RecallError> {
+    from: u64,
+    rows: &mut Rows,
+) -> Result<Option<u64>, RecallError> {
     let forged = |why: String| RecallError::Forged(why);
-    let mut rows = Vec::new();
+    let mut last_step = None;
     for bytes in frames {
         seal::verify(&bytes, signer, &trace.lane, stage).map_err(|e| forged(e.to_string()))?;
         let Frame::Signed { step, .. } =
@@ -113,9 +127,12 @@ fn rows_of(
         else {
             return Err(forged("a step without hidden states".into()));
         };
-        if !(trace.first..=trace.last).contains(&step) {
-            return Err(forged(format!("step {step} is not one of the request's")));
+        if !(from..=trace.last).contains(&step) || last_step.is_some_and(|l| step <= l) {
+            return Err(forged(format!(
+                "step {step} is not one of the request's asked for, in order"
+            )));
         }
+        last_step = Some(step);
         let width = n_embd as usize;
         let mut offset = 0;
         for g in &groups {
@@ -128,7 +145,7 @@ fn rows_of(
             offset += g.rows as usize;
         }
     }
-    Ok(rows)
+    Ok(last_step)
 }
 
 /// Judge the served traffic of `request` against the replay's settled outputs (`reference`,

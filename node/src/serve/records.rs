@@ -47,12 +47,26 @@ impl Records {
         }
     }
 
-    /// The kept steps of `lane` numbered `first..=last` that carry sequence `seq`, in order.
-    pub(super) fn recall(&self, lane: &str, seq: u32, first: u64, last: u64) -> Vec<Vec<u8>> {
+    /// The kept steps of `lane` numbered `first..=last` that carry sequence `seq`, in order:
+    /// the first of them, and then as many more as fit in `max_bytes` in all (the caller asks
+    /// again for the rest), at most [`protocol::data::MAX_RECALLED`].
+    pub(super) fn recall(
+        &self,
+        lane: &str,
+        seq: u32,
+        (first, last): (u64, u64),
+        max_bytes: usize,
+    ) -> Vec<Vec<u8>> {
+        let mut bytes = 0;
         self.kept
             .iter()
             .filter(|k| k.lane == lane && (first..=last).contains(&k.step) && k.seqs.contains(&seq))
             .take(protocol::data::MAX_RECALLED)
+            .take_while(|k| {
+                let none_yet = bytes == 0;
+                bytes += k.frame.len();
+                none_yet || bytes <= max_bytes
+            })
             .map(|k| k.frame.clone())
             .collect()
     }
@@ -68,12 +82,26 @@ mod tests {
         r.keep("a", 1, vec![0, 1], vec![1; 4]);
         r.keep("b", 2, vec![0], vec![2; 4]);
         r.keep("a", 3, vec![1], vec![3; 2]);
-        assert_eq!(r.recall("a", 1, 1, 3), vec![vec![1; 4], vec![3; 2]]);
-        assert_eq!(r.recall("a", 0, 2, 3), Vec::<Vec<u8>>::new());
-        assert_eq!(r.recall("b", 0, 0, 9), vec![vec![2; 4]]);
+        let all = usize::MAX;
+        assert_eq!(r.recall("a", 1, (1, 3), all), vec![vec![1; 4], vec![3; 2]]);
+        assert_eq!(r.recall("a", 0, (2, 3), all), Vec::<Vec<u8>>::new());
+        assert_eq!(r.recall("b", 0, (0, 9), all), vec![vec![2; 4]]);
         // 4 more bytes: over 10, the oldest (step 1) goes.
         r.keep("a", 4, vec![1], vec![4; 4]);
-        assert_eq!(r.recall("a", 1, 0, 9), vec![vec![3; 2], vec![4; 4]]);
+        assert_eq!(r.recall("a", 1, (0, 9), all), vec![vec![3; 2], vec![4; 4]]);
         assert_eq!(r.bytes, 10);
+    }
+
+    /// An answer holds what fits in the budget, and always the first step (however big), so
+    /// that asking again from the next step gets the rest.
+    #[test]
+    fn a_recall_stops_at_its_byte_budget_after_the_first_step() {
+        let mut r = Records::new(100);
+        r.keep("a", 1, vec![0], vec![1; 8]);
+        r.keep("a", 2, vec![0], vec![2; 3]);
+        r.keep("a", 3, vec![0], vec![3; 3]);
+        assert_eq!(r.recall("a", 0, (1, 3), 4), vec![vec![1; 8]]);
+        assert_eq!(r.recall("a", 0, (2, 3), 4), vec![vec![2; 3]]);
+        assert_eq!(r.recall("a", 0, (2, 3), 6), vec![vec![2; 3], vec![3; 3]]);
     }
 }
