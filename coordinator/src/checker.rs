@@ -3,7 +3,6 @@
 //! when holders disagree, checks what the route actually served against the replay
 //! ([`served`]), and acts on the verdicts (evicting through the hub).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,14 +47,14 @@ pub enum RefereeError {
 /// node failed.
 struct Checker {
     checks: Checks,
-    strikes: HashMap<String, u32>,
+    strikes: crate::verify::served::Strikes,
 }
 
 /// Check the requests the sampler hands over, until the engine stops.
 pub fn spawn(checks: Checks, hub: Arc<Hub>) {
     let mut checker = Checker {
         checks,
-        strikes: HashMap::new(),
+        strikes: Default::default(),
     };
     tokio::spawn(async move {
         while let Some(request) = checker.checks.incoming.recv().await {

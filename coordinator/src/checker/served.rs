@@ -12,14 +12,11 @@ use protocol::data::{seal, Frame, Payload};
 use super::{ask, evict, on_referee_stage, Checker, RefereeError};
 use crate::hub::Hub;
 use crate::verify::judge::Output;
-use crate::verify::served::{check_hop, check_tokens, sampled_tokens, HopFault};
+use crate::verify::served::{check_hop, check_tokens, sampled_tokens, HopFault, STRIKES};
 use crate::verify::{Served, Trace};
 
 /// How long a recall (connect, look up, answer) may take.
 const RECALL_WAIT: Duration = Duration::from_secs(30);
-
-/// Failed recalls that evict a node.
-const STRIKES: u32 = 2;
 
 /// Why a stage's received steps could not be had.
 #[derive(Debug, thiserror::Error)]
@@ -172,7 +169,10 @@ pub(super) async fn judge(
             Err(e) => return checker.strike(hub, receiver, k as u32, e.to_string()),
         };
         match check_hop(&rows, &reference[k - 1], from, to, tolerance) {
-            Ok(error) => checker.checks.stats.lock().unwrap().honest(error),
+            Ok(error) => {
+                checker.checks.stats.lock().unwrap().honest(error);
+                checker.strikes.passed(receiver);
+            }
             Err(HopFault::Missing(pos)) => {
                 let why = format!("it could not show the row of position {pos} it received");
                 return checker.strike(hub, receiver, k as u32, why);
@@ -246,15 +246,15 @@ async fn logits_at(
 
 impl Checker {
     /// `node` failed a check of a served request (it could not show what it received):
-    /// counted, and evicted at [`STRIKES`].
+    /// counted, and evicted at [`STRIKES`] among its latest checks.
     fn strike(&mut self, hub: &Hub, node: &str, shard: u32, why: String) {
         self.checks.stats.lock().unwrap().shown.recall_failures += 1;
-        let strikes = self.strikes.entry(node.to_owned()).or_default();
-        *strikes += 1;
+        let strikes = self.strikes.failed(node);
         tracing::warn!(
             "node {node} failed a check of a served request ({strikes} of {STRIKES}): {why}"
         );
-        if *strikes >= STRIKES {
+        if strikes >= STRIKES {
+            self.strikes.forget(node);
             let reason = format!("it failed {strikes} checks of served requests (the last: {why})");
             evict(hub, node, shard, reason);
         }

@@ -117,9 +117,68 @@ pub fn sampled_tokens(
         .collect()
 }
 
+/// Failed checks (among a node's last [`STRIKE_WINDOW`]) that evict it.
+pub const STRIKES: usize = 2;
+
+/// How many of a node's latest served checks count toward its strikes: a failure long ago
+/// (a timeout on a busy day) is forgotten, while a receiver that hides a colluding sender's
+/// lies by refusing the checks of the requests lied on is evicted once it refuses twice in
+/// that many.
+pub const STRIKE_WINDOW: usize = 20;
+
+/// The outcomes of each node's latest checks of served requests (`true`: failed).
+#[derive(Default)]
+pub struct Strikes {
+    by_node: std::collections::HashMap<String, std::collections::VecDeque<bool>>,
+}
+
+impl Strikes {
+    /// `node` showed what it received.
+    pub fn passed(&mut self, node: &str) {
+        self.record(node, false);
+    }
+
+    /// `node` could not show what it received: its failures in the window, now.
+    pub fn failed(&mut self, node: &str) -> usize {
+        self.record(node, true)
+    }
+
+    /// `node` is gone (evicted): nothing kept of it.
+    pub fn forget(&mut self, node: &str) {
+        self.by_node.remove(node);
+    }
+
+    fn record(&mut self, node: &str, failed: bool) -> usize {
+        let latest = self.by_node.entry(node.to_owned()).or_default();
+        latest.push_back(failed);
+        if latest.len() > STRIKE_WINDOW {
+            latest.pop_front();
+        }
+        latest.iter().filter(|f| **f).count()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn strikes_count_failures_among_a_nodes_latest_checks() {
+        let mut s = Strikes::default();
+        // Two failures close together: evicted at the second.
+        assert_eq!(s.failed("a"), 1);
+        s.passed("a");
+        assert_eq!(s.failed("a"), STRIKES);
+        // One failure every window's length: never two at once.
+        for _ in 0..5 {
+            assert_eq!(s.failed("b"), 1);
+            for _ in 0..STRIKE_WINDOW - 1 {
+                s.passed("b");
+            }
+        }
+        s.forget("a");
+        assert_eq!(s.failed("a"), 1);
+    }
 
     const GREEDY: Sampling = Sampling {
         temperature: 0.0,
