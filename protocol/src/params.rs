@@ -52,6 +52,28 @@ pub struct RegisterParams {
     pub tls_public_key: Option<String>,
 }
 
+/// Where a swarm member can be reached over the mesh (iroh, crate `mesh`): its endpoint id
+/// (an Ed25519 public key, which every connection to it proves), the relay it is homed on and
+/// the direct addresses it knows of itself. The coordinator is how members learn each other's:
+/// there is no other discovery.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshAddr {
+    pub endpoint_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_url: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addrs: Vec<String>,
+}
+
+/// The swarm's relay (on the seeder's host): its URL (`https://HOST:PORT`; it serves QUIC
+/// address discovery on the same port number over UDP) and its certificate (PEM, self-signed:
+/// members trust exactly it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayInfo {
+    pub url: String,
+    pub cert_pem: String,
+}
+
 /// `REGISTERED`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegisteredParams {

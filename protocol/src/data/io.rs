@@ -27,6 +27,15 @@ impl Accepted {
         }
     }
 
+    /// A connection over a secure session of another kind (a QUIC stream), bound to it by
+    /// `binding` (the session's exporter value for [`auth::EXPORTER_LABEL`]).
+    pub fn bound(stream: impl DataStream, binding: auth::Binding) -> Accepted {
+        Accepted {
+            stream: Box::new(stream),
+            binding,
+        }
+    }
+
     /// A TLS connection, bound to its session.
     pub fn tls(stream: tokio_rustls::server::TlsStream<TcpStream>) -> Accepted {
         let binding = exporter(stream.get_ref().1);
@@ -118,10 +127,19 @@ impl Connection {
                 (Box::new(tls), binding)
             }
         };
-        let mut conn = Connection {
-            stream,
-            peer: addr.to_owned(),
-        };
+        Connection::open_over(stream, binding, addr.to_owned(), hello, key).await
+    }
+
+    /// Run the caller's side of the handshake over `stream`, an established secure session
+    /// to `peer` (a QUIC stream of the mesh) bound to it by `binding`.
+    pub async fn open_over(
+        stream: Box<dyn DataStream>,
+        binding: auth::Binding,
+        peer: String,
+        hello: Hello,
+        key: &str,
+    ) -> Result<Connection, ChannelError> {
+        let mut conn = Connection { stream, peer };
         conn.send(&Frame::Hello(hello.clone())).await?;
         let nonce = match conn.receive_handshake().await? {
             Frame::Challenge { nonce, proof }
