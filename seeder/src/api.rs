@@ -33,6 +33,7 @@ pub fn router(seeder: Arc<Seeder>) -> Router {
         .route("/scrape", get(scrape))
         .route("/files", get(list_files))
         .route("/manifest", get(manifest))
+        .route("/relay", get(relay))
         .route("/torrents/{name}", get(torrent_file))
         .route("/metadata/{info_hash}", get(metadata))
         .route("/pieces/{info_hash}/{index}", get(piece))
@@ -138,6 +139,19 @@ async fn list_files(State(s): State<AppState>) -> Response {
     let snap = s.snapshot();
     let files = snap.by_name.values().map(|f| file_entry(&s, f)).collect();
     signed(&s, "/files", &FileList { files })
+}
+
+/// The swarm's relay: its URL and certificate, signed like `/manifest` (a coordinator hands
+/// them to members, who trust exactly that certificate). 404 without `--relay-port`.
+async fn relay(State(s): State<AppState>) -> ApiResult {
+    match &s.bound.relay {
+        Some(info) => Ok(signed(&s, "/relay", info)),
+        None => Err(error(
+            StatusCode::NOT_FOUND,
+            "no_relay",
+            "this seeder runs no relay (--relay-port)",
+        )),
+    }
 }
 
 /// The seed dir's shards.json with each shard's info hash.

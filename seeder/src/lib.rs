@@ -46,7 +46,8 @@ read-only), with its own HTTP tracker and a BEP 19 web seed, so any client (aria
 qBittorrent, rqbit) can fetch them from a .torrent or a magnet link.\n\nHTTP endpoints (on \
 --http-port): /files (LIST_FILES), /manifest, /torrents/NAME.torrent, /metadata/INFOHASH \
 (REQUEST_METADATA), /pieces/INFOHASH/INDEX (REQUEST_PIECE), /seed/NAME (web seed), /announce, \
-/scrape, /metrics, /healthz.\n\nPrints `[READY] http=ADDR peer=ADDR` once serving."
+/scrape, /metrics, /healthz, /relay (with --relay-port).\n\nPrints `[READY] http=ADDR peer=ADDR \
+key=KEY [relay=URL]` once serving."
 )]
 pub struct Config {
     /// Address to listen on (BitTorrent and HTTP).
@@ -95,6 +96,13 @@ pub struct Config {
     /// proxy on this machine).
     #[arg(long, default_value_t = 32, env = "SHARDSWARM_SEEDER_MAX_PEERS_PER_IP")]
     pub max_peers_per_ip: usize,
+    /// Run the swarm's relay on this port, TCP (HTTPS, relaying) and UDP (QUIC, telling
+    /// members the address their NAT maps them to) alike; 0: a port free for both. Off by
+    /// default. Members behind NATs reach each other through it, directly once a hole is
+    /// punched. Its certificate is made in the state dir for --public-url's host; the
+    /// coordinator hands out its URL and certificate (`/relay`, signed like `/manifest`).
+    #[arg(long, env = "SHARDSWARM_SEEDER_RELAY_PORT")]
+    pub relay_port: Option<u16>,
 }
 
 /// The flags' defaults, serving the directory `seeds`.
@@ -115,6 +123,7 @@ impl Default for Config {
             dht: false,
             upload_limit: None,
             rescan_interval: 30,
+            relay_port: None,
         }
     }
 }
@@ -199,13 +208,23 @@ pub struct Bound {
     /// The public key (hex) `/manifest` and `/files` are signed with: what a coordinator is
     /// given as `--seeder-key`.
     pub key: String,
+    /// The swarm's relay, when it runs one (`--relay-port`).
+    pub relay: Option<protocol::RelayInfo>,
 }
 
 /// Run the seeder until SIGINT/SIGTERM (or `shutdown` resolves).
 pub async fn run(config: Config) -> Result<()> {
     let server = service::start(config, api::router).await?;
     let b = server.bound().clone();
-    println!("[READY] http={} peer={} key={}", b.http, b.peer, b.key);
+    let relay = b
+        .relay
+        .as_ref()
+        .map(|r| format!(" relay={}", r.url))
+        .unwrap_or_default();
+    println!(
+        "[READY] http={} peer={} key={}{relay}",
+        b.http, b.peer, b.key
+    );
     println!(
         "[SEEDER-KEY] {} (give it to the coordinator: --seeder-key; it checks the manifest with it)",
         b.key

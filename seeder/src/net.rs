@@ -32,6 +32,13 @@ pub fn http_url(ip: IpAddr, port: u16) -> String {
     format!("http://{}", SocketAddr::new(ip, port))
 }
 
+/// The host a URL names (an IP address, without brackets, or a DNS name).
+pub fn url_host(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    protocol::host_of(authority).to_owned()
+}
+
 /// The IP the public URL names: its literal address, or its host name resolved.
 pub async fn public_url_ip(url: &str) -> Option<IpAddr> {
     let rest = url.split_once("://").map_or(url, |(_, r)| r);

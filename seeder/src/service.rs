@@ -89,6 +89,8 @@ pub struct Seeder {
     registry: FileRegistry,
     /// Ask the rescan loop for a scan now.
     pub rescan_tx: mpsc::Sender<()>,
+    /// The swarm's relay (`--relay-port`), running as long as the seeder.
+    _relay: Option<mesh::relay::RelayServer>,
 }
 
 /// The seeder's document-signing key, kept in `state_dir` (`documents.key`, PKCS#8 as hex,
@@ -279,6 +281,19 @@ pub async fn start(
         .to_owned();
     tracing::info!("public URL {public_url}");
 
+    let relay = match config.relay_port {
+        None => None,
+        Some(port) => {
+            let host = crate::net::url_host(&public_url);
+            let relay =
+                mesh::relay::RelayServer::start(config.listen_addr, port, &host, &state_dir)
+                    .await
+                    .map_err(|e| Error::Config(e.to_string()))?;
+            tracing::info!("the swarm's relay: {} (on {})", relay.info.url, relay.addr);
+            Some(relay)
+        }
+    };
+
     let mut catalog = Catalog::new(&config.seed_dir, &state_dir, &public_url)?;
     let registry = FileRegistry::default();
     // Hashing is blocking work: off the async threads.
@@ -359,7 +374,9 @@ pub async fn start(
             peer: SocketAddr::new(config.listen_addr, peer_addr.port()),
             public_url,
             key: signer.public_hex(),
+            relay: relay.as_ref().map(|r| r.info.clone()),
         },
+        _relay: relay,
         signer,
         config: config.clone(),
         session,

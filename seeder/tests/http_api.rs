@@ -315,3 +315,48 @@ fn open_tracker_accepts_any_info_hash() {
     );
     assert_eq!(root.get("incomplete").unwrap().as_int(), Some(1));
 }
+
+/// `--relay-port`: the seeder runs the swarm's relay and publishes its URL and certificate at
+/// `/relay`, signed under its document key; a member given them is homed on it. Without the
+/// flag, `/relay` is 404.
+#[test]
+fn the_relay_is_published_signed_and_members_home_on_it() {
+    let seed = real_shards();
+    let state = tempfile::tempdir().unwrap();
+    let plain = Server::start(seed.path(), state.path(), &[]);
+    assert_eq!(plain.get("/relay").0, 404);
+    drop(plain);
+
+    let server = Server::start(seed.path(), state.path(), &["--relay-port", "0"]);
+    let url = server.proc.field("relay").to_owned();
+    let key = server.proc.field("key").to_owned();
+    let response = reqwest::blocking::get(server.url("/relay")).unwrap();
+    assert_eq!(response.status(), 200);
+    let signature = response
+        .headers()
+        .get(protocol::data::seal::SIGNATURE_HEADER)
+        .expect("a signature")
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let body = response.bytes().unwrap();
+    assert!(protocol::data::seal::document_signed(
+        &key, "/relay", &body, &signature
+    ));
+    let info: protocol::RelayInfo = serde_json::from_slice(&body).unwrap();
+    assert_eq!(info.url, url);
+    assert_eq!(
+        info.cert_pem,
+        std::fs::read_to_string(state.path().join("relay.pem")).unwrap()
+    );
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let homed = runtime.block_on(async {
+        let bind = "127.0.0.1:0".parse().unwrap();
+        let member = mesh::Mesh::start([7; 32], bind, Some(&info)).await.unwrap();
+        let relay_url = member.addr().relay_url;
+        member.close().await;
+        relay_url
+    });
+    assert_eq!(homed.as_deref(), Some(url.as_str()));
+}
