@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use protocol::data::io::{ChannelError, Connection, TlsTo};
+use protocol::data::io::{ChannelError, TlsTo};
 use protocol::data::{Frame, Group, Hello, Payload, Sampling};
 
 use crate::hub::Hub;
@@ -248,7 +248,14 @@ async fn ask(
         config,
         node_id: &target.node_id,
     });
-    let mut conn = Connection::open(&target.data_addr, hello, &target.probe_key, tls).await?;
+    let callee = match (&hub.mesh, &target.mesh) {
+        (Some(from), Some(to)) => mesh::Callee::Mesh { from, to },
+        _ => mesh::Callee::Tcp {
+            addr: &target.data_addr,
+            tls,
+        },
+    };
+    let (mut conn, _) = mesh::open(callee, hello, &target.probe_key).await?;
     conn.send(question).await?;
     conn.receive().await
 }

@@ -54,6 +54,7 @@ impl From<&RouteHop> for Hop {
         }
     }
 }
+pub use lane::OwnEdges;
 use lane::{describe, open_lane, Lane};
 use schedule::{Limits, Sampled, Scheduler};
 
@@ -82,6 +83,10 @@ pub struct EngineSettings {
     pub deadline: Duration,
     /// The data channel's TLS (trust in the swarm's CA) in a TLS swarm.
     pub tls: Option<protocol::data::io::ClientTls>,
+    /// The coordinator's mesh endpoint, for stages reached over the mesh.
+    pub mesh: Option<mesh::Mesh>,
+    /// How its lanes reach the route's ends (for `/status`).
+    pub edges: Arc<Mutex<lane::OwnEdges>>,
     /// Where token timings and counts go (`/metrics`).
     pub live: Arc<Live>,
     /// Where the engine reports a node that broke the protocol (the hub evicts it).
@@ -115,6 +120,8 @@ pub struct Engine {
     routes: watch::Receiver<Option<Vec<RouteHop>>>,
     deadline: Duration,
     pub stats: Arc<Mutex<ServingStats>>,
+    /// How its lanes reach the route's ends.
+    pub edges: Arc<Mutex<OwnEdges>>,
 }
 
 impl Engine {
@@ -137,6 +144,7 @@ impl Engine {
             routes: routes.clone(),
             deadline: settings.deadline,
             stats: stats.clone(),
+            edges: settings.edges.clone(),
         };
         let state = State {
             sched: Scheduler::new(settings.parallel, limits),

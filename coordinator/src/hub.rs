@@ -49,6 +49,10 @@ pub struct Hub {
     data_tls: Option<protocol::data::io::ClientTls>,
     /// The measurements taken as requests are served (`/metrics`).
     pub live: Arc<Live>,
+    /// The coordinator's mesh endpoint, when the data channel runs over the mesh.
+    pub mesh: Option<mesh::Mesh>,
+    /// The swarm's relay members home on (with the mesh only).
+    pub relay: Option<protocol::RelayInfo>,
 }
 
 /// Whether the coordinator can serve inference: both the vocabulary and the engine, or
@@ -73,6 +77,7 @@ impl Hub {
             Option<Arc<crate::ca::SwarmCa>>,
             Option<protocol::data::io::ClientTls>,
         ),
+        (mesh, relay): (Option<mesh::Mesh>, Option<protocol::RelayInfo>),
     ) -> Hub {
         let live = engine.live.clone();
         let route = watch::Sender::new(swarm.serving_route());
@@ -94,6 +99,8 @@ impl Hub {
             verify_stats,
             ca,
             data_tls,
+            mesh,
+            relay,
         }
     }
 

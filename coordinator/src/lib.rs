@@ -174,6 +174,26 @@ pub struct Config {
     /// Where shard 0 (for the vocabulary) is cached (default: <tmp>/shardswarm-coordinator).
     #[arg(long, env = "SHARDSWARM_COORDINATOR_CACHE_DIR")]
     pub cache_dir: Option<std::path::PathBuf>,
+    /// What the data channel runs over: `tcp` (each stage's data port; every stage must be
+    /// dialable by its caller), `mesh` (iroh: direct, hole-punched or through the swarm's
+    /// relay, for nodes behind NAT), or `auto`: the mesh when the seeder runs a relay
+    /// (`server --relay-port`), else TCP.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "auto",
+        env = "SHARDSWARM_COORDINATOR_DATA_TRANSPORT"
+    )]
+    pub data_transport: DataTransport,
+}
+
+/// What the data channel runs over (`--data-transport`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataTransport {
+    Auto,
+    Tcp,
+    Mesh,
 }
 
 /// The flags' defaults, with the seeder on this machine's default port.
@@ -202,6 +222,7 @@ impl Default for Config {
             verify_fraction: 0.01,
             verify_tolerance: 0.01,
             cache_dir: None,
+            data_transport: DataTransport::Auto,
         }
     }
 }

@@ -174,6 +174,24 @@ pub async fn fetch_split(seeder: &str, signer: Option<&str>) -> Result<SplitInfo
     })
 }
 
+/// The seeder's relay (`/relay`, signed with `signer` when given), or None when it runs none.
+pub async fn fetch_relay(
+    seeder: &str,
+    signer: Option<&str>,
+) -> Result<Option<protocol::RelayInfo>> {
+    let url = format!("{}/relay", seeder.trim_end_matches('/'));
+    let status = client()
+        .head(&url)
+        .send()
+        .await
+        .map_err(|e| Error::seeder(&url, e))?
+        .status();
+    if status == reqwest::StatusCode::NOT_FOUND {
+        return Ok(None);
+    }
+    get_document(seeder, "/relay", signer).await.map(Some)
+}
+
 /// Fetch the split, retrying with backoff (bounded: about two minutes) while the seeder starts.
 pub async fn fetch_split_with_retry(seeder: &str, signer: Option<&str>) -> Result<SplitInfo> {
     let mut delay = Duration::from_millis(250);

@@ -64,6 +64,25 @@ pub async fn start(config: Config) -> Result<Running> {
         split.model_sha256,
         split.shards.len()
     );
+    let relay = crate::seeder_client::fetch_relay(&config.seeder, key).await?;
+    let mesh = match (config.data_transport, &relay) {
+        (crate::DataTransport::Tcp, _) | (crate::DataTransport::Auto, None) => None,
+        (crate::DataTransport::Mesh | crate::DataTransport::Auto, relay) => {
+            // A fresh key at every start: nodes know the coordinator by its hop keys.
+            let secret = mesh::random_secret();
+            let bind = std::net::SocketAddr::new(config.listen.ip(), 0);
+            let mesh = mesh::Mesh::start(secret, bind, relay.as_ref())
+                .await
+                .map_err(|e| crate::Error::Config(e.to_string()))?;
+            match relay {
+                Some(r) => tracing::info!("the data channel runs over the mesh, relay {}", r.url),
+                None => tracing::info!("the data channel runs over the mesh, without a relay"),
+            }
+            Some(mesh)
+        }
+    };
+    // Members home on the relay only when the data channel runs over the mesh.
+    let relay = mesh.as_ref().and(relay);
     let (interval, timeout) = config.heartbeat();
     let cache_dir = config
         .cache_dir
@@ -88,6 +107,7 @@ pub async fn start(config: Config) -> Result<Running> {
             heartbeat_interval: interval,
             heartbeat_timeout: timeout,
             parallel: config.parallel,
+            mesh: mesh.is_some(),
         },
     );
     let (verify, verify_stats) = crate::verify::new(
@@ -105,6 +125,8 @@ pub async fn start(config: Config) -> Result<Running> {
         queue: config.queue,
         deadline: Duration::from_secs(config.deadline),
         tls: tls.data_client.clone(),
+        mesh: mesh.clone(),
+        edges: Default::default(),
         live: Default::default(),
         breaches: Some(breaches),
     };
@@ -115,6 +137,7 @@ pub async fn start(config: Config) -> Result<Running> {
         engine,
         (sampler, verify_stats),
         (tls.ca.clone(), tls.data_client.clone()),
+        (mesh, relay),
     ));
     let metrics = Arc::new(crate::metrics::registry(
         &hub.live,
@@ -501,6 +524,7 @@ async fn handle(
                 for (_, mut c) in mine {
                     if let protocol::Message::Registered(r) = &mut c.message {
                         r.tls = tls.clone();
+                        r.relay = hub.relay.clone();
                     }
                     queue(tx, close, c);
                 }
@@ -530,8 +554,12 @@ async fn handle(
     }
     use protocol::Message as M;
     let out = match &req.message {
-        M::Heartbeat(_) => {
-            reply(M::Heartbeat(protocol::Empty {}));
+        M::Heartbeat(p) => {
+            if let Err(why) = hub.swarm.lock().unwrap().heard(node, p) {
+                reply_error(code::BAD_PARAMS, &why);
+                return Ok(None);
+            }
+            reply(M::Heartbeat(protocol::HeartbeatParams::default()));
             Vec::new()
         }
         M::ListFiles(_) => {

@@ -19,7 +19,20 @@ pub fn full_status(hub: &Hub) -> Status {
         .engine()
         .map(|engine| engine.stats.lock().unwrap().counts.clone());
     let verify = hub.verify_stats.lock().unwrap().shown.clone();
-    hub.swarm.lock().unwrap().status(batching, verify)
+    let mut status = hub.swarm.lock().unwrap().status(batching, verify);
+    // The coordinator's own hops: to stage 0, and the answer lane to the last stage.
+    if let (Some(route), Some(engine)) = (status.route.as_mut(), hub.engine()) {
+        use crate::engine::OwnEdges;
+        let seen = engine.edges.lock().unwrap();
+        let several = route.len() > 1;
+        if let Some(first) = route.first_mut() {
+            first.edge = OwnEdges::edge_to(&seen.first, &first.node_id);
+        }
+        if let (true, Some(last)) = (several, route.last_mut()) {
+            last.answers_edge = OwnEdges::edge_to(&seen.answers, &last.node_id);
+        }
+    }
+    status
 }
 
 /// The swarm's state at scrape time.

@@ -14,7 +14,7 @@ use protocol::data::io::Accepted;
 use protocol::{MeshAddr, RelayInfo};
 use tokio::io::{AsyncRead, AsyncWrite, Join, ReadBuf};
 
-use crate::path::{EdgePath, PathKind};
+use crate::path::PathWatch;
 
 /// The ALPN of the data channel on the mesh: a peer speaking anything else is refused in the
 /// QUIC handshake.
@@ -43,6 +43,19 @@ pub enum MeshError {
 #[derive(Clone)]
 pub struct Mesh {
     endpoint: Endpoint,
+}
+
+impl std::fmt::Debug for Mesh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mesh").field("id", &self.id()).finish()
+    }
+}
+
+/// A new secret key for an endpoint (from the OS's random source).
+pub fn random_secret() -> [u8; 32] {
+    let mut key = [0u8; 32];
+    hex::decode_to_slice(protocol::secret::random_hex(32), &mut key).expect("hex of 32 bytes");
+    key
 }
 
 impl Mesh {
@@ -94,7 +107,24 @@ impl Mesh {
             endpoint_id: addr.id.to_string(),
             relay_url,
             addrs,
+            interfaces: self.interfaces(),
         }
+    }
+
+    /// The IP addresses of this machine's interfaces the endpoint's sockets are bound on.
+    fn interfaces(&self) -> Vec<String> {
+        let bound = self.endpoint.bound_sockets();
+        let mut ips: Vec<String> = if bound.iter().any(|s| s.ip().is_unspecified()) {
+            if_addrs::get_if_addrs()
+                .map(|ifs| ifs.into_iter().map(|i| i.ip().to_string()).collect())
+                .unwrap_or_default()
+        } else {
+            bound.iter().map(|s| s.ip().to_string()).collect()
+        };
+        ips.sort();
+        ips.dedup();
+        ips.truncate(protocol::MAX_MESH_ADDRS);
+        ips
     }
 
     /// Open a data-channel stream to `to`: the stream, the session's channel binding, and the
@@ -178,9 +208,17 @@ impl MeshStream {
         }
     }
 
-    /// The connection's selected path now.
-    pub fn path(&self, peers_own: &[SocketAddr]) -> Option<EdgePath> {
-        path_of(&self.conn, peers_own)
+    /// A watch on the connection's path to `peer` (whose interfaces tell direct from
+    /// hole-punched).
+    pub fn watch(&self, peer: &MeshAddr) -> PathWatch {
+        PathWatch {
+            conn: self.conn.clone(),
+            interfaces: peer
+                .interfaces
+                .iter()
+                .filter_map(|i| i.parse().ok())
+                .collect(),
+        }
     }
 }
 
@@ -210,17 +248,6 @@ impl AsyncWrite for MeshStream {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
-}
-
-/// The connection's selected path: relayed, or UDP (direct or hole-punched).
-fn path_of(conn: &Connection, peers_own: &[SocketAddr]) -> Option<EdgePath> {
-    let paths = conn.paths();
-    let selected = paths.iter().find(|p| p.is_selected())?;
-    let kind = match selected.remote_addr() {
-        TransportAddr::Ip(addr) => PathKind::of_ip(*addr, peers_own),
-        _ => PathKind::Relayed,
-    };
-    Some(EdgePath::new(kind, selected.rtt()))
 }
 
 /// The QUIC session's exporter value for the data channel: the hop proofs cover it, so a

@@ -16,5 +16,53 @@ mod path;
 #[cfg(feature = "relay-server")]
 pub mod relay;
 
-pub use endpoint::{Incoming, Mesh, MeshError, DATA_ALPN};
-pub use path::{EdgePath, PathKind};
+pub use endpoint::{random_secret, Incoming, Mesh, MeshError, DATA_ALPN};
+pub use path::{kind_of_ip, PathWatch};
+
+use protocol::data::io::{ChannelError, Connection, TlsTo};
+use protocol::data::Hello;
+use protocol::MeshAddr;
+
+/// Where a data-channel callee is reached.
+#[derive(Clone, Copy)]
+pub enum Callee<'a> {
+    /// TCP at `addr` (TLS in a TLS swarm).
+    Tcp {
+        addr: &'a str,
+        tls: Option<TlsTo<'a>>,
+    },
+    /// Over the mesh, from this member's endpoint.
+    Mesh { from: &'a Mesh, to: &'a MeshAddr },
+}
+
+impl Callee<'_> {
+    /// What logs and errors call it.
+    pub fn name(&self) -> String {
+        match self {
+            Callee::Tcp { addr, .. } => (*addr).to_owned(),
+            Callee::Mesh { to, .. } => format!("mesh:{}", to.endpoint_id),
+        }
+    }
+}
+
+/// Open a data-channel connection to `callee` and run the hop handshake with `key`: the
+/// connection, and over the mesh a watch on its path.
+pub async fn open(
+    callee: Callee<'_>,
+    hello: Hello,
+    key: &str,
+) -> Result<(Connection, Option<PathWatch>), ChannelError> {
+    match callee {
+        Callee::Tcp { addr, tls } => Ok((Connection::open(addr, hello, key, tls).await?, None)),
+        Callee::Mesh { from, to } => {
+            let peer = callee.name();
+            let (stream, binding) = from.dial(to).await.map_err(|e| ChannelError::Io {
+                peer: peer.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+            let watch = stream.watch(to);
+            let conn = Connection::open_over(Box::new(stream), binding, peer, hello, key).await?;
+            Ok((conn, Some(watch)))
+        }
+    }
+}

@@ -1,50 +1,44 @@
 //! What a mesh connection runs over right now: the kind of its selected path and its measured
-//! round-trip time, for `/status` and placement.
+//! round-trip time, for `/status` ([`protocol::status::Edge`]).
 
-use std::net::SocketAddr;
-use std::time::Duration;
+use std::net::{IpAddr, SocketAddr};
 
-use serde::{Deserialize, Serialize};
+use protocol::status::{Edge, EdgeKind};
 
-/// How a connection reaches its peer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PathKind {
-    /// UDP to an address the peer has on one of its own interfaces: no NAT between them.
-    Direct,
-    /// UDP to an address a NAT mapped for the peer (learned through the relay, not one of its
-    /// interfaces): the two punched a hole.
-    Holepunched,
-    /// Through the swarm's relay: nothing direct works (yet).
-    Relayed,
-}
-
-impl PathKind {
-    /// The kind of a UDP path to `remote`, given the addresses the peer has on its own
-    /// interfaces (as it announced them).
-    pub fn of_ip(remote: SocketAddr, peers_own: &[SocketAddr]) -> PathKind {
-        if peers_own.iter().any(|own| own.ip() == remote.ip()) {
-            PathKind::Direct
-        } else {
-            PathKind::Holepunched
-        }
+/// The kind of a UDP path to `remote`, given the IP addresses of the peer's own interfaces:
+/// one of them is a direct path, anything else an address a NAT mapped (a punched hole).
+pub fn kind_of_ip(remote: SocketAddr, peers_interfaces: &[IpAddr]) -> EdgeKind {
+    if peers_interfaces.contains(&remote.ip()) {
+        EdgeKind::Direct
+    } else {
+        EdgeKind::Holepunched
     }
 }
 
-/// A connection's selected path: its kind and round-trip time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EdgePath {
-    pub kind: PathKind,
-    /// Microseconds.
-    pub rtt_us: u64,
+/// A live handle on a mesh connection's path (it changes: relayed first, direct once a
+/// hole is punched), to read when asked.
+#[derive(Clone)]
+pub struct PathWatch {
+    pub(crate) conn: iroh::endpoint::Connection,
+    pub(crate) interfaces: Vec<IpAddr>,
 }
 
-impl EdgePath {
-    pub fn new(kind: PathKind, rtt: Duration) -> EdgePath {
-        EdgePath {
-            kind,
-            rtt_us: u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX),
+impl PathWatch {
+    /// The selected path now, None once the connection is closed.
+    pub fn edge(&self) -> Option<Edge> {
+        if self.conn.close_reason().is_some() {
+            return None;
         }
+        let paths = self.conn.paths();
+        let selected = paths.iter().find(|p| p.is_selected())?;
+        let kind = match selected.remote_addr() {
+            iroh::TransportAddr::Ip(addr) => kind_of_ip(*addr, &self.interfaces),
+            _ => EdgeKind::Relayed,
+        };
+        Some(Edge {
+            kind,
+            rtt_us: Some(u64::try_from(selected.rtt().as_micros()).unwrap_or(u64::MAX)),
+        })
     }
 }
 
@@ -54,19 +48,14 @@ mod tests {
 
     #[test]
     fn a_path_to_an_address_of_the_peers_own_is_direct_else_holepunched() {
-        let own: Vec<SocketAddr> = vec!["10.1.0.2:5000".parse().unwrap()];
+        let own: Vec<IpAddr> = vec!["10.1.0.2".parse().unwrap()];
         assert_eq!(
-            PathKind::of_ip("10.1.0.2:5000".parse().unwrap(), &own),
-            PathKind::Direct
-        );
-        // Same host, a port its NAT chose: still its own address.
-        assert_eq!(
-            PathKind::of_ip("10.1.0.2:6001".parse().unwrap(), &own),
-            PathKind::Direct
+            kind_of_ip("10.1.0.2:5000".parse().unwrap(), &own),
+            EdgeKind::Direct
         );
         assert_eq!(
-            PathKind::of_ip("198.51.100.7:41000".parse().unwrap(), &own),
-            PathKind::Holepunched
+            kind_of_ip("198.51.100.7:41000".parse().unwrap(), &own),
+            EdgeKind::Holepunched
         );
     }
 }

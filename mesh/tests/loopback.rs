@@ -1,14 +1,13 @@
 //! Two members on loopback, homed on a relay of the swarm's own: the data channel's handshake
 //! and frames run over a mesh stream, bound to its QUIC session, with a direct path.
 
-#![cfg(feature = "relay-server")]
-
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use mesh::relay::RelayServer;
-use mesh::{Mesh, PathKind};
+use mesh::Mesh;
 use protocol::data::io::Connection;
 use protocol::data::{Frame, Hello, LaneKind};
+use protocol::status::EdgeKind;
 
 const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
@@ -66,8 +65,7 @@ async fn a_hop_runs_over_a_mesh_stream_homed_on_the_swarms_relay() {
     });
     let (stream, binding) = caller.dial(&to).await.unwrap();
     assert_ne!(binding, protocol::data::auth::UNBOUND);
-    let own: Vec<SocketAddr> = to.addrs.iter().map(|a| a.parse().unwrap()).collect();
-    let path = stream.path(&own);
+    let watch = stream.watch(&to);
     let mut conn = Connection::open_over(
         Box::new(stream),
         binding,
@@ -79,11 +77,12 @@ async fn a_hop_runs_over_a_mesh_stream_homed_on_the_swarms_relay() {
     .unwrap();
     conn.send(&Frame::Error("ping".into())).await.unwrap();
     assert_eq!(conn.receive().await.unwrap(), Frame::Error("ping".into()));
+    // On loopback the two reach each other directly.
+    let edge = watch.edge().expect("a selected path");
+    assert_eq!(edge.kind, EdgeKind::Direct, "{edge:?}");
+    assert!(edge.rtt_us.is_some());
     drop(conn);
     serve.await.unwrap();
-    // On loopback the two reach each other directly.
-    let path = path.expect("a selected path");
-    assert_eq!(path.kind, PathKind::Direct, "{path:?}");
 }
 
 /// A caller holding the wrong hop key is refused over the mesh as over TCP.

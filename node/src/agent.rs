@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use protocol::{
-    code, Capacity, Control, Empty, HeldShard, Message as M, RegisterParams, Route,
+    code, Capacity, Control, HeartbeatParams, HeldShard, Message as M, RegisterParams, Route,
     RouteLoadedParams, UnloadShardParams, COORDINATOR, PROTOCOL_VERSION,
 };
 use tokio::sync::mpsc;
@@ -31,6 +31,8 @@ struct Links<'a> {
     data_addr: SocketAddr,
     /// TLS for a `wss://` coordinator.
     tls: Option<Arc<rustls::ClientConfig>>,
+    /// The mesh endpoint's key and where its socket binds.
+    mesh: (&'a [u8; 32], SocketAddr),
 }
 
 /// Fetch tasks by shard id.
@@ -130,6 +132,24 @@ async fn pinned_ca(
     Ok(Some(pinned))
 }
 
+/// The mesh endpoint's secret key, kept in the data dir (`mesh.key`, hex, owner-only) so that
+/// the node keeps its endpoint id across restarts; made on first use.
+fn mesh_secret(data: &DataDir) -> Result<[u8; 32]> {
+    let path = data.root().join("mesh.key");
+    if !path.exists() {
+        daemon::secret::write_private(&path, &protocol::secret::random_hex(32))?;
+    }
+    let text = daemon::secret::read_secret_file(&path)?;
+    let mut key = [0u8; 32];
+    hex::decode_to_slice(text.trim(), &mut key).map_err(|_| {
+        Error::Config(format!(
+            "{}: not a mesh key (64 hex digits); delete it to make a new one",
+            path.display()
+        ))
+    })?;
+    Ok(key)
+}
+
 /// Run the node until a signal, or until the coordinator refuses it.
 pub(crate) async fn run(mut config: Config) -> Result<()> {
     let required = |flag: &str| Error::Config(format!("{flag} is required"));
@@ -178,6 +198,11 @@ pub(crate) async fn run(mut config: Config) -> Result<()> {
         .local_addr()
         .map_err(|e| daemon::IoError::new(what, e))?;
     tokio::spawn(crate::serve::serve(data_listener, pipeline.clone()));
+    // The mesh endpoint runs from the start (its addresses go in REGISTER); it is homed on
+    // the swarm's relay once the coordinator names one.
+    let mesh_secret = mesh_secret(&data)?;
+    let mesh_bind = SocketAddr::new(config.listen_addr, 0);
+    pipeline.home_mesh(mesh_secret, mesh_bind, None).await?;
     let stop_metrics = tokio_util::sync::CancellationToken::new();
     let _stop_metrics_on_exit = stop_metrics.clone().drop_guard();
     if let Some(addr) = config.metrics_listen {
@@ -230,6 +255,7 @@ pub(crate) async fn run(mut config: Config) -> Result<()> {
             pipeline: &pipeline,
             data_addr,
             tls: tls.clone(),
+            mesh: (&mesh_secret, mesh_bind),
         };
         let session = session(
             &config,
@@ -326,6 +352,7 @@ async fn session(
             downlink_mbit: config.downlink_mbit,
         },
         token: config.token.clone(),
+        mesh: links.pipeline.mesh().map(|m| m.addr()),
     };
     let send = |c: Control| Message::Text(c.encode().into());
     sink.send(send(Control::new(&me, COORDINATOR, M::Register(register))))
@@ -359,6 +386,8 @@ async fn session(
                             links.pipeline.set_tls(tls)?;
                             tracing::info!("the data channel runs over TLS (the swarm's CA)");
                         }
+                        let (secret, bind) = links.mesh;
+                        links.pipeline.home_mesh(*secret, bind, p.relay.as_ref()).await?;
                         registered = true;
                         heartbeat = tokio::time::interval(Duration::from_secs(p.heartbeat_interval_secs.max(1)));
                         tracing::info!("registered: split {} of model {}", p.split_id, p.model_sha256);
@@ -421,7 +450,7 @@ async fn session(
                     return Err(Error::control("nothing heard from the coordinator for 30 s"));
                 }
                 if registered {
-                    sink.send(send(Control::new(&me, COORDINATOR, M::Heartbeat(Empty {})))).await.map_err(Error::control)?;
+                    sink.send(send(Control::new(&me, COORDINATOR, M::Heartbeat(HeartbeatParams { mesh: links.pipeline.mesh().map(|m| m.addr()), next_edge: links.pipeline.next_edge() })))).await.map_err(Error::control)?;
                 }
             }
         }

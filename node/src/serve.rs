@@ -86,6 +86,15 @@ pub struct Pipeline {
     /// The coordinator's answer lanes to this (last) stage, by lane id: where the `Sampled`
     /// answers of the chain lane with that id go.
     answer_lanes: Mutex<HashMap<String, mpsc::UnboundedSender<Frame>>>,
+    /// Where accepted connections' steps go, and (until the data port is served) the worker's
+    /// end of it.
+    work: mpsc::UnboundedSender<Work>,
+    work_queue: Mutex<Option<mpsc::UnboundedReceiver<Work>>>,
+    /// How the latest lane to the next stage went: over the mesh (a watch on its path) or
+    /// TCP (None inside); None before one opened.
+    next_edge: Mutex<Option<Option<mesh::PathWatch>>>,
+    /// The node's mesh endpoint and the relay it is homed on (none before it starts).
+    mesh: std::sync::RwLock<Option<(mesh::Mesh, Option<protocol::RelayInfo>)>>,
     /// Signs the steps this node sends to the next stage (made at start, named at REGISTER).
     signer: SigningKey,
     /// The data channel's TLS key, made at start; only its public half leaves the node
@@ -111,6 +120,7 @@ impl Pipeline {
         hostility: Hostility,
     ) -> Result<Arc<Pipeline>> {
         hostility.announce();
+        let (work, work_queue) = mpsc::unbounded_channel();
         let tls_key = rcgen::KeyPair::generate()
             .map_err(|e| Error::Pipeline(format!("making the data channel's TLS key: {e}")))?;
         Ok(Arc::new(Pipeline {
@@ -122,11 +132,67 @@ impl Pipeline {
             generations: std::sync::atomic::AtomicU64::new(0),
             tls: std::sync::RwLock::new(None),
             answer_lanes: Mutex::new(HashMap::new()),
+            work,
+            work_queue: Mutex::new(Some(work_queue)),
+            mesh: std::sync::RwLock::new(None),
+            next_edge: Mutex::new(None),
             signer: SigningKey::generate(),
             tls_key,
             records: Mutex::new(Records::new(KEPT_STEP_BYTES)),
             metrics: Default::default(),
         }))
+    }
+
+    /// How this stage reaches the next one now (for HEARTBEAT).
+    pub fn next_edge(&self) -> Option<protocol::status::Edge> {
+        use protocol::status::{Edge, EdgeKind};
+        match self.next_edge.lock().unwrap().as_ref()? {
+            None => Some(Edge {
+                kind: EdgeKind::Tcp,
+                rtt_us: None,
+            }),
+            Some(watch) => watch.edge(),
+        }
+    }
+
+    /// The node's mesh endpoint, if started.
+    pub fn mesh(&self) -> Option<mesh::Mesh> {
+        self.mesh.read().unwrap().as_ref().map(|(m, _)| m.clone())
+    }
+
+    /// Run the mesh endpoint with `secret` on `bind`, homed on `relay`: started on first
+    /// call, started again (same key, same endpoint id) when the relay changes. Accepts data
+    /// connections on it from then on.
+    pub async fn home_mesh(
+        self: &Arc<Self>,
+        secret: [u8; 32],
+        bind: SocketAddr,
+        relay: Option<&protocol::RelayInfo>,
+    ) -> Result<mesh::Mesh> {
+        let old = {
+            let current = self.mesh.read().unwrap();
+            match current.as_ref() {
+                Some((m, homed)) if homed.as_ref() == relay => return Ok(m.clone()),
+                other => other.map(|(m, _)| m.clone()),
+            }
+        };
+        if let Some(old) = old {
+            old.close().await;
+        }
+        let started = mesh::Mesh::start(secret, bind, relay)
+            .await
+            .map_err(|e| Error::Pipeline(e.to_string()))?;
+        *self.mesh.write().unwrap() = Some((started.clone(), relay.cloned()));
+        tokio::spawn(serve_mesh(started.clone(), self.clone()));
+        match relay {
+            Some(r) => tracing::info!(
+                "mesh endpoint {} homed on the relay {}",
+                started.id(),
+                r.url
+            ),
+            None => tracing::info!("mesh endpoint {} (no relay)", started.id()),
+        }
+        Ok(started)
     }
 
     /// The public half of the data channel's TLS key (PEM), for `REGISTER`.
@@ -269,10 +335,21 @@ const PENDING_PER_CLIENT: usize = 8;
 /// How long a caller has to prove the route key before the connection is closed.
 const HANDSHAKE_TIME: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// How an incoming data connection arrived.
+enum Arrival {
+    /// On the data port (TLS in a TLS swarm).
+    Tcp(TcpStream),
+    /// Over the mesh: its first stream is yet to be taken.
+    Mesh(mesh::Incoming),
+}
+
 /// Accept data connections until the listener fails.
 pub async fn serve(listener: TcpListener, pipeline: Arc<Pipeline>) {
-    let (work, queue) = mpsc::unbounded_channel();
-    tokio::spawn(worker(queue, pipeline.clone()));
+    let work = pipeline.work.clone();
+    match pipeline.work_queue.lock().unwrap().take() {
+        Some(queue) => tokio::spawn(worker(queue, pipeline.clone())),
+        None => return tracing::error!("the data port is served twice"),
+    };
     let pending = Arc::new(tokio::sync::Semaphore::new(PENDING_HANDSHAKES));
     let per_client = Arc::new(daemon::PerAddress::default());
     loop {
@@ -286,22 +363,51 @@ pub async fn serve(listener: TcpListener, pipeline: Arc<Pipeline>) {
             tracing::debug!("data connection from {peer}: too many handshakes from its address");
             continue; // dropped: closed at once
         };
+        let _ = stream.set_nodelay(true);
         tokio::spawn(connection(
-            stream,
+            Arrival::Tcp(stream),
+            peer.to_string(),
+            pipeline.clone(),
+            work.clone(),
+            (permit, Some(place)),
+        ));
+    }
+}
+
+/// Accept data connections over the mesh until its endpoint closes (it is replaced when the
+/// node is homed on the swarm's relay). At most [`PENDING_HANDSHAKES`] at once, as on the data
+/// port; a mesh peer is named by its endpoint id, which costs nothing to make, so there is no
+/// cap per peer.
+pub async fn serve_mesh(endpoint: mesh::Mesh, pipeline: Arc<Pipeline>) {
+    let work = pipeline.work.clone();
+    let pending = Arc::new(tokio::sync::Semaphore::new(PENDING_HANDSHAKES));
+    loop {
+        let Ok(permit) = pending.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(incoming) = endpoint.accept().await else {
+            return;
+        };
+        let peer = format!("mesh:{}", incoming.remote_id());
+        tokio::spawn(connection(
+            Arrival::Mesh(incoming),
             peer,
             pipeline.clone(),
             work.clone(),
-            (permit, place),
+            (permit, None),
         ));
     }
 }
 
 async fn connection(
-    stream: TcpStream,
-    peer: SocketAddr,
+    arrival: Arrival,
+    peer: String,
     pipeline: Arc<Pipeline>,
     work: mpsc::UnboundedSender<Work>,
-    handshake: (tokio::sync::OwnedSemaphorePermit, daemon::AddressPlace),
+    handshake: (
+        tokio::sync::OwnedSemaphorePermit,
+        Option<daemon::AddressPlace>,
+    ),
 ) {
     let current = pipeline
         .loaded
@@ -309,7 +415,6 @@ async fn connection(
         .await
         .as_ref()
         .map(|l| (l.route.clone(), l.generation));
-    let _ = stream.set_nodelay(true);
     let acceptor = pipeline
         .tls
         .read()
@@ -320,17 +425,21 @@ async fn connection(
     // answer lane is registered with this sender during the handshake.
     let (up, up_queue) = mpsc::unbounded_channel();
     let handshake_all = async {
-        let stream = match acceptor {
-            None => Accepted::plain(stream),
-            Some(acceptor) => match acceptor.accept(stream).await {
+        let refused = |reason: String| protocol::data::io::ChannelError::Refused {
+            peer: peer.clone(),
+            reason,
+        };
+        let stream = match (arrival, acceptor) {
+            (Arrival::Tcp(stream), None) => Accepted::plain(stream),
+            (Arrival::Tcp(stream), Some(acceptor)) => match acceptor.accept(stream).await {
                 Ok(tls) => Accepted::tls(tls),
-                Err(e) => {
-                    return Err(protocol::data::io::ChannelError::Refused {
-                        peer: peer.to_string(),
-                        reason: format!("TLS: {e}"),
-                    })
-                }
+                Err(e) => return Err(refused(format!("TLS: {e}"))),
             },
+            // The mesh's QUIC session is its own encryption, bound into the proofs.
+            (Arrival::Mesh(incoming), _) => incoming
+                .stream()
+                .await
+                .map_err(|e| refused(e.to_string()))?,
         };
         let route = current.as_ref().map(|(route, _)| route);
         // An answer lane is registered before it is answered Ready: the coordinator opens
@@ -342,7 +451,7 @@ async fn connection(
             }
             _ => Ok(()),
         };
-        Connection::accept_then(stream, peer.to_string(), |h| admit(route, h), register).await
+        Connection::accept_then(stream, peer.clone(), |h| admit(route, h), register).await
     };
     let admitted = tokio::time::timeout(HANDSHAKE_TIME, handshake_all).await;
     drop(handshake);
@@ -381,8 +490,17 @@ async fn connection(
     let down = match &route.next {
         _ if probe => None,
         None => None,
-        Some(next) => match open_next(&route, next, pipeline.client_tls(), &lane_id).await {
-            Ok(conn) => {
+        Some(next) => match open_next(
+            &route,
+            next,
+            pipeline.client_tls(),
+            pipeline.mesh(),
+            &lane_id,
+        )
+        .await
+        {
+            Ok((conn, watch)) => {
+                *pipeline.next_edge.lock().unwrap() = Some(watch);
                 let (answers, to_next) = conn.into_split();
                 let (down, down_queue) = mpsc::unbounded_channel();
                 tokio::spawn(write_all(to_next, down_queue));

@@ -259,7 +259,7 @@ pub enum Message {
     /// Coordinator → node: accepted.
     Registered(RegisteredParams),
     /// Both ways: I am alive (the coordinator answers each one).
-    Heartbeat(Empty),
+    Heartbeat(HeartbeatParams),
     /// Node → coordinator asks (empty params); the reply carries the seeder's file list.
     ListFiles(ListFiles),
     LoadShard(LoadShardParams),
@@ -565,7 +565,7 @@ mod tests {
             r#"{"command":"HEARTBEAT","request_id":"h","from":"n","to":"coordinator","timestamp":"t"}"#,
         )
         .unwrap();
-        assert_eq!(hb.message, Message::Heartbeat(Empty {}));
+        assert_eq!(hb.message, Message::Heartbeat(HeartbeatParams::default()));
         assert!(hb.encode().contains(r#""params":{}"#));
         for name in Message::COMMANDS {
             assert!(!name.is_empty());

@@ -50,6 +50,21 @@ pub struct RegisterParams {
     /// the node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_public_key: Option<String>,
+    /// Where the node is reached over the mesh (crate `mesh`): its endpoint id, and what it
+    /// knows of its addresses now (HEARTBEAT brings later ones).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<MeshAddr>,
+}
+
+/// `HEARTBEAT` (node → coordinator; the answer is empty): the node's mesh addresses now,
+/// which change as it learns them (the relay it is homed on, the address its NAT maps it to).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HeartbeatParams {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<MeshAddr>,
+    /// How this stage reaches the next one on the route now (for `/status`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_edge: Option<crate::status::Edge>,
 }
 
 /// Where a swarm member can be reached over the mesh (iroh, crate `mesh`): its endpoint id
@@ -63,6 +78,46 @@ pub struct MeshAddr {
     pub relay_url: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addrs: Vec<String>,
+    /// The IP addresses of the member's own interfaces: a path to one of them crosses no NAT.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub interfaces: Vec<String>,
+}
+
+/// The most direct addresses a [`MeshAddr`] may list.
+pub const MAX_MESH_ADDRS: usize = 16;
+
+impl MeshAddr {
+    /// Whether a member's address is well formed: an endpoint id of 64 hex digits, at most
+    /// [`MAX_MESH_ADDRS`] socket addresses, a relay URL of at most 256 bytes. Else why not.
+    pub fn check(&self) -> Result<(), String> {
+        let id = &self.endpoint_id;
+        if id.len() != 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err("mesh.endpoint_id must be 64 hex digits".into());
+        }
+        if self.addrs.len() > MAX_MESH_ADDRS || self.interfaces.len() > MAX_MESH_ADDRS {
+            return Err(format!(
+                "mesh.addrs or mesh.interfaces lists more than {MAX_MESH_ADDRS} addresses"
+            ));
+        }
+        if let Some(bad) = self
+            .interfaces
+            .iter()
+            .find(|a| a.parse::<std::net::IpAddr>().is_err())
+        {
+            return Err(format!("mesh.interfaces: {bad:?} is not an IP address"));
+        }
+        if let Some(bad) = self
+            .addrs
+            .iter()
+            .find(|a| a.parse::<std::net::SocketAddr>().is_err())
+        {
+            return Err(format!("mesh.addrs: {bad:?} is not an IP address and port"));
+        }
+        if self.relay_url.as_ref().is_some_and(|u| u.len() > 256) {
+            return Err("mesh.relay_url is longer than 256 bytes".into());
+        }
+        Ok(())
+    }
 }
 
 /// The swarm's relay (on the seeder's host): its URL (`https://HOST:PORT`; it serves QUIC
@@ -86,6 +141,9 @@ pub struct RegisteredParams {
     /// it named at REGISTER (signed by the swarm's CA), and the CA it trusts in others.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<NodeTls>,
+    /// The swarm's relay, when the seeder runs one: the node homes its mesh endpoint on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<RelayInfo>,
 }
 
 /// A node's data-channel certificate (chain, the CA last) and the swarm's CA (PEM). No key:
@@ -218,6 +276,10 @@ pub struct RouteParams {
     /// gets on the route must be signed with it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous_signer: Option<String>,
+    /// The next stage over the mesh: when set, this stage dials it there (by endpoint id,
+    /// through the relay if nothing direct works) instead of TCP to `next`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_mesh: Option<MeshAddr>,
 }
 
 fn one() -> u32 {

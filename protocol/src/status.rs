@@ -110,6 +110,35 @@ pub struct RouteStage {
     pub node_id: String,
     /// The node's data-channel address.
     pub data_addr: String,
+    /// How its caller (the coordinator for stage 0, else the previous stage) reaches it, as
+    /// last measured; None until measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edge: Option<Edge>,
+    /// On the last stage of a route of several: how the coordinator's answer lane reaches it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answers_edge: Option<Edge>,
+}
+
+/// How one hop of the data channel runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EdgeKind {
+    /// TCP to the callee's data port.
+    Tcp,
+    /// The mesh, UDP to an address of one of the callee's own interfaces: no NAT between.
+    Direct,
+    /// The mesh, UDP to an address a NAT mapped for the callee: the two punched a hole.
+    Holepunched,
+    /// The mesh, through the swarm's relay: nothing direct works (yet).
+    Relayed,
+}
+
+/// A hop's kind and measured round-trip time (the mesh measures it; TCP hops have none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Edge {
+    pub kind: EdgeKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtt_us: Option<u64>,
 }
 
 /// Why a node was dropped.

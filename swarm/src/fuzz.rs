@@ -82,6 +82,7 @@ pub fn fixture(shards: u32, min_nodes: usize, token: Option<&str>, parallel: u32
             heartbeat_interval: Duration::from_secs(2),
             heartbeat_timeout: Duration::from_secs(10),
             parallel,
+            mesh: false,
         },
     );
     s.settle_until = std::time::Instant::now();
@@ -118,5 +119,6 @@ fn register_params(id: &str, held: &[u32]) -> RegisterParams {
         token: None,
         signing_key: Some(signing_key_of(id)),
         tls_public_key: None,
+        mesh: None,
     }
 }

@@ -72,6 +72,8 @@ pub struct ProbeTarget {
     pub probe_key: String,
     /// Whether it is the route's stage for this shard.
     pub on_route: bool,
+    /// Where to reach it over the mesh, in a swarm whose data channel runs there.
+    pub mesh: Option<protocol::MeshAddr>,
 }
 
 /// The swarm's fixed settings: what was served and what the operator chose.
@@ -88,6 +90,9 @@ pub struct SwarmSettings {
     pub heartbeat_timeout: Duration,
     /// Sequences each stage keeps at once (`--parallel`), sent in `ROUTE`.
     pub parallel: u32,
+    /// Whether the data channel runs over the mesh (crate `mesh`) to members that give a
+    /// mesh address, rather than over TCP.
+    pub mesh: bool,
 }
 
 /// One stage of the inference route.
@@ -101,6 +106,8 @@ pub struct RouteHop {
     pub key: String,
     /// The node's public key, which signs the steps it sends to the next stage.
     pub signer: Option<String>,
+    /// Where its caller reaches it over the mesh (None: over TCP at `data_addr`).
+    pub mesh: Option<protocol::MeshAddr>,
 }
 
 /// Why a registration is refused: the `ERROR` code and the message.
@@ -171,6 +178,9 @@ impl Swarm {
                 "signing_key must be an Ed25519 public key in hex (64 digits)".into(),
             ));
         }
+        if let Some(Err(why)) = p.mesh.as_ref().map(protocol::MeshAddr::check) {
+            return Err(Refusal(code::BAD_PARAMS, why));
+        }
         // The node id names the node's data-channel certificate: a DNS label.
         if !protocol::is_node_id(&p.node_id) || p.peer_port == 0 {
             return Err(Refusal(
@@ -226,6 +236,8 @@ impl Swarm {
             last_seen: Instant::now(),
             signing_key: p.signing_key.clone(),
             claimed,
+            mesh: p.mesh.clone(),
+            next_edge: None,
         };
         tracing::info!(
             "node {} ({}) registered from {} with {} shard(s)",
@@ -244,7 +256,8 @@ impl Swarm {
             model_sha256: self.settings.model_sha256.clone(),
             split_id: self.settings.split_id.clone(),
             heartbeat_interval_secs: self.settings.heartbeat_interval.as_secs().max(1),
-            tls: None, // the server adds the node's certificate
+            tls: None,   // the server adds the node's certificate
+            relay: None, // and the relay
         };
         let mut out = vec![(
             p.node_id.clone(),
@@ -410,6 +423,7 @@ impl Swarm {
                             data_addr: self.nodes[node].data_addr.clone()?,
                             probe_key: params.probe_key.clone(),
                             on_route: !params.key.is_empty(),
+                            mesh: self.mesh_of(node),
                         })
                     })
                     .collect();
@@ -482,3 +496,37 @@ impl Swarm {
 mod tests;
 
 pub mod fuzz;
+
+impl Swarm {
+    /// Where `node` is reached over the mesh, in a swarm whose data channel runs there.
+    pub fn mesh_of(&self, node: &str) -> Option<protocol::MeshAddr> {
+        if !self.settings.mesh {
+            return None;
+        }
+        self.nodes.get(node)?.mesh.clone()
+    }
+
+    /// A heartbeat from `node`: its mesh address now (kept if well formed and of the
+    /// endpoint it registered: its key does not change while it runs) and how it reaches the
+    /// next stage. Else why not.
+    pub fn heard(&mut self, node: &str, p: &protocol::HeartbeatParams) -> Result<(), String> {
+        let Some(n) = self.nodes.get_mut(node) else {
+            return Err("not registered".into());
+        };
+        n.next_edge = p.next_edge;
+        let Some(mesh) = &p.mesh else {
+            return Ok(());
+        };
+        mesh.check()?;
+        match &n.mesh {
+            Some(old) if old.endpoint_id != mesh.endpoint_id => Err(format!(
+                "mesh endpoint {} is not the one it registered ({})",
+                mesh.endpoint_id, old.endpoint_id
+            )),
+            _ => {
+                n.mesh = Some(mesh.clone());
+                Ok(())
+            }
+        }
+    }
+}

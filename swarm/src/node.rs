@@ -75,6 +75,10 @@ pub struct NodeState {
     pub last_seen: Instant,
     /// Its public key for signed steps (from `REGISTER`).
     pub signing_key: Option<String>,
+    /// Where it is reached over the mesh (REGISTER, then HEARTBEAT).
+    pub mesh: Option<protocol::MeshAddr>,
+    /// How it reaches the next stage of the route, as it last said (HEARTBEAT).
+    pub next_edge: Option<protocol::status::Edge>,
     /// Shards it says it holds (at `REGISTER`, or by `SHARD_LOADED`) and has not proved yet
     /// (`PROVE_SHARD`): they do not count, and the node is given nothing new until they are
     /// settled (or [`CLAIM_WAIT`] is up).

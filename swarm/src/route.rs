@@ -36,6 +36,7 @@ impl Swarm {
             data_addr: n.data_addr.clone().unwrap_or_default(),
             key: String::new(),
             signer: n.signing_key.clone(),
+            mesh: self.settings.mesh.then(|| n.mesh.clone()).flatten(),
         };
         let current = |id: u32| {
             let node = &self.route.as_ref()?.get(id as usize)?.node_id;
@@ -64,8 +65,10 @@ impl Swarm {
         let same_stages = |a: &[RouteHop], b: &[RouteHop]| {
             a.len() == b.len()
                 && a.iter().zip(b).all(|(x, y)| {
-                    (x.shard_id, &x.node_id, &x.data_addr, &x.signer)
-                        == (y.shard_id, &y.node_id, &y.data_addr, &y.signer)
+                    // A mesh address that only learns more addresses is the same stage.
+                    let endpoint = |h: &RouteHop| h.mesh.as_ref().map(|m| m.endpoint_id.clone());
+                    (x.shard_id, &x.node_id, &x.data_addr, &x.signer, endpoint(x))
+                        == (y.shard_id, &y.node_id, &y.data_addr, &y.signer, endpoint(y))
                 })
         };
         let changed = match (&route, &self.route) {
@@ -117,6 +120,7 @@ impl Swarm {
             next_key: None,
             probe_key: String::new(),
             previous_signer: None,
+            next_mesh: None,
         };
         if let (true, Some(route)) = (self.ready, &self.route) {
             for (k, hop) in route.iter().enumerate() {
@@ -130,6 +134,7 @@ impl Swarm {
                     key: hop.key.clone(),
                     next_key: route.get(k + 1).map(|h| h.key.clone()),
                     previous_signer: k.checked_sub(1).and_then(|p| route[p].signer.clone()),
+                    next_mesh: route.get(k + 1).and_then(|h| h.mesh.clone()),
                     ..base(hop.shard_id)
                 };
                 want.entry(hop.node_id.clone()).or_insert(params);

@@ -40,12 +40,20 @@ impl Swarm {
                 stage: self.stage_loaded.get(&n.node_id).copied(),
             })
             .collect();
+        // Each stage's caller says how it reaches it (stage 0's caller is the coordinator,
+        // which fills that in).
         let route = self.route.as_ref().map(|hops| {
             hops.iter()
-                .map(|h| RouteStage {
+                .enumerate()
+                .map(|(k, h)| RouteStage {
                     shard_id: h.shard_id,
                     node_id: h.node_id.clone(),
                     data_addr: h.data_addr.clone(),
+                    edge: k
+                        .checked_sub(1)
+                        .and_then(|p| self.nodes.get(&hops[p].node_id))
+                        .and_then(|n| n.next_edge),
+                    answers_edge: None,
                 })
                 .collect()
         });

@@ -80,6 +80,7 @@ fn register(token: &str) -> Command {
         token: Some(token.into()),
         signing_key: None,
         tls_public_key: None,
+        mesh: None,
     };
     Command::new(cmd::REGISTER, "test-node", protocol::COORDINATOR, &p)
 }

@@ -69,17 +69,21 @@ pub(super) async fn open_lane(
     let (model, split) = (&settings.model_sha256, &settings.split_id);
     let lane_id = format!("{:016x}{:016x}", random_u64(), random_u64());
     let (tx, answers) = mpsc::unbounded_channel();
-    let tls = settings.tls.as_ref();
+    let tls = (settings.tls.as_ref(), settings.mesh.as_ref());
     let mut answer_writer = None;
     if route.len() > 1 {
         let stage = route.len() - 1;
         let hello = Hello::answers(model, split, stage as u32, &lane_id);
-        let (reader, writer) = open(stage, last, hello, tls).await?.into_split();
+        let (conn, watch) = open(stage, last, hello, tls).await?;
+        settings.edges.lock().unwrap().answers = Some((last.node_id.clone(), watch));
+        let (reader, writer) = conn.into_split();
         forward_answers(reader, tx.clone(), stage);
         answer_writer = Some(writer);
     }
     let hello = Hello::new(model, split, 0).on_lane(&lane_id);
-    let (reader, writer) = open(0, first, hello, tls).await?.into_split();
+    let (conn, watch) = open(0, first, hello, tls).await?;
+    settings.edges.lock().unwrap().first = Some((first.node_id.clone(), watch));
+    let (reader, writer) = conn.into_split();
     forward_answers(reader, tx, 0);
     Ok(Lane {
         id: lane_id,
@@ -119,19 +123,58 @@ async fn open(
     stage: usize,
     hop: &RouteHop,
     hello: Hello,
-    tls: Option<&protocol::data::io::ClientTls>,
-) -> Result<Connection, LaneError> {
+    (tls, mesh): (Option<&protocol::data::io::ClientTls>, Option<&mesh::Mesh>),
+) -> Result<(Connection, Option<mesh::PathWatch>), LaneError> {
     let tls = tls.map(|config| protocol::data::io::TlsTo {
         config,
         node_id: &hop.node_id,
     });
-    let opening = Connection::open(&hop.data_addr, hello, &hop.key, tls);
+    let callee = match (mesh, &hop.mesh) {
+        (Some(from), Some(to)) => mesh::Callee::Mesh { from, to },
+        _ => mesh::Callee::Tcp {
+            addr: &hop.data_addr,
+            tls,
+        },
+    };
+    let opening = mesh::open(callee, hello, &hop.key);
     match tokio::time::timeout(CONNECT_WAIT, opening).await {
         Ok(opened) => opened.map_err(|source| LaneError::Channel { stage, source }),
         Err(_) => Err(LaneError::NoAnswer {
             stage,
             addr: hop.data_addr.clone(),
         }),
+    }
+}
+
+/// How the coordinator's latest lanes reached the route's first stage (the chain) and its
+/// last (the answers): by node, over the mesh (a watch on the path) or TCP (None inside).
+#[derive(Default)]
+pub struct OwnEdges {
+    pub first: Option<(String, Option<mesh::PathWatch>)>,
+    pub answers: Option<(String, Option<mesh::PathWatch>)>,
+}
+
+impl std::fmt::Debug for OwnEdges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OwnEdges").finish_non_exhaustive()
+    }
+}
+
+impl OwnEdges {
+    /// The edge `seen` names, if it was to `node`.
+    pub fn edge_to(
+        seen: &Option<(String, Option<mesh::PathWatch>)>,
+        node: &str,
+    ) -> Option<protocol::status::Edge> {
+        use protocol::status::{Edge, EdgeKind};
+        match seen.as_ref()? {
+            (to, _) if to != node => None,
+            (_, None) => Some(Edge {
+                kind: EdgeKind::Tcp,
+                rtt_us: None,
+            }),
+            (_, Some(watch)) => watch.edge(),
+        }
     }
 }
 

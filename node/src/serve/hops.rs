@@ -56,20 +56,26 @@ pub(super) fn admit(route: Option<&RouteParams>, hello: &Hello) -> Result<String
     Ok(key.clone())
 }
 
-/// Open this lane's connection to the next stage (over TLS in a TLS swarm).
+/// Open this lane's connection to the next stage: over the mesh when the route says so (and
+/// this node's endpoint runs), else TCP to `next` (over TLS in a TLS swarm).
 pub(super) async fn open_next(
     route: &RouteParams,
     next: &str,
     tls: Option<protocol::data::io::ClientTls>,
+    mesh: Option<mesh::Mesh>,
     lane: &str,
-) -> Result<Connection> {
+) -> Result<(Connection, Option<mesh::PathWatch>)> {
     let hello = Hello::new(&route.model_sha256, &route.split_id, route.stage + 1).on_lane(lane);
     let key = route.next_key.as_deref().unwrap_or_default();
     let node_id = route.next_node.as_deref().unwrap_or_default();
     let tls = tls
         .as_ref()
         .map(|config| protocol::data::io::TlsTo { config, node_id });
-    Connection::open(next, hello, key, tls)
+    let callee = match (&mesh, &route.next_mesh) {
+        (Some(from), Some(to)) => mesh::Callee::Mesh { from, to },
+        _ => mesh::Callee::Tcp { addr: next, tls },
+    };
+    mesh::open(callee, hello, key)
         .await
         .map_err(|e| Error::Pipeline(format!("stage {}: {e}", route.stage + 1)))
 }
@@ -199,6 +205,7 @@ mod tests {
             probe_key: "p".into(),
             previous_signer: None,
             next_node: None,
+            next_mesh: None,
         }
     }
 

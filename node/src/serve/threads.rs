@@ -223,6 +223,7 @@ mod tests {
             probe_key: String::new(),
             previous_signer: None,
             next_node: None,
+            next_mesh: None,
         };
         // Four stages on one 2-core machine: alone (one step in flight) 2 threads, else 1.
         assert_eq!(threads_for(2, &route(4), 1), 2);

@@ -55,6 +55,7 @@ fn register_with(
         token: Some("t".into()),
         signing_key: Some(crate::fuzz::signing_key_of(id)),
         tls_public_key: None,
+        mesh: None,
     };
     let mut out = s.register("r", &p, ip.parse().unwrap(), 1, None)?;
     out.extend(prove_all(s, id));
@@ -345,6 +346,7 @@ fn held_shards_are_kept_and_refusals_are_named() {
         token: Some("t".into()),
         signing_key: None,
         tls_public_key: None,
+        mesh: None,
     };
     let req = Command::new(cmd::REGISTER, "x", COORDINATOR, &p);
     assert_eq!(

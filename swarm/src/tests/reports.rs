@@ -123,6 +123,7 @@ fn a_claimed_shard_counts_only_once_proved() {
         token: Some("t".into()),
         signing_key: None,
         tls_public_key: None,
+        mesh: None,
     };
     let out = s
         .register("r", &p, "10.0.0.9".parse().unwrap(), 1, None)

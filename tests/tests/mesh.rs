@@ -1,0 +1,67 @@
+//! The data channel over the mesh (iroh), on loopback: the seeder runs the swarm's relay
+//! (`--relay-port`), so the coordinator (`--data-transport auto`) runs every hop over the mesh
+//! and hands nodes the relay; the text equals the whole model's.
+
+use std::time::Duration;
+
+use tests::api::{assert_texts_equal_the_whole_model, PROMPTS};
+use tests::{get_json, node, swarm_lock, wait_for, Bed};
+
+#[test]
+fn a_swarm_over_the_mesh_homed_on_the_seeders_relay_gives_the_whole_models_text() {
+    let _one = swarm_lock();
+    let bed = Bed::new(3, &["--relay-port", "0"]);
+    let c = bed.coordinator("127.0.0.1:0", &["--min-nodes", "3"]);
+    let addr = c.field("http").to_owned();
+    let nodes: Vec<_> = bed
+        .node_dirs(3)
+        .iter()
+        .map(|(name, dir)| node(name, &addr, dir, &[]))
+        .collect();
+    wait_for("the pipeline serving", Duration::from_secs(180), || {
+        (get_json(&format!("http://{addr}/status"))["serving"] == true).then_some(())
+    });
+    assert!(
+        c.stderr_text()
+            .contains("the data channel runs over the mesh, relay https://127.0.0.1:"),
+        "{}",
+        c.stderr_text()
+    );
+    for n in &nodes {
+        assert!(
+            n.stderr_text().contains("homed on the relay"),
+            "{}",
+            n.stderr_text()
+        );
+    }
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap();
+    assert_texts_equal_the_whole_model(&client, &format!("http://{addr}"), None, &PROMPTS[..2]);
+    // On loopback every hop is direct (an address of the callee's own), its RTT measured;
+    // heartbeats carry the stages' edges, so wait (bounded) for the newest.
+    let route = wait_for("every route edge reported", Duration::from_secs(30), || {
+        let route = get_json(&format!("http://{addr}/status"))["route"].clone();
+        let stages = route.as_array()?;
+        let last = stages.last()?;
+        let edges: Vec<_> = stages
+            .iter()
+            .map(|s| &s["edge"])
+            .chain([&last["answers_edge"]])
+            .collect();
+        edges
+            .iter()
+            .all(|e| e["kind"].is_string())
+            .then_some(route.clone())
+    });
+    let stages = route.as_array().unwrap();
+    for edge in stages
+        .iter()
+        .map(|s| &s["edge"])
+        .chain([&stages.last().unwrap()["answers_edge"]])
+    {
+        assert_eq!(edge["kind"], "direct", "{route}");
+        assert!(edge["rtt_us"].as_u64().is_some(), "{route}");
+    }
+}
