@@ -4,6 +4,7 @@
 pub mod api;
 pub mod browser;
 pub mod default_model;
+pub mod netns;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
