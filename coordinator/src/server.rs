@@ -399,6 +399,16 @@ async fn connection(socket: WebSocket, hub: Arc<Hub>, remote: SocketAddr, bearer
         {
             Ok(Some(registered)) => {
                 tokio::spawn(challenge_claims(hub.clone(), registered.clone()));
+                let peer = hub
+                    .swarm
+                    .lock()
+                    .unwrap()
+                    .nodes
+                    .get(&registered)
+                    .map(|n| n.peer_addr);
+                if let Some(peer) = peer {
+                    tokio::spawn(check_dialable(hub.clone(), registered.clone(), peer));
+                }
                 node = Some(registered);
             }
             Ok(None) => {
@@ -417,6 +427,21 @@ async fn connection(socket: WebSocket, hub: Arc<Hub>, remote: SocketAddr, bearer
     }
     drop(tx);
     let _ = writer.await;
+}
+
+/// How long a node's BitTorrent port has to take the coordinator's connection.
+const DIAL_TIME: Duration = Duration::from_secs(5);
+
+/// Dial `node`'s BitTorrent port once (a TCP connect, closed at once): whether other members
+/// can fetch from it, or it is behind a NAT or firewall ([`Swarm::dialed`]).
+async fn check_dialable(hub: Arc<Hub>, node: String, peer: SocketAddr) {
+    let dialed = tokio::time::timeout(DIAL_TIME, tokio::net::TcpStream::connect(peer)).await;
+    let out = hub
+        .swarm
+        .lock()
+        .unwrap()
+        .dialed(&node, matches!(dialed, Ok(Ok(_))));
+    hub.dispatch(out);
 }
 
 /// The most bytes a possession challenge reads (from the seeder and on the node).

@@ -175,6 +175,7 @@ pub(crate) async fn run(mut config: Config) -> Result<()> {
         Fetcher::start(
             data.clone(),
             SocketAddr::new(config.listen_addr, config.peer_port),
+            config.upnp,
         )
         .await?,
     );

@@ -50,8 +50,8 @@ pub struct Fetcher {
 }
 
 impl Fetcher {
-    /// Start the session listening on `listen`.
-    pub async fn start(data: Arc<DataDir>, listen: SocketAddr) -> Result<Fetcher> {
+    /// Start the session listening on `listen`, with `upnp` asking the router to forward it.
+    pub async fn start(data: Arc<DataDir>, listen: SocketAddr, upnp: bool) -> Result<Fetcher> {
         std::fs::create_dir_all(data.session_dir())
             .map_err(|e| daemon::IoError::new(data.session_dir().display().to_string(), e))?;
         let session = Session::new_with_opts(
@@ -67,6 +67,7 @@ impl Fetcher {
                     mode: ListenerMode::TcpAndUtp,
                     listen_addr: listen,
                     ipv4_only: listen.is_ipv4(),
+                    enable_upnp_port_forwarding: upnp,
                     ..Default::default()
                 }),
                 ..Default::default()

@@ -39,6 +39,12 @@ pub struct Config {
     /// BitTorrent port other nodes fetch shards from (0: any free port).
     #[arg(long, default_value_t = 0)]
     pub peer_port: u16,
+    /// Ask the home router (UPnP IGD) to forward the BitTorrent port to this node, so that
+    /// nodes outside its network can fetch from it too. Off by default: it changes the
+    /// router's settings. Without it, a node behind NAT still fetches (its connections are
+    /// outbound) but only nodes it dials get shards from it.
+    #[arg(long, env = "SHARDSWARM_NODE_UPNP")]
+    pub upnp: bool,
     /// Address the BitTorrent port listens on.
     #[arg(long, default_value = "0.0.0.0")]
     pub listen_addr: IpAddr,
@@ -85,6 +91,7 @@ impl Default for Config {
             token_file: None,
             ca: None,
             peer_port: 0,
+            upnp: false,
             listen_addr: IpAddr::from([0, 0, 0, 0]),
             threads: None,
             pin_threads: None,

@@ -56,6 +56,11 @@ pub struct NodeStatus {
     pub name: String,
     /// Where other nodes reach its shards over BitTorrent.
     pub peer_addr: String,
+    /// Whether the coordinator could dial `peer_addr` (None: not tried yet). A node behind
+    /// NAT cannot be dialled: it fetches over its own connections, and no replica is left to
+    /// fetch from it alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_dialable: Option<bool>,
     pub data_addr: Option<String>,
     pub capacity: Capacity,
     /// Its relation to each shard it was given.

@@ -212,6 +212,7 @@ impl Swarm {
             node_id: p.node_id.clone(),
             name: p.name.clone(),
             peer_addr: SocketAddr::new(ip, p.peer_port),
+            peer_dialable: None,
             // A node listening on every address is reached at the address it connected from.
             data_addr: p
                 .data_addr
@@ -504,6 +505,26 @@ impl Swarm {
             return None;
         }
         self.nodes.get(node)?.mesh.clone()
+    }
+
+    /// Whether the coordinator could dial `node`'s BitTorrent port. A node that cannot be
+    /// dialled (behind NAT) still fetches over its own connections, but stops being a source:
+    /// a replica fetching from it alone goes to the tracker ([`Swarm::place`]).
+    pub fn dialed(&mut self, node: &str, dialable: bool) -> Outbox {
+        let Some(n) = self.nodes.get_mut(node) else {
+            return Vec::new();
+        };
+        if n.peer_dialable == Some(dialable) {
+            return Vec::new();
+        }
+        n.peer_dialable = Some(dialable);
+        if !dialable {
+            tracing::info!(
+                "node {node}: its BitTorrent port {} cannot be dialled (behind NAT or a firewall): it fetches over its own connections and is no replica's only source",
+                n.peer_addr
+            );
+        }
+        self.place()
     }
 
     /// A heartbeat from `node`: its mesh address now (kept if well formed and of the

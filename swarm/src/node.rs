@@ -52,6 +52,8 @@ pub struct NodeState {
     pub name: String,
     /// Where other nodes reach its shards over BitTorrent.
     pub peer_addr: SocketAddr,
+    /// Whether the coordinator could dial `peer_addr` (None: not tried yet).
+    pub peer_dialable: Option<bool>,
     pub data_addr: Option<String>,
     pub capacity: Capacity,
     pub shards: BTreeMap<u32, Holding>,

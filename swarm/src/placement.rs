@@ -16,6 +16,10 @@ use super::{Holding, HoldingRules, NodeState, Outbox, Swarm};
 impl Swarm {
     /// The nodes other than `node` that `node` can fetch `shard_id` from: those that have it
     /// or are getting it.
+    /// The nodes `node` can fetch `shard_id` from without the tracker: those that hold or
+    /// fetch it and can be dialled. A node behind NAT (its BitTorrent port failed the
+    /// coordinator's dial) is no source: a replica told to fetch from it alone would wait
+    /// forever, so it fetches through the tracker instead.
     pub(super) fn sources<'a>(
         &'a self,
         node: &'a str,
@@ -23,6 +27,7 @@ impl Swarm {
     ) -> impl Iterator<Item = &'a NodeState> {
         self.nodes.values().filter(move |n| {
             n.node_id != node
+                && n.peer_dialable != Some(false)
                 && matches!(
                     n.shards.get(&shard_id),
                     Some(Holding::Loaded { .. } | Holding::Fetching { .. })

@@ -30,6 +30,7 @@ impl Swarm {
                 node_id: n.node_id.clone(),
                 name: n.name.clone(),
                 peer_addr: n.peer_addr.to_string(),
+                peer_dialable: n.peer_dialable,
                 data_addr: n.data_addr.clone(),
                 capacity: n.capacity,
                 shards: n.shards.clone(),

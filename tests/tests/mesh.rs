@@ -55,6 +55,11 @@ fn a_swarm_over_the_mesh_homed_on_the_seeders_relay_gives_the_whole_models_text(
             .all(|e| e["kind"].is_string())
             .then_some(route.clone())
     });
+    // On loopback the coordinator dials every node's BitTorrent port.
+    let status = get_json(&format!("http://{addr}/status"));
+    for n in status["nodes"].as_array().unwrap() {
+        assert_eq!(n["peer_dialable"], true, "{n}");
+    }
     let stages = route.as_array().unwrap();
     for edge in stages
         .iter()

@@ -151,6 +151,20 @@ impl NatSwarm {
             .unwrap();
         let base = format!("http://{}", self.http);
         assert_texts_equal_the_whole_model(&client, &base, None, &PROMPTS[..2]);
+        // Nobody outside a home can dial its nodes' BitTorrent ports: the coordinator's check
+        // finds that out (within its 5 s dial), and they fetched all the same.
+        wait_for(
+            "every node's reachability checked",
+            Duration::from_secs(30),
+            || {
+                let status = self.status();
+                let nodes = status["nodes"].as_array()?.clone();
+                nodes
+                    .iter()
+                    .all(|n| n["peer_dialable"] == false)
+                    .then_some(())
+            },
+        );
         let mut last = Value::Null;
         let seen = (0..60).find_map(|_| {
             // Keep the lanes busy so that the paths are exercised while we look.

@@ -207,6 +207,40 @@ fn replicas_trail_the_first_holder_and_fall_back_to_the_tracker() {
     assert!(loads(&s.disconnected("b", 1)).iter().all(|(n, _)| n != "d"));
 }
 
+/// A holder the coordinator cannot dial is nobody's source: a replica trailing it alone is
+/// sent to the tracker at once, and one placed later starts with the tracker.
+#[test]
+fn a_holder_that_cannot_be_dialled_is_no_replicas_only_source() {
+    let mut s = swarm(2, 2);
+    let out: Outbox = ["a", "b", "c", "d"]
+        .iter()
+        .flat_map(|id| register(&mut s, id, &[]).unwrap())
+        .collect();
+    // b's replica does not wait for b: it starts at once, through the tracker.
+    let l = loads(&s.dialed("b", false));
+    let (_, d) = l.iter().find(|(n, _)| n == "d").expect("d starts");
+    assert_eq!(
+        (d.shard_id, d.use_tracker),
+        (1, true),
+        "b cannot be dialled"
+    );
+    assert!(s.dialed("a", true).is_empty());
+    let l = loads(&first_pieces(&mut s, &out));
+    let (_, c) = l.iter().find(|(n, _)| n == "c").expect("c starts");
+    assert_eq!((c.shard_id, c.use_tracker), (0, false), "a can be dialled");
+    assert_eq!(c.peers, [peer("a")]);
+    // a turns out undialable after all (it was checked late): c goes to the tracker.
+    let l = loads(&s.dialed("a", false));
+    assert!(
+        l.iter()
+            .any(|(n, p)| n == "c" && p.shard_id == 0 && p.use_tracker),
+        "{l:?}"
+    );
+    let status = s.status(None, Default::default());
+    let b = status.nodes.iter().find(|n| n.node_id == "b").unwrap();
+    assert_eq!(b.peer_dialable, Some(false));
+}
+
 /// A shard's holders form a chain, each replica fetching from the holder before it once that
 /// one has a piece; when the first holder goes mid-transfer, the replica furthest along is sent
 /// to the tracker and the others keep what they have.
