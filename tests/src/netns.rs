@@ -186,6 +186,7 @@ impl Internet {
                  iifname \"{wan_link}\" ct state established,related accept
                  iifname \"{wan_link}\" drop
                }}
+               chain cut {{ type filter hook forward priority filter - 1; policy accept; }}
              }}"
         );
         router.run("nft", &[&rules]);
@@ -255,6 +256,23 @@ impl Home {
                 "drop",
             ],
         );
+    }
+}
+
+impl Home {
+    /// Reset every TCP connection from this home to `host`:`port` and refuse new ones (a
+    /// TCP reset answers each packet), until [`Home::mend`].
+    pub fn cut_tcp_to(&self, host: &Host, port: u16) {
+        let rule = format!(
+            "add rule inet home cut oifname \"{}\" ip daddr {} tcp dport {port} reject with tcp reset",
+            self.wan_link, host.ip
+        );
+        self.router.run("nft", &[&rule]);
+    }
+
+    /// Undo [`Home::cut_tcp_to`].
+    pub fn mend(&self) {
+        self.router.run("nft", &["flush chain inet home cut"]);
     }
 }
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tests::api::{assert_texts_equal_the_whole_model, PROMPTS};
-use tests::netns::{Host, Internet};
+use tests::netns::{Home, Host, Internet};
 use tests::{bin, get_json, real_shards, swarm_lock, wait_for, Proc};
 
 /// What the edge into a stage must be: between two homes (or from the coordinator to a
@@ -33,6 +33,10 @@ struct NatSwarm {
     /// Node name -> its home.
     home_of: BTreeMap<String, u8>,
     http: String,
+    /// The relay's port (on the public host).
+    relay_port: u16,
+    public: Host,
+    homes: Vec<Home>,
     // Dropped in this order: processes before the namespaces they run in.
     nodes: Vec<Proc>,
     _coordinator: Proc,
@@ -100,6 +104,13 @@ fn nat_swarm(udp_between_homes: bool) -> NatSwarm {
         ],
     );
     let http = coordinator.field("http").to_owned();
+    let relay_port = seeder
+        .field("relay")
+        .trim_end_matches('/')
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("the relay's URL has a port");
     let nodes = hosts
         .iter()
         .map(|(name, _, host)| {
@@ -124,6 +135,9 @@ fn nat_swarm(udp_between_homes: bool) -> NatSwarm {
     NatSwarm {
         home_of: hosts.iter().map(|(n, h, _)| (n.clone(), *h)).collect(),
         http,
+        relay_port,
+        public,
+        homes: homes.into(),
         nodes,
         _coordinator: coordinator,
         _seeder: seeder,
@@ -285,5 +299,51 @@ fn with_udp_between_the_homes_blocked_their_edges_go_through_the_relay_and_stay_
     must_be_root();
     let _one = swarm_lock();
     let swarm = nat_swarm(false);
+    swarm.check(false);
+}
+
+/// With UDP between the homes blocked, the edge between them runs through the relay. Home 2
+/// loses its relay connections (its router resets them and refuses new ones for 3 s) while a
+/// request is in flight: the nodes reconnect, the request completes or fails over with the
+/// whole model's text, and the next request runs through the relay again.
+#[test]
+fn a_home_that_loses_the_relay_mid_request_reconnects_and_the_text_stays_exact() {
+    must_be_root();
+    let _one = swarm_lock();
+    let swarm = nat_swarm(false);
+    swarm.check(false);
+    let prompt = PROMPTS[0];
+    let reference = llm::reference_completion(&tests::api::model(), prompt, 64, 1).unwrap();
+    let base = format!("http://{}", swarm.http);
+    let asking = std::thread::spawn(move || {
+        let started = std::time::Instant::now();
+        let client = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(180))
+            .build()
+            .unwrap();
+        let body: Value = client
+            .post(format!("{base}/v1/completions"))
+            .json(&serde_json::json!({"prompt": prompt, "max_tokens": 64, "temperature": 0}))
+            .send()
+            .and_then(|r| r.json())
+            .unwrap_or_else(|e| panic!("the request in flight: {e}"));
+        eprintln!("the request in flight took {:?}", started.elapsed());
+        body
+    });
+    std::thread::sleep(Duration::from_millis(150));
+    swarm.homes[1].cut_tcp_to(&swarm.public, swarm.relay_port);
+    assert!(
+        !asking.is_finished(),
+        "the request ended before the relay was cut: nothing was in flight"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    swarm.homes[1].mend();
+    let body = asking.join().unwrap();
+    assert_eq!(
+        body["choices"][0]["text"],
+        reference.text.as_str(),
+        "the request in flight: {body}"
+    );
+    // Reconnected: the relay carries the edge between the homes again.
     swarm.check(false);
 }
