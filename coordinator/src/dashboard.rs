@@ -112,12 +112,17 @@ pub fn live(s: &Status) -> String {
     match &s.route {
         Some(route) => {
             for hop in route {
+                let answers = match hop.answers_edge {
+                    Some(e) => format!("; answers {}", edge_text(e)),
+                    None => String::new(),
+                };
                 let _ = write!(
                     h,
-                    "<li>shard {} on <b>{}</b> <small>{}</small></li>",
+                    "<li>shard {} on <b>{}</b> <small>{}</small> <small class=\"edge\">{}{answers}</small></li>",
                     hop.shard_id,
                     escape(&name_of(&hop.node_id)),
-                    escape(&hop.data_addr)
+                    escape(&hop.data_addr),
+                    hop.edge.map_or("reached: not measured yet".into(), |e| format!("reached {}", edge_text(e))),
                 );
             }
         }
@@ -141,6 +146,15 @@ pub fn live(s: &Status) -> String {
         let _ = write!(h, "<p class=\"evicted\">evicted: {}</p>", ids.join(", "));
     }
     h
+}
+
+/// A hop's kind and round-trip time: `holepunched, 12.3 ms`.
+fn edge_text(edge: protocol::status::Edge) -> String {
+    let kind = edge.kind.as_str();
+    match edge.rtt_us {
+        Some(us) => format!("{kind}, {:.1} ms", us as f64 / 1000.0),
+        None => kind.to_owned(),
+    }
 }
 
 fn mib(bytes: u64) -> String {
@@ -213,6 +227,22 @@ mod tests {
         assert!(!html.contains("<script>"), "{html}");
         assert!(html.contains("&lt;script&gt;"), "{html}");
         assert!(html.contains("not ready") && html.contains("50%"), "{html}");
+    }
+
+    #[test]
+    fn the_route_shows_how_each_hop_runs() {
+        let status = status(serde_json::json!({
+            "ready": true, "min_nodes": 1, "shards": [shard()], "shards_loaded": 1, "serving": true,
+            "route": [{"shard_id": 0, "node_id": "n1", "data_addr": "10.1.0.2:1",
+                       "edge": {"kind": "holepunched", "rtt_us": 12345},
+                       "answers_edge": {"kind": "relayed", "rtt_us": 40000}}],
+            "nodes": [],
+        }));
+        let html = live(&status);
+        assert!(
+            html.contains("<small class=\"edge\">reached holepunched, 12.3 ms; answers relayed, 40.0 ms</small>"),
+            "{html}"
+        );
     }
 
     #[test]

@@ -35,6 +35,32 @@ pub fn full_status(hub: &Hub) -> Status {
     status
 }
 
+/// Samples of one family, owned.
+type Labelled = Vec<(Vec<(&'static str, String)>, f64)>;
+
+/// The route's measured edges as `/status` shows them: (kind per hop, RTT per mesh hop).
+fn route_edges(hub: &Hub) -> (Labelled, Labelled) {
+    let route = full_status(hub).route.unwrap_or_default();
+    let hops = route.iter().enumerate().flat_map(|(k, stage)| {
+        [("chain", stage.edge), ("answers", stage.answers_edge)]
+            .into_iter()
+            .filter_map(move |(lane, edge)| Some((k, lane, edge?)))
+    });
+    let (mut kinds, mut rtts) = (Vec::new(), Vec::new());
+    for (k, lane, edge) in hops {
+        let labels = vec![
+            ("stage", k.to_string()),
+            ("lane", lane.to_owned()),
+            ("kind", edge.kind.as_str().to_owned()),
+        ];
+        if let Some(us) = edge.rtt_us {
+            rtts.push((labels.clone(), us as f64 / 1e6));
+        }
+        kinds.push((labels, 1.0));
+    }
+    (kinds, rtts)
+}
+
 /// The swarm's state at scrape time.
 pub struct SwarmCollector(pub Arc<Hub>);
 
@@ -104,6 +130,23 @@ impl Collector for SwarmCollector {
             "Shard bytes the registered nodes fetched, by source",
             Some(&Unit::Bytes),
             &bytes,
+        )?;
+        let (kinds, rtts) = route_edges(hub);
+        family(
+            &mut e,
+            ConstGauge::new,
+            "route_edge",
+            "1 for each hop of the route, labelled with how it runs (tcp, direct, holepunched, relayed): lane chain is the hop into the stage (from the coordinator for stage 0), lane answers the coordinator's answer lane to the last stage",
+            None,
+            &kinds,
+        )?;
+        family(
+            &mut e,
+            ConstGauge::new,
+            "route_edge_rtt",
+            "Each mesh hop's round-trip time as last measured",
+            Some(&Unit::Seconds),
+            &rtts,
         )?;
         if let Some(engine) = hub.engine() {
             let stats = engine.stats.lock().unwrap().counts.clone();

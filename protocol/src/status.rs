@@ -124,6 +124,18 @@ pub struct RouteStage {
     pub answers_edge: Option<Edge>,
 }
 
+impl EdgeKind {
+    /// Its name, as `/status` spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EdgeKind::Tcp => "tcp",
+            EdgeKind::Direct => "direct",
+            EdgeKind::Holepunched => "holepunched",
+            EdgeKind::Relayed => "relayed",
+        }
+    }
+}
+
 /// How one hop of the data channel runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -55,6 +55,21 @@ fn a_swarm_over_the_mesh_homed_on_the_seeders_relay_gives_the_whole_models_text(
             .all(|e| e["kind"].is_string())
             .then_some(route.clone())
     });
+    // /metrics has the same: one route_edge per hop, with its RTT.
+    let metrics = reqwest::blocking::get(format!("http://{addr}/metrics"))
+        .unwrap()
+        .text()
+        .unwrap();
+    let hops = route.as_array().unwrap().len() + 1;
+    let direct = metrics
+        .lines()
+        .filter(|l| l.starts_with("shardswarm_route_edge{") && l.contains("kind=\"direct\""))
+        .count();
+    let rtts = metrics
+        .lines()
+        .filter(|l| l.starts_with("shardswarm_route_edge_rtt_seconds{"))
+        .count();
+    assert_eq!((direct, rtts), (hops, hops), "{metrics}");
     // On loopback the coordinator dials every node's BitTorrent port.
     let status = get_json(&format!("http://{addr}/status"));
     for n in status["nodes"].as_array().unwrap() {
