@@ -68,10 +68,10 @@ def bin_dir_of(repo):
 
 
 def start_local_swarm(repo, work, model, nodes=4, shards=4, coordinator_flags=(), threads=1, limit=300, tls=None,
-                      node_flags=()):
+                      node_flags=(), seeder_flags=()):
     """Split `model` into `shards`, start a seeder, a coordinator and `nodes` nodes on loopback
     (their logs in `work`; each node with `threads` llama.cpp threads, or its default, measured,
-    for None, and `node_flags`), and wait until the coordinator serves. With `tls` (from `make_certificates`) the
+    for None, and `node_flags`; the seeder with `seeder_flags`), and wait until the coordinator serves. With `tls` (from `make_certificates`) the
     coordinator serves HTTPS and wss://. Returns (coordinator address, processes): stop them
     with `stop`."""
     bin_dir = bin_dir_of(repo)
@@ -87,7 +87,7 @@ def start_local_swarm(repo, work, model, nodes=4, shards=4, coordinator_flags=()
         subprocess.run([os.path.join(bin_dir, "shard_loader"), "split", "--model", model, "--shards", str(shards),
                         "--target-dir", target], check=True, capture_output=True)
         s = start([os.path.join(bin_dir, "server"), "--listen-addr", "127.0.0.1", "--port", "0", "--http-port", "0",
-                   "--seed-dir", target, "--state-dir", os.path.join(work, "st")], "seeder.log")
+                   "--seed-dir", target, "--state-dir", os.path.join(work, "st"), *seeder_flags], "seeder.log")
         seeder = wait_line(s, r"^\[READY\] http=(\S+)", limit).group(1)
         tls_flags = ["--tls-cert", tls["cert"], "--tls-key", tls["key"]] if tls else []
         scheme = "https" if tls else "http"

@@ -25,9 +25,12 @@ else while the VM wanted that vCPU), which makes teams that wait for their slowe
 SHARDSWARM_BIN_DIR=DIR runs another build's binaries instead of building this checkout's (to
 compare two builds: run once with each, one after the other, on the same machine).
 
+--transports tcp,mesh measures the pipeline with the data channel over TCP, then over the mesh
+(iroh QUIC, the seeder running the relay), and prints mesh against tcp per K.
+
 usage: bench/serve.py [--runs 3] [--max-tokens 48] [--clients 1,2,4,8,16] [--micro-batches 0]
                       [--node-threads 1] [--stages 4] [--skip-llama-server] [--policies]
-                      [--busy-core CPU]
+                      [--busy-core CPU] [--transports tcp,mesh]
 """
 import argparse
 import json
@@ -188,15 +191,18 @@ def decode_policies(addr):
     return out
 
 
-def run_pipeline(args, model, ks, node_flags, label):
-    """Start a swarm, measure every K, stop it: {K: measure(...)} and the nodes' policies."""
+def run_pipeline(args, model, ks, node_flags, label, transport="tcp"):
+    """Start a swarm whose data channel runs over `transport` (tcp, or mesh: the seeder runs
+    the relay), measure every K, stop it: {K: measure(...)} and the nodes' policies."""
     work = tempfile.mkdtemp(prefix="shardswarm-bench-serve.")
     procs = []
     results = {}
     try:
         coord, procs = start_local_swarm(REPO, work, model, nodes=args.stages, shards=args.stages,
                                          threads=args.node_threads, node_flags=node_flags, coordinator_flags=[
-            "--parallel", str(max(ks)), "--micro-batches", str(args.micro_batches)])
+            "--parallel", str(max(ks)), "--micro-batches", str(args.micro_batches),
+            "--data-transport", transport],
+                                         seeder_flags=["--relay-port", "0"] if transport == "mesh" else [])
         policies = decode_policies(coord)
         for line in policies:
             print(f"{label:12s} {line}", flush=True)
@@ -258,6 +264,9 @@ def main():
                     help="keep CPU busy with a spinning process throughout (other work on the machine: "
                          "shows which policy the nodes choose then, and what each costs)")
     ap.add_argument("--llama-server", help="llama-server binary (default: build or reuse the cached one)")
+    ap.add_argument("--transports", default="tcp",
+                    help="the data channel's transports to measure, in order (tcp, mesh: iroh QUIC on loopback, "
+                         "the seeder running the relay); with both, a table of mesh against tcp")
     args = ap.parse_args()
     if args.busy_core is not None:
         hog = subprocess.Popen(["taskset", "-c", str(args.busy_core), "sh", "-c", "while :; do :; done"])
@@ -278,7 +287,15 @@ def run(args):
     if args.policies:
         compare_policies(args, model)
         print()
-    ours, _ = run_pipeline(args, model, ks, [], "pipeline")
+    transports = args.transports.split(",")
+    by_transport = {t: run_pipeline(args, model, ks, [], f"pipeline/{t}", t)[0] for t in transports}
+    ours = by_transport[transports[0]]
+    if "tcp" in by_transport and "mesh" in by_transport:
+        print()
+        print(f"{'K':>3s} {'tcp tok/s':>10s} {'mesh tok/s':>11s} {'mesh/tcp':>9s} {'ITL p50 tcp/mesh ms':>20s}")
+        for k in ks:
+            t, m = by_transport["tcp"][k], by_transport["mesh"][k]
+            print(f"{k:3d} {t[0]:10.1f} {m[0]:11.1f} {m[0] / t[0]:8.2f}x {t[2]:9.1f}/{m[2]:<9.1f}")
     if args.skip_llama_server:
         return
     binary = args.llama_server or subprocess.run(
