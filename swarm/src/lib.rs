@@ -534,6 +534,14 @@ impl Swarm {
         let Some(n) = self.nodes.get_mut(node) else {
             return Err("not registered".into());
         };
+        let relayed = |e: Option<protocol::status::Edge>| {
+            e.is_some_and(|e| e.kind == protocol::status::EdgeKind::Relayed)
+        };
+        if relayed(p.next_edge) && !relayed(n.next_edge) {
+            tracing::warn!(
+                "node {node} reaches the next stage only through the relay: no direct path and no punched hole (UDP between them blocked?); every token crosses the relay"
+            );
+        }
         n.next_edge = p.next_edge;
         let Some(mesh) = &p.mesh else {
             return Ok(());

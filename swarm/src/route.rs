@@ -25,7 +25,9 @@ impl Swarm {
     /// A stage keeps its node while that node holds the shard: a replica that finishes later
     /// never takes the place of a working stage (no needless replays, and a newcomer serves
     /// nothing before the checks have seen it). A lost stage goes to the first holder by id
-    /// that is not already on the route (else to the first).
+    /// that is not already on the route (else to the first), preferring one in the same network
+    /// as the stage before it (registered from the same address: behind the same NAT, so the
+    /// hop between them runs on their LAN, never through the relay).
     pub(super) fn update_route(&mut self) -> Outbox {
         let serves = |n: &NodeState, id: u32| {
             matches!(n.shards.get(&id), Some(Holding::Loaded { .. })) && n.data_addr.is_some()
@@ -46,16 +48,19 @@ impl Swarm {
             // A node runs one stage: a lost stage goes to a holder not already on the route
             // where there is one.
             let mut on_route: Vec<&str> = Vec::new();
+            let mut previous: Option<std::net::IpAddr> = None;
             (0..self.shards.len() as u32)
                 .map(|id| {
                     let n = current(id).or_else(|| {
                         let mut holders = self.nodes.values().filter(|n| serves(n, id));
-                        let free = holders
+                        let mut free = holders
                             .clone()
-                            .find(|n| !on_route.contains(&n.node_id.as_str()));
-                        free.or_else(|| holders.next())
+                            .filter(|n| !on_route.contains(&n.node_id.as_str()));
+                        let near = free.clone().find(|n| Some(n.peer_addr.ip()) == previous);
+                        near.or_else(|| free.next()).or_else(|| holders.next())
                     })?;
                     on_route.push(&n.node_id);
+                    previous = Some(n.peer_addr.ip());
                     Some(hop(n, id))
                 })
                 .collect()

@@ -452,6 +452,33 @@ fn nodes_without_room_get_nothing() {
     assert!(loads(&out).is_empty());
 }
 
+/// Among a shard's holders, the route takes one in the same network as the stage before it
+/// (registered from the same address: behind the same NAT), whose hop then runs on their LAN.
+#[test]
+fn the_route_keeps_consecutive_stages_in_one_network_where_it_can() {
+    let mut s = swarm(2, 3);
+    for (id, ip, held) in [
+        ("a", "198.51.100.1", 0),
+        ("b", "198.51.100.2", 1),
+        ("c", "198.51.100.1", 1),
+    ] {
+        register_at(&mut s, id, &[held], ip, Some("0.0.0.0:9000")).unwrap();
+    }
+    assert!(s.ready);
+    let route: Vec<&str> = s
+        .route
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|h| h.node_id.as_str())
+        .collect();
+    assert_eq!(
+        route,
+        ["a", "c"],
+        "b comes first by id, c shares a's network"
+    );
+}
+
 /// `ROUTE` tells each stage how many of the route's stages share its machine (by the host of
 /// the data addresses), so that stages working at once on one machine share its cores.
 #[test]
