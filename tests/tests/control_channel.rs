@@ -265,6 +265,11 @@ fn a_node_that_never_reads_its_replies_is_disconnected() {
         })
         .await
         .expect("the connection was never closed");
+        // The coordinator's log line may reach us a moment after the connection's end.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !c.stderr_text().contains("pile up unread") && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         assert!(
             c.stderr_text().contains("pile up unread"),
             "closed for another reason after {closed} replies"
