@@ -248,13 +248,12 @@ async fn ask(
         config,
         node_id: &target.node_id,
     });
-    let callee = match (&hub.mesh, &target.mesh) {
-        (Some(from), Some(to)) => mesh::Callee::Mesh { from, to },
-        _ => mesh::Callee::Tcp {
-            addr: &target.data_addr,
-            tls,
-        },
-    };
+    let callee = mesh::Callee::pick(
+        hub.mesh.as_ref(),
+        target.mesh.as_ref(),
+        &target.data_addr,
+        tls,
+    );
     let (mut conn, _) = mesh::open(callee, hello, &target.probe_key).await?;
     conn.send(question).await?;
     conn.receive().await

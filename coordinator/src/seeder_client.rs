@@ -51,14 +51,18 @@ pub fn is_local(seeder: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-/// GET a JSON document of type `T` from the seeder; with `signer` (its public key), only if
-/// the seeder signed it.
-async fn get_document<T: DeserializeOwned>(
-    seeder: &str,
-    path: &str,
-    signer: Option<&str>,
-) -> Result<T> {
-    use protocol::data::seal::{document_signed, SIGNATURE_HEADER};
+/// The seeder's answer to a GET of one of its documents, not yet judged.
+struct Answer {
+    url: String,
+    path: String,
+    status: reqwest::StatusCode,
+    /// The document's signature header, if any.
+    signature: Option<String>,
+    bytes: Vec<u8>,
+}
+
+/// GET `path` from the seeder.
+async fn ask(seeder: &str, path: &str) -> Result<Answer> {
     let url = format!("{}{path}", seeder.trim_end_matches('/'));
     let resp = client()
         .get(&url)
@@ -68,10 +72,43 @@ async fn get_document<T: DeserializeOwned>(
     let status = resp.status();
     let signature = resp
         .headers()
-        .get(SIGNATURE_HEADER)
+        .get(protocol::data::seal::SIGNATURE_HEADER)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let bytes = resp.bytes().await.map_err(|e| Error::seeder(&url, e))?;
+    let bytes = resp
+        .bytes()
+        .await
+        .map_err(|e| Error::seeder(&url, e))?
+        .to_vec();
+    Ok(Answer {
+        url,
+        path: path.to_owned(),
+        status,
+        signature,
+        bytes,
+    })
+}
+
+/// GET a JSON document of type `T` from the seeder; with `signer` (its public key), only if
+/// the seeder signed it.
+async fn get_document<T: DeserializeOwned>(
+    seeder: &str,
+    path: &str,
+    signer: Option<&str>,
+) -> Result<T> {
+    document(ask(seeder, path).await?, signer)
+}
+
+/// The document in `answer`: a refusal is an error naming the seeder's message; with `signer`
+/// (its public key), only a document the seeder signed.
+fn document<T: DeserializeOwned>(answer: Answer, signer: Option<&str>) -> Result<T> {
+    let Answer {
+        url,
+        path,
+        status,
+        signature,
+        bytes,
+    } = answer;
     let body: serde_json::Value = serde_json::from_slice(&bytes)
         .map_err(|e| Error::seeder(&url, format!("not JSON: {e}")))?;
     if !status.is_success() {
@@ -89,7 +126,8 @@ async fn get_document<T: DeserializeOwned>(
         return Err(Error::seeder(&url, format!("{status}: {said}")));
     }
     if let Some(key) = signer {
-        if !signature.is_some_and(|s| document_signed(key, path, &bytes, &s)) {
+        let signed = |s: &str| protocol::data::seal::document_signed(key, &path, &bytes, s);
+        if !signature.is_some_and(|s| signed(&s)) {
             return Err(Error::Unsigned { url });
         }
     }
@@ -179,17 +217,11 @@ pub async fn fetch_relay(
     seeder: &str,
     signer: Option<&str>,
 ) -> Result<Option<protocol::RelayInfo>> {
-    let url = format!("{}/relay", seeder.trim_end_matches('/'));
-    let status = client()
-        .head(&url)
-        .send()
-        .await
-        .map_err(|e| Error::seeder(&url, e))?
-        .status();
-    if status == reqwest::StatusCode::NOT_FOUND {
+    let answer = ask(seeder, "/relay").await?;
+    if answer.status == reqwest::StatusCode::NOT_FOUND {
         return Ok(None);
     }
-    get_document(seeder, "/relay", signer).await.map(Some)
+    document(answer, signer).map(Some)
 }
 
 /// Fetch the split, retrying with backoff (bounded: about two minutes) while the seeder starts.

@@ -17,7 +17,7 @@ mod path;
 pub mod relay;
 
 pub use endpoint::{random_secret, Incoming, Mesh, MeshError, DATA_ALPN};
-pub use path::{kind_of_ip, PathWatch};
+pub use path::{kind_of_ip, lane_edge, PathWatch};
 
 use protocol::data::io::{ChannelError, Connection, TlsTo};
 use protocol::data::Hello;
@@ -35,7 +35,21 @@ pub enum Callee<'a> {
     Mesh { from: &'a Mesh, to: &'a MeshAddr },
 }
 
-impl Callee<'_> {
+impl<'a> Callee<'a> {
+    /// Over the mesh when this member runs an endpoint (`from`) and the callee has a mesh
+    /// address (`to`), else TCP to `addr`.
+    pub fn pick(
+        from: Option<&'a Mesh>,
+        to: Option<&'a MeshAddr>,
+        addr: &'a str,
+        tls: Option<TlsTo<'a>>,
+    ) -> Callee<'a> {
+        match (from, to) {
+            (Some(from), Some(to)) => Callee::Mesh { from, to },
+            _ => Callee::Tcp { addr, tls },
+        }
+    }
+
     /// What logs and errors call it.
     pub fn name(&self) -> String {
         match self {

@@ -15,6 +15,18 @@ pub fn kind_of_ip(remote: SocketAddr, peers_interfaces: &[IpAddr]) -> EdgeKind {
     }
 }
 
+/// How a data-channel lane runs: over the mesh (`watch` on its connection: the path now, None
+/// once closed) or, opened without a watch, TCP.
+pub fn lane_edge(watch: Option<&PathWatch>) -> Option<Edge> {
+    match watch {
+        None => Some(Edge {
+            kind: EdgeKind::Tcp,
+            rtt_us: None,
+        }),
+        Some(watch) => watch.edge(),
+    }
+}
+
 /// A live handle on a mesh connection's path (it changes: relayed first, direct once a
 /// hole is punched), to read when asked.
 #[derive(Clone)]

@@ -145,14 +145,7 @@ impl Pipeline {
 
     /// How this stage reaches the next one now (for HEARTBEAT).
     pub fn next_edge(&self) -> Option<protocol::status::Edge> {
-        use protocol::status::{Edge, EdgeKind};
-        match self.next_edge.lock().unwrap().as_ref()? {
-            None => Some(Edge {
-                kind: EdgeKind::Tcp,
-                rtt_us: None,
-            }),
-            Some(watch) => watch.edge(),
-        }
+        mesh::lane_edge(self.next_edge.lock().unwrap().as_ref()?.as_ref())
     }
 
     /// The node's mesh endpoint, if started.

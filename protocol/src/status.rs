@@ -124,18 +124,6 @@ pub struct RouteStage {
     pub answers_edge: Option<Edge>,
 }
 
-impl EdgeKind {
-    /// Its name, as `/status` spells it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EdgeKind::Tcp => "tcp",
-            EdgeKind::Direct => "direct",
-            EdgeKind::Holepunched => "holepunched",
-            EdgeKind::Relayed => "relayed",
-        }
-    }
-}
-
 /// How one hop of the data channel runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -148,6 +136,18 @@ pub enum EdgeKind {
     Holepunched,
     /// The mesh, through the swarm's relay: nothing direct works (yet).
     Relayed,
+}
+
+impl EdgeKind {
+    /// Its name, as `/status` spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EdgeKind::Tcp => "tcp",
+            EdgeKind::Direct => "direct",
+            EdgeKind::Holepunched => "holepunched",
+            EdgeKind::Relayed => "relayed",
+        }
+    }
 }
 
 /// A hop's kind and measured round-trip time (the mesh measures it; TCP hops have none).

@@ -14,8 +14,6 @@ use protocol::{Control, LoadShardParams, Message, COORDINATOR};
 use super::{Holding, HoldingRules, NodeState, Outbox, Swarm};
 
 impl Swarm {
-    /// The nodes other than `node` that `node` can fetch `shard_id` from: those that have it
-    /// or are getting it.
     /// The nodes `node` can fetch `shard_id` from without the tracker: those that hold or
     /// fetch it and can be dialled. A node behind NAT (its BitTorrent port failed the
     /// coordinator's dial) is no source: a replica told to fetch from it alone would wait

@@ -38,7 +38,7 @@ impl Swarm {
             data_addr: n.data_addr.clone().unwrap_or_default(),
             key: String::new(),
             signer: n.signing_key.clone(),
-            mesh: self.settings.mesh.then(|| n.mesh.clone()).flatten(),
+            mesh: self.mesh_of(&n.node_id),
         };
         let current = |id: u32| {
             let node = &self.route.as_ref()?.get(id as usize)?.node_id;

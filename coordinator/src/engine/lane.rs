@@ -129,13 +129,7 @@ async fn open(
         config,
         node_id: &hop.node_id,
     });
-    let callee = match (mesh, &hop.mesh) {
-        (Some(from), Some(to)) => mesh::Callee::Mesh { from, to },
-        _ => mesh::Callee::Tcp {
-            addr: &hop.data_addr,
-            tls,
-        },
-    };
+    let callee = mesh::Callee::pick(mesh, hop.mesh.as_ref(), &hop.data_addr, tls);
     let opening = mesh::open(callee, hello, &hop.key);
     match tokio::time::timeout(CONNECT_WAIT, opening).await {
         Ok(opened) => opened.map_err(|source| LaneError::Channel { stage, source }),
@@ -166,14 +160,9 @@ impl OwnEdges {
         seen: &Option<(String, Option<mesh::PathWatch>)>,
         node: &str,
     ) -> Option<protocol::status::Edge> {
-        use protocol::status::{Edge, EdgeKind};
         match seen.as_ref()? {
             (to, _) if to != node => None,
-            (_, None) => Some(Edge {
-                kind: EdgeKind::Tcp,
-                rtt_us: None,
-            }),
-            (_, Some(watch)) => watch.edge(),
+            (_, watch) => mesh::lane_edge(watch.as_ref()),
         }
     }
 }

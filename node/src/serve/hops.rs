@@ -71,10 +71,7 @@ pub(super) async fn open_next(
     let tls = tls
         .as_ref()
         .map(|config| protocol::data::io::TlsTo { config, node_id });
-    let callee = match (&mesh, &route.next_mesh) {
-        (Some(from), Some(to)) => mesh::Callee::Mesh { from, to },
-        _ => mesh::Callee::Tcp { addr: next, tls },
-    };
+    let callee = mesh::Callee::pick(mesh.as_ref(), route.next_mesh.as_ref(), next, tls);
     mesh::open(callee, hello, key)
         .await
         .map_err(|e| Error::Pipeline(format!("stage {}: {e}", route.stage + 1)))

@@ -1,0 +1,68 @@
+//! How members reach each other: where each is on the mesh and how it reaches the next stage
+//! (`REGISTER`, then `HEARTBEAT`), and whether its BitTorrent port can be dialled (the
+//! coordinator's check: a node behind NAT is no replica's only source).
+
+use crate::{Outbox, Swarm};
+
+impl Swarm {
+    /// Where `node` is reached over the mesh, in a swarm whose data channel runs there.
+    pub fn mesh_of(&self, node: &str) -> Option<protocol::MeshAddr> {
+        if !self.settings.mesh {
+            return None;
+        }
+        self.nodes.get(node)?.mesh.clone()
+    }
+
+    /// Whether the coordinator could dial `node`'s BitTorrent port. A node that cannot be
+    /// dialled (behind NAT) still fetches over its own connections, but stops being a source:
+    /// a replica fetching from it alone goes to the tracker ([`Swarm::place`]).
+    pub fn dialed(&mut self, node: &str, dialable: bool) -> Outbox {
+        let Some(n) = self.nodes.get_mut(node) else {
+            return Vec::new();
+        };
+        if n.peer_dialable == Some(dialable) {
+            return Vec::new();
+        }
+        n.peer_dialable = Some(dialable);
+        if !dialable {
+            tracing::info!(
+                "node {node}: its BitTorrent port {} cannot be dialled (behind NAT or a firewall): it fetches over its own connections and is no replica's only source",
+                n.peer_addr
+            );
+        }
+        self.place()
+    }
+
+    /// A heartbeat from `node`: its mesh address now (kept if well formed and of the
+    /// endpoint it registered: its key does not change while it runs) and how it reaches the
+    /// next stage. Else why not.
+    pub fn heard(&mut self, node: &str, p: &protocol::HeartbeatParams) -> Result<(), String> {
+        let Some(n) = self.nodes.get_mut(node) else {
+            return Err("not registered".into());
+        };
+        if let Some(mesh) = &p.mesh {
+            mesh.check()?;
+            if let Some(old) = n
+                .mesh
+                .as_ref()
+                .filter(|o| o.endpoint_id != mesh.endpoint_id)
+            {
+                return Err(format!(
+                    "mesh endpoint {} is not the one it registered ({})",
+                    mesh.endpoint_id, old.endpoint_id
+                ));
+            }
+            n.mesh = Some(mesh.clone());
+        }
+        let relayed = |e: Option<protocol::status::Edge>| {
+            e.is_some_and(|e| e.kind == protocol::status::EdgeKind::Relayed)
+        };
+        if relayed(p.next_edge) && !relayed(n.next_edge) {
+            tracing::warn!(
+                "node {node} reaches the next stage only through the relay: no direct path and no punched hole (UDP between them blocked?); every token crosses the relay"
+            );
+        }
+        n.next_edge = p.next_edge;
+        Ok(())
+    }
+}
