@@ -338,6 +338,17 @@ pub fn get_json(url: &str) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("GET {url}: {e}"))
 }
 
+/// A `/status` document's route edges in order: into each stage (from the coordinator for
+/// stage 0), then the coordinator's answer lane to the last stage; empty without a route.
+pub fn route_edges(status: &serde_json::Value) -> Vec<serde_json::Value> {
+    let Some(stages) = status["route"].as_array() else {
+        return Vec::new();
+    };
+    let mut edges: Vec<_> = stages.iter().map(|s| s["edge"].clone()).collect();
+    edges.extend(stages.last().map(|last| last["answers_edge"].clone()));
+    edges
+}
+
 /// The real model split into `n` shards in a fresh directory.
 pub fn real_shards(n: usize) -> tempfile::TempDir {
     let model_path = crate::default_model::require().unwrap_or_else(|e| panic!("{e}"));

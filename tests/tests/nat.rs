@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tests::api::{assert_texts_equal_the_whole_model, PROMPTS};
 use tests::netns::{Home, Host, Internet};
-use tests::{bin, get_json, real_shards, swarm_lock, wait_for, Proc};
+use tests::{bin, get_json, real_shards, route_edges, swarm_lock, wait_for, Proc};
 
 /// What the edge into a stage must be: between two homes (or from the coordinator to a
 /// home), a hole the NATs let through, or the relay when UDP between homes is blocked; inside
@@ -233,25 +233,10 @@ impl NatSwarm {
 
     /// Each route stage's edge kind as `/status` shows it, then the answer lane's.
     fn edges(&self, status: &Value) -> Vec<String> {
-        let route = status["route"].as_array().cloned().unwrap_or_default();
-        let mut kinds: Vec<String> = route
+        route_edges(status)
             .iter()
-            .map(|s| {
-                s["edge"]["kind"]
-                    .as_str()
-                    .unwrap_or("unmeasured")
-                    .to_owned()
-            })
-            .collect();
-        if let Some(last) = route.last() {
-            kinds.push(
-                last["answers_edge"]["kind"]
-                    .as_str()
-                    .unwrap_or("unmeasured")
-                    .to_owned(),
-            );
-        }
-        kinds
+            .map(|e| e["kind"].as_str().unwrap_or("unmeasured").to_owned())
+            .collect()
     }
 
     /// The kinds the route in `status` must show: the coordinator (public) reaches stage 0,
