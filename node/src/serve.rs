@@ -8,7 +8,9 @@
 //! states, carrying each stage's compute time; the last stage samples each sequence's token
 //! and sends the answers (`Sampled`, in step order) straight to the coordinator on the answer
 //! lane the coordinator opened to it (the lane id in both `Hello`s matches them), so a token
-//! crosses one hop back, not one per stage. Errors go back up the lanes.
+//! crosses one hop back, not one per stage. Errors go back up the lanes. Connections arrive on
+//! the data port (TCP, TLS in a TLS swarm) or over the mesh ([`endpoint`]), and are admitted
+//! alike: by the hop key's proof.
 //!
 //! Threads: when a stage loads, the node measures its decodes under each thread policy the
 //! settings leave open (one thread, a free team, a pinned team) and keeps the fastest
@@ -29,7 +31,6 @@
 //! sequences' caches are gone.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use llm::stage::Stage;
@@ -45,6 +46,7 @@ use tokio::sync::mpsc;
 
 use crate::{Error, Result};
 
+mod endpoint;
 mod hops;
 pub mod lie;
 mod records;
@@ -146,46 +148,6 @@ impl Pipeline {
     /// How this stage reaches the next one now (for HEARTBEAT).
     pub fn next_edge(&self) -> Option<protocol::status::Edge> {
         mesh::lane_edge(self.next_edge.lock().unwrap().as_ref()?.as_ref())
-    }
-
-    /// The node's mesh endpoint, if started.
-    pub fn mesh(&self) -> Option<mesh::Mesh> {
-        self.mesh.read().unwrap().as_ref().map(|(m, _)| m.clone())
-    }
-
-    /// Run the mesh endpoint with `secret` on `bind`, homed on `relay`: started on first
-    /// call, started again (same key, same endpoint id) when the relay changes. Accepts data
-    /// connections on it from then on.
-    pub async fn home_mesh(
-        self: &Arc<Self>,
-        secret: [u8; 32],
-        bind: SocketAddr,
-        relay: Option<&protocol::RelayInfo>,
-    ) -> Result<mesh::Mesh> {
-        let old = {
-            let current = self.mesh.read().unwrap();
-            match current.as_ref() {
-                Some((m, homed)) if homed.as_ref() == relay => return Ok(m.clone()),
-                other => other.map(|(m, _)| m.clone()),
-            }
-        };
-        if let Some(old) = old {
-            old.close().await;
-        }
-        let started = mesh::Mesh::start(secret, bind, relay)
-            .await
-            .map_err(|e| Error::Pipeline(e.to_string()))?;
-        *self.mesh.write().unwrap() = Some((started.clone(), relay.cloned()));
-        tokio::spawn(serve_mesh(started.clone(), self.clone()));
-        match relay {
-            Some(r) => tracing::info!(
-                "mesh endpoint {} homed on the relay {}",
-                started.id(),
-                r.url
-            ),
-            None => tracing::info!("mesh endpoint {} (no relay)", started.id()),
-        }
-        Ok(started)
     }
 
     /// The public half of the data channel's TLS key (PEM), for `REGISTER`.
@@ -363,31 +325,6 @@ pub async fn serve(listener: TcpListener, pipeline: Arc<Pipeline>) {
             pipeline.clone(),
             work.clone(),
             (permit, Some(place)),
-        ));
-    }
-}
-
-/// Accept data connections over the mesh until its endpoint closes (it is replaced when the
-/// node is homed on the swarm's relay). At most [`PENDING_HANDSHAKES`] at once, as on the data
-/// port; a mesh peer is named by its endpoint id, which costs nothing to make, so there is no
-/// cap per peer.
-pub async fn serve_mesh(endpoint: mesh::Mesh, pipeline: Arc<Pipeline>) {
-    let work = pipeline.work.clone();
-    let pending = Arc::new(tokio::sync::Semaphore::new(PENDING_HANDSHAKES));
-    loop {
-        let Ok(permit) = pending.clone().acquire_owned().await else {
-            return;
-        };
-        let Some(incoming) = endpoint.accept().await else {
-            return;
-        };
-        let peer = format!("mesh:{}", incoming.remote_id());
-        tokio::spawn(connection(
-            Arrival::Mesh(incoming),
-            peer,
-            pipeline.clone(),
-            work.clone(),
-            (permit, None),
         ));
     }
 }
