@@ -240,6 +240,7 @@ impl Swarm {
             claimed,
             mesh: p.mesh.clone(),
             next_edge: None,
+            relayed_said_at: None,
         };
         tracing::info!(
             "node {} ({}) registered from {} with {} shard(s)",

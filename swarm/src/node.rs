@@ -81,6 +81,8 @@ pub struct NodeState {
     pub mesh: Option<protocol::MeshAddr>,
     /// How it reaches the next stage of the route, as it last said (HEARTBEAT).
     pub next_edge: Option<protocol::status::Edge>,
+    /// When the coordinator last logged that edge turning relayed.
+    pub relayed_said_at: Option<Instant>,
     /// Shards it says it holds (at `REGISTER`, or by `SHARD_LOADED`) and has not proved yet
     /// (`PROVE_SHARD`): they do not count, and the node is given nothing new until they are
     /// settled (or [`CLAIM_WAIT`] is up).

@@ -4,6 +4,9 @@
 
 use crate::{Outbox, Swarm};
 
+/// How often a node's relayed edge to the next stage may be logged.
+const RELAYED_SAID_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
 impl Swarm {
     /// Where `node` is reached over the mesh, in a swarm whose data channel runs there.
     pub fn mesh_of(&self, node: &str) -> Option<protocol::MeshAddr> {
@@ -57,7 +60,13 @@ impl Swarm {
         let relayed = |e: Option<protocol::status::Edge>| {
             e.is_some_and(|e| e.kind == protocol::status::EdgeKind::Relayed)
         };
-        if relayed(p.next_edge) && !relayed(n.next_edge) {
+        // Said at most once a minute per node: a node flipping its edge in every heartbeat
+        // (which it may send as fast as it likes) does not flood the log.
+        let quiet = n
+            .relayed_said_at
+            .is_some_and(|at| at.elapsed() < RELAYED_SAID_EVERY);
+        if relayed(p.next_edge) && !relayed(n.next_edge) && !quiet {
+            n.relayed_said_at = Some(std::time::Instant::now());
             tracing::warn!(
                 "node {node} reaches the next stage only through the relay: no direct path and no punched hole (UDP between them blocked?); every token crosses the relay"
             );

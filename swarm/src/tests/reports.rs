@@ -171,3 +171,47 @@ fn a_claimed_shard_counts_only_once_proved() {
         "placed like a node holding nothing"
     );
 }
+
+/// A heartbeat's mesh address must be well formed and of the endpoint the node registered,
+/// or nothing of the heartbeat is kept; a node flipping its next edge to relayed in every
+/// heartbeat is logged about once a minute, not once per flip.
+#[test]
+fn heartbeats_keep_the_endpoint_and_a_flipping_edge_is_said_once() {
+    use protocol::status::{Edge, EdgeKind};
+    let mut s = swarm(1, 1);
+    register_at(&mut s, "a", &[], "127.0.0.1", None).unwrap();
+    let mesh = |id: char| protocol::MeshAddr {
+        endpoint_id: id.to_string().repeat(64),
+        relay_url: None,
+        addrs: Vec::new(),
+        interfaces: Vec::new(),
+    };
+    let edge = |kind| {
+        Some(Edge {
+            kind,
+            rtt_us: Some(1),
+        })
+    };
+    let beat = |mesh, next_edge| protocol::HeartbeatParams { mesh, next_edge };
+    s.heard("a", &beat(Some(mesh('a')), None)).unwrap();
+    // Another endpoint id, or a malformed one, is refused and its edge not kept.
+    for bad in [mesh('b'), mesh('z')] {
+        assert!(s
+            .heard("a", &beat(Some(bad), edge(EdgeKind::Relayed)))
+            .is_err());
+        assert_eq!(s.nodes["a"].next_edge, None);
+    }
+    assert_eq!(s.nodes["a"].mesh, Some(mesh('a')));
+    s.heard("a", &beat(None, edge(EdgeKind::Relayed))).unwrap();
+    let said = s.nodes["a"].relayed_said_at.expect("said");
+    for kind in [
+        EdgeKind::Direct,
+        EdgeKind::Relayed,
+        EdgeKind::Direct,
+        EdgeKind::Relayed,
+    ] {
+        s.heard("a", &beat(None, edge(kind))).unwrap();
+    }
+    assert_eq!(s.nodes["a"].next_edge, edge(EdgeKind::Relayed));
+    assert_eq!(s.nodes["a"].relayed_said_at, Some(said), "said once");
+}
