@@ -37,10 +37,18 @@ pub struct PathWatch {
 
 impl PathWatch {
     /// The selected path now, None once the connection is closed.
+    ///
+    /// Each reading also sends the peer a one-byte datagram, which it acknowledges: QUIC
+    /// learns the round trip only from acknowledgements of what this side sends, and a lane
+    /// that only receives (the coordinator's answer lane) would otherwise report a round trip
+    /// from long ago (a 40 ms path still said 14 ms after half a minute of answers). The peer
+    /// drops the datagram unread; the next reading has the fresh sample.
     pub fn edge(&self) -> Option<Edge> {
         if self.conn.close_reason().is_some() {
             return None;
         }
+        // Best effort: a peer without datagram support still has the older estimate.
+        let _ = self.conn.send_datagram(vec![0u8].into());
         let paths = self.conn.paths();
         let selected = paths.iter().find(|p| p.is_selected())?;
         let kind = match selected.remote_addr() {

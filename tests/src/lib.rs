@@ -4,6 +4,8 @@
 pub mod api;
 pub mod browser;
 pub mod default_model;
+pub mod delay;
+pub mod nat;
 pub mod netns;
 
 use std::io::{BufRead, BufReader};
@@ -27,10 +29,14 @@ pub fn swarm_lock() -> MutexGuard<'static, ()> {
 pub fn bin(package: &str, name: &str) -> PathBuf {
     static BUILD: Mutex<()> = Mutex::new(());
     let exe = std::env::current_exe().expect("test executable");
+    // A test runs from target/<profile>/deps, a binary of this crate from target/<profile>.
     let dir = exe
         .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps");
+        .map(|d| match d.file_name() {
+            Some(name) if name == "deps" => d.parent().unwrap_or(d),
+            _ => d,
+        })
+        .expect("target/<profile>");
     let path = dir.join(name);
     let _one = BUILD.lock().unwrap_or_else(|e| e.into_inner());
     let built = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
@@ -131,6 +137,8 @@ impl Proc {
         let mut child = Command::new(program)
             .args(args)
             .env("RUST_LOG", "info,librqbit=warn,librqbit_dht=warn")
+            // Ours to write to (or not): never the test's own stdin.
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

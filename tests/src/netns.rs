@@ -5,6 +5,10 @@
 //! home router does. The test process itself stays in the root namespace and reaches the
 //! public network at [`Internet::OBSERVER`]. Everything is deleted on drop.
 //!
+//! A home may sit behind a WAN delay: its router's link to the public network then runs
+//! through a namespace of its own where `delay_link` (see [`crate::delay`]) copies frames with
+//! a one-way delay that can be changed while the swarm runs.
+//!
 //! Needs root, `ip` (iproute2) and `nft` (nftables).
 
 use std::path::Path;
@@ -60,6 +64,8 @@ pub struct Home {
     lan_bridge: String,
     wan_link: String,
     hosts: u8,
+    /// The forwarder between the router and the public network, for a home behind a delay.
+    delay: Option<Proc>,
 }
 
 /// The topology; deleted on drop.
@@ -140,8 +146,7 @@ impl Internet {
         let ns = self.namespace(name);
         let ip = format!("198.19.0.{octet}");
         let (inner, outer) = self.veth(&ns);
-        run("ip", &["link", "set", &outer, "master", &self.bridge]);
-        run("ip", &["link", "set", &outer, "up"]);
+        self.plug_into_bridge(&outer);
         run(
             "ip",
             &["-n", &ns, "addr", "add", &format!("{ip}/24"), "dev", &inner],
@@ -149,10 +154,72 @@ impl Internet {
         (Host { ns, ip }, inner)
     }
 
+    /// Attach a root-namespace interface to the public bridge.
+    fn plug_into_bridge(&self, interface: &str) {
+        run("ip", &["link", "set", interface, "master", &self.bridge]);
+        run("ip", &["link", "set", interface, "up"]);
+    }
+
     /// Home `index` (1..=9): a router at 198.19.0.(10 + index) masquerading 10.`index`.0.0/24
     /// and dropping inbound traffic that answers nothing sent from inside.
     pub fn home(&mut self, index: u8) -> Home {
         let (router, wan_link) = self.public_link(&format!("r{index}"), 10 + index);
+        self.home_behind(index, router, wan_link)
+    }
+
+    /// [`Internet::home`] whose router reaches the public network through a wire with a
+    /// one-way delay in each direction ([`Home::set_delay`]; none at first): a namespace
+    /// between the two, without addresses, where `delay_link` copies the frames.
+    pub fn home_with_delay(&mut self, index: u8) -> Home {
+        let router_ns = self.namespace(&format!("r{index}"));
+        let ip = format!("198.19.0.{}", 10 + index);
+        let wire = self.namespace(&format!("d{index}"));
+        // Nothing in the wire's namespace speaks: no addresses, no IPv6 autoconfiguration.
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &wire,
+                "sysctl",
+                "-q",
+                "-w",
+                "net.ipv6.conf.all.disable_ipv6=1",
+            ],
+        );
+        let (wan_link, toward_router) = self.veth(&router_ns);
+        run("ip", &["link", "set", &toward_router, "netns", &wire]);
+        let (toward_public, bridge_port) = self.veth(&wire);
+        self.plug_into_bridge(&bridge_port);
+        run("ip", &["-n", &wire, "link", "set", &toward_router, "up"]);
+        run(
+            "ip",
+            &[
+                "-n",
+                &router_ns,
+                "addr",
+                "add",
+                &format!("{ip}/24"),
+                "dev",
+                &wan_link,
+            ],
+        );
+        let forwarder = Host {
+            ns: wire,
+            ip: String::new(),
+        }
+        .start(
+            &format!("delay{index}"),
+            &crate::bin("tests", "delay_link"),
+            &[toward_router, toward_public],
+        );
+        let mut home = self.home_behind(index, Host { ns: router_ns, ip }, wan_link);
+        home.delay = Some(forwarder);
+        home
+    }
+
+    /// The home network behind `router`, whose link to the public network is `wan_link`.
+    fn home_behind(&mut self, index: u8, router: Host, wan_link: String) -> Home {
         let lan_bridge = format!("{}l{index}", self.prefix);
         let ns = router.ns.clone();
         run(
@@ -196,6 +263,7 @@ impl Internet {
             lan_bridge,
             wan_link,
             hosts: 0,
+            delay: None,
         }
     }
 
@@ -260,6 +328,27 @@ impl Home {
 }
 
 impl Home {
+    /// Set the one-way delay (each direction) of this home's link to the public network, for
+    /// a home made by [`Internet::home_with_delay`]; returns once the wire delays new frames.
+    pub fn set_delay(&mut self, delay: std::time::Duration) {
+        use std::io::Write;
+        let forwarder = self
+            .delay
+            .as_mut()
+            .expect("set_delay on a home without a delay link: make it with home_with_delay");
+        let ms = delay.as_secs_f64() * 1000.0;
+        let said = forwarder.stdout_lines().len();
+        let stdin = forwarder.child.stdin.as_mut().expect("delay_link's stdin");
+        writeln!(stdin, "{ms}")
+            .and_then(|()| stdin.flush())
+            .expect("telling delay_link its delay");
+        crate::wait_for(
+            "delay_link to take the delay",
+            std::time::Duration::from_secs(10),
+            || (forwarder.stdout_lines().len() > said).then_some(()),
+        );
+    }
+
     /// Reset every TCP connection from this home to `host`:`port` and refuse new ones (a
     /// TCP reset answers each packet), until [`Home::mend`].
     pub fn cut_tcp_to(&self, host: &Host, port: u16) {

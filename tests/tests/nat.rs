@@ -6,261 +6,12 @@
 //! The homes: 10.1.0.0/24 and 10.2.0.0/24, two nodes each, behind routers at 198.19.0.11 and
 //! .12; the rendezvous host (seeder with `--relay-port`, coordinator) at 198.19.0.1.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde_json::Value;
-use tests::api::{assert_texts_equal_the_whole_model, PROMPTS};
-use tests::netns::{Home, Host, Internet};
-use tests::{bin, get_json, real_shards, route_edges, swarm_lock, wait_for, Proc};
-
-/// What the edge into a stage must be: between two homes (or from the coordinator to a
-/// home), a hole the NATs let through, or the relay when UDP between homes is blocked; inside
-/// a home, the LAN itself.
-fn expected_kind(
-    caller_home: Option<u8>,
-    callee_home: u8,
-    udp_between_homes: bool,
-) -> &'static str {
-    match caller_home {
-        Some(h) if h == callee_home => "direct",
-        Some(_) if !udp_between_homes => "relayed",
-        _ => "holepunched",
-    }
-}
-
-struct NatSwarm {
-    /// Node name -> its home.
-    home_of: BTreeMap<String, u8>,
-    http: String,
-    /// The relay's port (on the public host).
-    relay_port: u16,
-    public: Host,
-    homes: Vec<Home>,
-    // Dropped in this order: processes before the namespaces they run in.
-    nodes: Vec<Proc>,
-    _coordinator: Proc,
-    _seeder: Proc,
-    _work: tempfile::TempDir,
-    _seed: tempfile::TempDir,
-    _net: Internet,
-}
-
-/// Four nodes in two homes, the rendezvous host public; with `udp_between_homes` false, each
-/// router drops UDP to the other home (only the relay joins them).
-fn nat_swarm(udp_between_homes: bool) -> NatSwarm {
-    let mut net = Internet::new();
-    let public = net.public_host("pub", 1);
-    let mut homes = [net.home(1), net.home(2)];
-    let mut hosts: Vec<(String, u8, Host)> = Vec::new();
-    for home in &mut homes {
-        for k in 0..2 {
-            let name = format!("h{}n{k}", home.index);
-            let host = net.home_host(home, &name);
-            hosts.push((name, home.index, host));
-        }
-        if !udp_between_homes {
-            home.block_udp_except_to(&public);
-        }
-    }
-    let seed = real_shards(4);
-    let work = tempfile::tempdir().unwrap();
-    let arg = |s: &str| s.to_owned();
-    let path = |p: &std::path::Path| p.display().to_string();
-    let seeder = public.start(
-        "seeder",
-        &bin("seeder", "server"),
-        &[
-            arg("--listen-addr"),
-            public.ip.clone(),
-            arg("--port"),
-            arg("0"),
-            arg("--http-port"),
-            arg("0"),
-            arg("--relay-port"),
-            arg("0"),
-            arg("--seed-dir"),
-            path(seed.path()),
-            arg("--state-dir"),
-            path(&work.path().join("seeder")),
-        ],
-    );
-    let coordinator = public.start(
-        "coordinator",
-        &bin("coordinator", "coordinator"),
-        &[
-            arg("--listen"),
-            format!("{}:0", public.ip),
-            arg("--seeder"),
-            format!("http://{}", seeder.field("http")),
-            arg("--min-nodes"),
-            arg("4"),
-            // Open and plain: what this test is about is the paths, not access control.
-            arg("--insecure"),
-            arg("--cache-dir"),
-            path(&work.path().join("cache")),
-            arg("--state-dir"),
-            path(&work.path().join("coordinator")),
-        ],
-    );
-    let http = coordinator.field("http").to_owned();
-    let relay_port = seeder
-        .field("relay")
-        .trim_end_matches('/')
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .expect("the relay's URL has a port");
-    let nodes = hosts
-        .iter()
-        .map(|(name, _, host)| {
-            host.start(
-                name,
-                &bin("node", "node"),
-                &[
-                    arg("--coordinator"),
-                    format!("http://{http}"),
-                    arg("--data-dir"),
-                    path(&work.path().join(name)),
-                    arg("--name"),
-                    name.clone(),
-                    arg("--listen-addr"),
-                    host.ip.clone(),
-                    arg("--threads"),
-                    arg("1"),
-                ],
-            )
-        })
-        .collect();
-    NatSwarm {
-        home_of: hosts.iter().map(|(n, h, _)| (n.clone(), *h)).collect(),
-        http,
-        relay_port,
-        public,
-        homes: homes.into(),
-        nodes,
-        _coordinator: coordinator,
-        _seeder: seeder,
-        _work: work,
-        _seed: seed,
-        _net: net,
-    }
-}
-
-impl NatSwarm {
-    fn status(&self) -> Value {
-        get_json(&format!("http://{}/status", self.http))
-    }
-
-    /// Serving, the text exact, then every route edge of the kind `expected_kind` gives
-    /// (bounded wait: a hole is punched a little after the first packets go through the
-    /// relay), and its round-trip time measured.
-    fn check(&self, udp_between_homes: bool) {
-        wait_for("the pipeline serving", Duration::from_secs(300), || {
-            (self.status()["serving"] == true).then_some(())
-        });
-        let client = reqwest::blocking::Client::builder()
-            .timeout(Duration::from_secs(120))
-            .build()
-            .unwrap();
-        let base = format!("http://{}", self.http);
-        assert_texts_equal_the_whole_model(&client, &base, None, &PROMPTS[..2]);
-        // Nobody outside a home can dial its nodes' BitTorrent ports: the coordinator's check
-        // finds that out (within its 5 s dial), and they fetched all the same.
-        wait_for(
-            "every node's reachability checked",
-            Duration::from_secs(30),
-            || {
-                let status = self.status();
-                let nodes = status["nodes"].as_array()?.clone();
-                nodes
-                    .iter()
-                    .all(|n| n["peer_dialable"] == false)
-                    .then_some(())
-            },
-        );
-        let mut last = Value::Null;
-        let seen = (0..60).find_map(|_| {
-            // Keep the lanes busy so that the paths are exercised while we look.
-            let asked = client
-                .post(format!("{base}/v1/completions"))
-                .json(&serde_json::json!({"prompt": PROMPTS[0], "max_tokens": 4}))
-                .send();
-            assert!(asked.is_ok_and(|r| r.status().is_success()));
-            last = self.status();
-            let edges = self.edges(&last);
-            let want = self.expected(&last, udp_between_homes);
-            if edges == want {
-                Some(edges)
-            } else {
-                std::thread::sleep(Duration::from_millis(500));
-                None
-            }
-        });
-        let seen = seen.unwrap_or_else(|| {
-            panic!(
-                "route edges {:?}, wanted {:?}; status route: {}\nnode logs:\n{}",
-                self.edges(&last),
-                self.expected(&last, udp_between_homes),
-                last["route"],
-                self.nodes
-                    .iter()
-                    .map(|n| format!("--- {}\n{}", n.name, n.stderr_text()))
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            )
-        });
-        eprintln!("route edges: {seen:?}");
-        // Still exact after the paths changed under the lanes.
-        assert_texts_equal_the_whole_model(&client, &base, None, &PROMPTS[2..]);
-        for stage in last["route"].as_array().unwrap() {
-            assert!(
-                stage["edge"]["rtt_us"].as_u64().is_some(),
-                "no round-trip time measured: {stage}"
-            );
-        }
-    }
-
-    fn home_of_id(&self, status: &Value, node_id: &Value) -> u8 {
-        let node = status["nodes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|n| &n["node_id"] == node_id)
-            .unwrap_or_else(|| panic!("route names {node_id}, not in {status}"));
-        self.home_of[node["name"].as_str().unwrap()]
-    }
-
-    /// Each route stage's edge kind as `/status` shows it, then the answer lane's.
-    fn edges(&self, status: &Value) -> Vec<String> {
-        route_edges(status)
-            .iter()
-            .map(|e| e["kind"].as_str().unwrap_or("unmeasured").to_owned())
-            .collect()
-    }
-
-    /// The kinds the route in `status` must show: the coordinator (public) reaches stage 0,
-    /// and the last stage for its answer lane, through their routers' mappings.
-    fn expected(&self, status: &Value, udp_between_homes: bool) -> Vec<String> {
-        let route = status["route"].as_array().cloned().unwrap_or_default();
-        let homes: Vec<u8> = route
-            .iter()
-            .map(|s| self.home_of_id(status, &s["node_id"]))
-            .collect();
-        let mut kinds: Vec<String> = homes
-            .iter()
-            .enumerate()
-            .map(|(i, &home)| {
-                let caller = i.checked_sub(1).map(|p| homes[p]);
-                expected_kind(caller, home, udp_between_homes).to_owned()
-            })
-            .collect();
-        if !route.is_empty() {
-            kinds.push("holepunched".to_owned());
-        }
-        kinds
-    }
-}
+use tests::api::PROMPTS;
+use tests::nat::nat_swarm;
+use tests::swarm_lock;
 
 fn must_be_root() {
     // SAFETY: geteuid has no preconditions.
@@ -275,16 +26,16 @@ fn must_be_root() {
 fn nodes_behind_two_home_nats_serve_the_whole_models_text_over_punched_holes() {
     must_be_root();
     let _one = swarm_lock();
-    let swarm = nat_swarm(true);
-    swarm.check(true);
+    let swarm = nat_swarm(true, false);
+    swarm.check();
 }
 
 #[test]
 fn with_udp_between_the_homes_blocked_their_edges_go_through_the_relay_and_stay_exact() {
     must_be_root();
     let _one = swarm_lock();
-    let swarm = nat_swarm(false);
-    swarm.check(false);
+    let swarm = nat_swarm(false, false);
+    swarm.check();
 }
 
 /// With UDP between the homes blocked, the edge between them runs through the relay. Home 2
@@ -295,8 +46,8 @@ fn with_udp_between_the_homes_blocked_their_edges_go_through_the_relay_and_stay_
 fn a_home_that_loses_the_relay_mid_request_reconnects_and_the_text_stays_exact() {
     must_be_root();
     let _one = swarm_lock();
-    let swarm = nat_swarm(false);
-    swarm.check(false);
+    let swarm = nat_swarm(false, false);
+    swarm.check();
     let prompt = PROMPTS[0];
     let reference = llm::reference_completion(&tests::api::model(), prompt, 64, 1).unwrap();
     let base = format!("http://{}", swarm.http);
@@ -330,5 +81,59 @@ fn a_home_that_loses_the_relay_mid_request_reconnects_and_the_text_stays_exact()
         "the request in flight: {body}"
     );
     // Reconnected: the relay carries the edge between the homes again.
-    swarm.check(false);
+    swarm.check();
+}
+
+/// Both routers reach the public network through a wire with a one-way delay (`delay_link`,
+/// user space: this kernel has no netem). The swarm serves exact text through it, and each
+/// edge's measured round trip grows by the delays it crosses: twice the delay between the
+/// coordinator and a home, four times between the homes.
+#[test]
+fn homes_behind_a_wan_delay_serve_exact_text_and_their_edges_measure_the_delay() {
+    must_be_root();
+    let _one = swarm_lock();
+    let mut swarm = nat_swarm(true, true);
+    swarm.check();
+    let delay = Duration::from_millis(20);
+    for home in &mut swarm.homes {
+        home.set_delay(delay);
+    }
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap();
+    let base = format!("http://{}", swarm.http);
+    let mut last = Vec::new();
+    let measured = (0..60).any(|_| {
+        let asked = client
+            .post(format!("{base}/v1/completions"))
+            .json(&serde_json::json!({"prompt": PROMPTS[0], "max_tokens": 4}))
+            .send();
+        assert!(asked.is_ok_and(|r| r.status().is_success()));
+        let status = swarm.status();
+        let crossings = swarm.delayed_links_crossed(&status);
+        last = tests::route_edges(&status)
+            .iter()
+            .zip(&crossings)
+            .map(|(edge, &links)| (edge["rtt_us"].as_u64().unwrap_or(0), links))
+            .collect();
+        let enough =
+            |&(rtt_us, links): &(u64, u32)| Duration::from_micros(rtt_us) >= 2 * links * delay;
+        if !last.is_empty() && last.iter().all(enough) {
+            true
+        } else {
+            std::thread::sleep(Duration::from_millis(500));
+            false
+        }
+    });
+    assert!(
+        measured,
+        "(round trip µs, delayed links crossed) per edge, with {delay:?} on each link: {last:?}"
+    );
+    eprintln!("(round trip µs, delayed links crossed) per edge: {last:?}");
+    assert!(
+        last.iter().any(|&(_, links)| links == 2),
+        "the route never crossed between the homes: {last:?}"
+    );
+    tests::api::assert_texts_equal_the_whole_model(&client, &base, None, &PROMPTS[..2]);
 }
