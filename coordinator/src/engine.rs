@@ -9,7 +9,8 @@
 //! are split into micro-batches (`--micro-batches`), so that stages on different machines work
 //! at the same time: while stage 2 runs group A, stage 1 runs group B. By default there is one
 //! micro-batch per machine of the route, not per stage: stages on one machine share its cores,
-//! and a batch cut smaller only costs there (`bench/NOTES.md`). Steps go down without waiting; their answers
+//! and a batch cut smaller only costs there (`bench/NOTES.md`); more where the route's hops
+//! are slow against its compute (a WAN: [`depth`]). Steps go down without waiting; their answers
 //! come back in order, each with the tokens the last stage sampled and every stage's compute
 //! time. What goes into each step is decided by [`schedule`], which does no IO.
 //!
@@ -27,10 +28,12 @@
 //! [`REROUTE_WAIT`] the requests fail with a clear error.
 
 mod admission;
+mod depth;
 mod lane;
 pub mod schedule;
 mod stats;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -55,6 +58,7 @@ impl From<&RouteHop> for Hop {
     }
 }
 pub use lane::OwnEdges;
+use depth::Depth;
 use lane::{describe, open_lane, Lane};
 use schedule::{Limits, Sampled, Scheduler};
 
@@ -64,6 +68,10 @@ pub const PREFILL_ROWS: usize = 256;
 
 /// How long running requests wait for a new route after a stage failed.
 pub const REROUTE_WAIT: Duration = Duration::from_secs(30);
+
+/// How often the number of micro-batches in flight is worked out again (the hops' delays
+/// and the steps' compute drift).
+const IN_FLIGHT_REVIEW: Duration = Duration::from_millis(500);
 
 /// How many times a request is started before failures fail it.
 const MAX_ATTEMPTS: u32 = 3;
@@ -87,6 +95,9 @@ pub struct EngineSettings {
     pub mesh: Option<mesh::Mesh>,
     /// How its lanes reach the route's ends (for `/status`).
     pub edges: Arc<Mutex<lane::OwnEdges>>,
+    /// The one-way delay of the route's hops between stages, in microseconds (half each
+    /// measured round trip), kept by the hub from the stages' heartbeats.
+    pub chain_wire_us: Arc<AtomicU64>,
     /// Where token timings and counts go (`/metrics`).
     pub live: Arc<Live>,
     /// Where the engine reports a node that broke the protocol (the hub evicts it).
@@ -122,6 +133,8 @@ pub struct Engine {
     pub stats: Arc<Mutex<ServingStats>>,
     /// How its lanes reach the route's ends.
     pub edges: Arc<Mutex<OwnEdges>>,
+    /// See [`EngineSettings::chain_wire_us`].
+    pub chain_wire_us: Arc<AtomicU64>,
 }
 
 impl Engine {
@@ -145,6 +158,7 @@ impl Engine {
             deadline: settings.deadline,
             stats: stats.clone(),
             edges: settings.edges.clone(),
+            chain_wire_us: settings.chain_wire_us.clone(),
         };
         let state = State {
             sched: Scheduler::new(settings.parallel, limits),
@@ -155,6 +169,8 @@ impl Engine {
             lane: None,
             failure: None,
             sampler,
+            depth: Depth::default(),
+            in_flight: None,
         };
         tokio::spawn(state.run(incoming));
         engine
@@ -233,6 +249,10 @@ struct State {
     failure: Option<Failure>,
     /// Picks finished requests for the checks of holders' outputs.
     sampler: Option<Sampler>,
+    /// The steps' compute times, for how many to keep in flight.
+    depth: Depth,
+    /// How many micro-batches to keep in flight, and when that was worked out.
+    in_flight: Option<(Instant, usize)>,
 }
 
 impl State {
@@ -346,6 +366,9 @@ impl State {
             Ok(lane) => {
                 tracing::info!("serving through {}", describe(&route));
                 self.lane = Some(lane);
+                // Other machines and other paths: measured afresh.
+                self.depth.reset();
+                self.in_flight = None;
                 self.failure = None;
             }
             Err(e) => {
@@ -360,12 +383,51 @@ impl State {
         }
     }
 
+    /// How many micro-batches to keep in flight: `--micro-batches`, or (0) what [`Depth`]
+    /// makes of the route's machines, its hops' delays and the steps' compute, worked out
+    /// again every [`IN_FLIGHT_REVIEW`].
+    fn in_flight_limit(&mut self) -> usize {
+        let Some(lane) = self.lane.as_ref() else {
+            return 1;
+        };
+        if self.settings.micro_batches > 0 {
+            return self.settings.micro_batches;
+        }
+        if let Some((at, n)) = self.in_flight {
+            if at.elapsed() < IN_FLIGHT_REVIEW {
+                return n;
+            }
+        }
+        // The coordinator's own hops (reading them also keeps their estimates fresh: see
+        // `mesh::PathWatch::edge`), then the stages'.
+        let own: u64 = {
+            let edges = self.settings.edges.lock().unwrap();
+            [&edges.first, &edges.answers]
+                .into_iter()
+                .filter_map(|seen| mesh::lane_edge(seen.as_ref()?.1.as_ref())?.rtt_us)
+                .sum()
+        };
+        let wire_us = own / 2 + self.settings.chain_wire_us.load(Ordering::Relaxed);
+        let n = self.depth.in_flight(
+            lane.machines,
+            Duration::from_micros(wire_us),
+            self.settings.parallel,
+        );
+        if self.in_flight.is_none_or(|(_, before)| before != n) {
+            tracing::info!(
+                "keeping {n} micro-batches in flight ({} machines, hops {:.1} ms one way)",
+                lane.machines,
+                wire_us as f64 / 1000.0
+            );
+        }
+        self.in_flight = Some((Instant::now(), n));
+        self.stats.lock().unwrap().counts.micro_batches = n;
+        n
+    }
+
     /// Send steps while fewer than the micro-batch count are in the pipeline.
     async fn send_steps(&mut self) {
-        let in_flight_limit = match self.settings.micro_batches {
-            0 => self.lane.as_ref().map_or(1, |l| l.machines),
-            m => m,
-        };
+        let in_flight_limit = self.in_flight_limit();
         while self.lane.is_some() && self.sched.in_flight() < in_flight_limit {
             let Some(step) = self.sched.next_step(in_flight_limit) else {
                 return;
@@ -420,6 +482,7 @@ impl State {
         // One compute time per stage: a longer list (from a hostile stage) would grow the
         // stats without bound.
         busy_us.truncate(self.lane.as_ref().map_or(0, |l| l.route.len()));
+        self.depth.answered(&busy_us);
         let delivered = match self.sched.answered(step, &tokens) {
             Ok(delivered) => delivered,
             Err(e) => return self.fail(e.into()),

@@ -129,6 +129,7 @@ pub async fn start(config: Config) -> Result<Running> {
         tls: tls.data_client.clone(),
         mesh: mesh.clone(),
         edges: Default::default(),
+        chain_wire_us: Default::default(),
         live: Default::default(),
         breaches: Some(breaches),
     };
@@ -514,9 +515,19 @@ async fn handle(
     use protocol::Message as M;
     let out = match &req.message {
         M::Heartbeat(p) => {
-            if let Err(why) = hub.swarm.lock().unwrap().heard(node, p) {
-                reply_error(code::BAD_PARAMS, &why);
-                return Ok(None);
+            let heard = {
+                let mut swarm = hub.swarm.lock().unwrap();
+                swarm.heard(node, p).map(|()| swarm.chain_wire())
+            };
+            match (heard, hub.engine()) {
+                (Err(why), _) => {
+                    reply_error(code::BAD_PARAMS, &why);
+                    return Ok(None);
+                }
+                (Ok(wire), Some(engine)) => engine
+                    .chain_wire_us
+                    .store(wire.as_micros() as u64, std::sync::atomic::Ordering::Relaxed),
+                (Ok(_), None) => {}
             }
             reply(M::Heartbeat(protocol::HeartbeatParams::default()));
             Vec::new()

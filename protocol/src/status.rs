@@ -183,6 +183,10 @@ pub struct Batching {
     pub stage_busy_seconds: Vec<f64>,
     /// Each stage's busy share of the last few seconds of wall time.
     pub stage_busy_fraction: Vec<f64>,
+    /// Micro-batches the pipeline keeps in flight now: `--micro-batches`, or chosen from the
+    /// route's machines and its hops' measured delays.
+    #[serde(default)]
+    pub micro_batches: usize,
 }
 
 /// What the checks of holders' outputs found.

@@ -1,12 +1,15 @@
 //! Placement: a node keeps the verified shards it registers with; every shard without a holder
 //! goes to a node with room that holds nothing, else to one holding only replicas, else (once
 //! `min_nodes` are registered, so no more are awaited) to the least loaded, the fastest uplink
-//! first among equals (declared at REGISTER, else measured while fetching); a node holding
+//! first among equals (declared at REGISTER, else measured while fetching), and it takes the
+//! uncovered shard that keeps the route's stages of one network together
+//! ([`Swarm::network_fit`]); a node holding
 //! nothing gets a replica of the least-covered shard. A shard's holders form a chain: each
 //! replica fetches from the holder before it and from complete holders ([`Swarm::chain_peers`]),
 //! never from the seeder, so the seeder sends each shard about once; if the first holder goes
 //! away mid-transfer, the replica furthest along is told to use the tracker.
 
+use std::net::IpAddr;
 use std::time::Instant;
 
 use protocol::{Control, LoadShardParams, Message, COORDINATOR};
@@ -124,6 +127,42 @@ impl Swarm {
             .count()
     }
 
+    /// How well `shard_id` suits a node in the network at `ip` (registered from that
+    /// address: one home behind its NAT, or one LAN), lower first: the route runs through
+    /// the shards in order, and a hop between two stages of one network stays on its LAN
+    /// while a hop between networks crosses the internet (tens of milliseconds a token). So
+    /// a shard next to one this network covers comes first; then one with no covered
+    /// neighbour, the farther from other networks' shards the better (room for this
+    /// network's next nodes); last, one next to another network's shard.
+    fn network_fit(&self, ip: IpAddr, shard_id: u32) -> (u8, std::cmp::Reverse<u32>, u32) {
+        let covered_by = |id: u32| {
+            self.nodes
+                .values()
+                .filter(|n| n.shards.get(&id).is_some_and(Holding::counts))
+                .map(|n| n.peer_addr.ip())
+                .collect::<Vec<_>>()
+        };
+        let neighbours = [shard_id.checked_sub(1), shard_id.checked_add(1)];
+        let near: Vec<IpAddr> = neighbours
+            .into_iter()
+            .flatten()
+            .filter(|id| (*id as usize) < self.shards.len())
+            .flat_map(covered_by)
+            .collect();
+        if near.contains(&ip) {
+            return (0, std::cmp::Reverse(0), shard_id);
+        }
+        if !near.is_empty() {
+            return (2, std::cmp::Reverse(0), shard_id);
+        }
+        let farthest = (0..self.shards.len() as u32)
+            .filter(|&id| covered_by(id).iter().any(|other| *other != ip))
+            .map(|id| id.abs_diff(shard_id))
+            .min()
+            .unwrap_or(u32::MAX);
+        (1, std::cmp::Reverse(farthest), shard_id)
+    }
+
     /// Place uncovered shards and replicas, fix stranded replicas, and update readiness.
     pub fn place(&mut self) -> Outbox {
         let mut out = Vec::new();
@@ -141,25 +180,30 @@ impl Swarm {
             out.extend(self.update_ready());
             return out;
         }
-        // Every shard on at least one node.
-        for shard_id in 0..self.shards.len() as u32 {
-            if self.coverage(shard_id) > 0 {
-                continue;
+        // Every shard on at least one node: the node first (empty nodes, then fast uplinks),
+        // then which uncovered shard it takes (see `network_fit`).
+        let enough_nodes = self.nodes.len() >= self.settings.min_nodes;
+        let settled = Instant::now() >= self.settle_until;
+        loop {
+            let uncovered: Vec<u32> = (0..self.shards.len() as u32)
+                .filter(|id| self.coverage(*id) == 0)
+                .collect();
+            if uncovered.is_empty() {
+                break;
             }
-            let spec = self.shards[shard_id as usize].clone();
-            // Nodes holding nothing first, then nodes holding only replicas; a node that holds
-            // a shard nobody else has takes a second one only once no more nodes are awaited.
-            let enough_nodes = self.nodes.len() >= self.settings.min_nodes;
-            let settled = Instant::now() >= self.settle_until;
-            let candidate = self
+            let pick = self
                 .nodes
                 .values()
-                .filter(|n| {
-                    !(n.shards.get(&shard_id).is_some_and(Holding::counts)
-                        || n.failed_recently(shard_id))
-                        && n.has_room_for(&spec, &self.shards)
+                .flat_map(|n| uncovered.iter().map(move |&shard_id| (n, shard_id)))
+                .filter(|(n, shard_id)| {
+                    !(n.shards.get(shard_id).is_some_and(Holding::counts)
+                        || n.failed_recently(*shard_id))
+                        && n.has_room_for(&self.shards[*shard_id as usize], &self.shards)
                 })
-                .map(|n| {
+                .map(|(n, shard_id)| {
+                    // Nodes holding nothing first, then nodes holding only replicas; a node
+                    // that holds a shard nobody else has takes a second one only once no more
+                    // nodes are awaited.
                     let counted: Vec<u32> = n
                         .shards
                         .iter()
@@ -174,22 +218,26 @@ impl Swarm {
                         2
                     };
                     let fastest_first = std::cmp::Reverse(n.uplink_mbit());
-                    (rank, counted.len(), fastest_first, n.node_id.clone())
+                    let fit = self.network_fit(n.peer_addr.ip(), shard_id);
+                    let key = (rank, counted.len(), fastest_first, n.node_id.clone(), fit);
+                    (key, shard_id)
                 })
-                .filter(|(rank, ..)| *rank == 0 || (settled && (*rank < 2 || enough_nodes)))
+                .filter(|((rank, ..), _)| *rank == 0 || (settled && (*rank < 2 || enough_nodes)))
                 .min()
-                .map(|(.., id)| id);
-            match candidate {
-                Some(node) => {
-                    self.assign(&node, shard_id);
-                    out.push(self.load_shard(&node, shard_id, true));
+                .map(|((.., node, _), shard_id)| (node, shard_id));
+            let Some((node, shard_id)) = pick else {
+                if enough_nodes {
+                    for shard_id in uncovered {
+                        tracing::warn!(
+                            "no node has room for shard {shard_id} ({} bytes)",
+                            self.shards[shard_id as usize].size
+                        );
+                    }
                 }
-                None if enough_nodes => tracing::warn!(
-                    "no node has room for shard {shard_id} ({} bytes)",
-                    spec.size
-                ),
-                None => {} // more nodes are awaited
-            }
+                break; // else more nodes are awaited
+            };
+            self.assign(&node, shard_id);
+            out.push(self.load_shard(&node, shard_id, true));
         }
         // Nodes holding nothing get a replica of the least-covered shard.
         // Fast uplinks first: they come earlier in their shard's chain.

@@ -4,6 +4,9 @@
 
 use crate::{Outbox, Swarm};
 
+/// The most round trip one hop counts for in [`Swarm::chain_wire`].
+pub const MAX_HOP_RTT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// How often a node's relayed edge to the next stage may be logged.
 const RELAYED_SAID_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -14,6 +17,25 @@ impl Swarm {
             return None;
         }
         self.nodes.get(node)?.mesh.clone()
+    }
+
+    /// The one-way delay of the route's hops between stages: half of each round trip its
+    /// stages measured to their next stage (a hop over TCP, or not measured yet, counts
+    /// nothing). The coordinator keeps more micro-batches in flight on a slow route. A member
+    /// may report what it likes: each hop counts at most [`MAX_HOP_RTT`], and the most it can
+    /// make the coordinator do is cut batches to one sequence each.
+    pub fn chain_wire(&self) -> std::time::Duration {
+        let Some(route) = self.route.as_ref() else {
+            return std::time::Duration::ZERO;
+        };
+        let max_us = MAX_HOP_RTT.as_micros() as u64;
+        let rtt_us: u64 = route
+            .iter()
+            .take(route.len().saturating_sub(1))
+            .filter_map(|hop| self.nodes.get(&hop.node_id)?.next_edge?.rtt_us)
+            .map(|us| us.min(max_us))
+            .sum();
+        std::time::Duration::from_micros(rtt_us / 2)
     }
 
     /// Whether the coordinator could dial `node`'s BitTorrent port. A node that cannot be

@@ -162,3 +162,60 @@ fn the_route_keeps_its_stages_when_replicas_finish() {
         .any(|h| matches!(h, Holding::Loaded { .. })));
     assert_eq!(s.route.clone().unwrap(), before, "the route changed");
 }
+
+/// The route's wire between stages is half the round trips each stage measured to the next
+/// (the last stage's own edge leads nowhere on it), each capped: a member cannot make the
+/// coordinator believe in an endless wire.
+#[test]
+fn the_chain_wire_is_half_the_stages_round_trips_to_their_next_capped() {
+    use protocol::status::{Edge, EdgeKind};
+    let mut s = swarm(3, 3);
+    for (id, held) in [("a", 0), ("b", 1), ("c", 2)] {
+        register_at(&mut s, id, &[held], "198.51.100.1", Some("0.0.0.0:9000")).unwrap();
+    }
+    assert!(s.ready);
+    assert_eq!(s.chain_wire(), Duration::ZERO, "nothing measured yet");
+    let beat = |rtt_us| protocol::HeartbeatParams {
+        mesh: None,
+        next_edge: Some(Edge {
+            kind: EdgeKind::Holepunched,
+            rtt_us: Some(rtt_us),
+        }),
+    };
+    s.heard("a", &beat(20_000)).unwrap();
+    s.heard("b", &beat(40_000)).unwrap();
+    s.heard("c", &beat(90_000)).unwrap();
+    assert_eq!(s.chain_wire(), Duration::from_millis(30));
+    s.heard("b", &beat(u64::MAX)).unwrap();
+    assert_eq!(
+        s.chain_wire(),
+        Duration::from_millis(10) + crate::reach::MAX_HOP_RTT / 2
+    );
+}
+
+/// Nodes from two networks (two homes behind NAT) registering in turns: each takes the shard
+/// that keeps its network's stages together, so the route crosses between the networks once
+/// (a WAN hop costs tens of milliseconds a token) instead of at every stage.
+#[test]
+fn shards_go_to_nodes_so_that_each_networks_stages_are_consecutive() {
+    let mut s = swarm(4, 4);
+    for (id, ip) in [
+        ("a1", "198.51.100.1"),
+        ("b1", "203.0.113.1"),
+        ("a2", "198.51.100.1"),
+        ("b2", "203.0.113.1"),
+    ] {
+        register_at(&mut s, id, &[], ip, Some("0.0.0.0:9000")).unwrap();
+    }
+    let network_of_shard: Vec<char> = (0..4)
+        .map(|shard| {
+            let holder = s
+                .nodes
+                .values()
+                .find(|n| n.shards.contains_key(&shard))
+                .unwrap_or_else(|| panic!("shard {shard} placed nowhere"));
+            holder.node_id.chars().next().unwrap()
+        })
+        .collect();
+    assert_eq!(network_of_shard, ['a', 'a', 'b', 'b']);
+}
