@@ -57,8 +57,8 @@ impl From<&RouteHop> for Hop {
         }
     }
 }
-pub use lane::OwnEdges;
 use depth::Depth;
+pub use lane::OwnEdges;
 use lane::{describe, open_lane, Lane};
 use schedule::{Limits, Sampled, Scheduler};
 

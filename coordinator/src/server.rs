@@ -517,18 +517,22 @@ async fn handle(
         M::Heartbeat(p) => {
             let heard = {
                 let mut swarm = hub.swarm.lock().unwrap();
-                swarm.heard(node, p).map(|()| swarm.chain_wire())
+                swarm.heard(node, p).map(|out| (out, swarm.chain_wire()))
             };
-            match (heard, hub.engine()) {
-                (Err(why), _) => {
+            let (out, wire) = match heard {
+                Ok(heard) => heard,
+                Err(why) => {
                     reply_error(code::BAD_PARAMS, &why);
                     return Ok(None);
                 }
-                (Ok(wire), Some(engine)) => engine
-                    .chain_wire_us
-                    .store(wire.as_micros() as u64, std::sync::atomic::Ordering::Relaxed),
-                (Ok(_), None) => {}
+            };
+            if let Some(engine) = hub.engine() {
+                engine.chain_wire_us.store(
+                    wire.as_micros() as u64,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
             }
+            hub.dispatch(out);
             reply(M::Heartbeat(protocol::HeartbeatParams::default()));
             Vec::new()
         }

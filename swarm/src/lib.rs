@@ -43,6 +43,10 @@ pub struct Swarm {
     pub ready: bool,
     /// The inference pipeline while ready: one node per shard, in order.
     pub route: Option<Vec<RouteHop>>,
+    /// Hops (caller, callee) that ran through the relay for [`RELAYED_BEATS_TO_MOVE`]
+    /// heartbeats in a row: the route puts another holder after the caller where there is
+    /// one.
+    pub relayed_hops: std::collections::BTreeSet<(String, String)>,
     /// Route nodes that have loaded their stage (acknowledged ROUTE).
     pub route_loaded: std::collections::BTreeSet<String>,
     /// Until then only empty nodes are given shards: after a coordinator restart the nodes
@@ -125,6 +129,7 @@ impl Swarm {
             nodes: BTreeMap::new(),
             ready: false,
             route: None,
+            relayed_hops: Default::default(),
             route_loaded: Default::default(),
             settle_until: Instant::now() + settings.heartbeat_timeout,
             next_order: 0,
@@ -241,6 +246,7 @@ impl Swarm {
             mesh: p.mesh.clone(),
             next_edge: None,
             relayed_said_at: None,
+            relayed_beats: 0,
         };
         tracing::info!(
             "node {} ({}) registered from {} with {} shard(s)",

@@ -83,6 +83,8 @@ pub struct NodeState {
     pub next_edge: Option<protocol::status::Edge>,
     /// When the coordinator last logged that edge turning relayed.
     pub relayed_said_at: Option<Instant>,
+    /// Heartbeats in a row that said that edge runs through the relay.
+    pub relayed_beats: u32,
     /// Shards it says it holds (at `REGISTER`, or by `SHARD_LOADED`) and has not proved yet
     /// (`PROVE_SHARD`): they do not count, and the node is given nothing new until they are
     /// settled (or [`CLAIM_WAIT`] is up).

@@ -4,6 +4,11 @@
 
 use crate::{Outbox, Swarm};
 
+/// How many heartbeats in a row must say a hop runs through the relay before the route
+/// moves its stage to another holder: every mesh connection starts on the relay and
+/// moves to a direct path once a hole is punched, a second or two later.
+pub const RELAYED_BEATS_TO_MOVE: u32 = 3;
+
 /// The most round trip one hop counts for in [`Swarm::chain_wire`].
 pub const MAX_HOP_RTT: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -60,8 +65,9 @@ impl Swarm {
 
     /// A heartbeat from `node`: its mesh address now (kept if well formed and of the
     /// endpoint it registered: its key does not change while it runs) and how it reaches the
-    /// next stage. Else why not.
-    pub fn heard(&mut self, node: &str, p: &protocol::HeartbeatParams) -> Result<(), String> {
+    /// next stage. Else why not. A hop that stays relayed ([`RELAYED_BEATS_TO_MOVE`]) is
+    /// remembered, and the route moves its stage to another holder if there is one.
+    pub fn heard(&mut self, node: &str, p: &protocol::HeartbeatParams) -> Result<Outbox, String> {
         let Some(n) = self.nodes.get_mut(node) else {
             return Err("not registered".into());
         };
@@ -94,6 +100,28 @@ impl Swarm {
             );
         }
         n.next_edge = p.next_edge;
-        Ok(())
+        n.relayed_beats = if relayed(p.next_edge) {
+            n.relayed_beats.saturating_add(1)
+        } else {
+            0
+        };
+        if n.relayed_beats != RELAYED_BEATS_TO_MOVE {
+            return Ok(Vec::new());
+        }
+        let route = self.route.as_deref().unwrap_or_default();
+        let Some(next) = route
+            .iter()
+            .position(|h| h.node_id == node)
+            .and_then(|k| route.get(k + 1))
+        else {
+            return Ok(Vec::new());
+        };
+        self.relayed_hops
+            .insert((node.to_owned(), next.node_id.clone()));
+        // Counted afresh for the hop to whichever stage follows now.
+        if let Some(n) = self.nodes.get_mut(node) {
+            n.relayed_beats = 0;
+        }
+        Ok(self.update_route())
     }
 }

@@ -27,8 +27,15 @@ impl Swarm {
     /// nothing before the checks have seen it). A lost stage goes to the first holder by id
     /// that is not already on the route (else to the first), preferring one in the same network
     /// as the stage before it (registered from the same address: behind the same NAT, so the
-    /// hop between them runs on their LAN, never through the relay).
+    /// hop between them runs on their LAN, never through the relay). A hop that stayed on the
+    /// relay ([`Swarm::relayed_hops`]) gives its stage to another holder the caller has not
+    /// been relayed to, where there is one.
     pub(super) fn update_route(&mut self) -> Outbox {
+        // Hops that stayed on the relay are left when another holder can take the stage
+        // (forgotten with their nodes).
+        let nodes = &self.nodes;
+        self.relayed_hops
+            .retain(|(a, b)| nodes.contains_key(a) && nodes.contains_key(b));
         let serves = |n: &NodeState, id: u32| {
             matches!(n.shards.get(&id), Some(Holding::Loaded { .. })) && n.data_addr.is_some()
         };
@@ -40,6 +47,12 @@ impl Swarm {
             signer: n.signing_key.clone(),
             mesh: self.mesh_of(&n.node_id),
         };
+        let relayed = |from: Option<&str>, to: &NodeState| {
+            from.is_some_and(|f| {
+                self.relayed_hops
+                    .contains(&(f.to_owned(), to.node_id.clone()))
+            })
+        };
         let current = |id: u32| {
             let node = &self.route.as_ref()?.get(id as usize)?.node_id;
             self.nodes.get(node).filter(|n| serves(n, id))
@@ -48,19 +61,35 @@ impl Swarm {
             // A node runs one stage: a lost stage goes to a holder not already on the route
             // where there is one.
             let mut on_route: Vec<&str> = Vec::new();
-            let mut previous: Option<std::net::IpAddr> = None;
+            let mut previous: Option<&NodeState> = None;
             (0..self.shards.len() as u32)
                 .map(|id| {
-                    let n = current(id).or_else(|| {
-                        let mut holders = self.nodes.values().filter(|n| serves(n, id));
-                        let mut free = holders
-                            .clone()
-                            .filter(|n| !on_route.contains(&n.node_id.as_str()));
-                        let near = free.clone().find(|n| Some(n.peer_addr.ip()) == previous);
-                        near.or_else(|| free.next()).or_else(|| holders.next())
+                    let caller = previous.map(|p| p.node_id.as_str());
+                    let mut holders = self.nodes.values().filter(|n| serves(n, id));
+                    let free = holders
+                        .clone()
+                        .filter(|n| !on_route.contains(&n.node_id.as_str()));
+                    let mut unrelayed = free.clone().filter(|n| !relayed(caller, n));
+                    let kept = current(id).filter(|n| {
+                        let stays = !relayed(caller, n) || unrelayed.clone().next().is_none();
+                        if !stays {
+                            tracing::warn!(
+                                "stage {id}: the hop from node {} to node {} stayed on the relay; the stage moves to another holder of shard {id}",
+                                caller.unwrap_or_default(),
+                                n.node_id
+                            );
+                        }
+                        stays
+                    });
+                    let n = kept.or_else(|| {
+                        let ip = previous.map(|p| p.peer_addr.ip());
+                        let near = unrelayed.clone().find(|n| Some(n.peer_addr.ip()) == ip);
+                        near.or_else(|| unrelayed.next())
+                            .or_else(|| free.clone().next())
+                            .or_else(|| holders.next())
                     })?;
                     on_route.push(&n.node_id);
-                    previous = Some(n.peer_addr.ip());
+                    previous = Some(n);
                     Some(hop(n, id))
                 })
                 .collect()

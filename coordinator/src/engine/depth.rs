@@ -77,7 +77,10 @@ mod tests {
         assert_eq!(Depth::default().in_flight(2, ms(100), 8), 2);
         // Loopback or a LAN: the wire is a sliver of a 20 ms step.
         assert_eq!(measured(20_000).in_flight(1, ms(0), 8), 1);
-        assert_eq!(measured(20_000).in_flight(2, Duration::from_micros(1500), 8), 2);
+        assert_eq!(
+            measured(20_000).in_flight(2, Duration::from_micros(1500), 8),
+            2
+        );
     }
 
     #[test]

@@ -219,3 +219,53 @@ fn shards_go_to_nodes_so_that_each_networks_stages_are_consecutive() {
         .collect();
     assert_eq!(network_of_shard, ['a', 'a', 'b', 'b']);
 }
+
+/// A hop the caller reaches only through the relay, heartbeat after heartbeat (not just while
+/// a hole is being punched), gives its stage to another holder; once every holder has been
+/// relayed to, the stage stays where it is (the relay works, only slower).
+#[test]
+fn a_hop_that_stays_on_the_relay_gives_its_stage_to_another_holder() {
+    use crate::reach::RELAYED_BEATS_TO_MOVE;
+    use protocol::status::{Edge, EdgeKind};
+    let mut s = swarm(2, 3);
+    for (id, held, ip) in [
+        ("a", 0, "198.51.100.1"),
+        ("b", 1, "203.0.113.1"),
+        ("c", 1, "192.0.2.1"),
+    ] {
+        register_at(&mut s, id, &[held], ip, Some("0.0.0.0:9000")).unwrap();
+    }
+    let route = |s: &Swarm| -> Vec<String> {
+        s.route
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|h| h.node_id.clone())
+            .collect()
+    };
+    assert_eq!(route(&s), ["a", "b"]);
+    let beat = |kind| protocol::HeartbeatParams {
+        mesh: None,
+        next_edge: Some(Edge {
+            kind,
+            rtt_us: Some(40_000),
+        }),
+    };
+    for _ in 1..RELAYED_BEATS_TO_MOVE {
+        assert!(s.heard("a", &beat(EdgeKind::Relayed)).unwrap().is_empty());
+    }
+    assert_eq!(route(&s), ["a", "b"], "a hole may still be punched");
+    let out = s.heard("a", &beat(EdgeKind::Relayed)).unwrap();
+    assert_eq!(route(&s), ["a", "c"]);
+    assert!(
+        out.iter()
+            .any(|(to, c)| to == "c" && matches!(c.message, Message::Route(_))),
+        "c is told it is on the route: {out:?}"
+    );
+    // Relayed to c as well: nowhere better to go.
+    for _ in 0..2 * RELAYED_BEATS_TO_MOVE {
+        s.heard("a", &beat(EdgeKind::Relayed)).unwrap();
+    }
+    assert_eq!(route(&s), ["a", "c"]);
+    assert_eq!(s.relayed_hops.len(), 2);
+}
