@@ -219,7 +219,7 @@ async fn on_referee_stage<T: Send + 'static>(
         let s = hub.swarm.lock().unwrap();
         (s.shards[shard as usize].clone(), s.shards.len() as u32)
     };
-    let path = crate::text::fetch_shard(&spec, cache_dir).await?;
+    let path = crate::text::fetch_file(&(&spec).into(), cache_dir).await?;
     let computed = tokio::task::spawn_blocking(move || -> Result<T, llm::LlmError> {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as i32;
         let is_last = shard + 1 == count;

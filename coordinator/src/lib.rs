@@ -171,7 +171,8 @@ pub struct Config {
         env = "SHARDSWARM_COORDINATOR_MAX_CONNECTIONS"
     )]
     pub max_connections: usize,
-    /// Where shard 0 (for the vocabulary) is cached (default: <tmp>/shardswarm-coordinator).
+    /// Where the vocabulary file (and shards the checks compute) are cached (default:
+    /// <tmp>/shardswarm-coordinator).
     #[arg(long, env = "SHARDSWARM_COORDINATOR_CACHE_DIR")]
     pub cache_dir: Option<std::path::PathBuf>,
     /// What the data channel runs over: `tcp` (each stage's data port; every stage must be

@@ -21,6 +21,28 @@ pub struct SplitInfo {
     pub model_id: String,
     /// The source model's `general.name`, for people (`/v1/models`' `name`, the dashboard).
     pub model_name: String,
+    /// The split's vocabulary file (tokenizer and chat template, no weights), when it has one.
+    pub vocab: Option<RemoteFile>,
+}
+
+/// A file the seeder serves (its web seed) and the manifest vouches for (its sha256).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteFile {
+    pub file: String,
+    pub size: u64,
+    pub sha256: String,
+    pub web_seed: Option<String>,
+}
+
+impl From<&ShardSpec> for RemoteFile {
+    fn from(shard: &ShardSpec) -> RemoteFile {
+        RemoteFile {
+            file: shard.file.clone(),
+            size: shard.size,
+            sha256: shard.sha256.clone(),
+            web_seed: shard.web_seed.clone(),
+        }
+    }
 }
 
 fn client() -> reqwest::Client {
@@ -170,21 +192,23 @@ pub async fn fetch_split(seeder: &str, signer: Option<&str>) -> Result<SplitInfo
     let manifest: Manifest = get_document(seeder, "/manifest", signer).await?;
     let files: FileList = get_document(seeder, "/files", signer).await?;
     let health: Option<Health> = get_json(seeder, "/healthz").await.ok();
-    let mut shards = Vec::new();
-    for (k, s) in manifest.shards.iter().enumerate() {
-        let listed = files
-            .files
-            .iter()
-            .find(|f| f.name == s.file)
-            .ok_or_else(|| {
-                Error::seeder(seeder, format!("the seeder does not serve {}", s.file))
+    // Each file the manifest names, as the seeder lists it, with the same sha256.
+    let listed = |name: &str, sha256: &str| {
+        let listed =
+            files.files.iter().find(|f| f.name == name).ok_or_else(|| {
+                Error::seeder(seeder, format!("the seeder does not serve {name}"))
             })?;
-        if listed.sha256 != s.sha256 {
+        if listed.sha256 != sha256 {
             return Err(Error::seeder(
                 seeder,
-                format!("{} does not match its manifest (sha256 differs)", s.file),
+                format!("{name} does not match its manifest (sha256 differs)"),
             ));
         }
+        Ok(listed)
+    };
+    let mut shards = Vec::new();
+    for (k, s) in manifest.shards.iter().enumerate() {
+        let listed = listed(&s.file, &s.sha256)?;
         shards.push(ShardSpec {
             shard_id: k as u32,
             file: s.file.clone(),
@@ -199,6 +223,15 @@ pub async fn fetch_split(seeder: &str, signer: Option<&str>) -> Result<SplitInfo
     if shards.is_empty() {
         return Err(Error::seeder(seeder, "the manifest lists no shards"));
     }
+    let vocab = match &manifest.vocab {
+        Some(v) => Some(RemoteFile {
+            file: v.file.clone(),
+            size: v.size,
+            sha256: v.sha256.clone(),
+            web_seed: listed(&v.file, &v.sha256)?.web_seed.clone(),
+        }),
+        None => None,
+    };
     Ok(SplitInfo {
         model_id: manifest.source.id(),
         model_name: manifest.source.name,
@@ -209,6 +242,7 @@ pub async fn fetch_split(seeder: &str, signer: Option<&str>) -> Result<SplitInfo
         split_id: manifest.split_id,
         shards,
         seeder_peer: health.map(|h| h.peer),
+        vocab,
     })
 }
 

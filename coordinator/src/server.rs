@@ -91,7 +91,14 @@ pub async fn start(config: Config) -> Result<Running> {
         .clone()
         .unwrap_or_else(crate::text::default_cache_dir);
     let (model_id, model_name) = (split.model_id.clone(), split.model_name.clone());
-    let vocab = crate::text::Vocab::fetch(&split.shards[0], &cache_dir, model_id, model_name)
+    // The vocabulary file (megabytes), or shard 0 of a split made before there was one.
+    let vocab_file = split.vocab.clone().unwrap_or_else(|| {
+        tracing::warn!(
+            "the split has no vocabulary file (made by an older `split`): fetching shard 0 for the vocabulary"
+        );
+        crate::seeder_client::RemoteFile::from(&split.shards[0])
+    });
+    let vocab = crate::text::Vocab::fetch(&vocab_file, &cache_dir, model_id, model_name)
         .await
         .map(Arc::new)
         .map_err(|e| {

@@ -1,6 +1,6 @@
 //! Tokens and text, in one place: the model's vocabulary and chat template (loaded
-//! vocab-only, no weights, from shard 0 as fetched from the seeder's web seed and checked by
-//! sha256), tokenizing, detokenizing, stop strings and what a generation reports. The
+//! vocab-only, no weights, from the split's vocabulary file as fetched from the seeder's web
+//! seed and checked by sha256), tokenizing, detokenizing, stop strings and what a generation reports. The
 //! pipeline only ever sees token ids.
 
 use std::path::{Path, PathBuf};
@@ -10,7 +10,7 @@ use llama_cpp_2::model::{LlamaChatMessage, LlamaModel};
 use llama_cpp_2::token::LlamaToken;
 use protocol::data::Sampling;
 
-use crate::swarm::ShardSpec;
+use crate::seeder_client::RemoteFile;
 use crate::{Error, Result};
 
 /// Why the vocabulary or chat template cannot be used.
@@ -41,19 +41,19 @@ pub struct Vocab {
     pub model_name: String,
 }
 
-/// A shard's file from the seeder's web seed, kept in `cache_dir` (fetched unless already
-/// there with the manifest's sha256): for the vocabulary (shard 0), and for the checks that
-/// compute a stage on the coordinator to settle a dispute between two holders.
-pub async fn fetch_shard(shard: &ShardSpec, cache_dir: &Path) -> Result<std::path::PathBuf> {
+/// A file of the split from the seeder's web seed, kept in `cache_dir` (fetched unless
+/// already there with the manifest's sha256): the vocabulary file, and the shards the checks
+/// compute on the coordinator to settle a dispute between two holders.
+pub async fn fetch_file(file: &RemoteFile, cache_dir: &Path) -> Result<std::path::PathBuf> {
     std::fs::create_dir_all(cache_dir)
         .map_err(|e| daemon::IoError::new(format!("cache dir {}", cache_dir.display()), e))?;
-    let path = cache_dir.join(&shard.file);
-    let ok = |p: &Path| torrents::hashing::sha256_file(p).is_ok_and(|h| h == shard.sha256);
+    let path = cache_dir.join(&file.file);
+    let ok = |p: &Path| torrents::hashing::sha256_file(p).is_ok_and(|h| h == file.sha256);
     if !ok(&path) {
-        let url = shard
+        let url = file
             .web_seed
             .as_deref()
-            .ok_or_else(|| VocabError::NoWebSeed(shard.file.clone()))?;
+            .ok_or_else(|| VocabError::NoWebSeed(file.file.clone()))?;
         tracing::info!("fetching {url}");
         // A shard can take minutes to come, but never a minute without a byte.
         let client = reqwest::Client::builder()
@@ -77,15 +77,16 @@ pub async fn fetch_shard(shard: &ShardSpec, cache_dir: &Path) -> Result<std::pat
 }
 
 impl Vocab {
-    /// Fetch shard 0 from its web seed into `cache_dir` (unless already there with the right
-    /// sha256) and load its vocabulary.
+    /// Fetch `file` (the split's vocabulary file, or shard 0 of a split made before there was
+    /// one) from its web seed into `cache_dir` (unless already there with the right sha256)
+    /// and load its vocabulary.
     pub async fn fetch(
-        shard: &ShardSpec,
+        file: &RemoteFile,
         cache_dir: &Path,
         model_id: String,
         model_name: String,
     ) -> Result<Vocab> {
-        let path = fetch_shard(shard, cache_dir).await?;
+        let path = fetch_file(file, cache_dir).await?;
         let mut vocab = Self::load(&path, model_id)?;
         vocab.model_name = model_name;
         Ok(vocab)

@@ -13,7 +13,7 @@ use clap::Parser;
 #[command(
     name = "upload_shards",
     version,
-    about = "Upload shard-K.gguf/.safetensors files and shards.json to a server over ssh",
+    about = "Upload shard-K.gguf/.safetensors files, vocab.gguf and shards.json to a server over ssh",
     long_about = "Upload a shard directory (shard-K.gguf or shard-K.safetensors and shards.json) to \
 a server over ssh, e.g. the seeder's --seed-dir. The set is validated first; files arrive under a \
 temporary name and are renamed, so a running seeder never picks up a partial file.\n\nExample:\n  \
@@ -53,7 +53,11 @@ struct Cli {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let files = shard_files(&cli.source_dir)?;
-    let expected = files.iter().filter(|f| !f.ends_with("shards.json")).count();
+    let expected = files
+        .iter()
+        .filter_map(|f| f.file_name()?.to_str())
+        .filter(|name| torrents::split::parse_shard_file_name(name).is_some())
+        .count();
     let report =
         torrents::validate::validate_with(&cli.source_dir, expected, &report::Reporter::new())?;
     if !report.ok {
@@ -148,13 +152,16 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// The shard files and the manifest in `dir`, sorted.
+/// The shard files, the vocabulary file and the manifest in `dir`, sorted.
 fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir).with_context(|| format!("{}", dir.display()))? {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if torrents::split::parse_shard_file_name(&name).is_some() || name == "shards.json" {
+        if torrents::split::parse_shard_file_name(&name).is_some()
+            || name == "shards.json"
+            || name == torrents::split::VOCAB_FILE
+        {
             files.push(entry.path());
         }
     }

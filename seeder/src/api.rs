@@ -154,7 +154,7 @@ async fn relay(State(s): State<AppState>) -> ApiResult {
     }
 }
 
-/// The seed dir's shards.json with each shard's info hash.
+/// The seed dir's shards.json with each shard's (and the vocabulary file's) info hash.
 async fn manifest(State(s): State<AppState>) -> ApiResult {
     let mut manifest = match torrents::manifest::Manifest::load(&s.config.seed_dir) {
         Ok(m) => m,
@@ -176,6 +176,9 @@ async fn manifest(State(s): State<AppState>) -> ApiResult {
     let snap = s.snapshot();
     for shard in &mut manifest.shards {
         shard.info_hash = snap.by_name.get(&shard.file).map(SeedFile::info_hash_hex);
+    }
+    if let Some(vocab) = &mut manifest.vocab {
+        vocab.info_hash = snap.by_name.get(&vocab.file).map(SeedFile::info_hash_hex);
     }
     Ok(signed(&s, "/manifest", &manifest))
 }

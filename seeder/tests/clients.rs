@@ -38,10 +38,12 @@ fn aria2c_downloads_every_shard_over_the_peer_wire_from_torrent_and_magnet() {
     let before = fingerprint(seed.path());
     let server = Server::start(seed.path(), state.path(), &[]);
     let names = shard_names(&server);
-    assert_eq!(names.len(), 4);
+    // The four shards and the vocabulary file, each a torrent of its own.
+    assert_eq!(names.len(), 5);
+    assert!(names.contains(&torrents::split::VOCAB_FILE.to_owned()));
     assert!(server
         .stdout_lines()
-        .contains(&"[TORRENT] Loaded 4 file(s) for sharing".to_string()));
+        .contains(&"[TORRENT] Loaded 5 file(s) for sharing".to_string()));
 
     // From the served .torrent files, with the url-list taken out: peers only.
     let work = tempfile::tempdir().unwrap();

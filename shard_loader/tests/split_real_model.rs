@@ -129,7 +129,8 @@ fn split_into_4_is_faithful_deterministic_and_valid() {
             "shard-1.gguf",
             "shard-2.gguf",
             "shard-3.gguf",
-            "shards.json"
+            "shards.json",
+            "vocab.gguf"
         ]
     );
 }
@@ -163,7 +164,7 @@ fn resplitting_with_fewer_shards_removes_the_old_extra_files() {
     split(2, dir.path());
     assert_eq!(
         common::list_dir(dir.path()),
-        ["shard-0.gguf", "shard-1.gguf", "shards.json"]
+        ["shard-0.gguf", "shard-1.gguf", "shards.json", "vocab.gguf"]
     );
     let out = common::shard_loader([
         "validate",
@@ -173,4 +174,61 @@ fn resplitting_with_fewer_shards_removes_the_old_extra_files() {
         "2",
     ]);
     assert!(out.status.success(), "{}", common::stdout(&out));
+}
+
+/// `split` also writes the vocabulary file: every key of the source (tokenizer, chat
+/// template, hyperparameters) and no tensor, listed in the manifest with its size and sha256,
+/// a sliver of the model (the coordinator fetches it, never a weight shard).
+#[test]
+fn split_writes_a_vocabulary_file_with_the_sources_keys_and_no_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = split(4, dir.path());
+    let entry = manifest
+        .vocab
+        .as_ref()
+        .expect("the manifest lists the vocabulary file");
+    let path = dir.path().join(&entry.file);
+    assert_eq!(entry.file, torrents::split::VOCAB_FILE);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), entry.size);
+    assert_eq!(torrents::hashing::sha256_file(&path).unwrap(), entry.sha256);
+    let vocab = GgufModel::open(&path).unwrap();
+    assert!(vocab.tensors.is_empty(), "weights in the vocabulary file");
+    let source = GgufModel::open(&common::model()).unwrap();
+    let mut keys = vocab.kvs.clone();
+    assert_eq!(
+        keys.pop(),
+        Some((
+            torrents::split::KEY_VOCAB_ONLY.to_owned(),
+            Value::Bool(true)
+        ))
+    );
+    assert_eq!(keys, source.kvs, "the source's keys, in order, unchanged");
+    let model_size = std::fs::metadata(common::model()).unwrap().len();
+    assert!(
+        entry.size * 20 < model_size,
+        "{} bytes is not under 5% of the model's {model_size}",
+        entry.size
+    );
+    // validate checks it; a changed vocabulary file is named.
+    let validate = || {
+        common::shard_loader([
+            "validate",
+            "--target-dir",
+            dir.path().to_str().unwrap(),
+            "--expected-shards",
+            "4",
+        ])
+    };
+    assert!(validate().status.success());
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&path, bytes).unwrap();
+    let out = validate();
+    assert!(!out.status.success());
+    assert!(
+        common::stdout(&out).contains("vocab.gguf: sha256 differs"),
+        "{}",
+        common::stdout(&out)
+    );
 }

@@ -15,6 +15,42 @@ pub struct Swarm {
     pub coordinator: String,
 }
 
+impl Swarm {
+    /// The coordinator fetched the split's vocabulary file for its tokens and no weight
+    /// shard: its cache holds `vocab.gguf` only, under 5% of `model`'s bytes.
+    pub fn assert_coordinator_fetched_only_the_vocabulary(&self, model: &std::path::Path) {
+        let cache = self.bed.work.path().join("cache");
+        let files: Vec<(String, u64)> = std::fs::read_dir(&cache)
+            .unwrap_or_else(|e| panic!("{}: {e}", cache.display()))
+            .flatten()
+            .map(|e| {
+                let size = e.metadata().map_or(0, |m| m.len());
+                (e.file_name().to_string_lossy().into_owned(), size)
+            })
+            .collect();
+        assert!(
+            files
+                .iter()
+                .any(|(name, _)| name == torrents::split::VOCAB_FILE),
+            "no vocabulary file in the coordinator's cache: {files:?}"
+        );
+        assert!(
+            !files.iter().any(|(name, _)| name.starts_with("shard-")),
+            "the coordinator fetched a weight shard: {files:?}"
+        );
+        let fetched: u64 = files.iter().map(|(_, size)| size).sum();
+        let whole = std::fs::metadata(model).unwrap().len();
+        assert!(
+            fetched * 20 < whole,
+            "the coordinator fetched {fetched} bytes, not under 5% of the model's {whole}: {files:?}"
+        );
+        eprintln!(
+            "the coordinator fetched {fetched} bytes ({:.2}% of the model)",
+            fetched as f64 * 100.0 / whole as f64
+        );
+    }
+}
+
 /// A swarm of `n` nodes for the real model cut into `n` shards.
 pub fn swarm(n: usize) -> Swarm {
     swarm_serving(crate::real_shards(n), n, &[])

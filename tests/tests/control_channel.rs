@@ -144,11 +144,11 @@ fn bad_messages_get_errors_and_the_connection_stays_usable() {
         assert_eq!(reply.command, cmd::REGISTERED, "{reply:?}");
         let reply = request(&mut ws, &bare("FLY_TO_MOON")).await;
         assert_eq!(error_code(&reply), code::UNKNOWN_COMMAND);
-        // LIST_FILES is answered with the seeder's list.
+        // LIST_FILES is answered with the seeder's list: the two shards and the vocabulary.
         let files = request(&mut ws, &bare(cmd::LIST_FILES)).await;
         assert_eq!(
             files.params["files"].as_array().unwrap().len(),
-            2,
+            3,
             "{files:?}"
         );
         send(&mut ws, &bare(cmd::HEARTBEAT)).await;

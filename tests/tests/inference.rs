@@ -81,6 +81,7 @@ fn four_stage_swarm_matches_the_whole_model_streams_and_serves_the_openai_client
     let sw = swarm(4);
     let addr = sw.coordinator.as_str();
     check_equal_to_reference(addr, &model());
+    sw.assert_coordinator_fetched_only_the_vocabulary(&model());
 
     // Streaming gives the same text as a plain request, and ends with [DONE].
     let body = json!({"prompt": PROMPTS[1], "max_tokens": 20, "temperature": 0, "stream": true});
@@ -342,6 +343,7 @@ fn five_stage_gemma3_swarm_gives_the_whole_models_text() {
         llm::tokenize(&model, &long).unwrap().len() > 512,
         "the long prompt must exceed the window"
     );
+    s.assert_coordinator_fetched_only_the_vocabulary(&model);
 }
 
 #[test]

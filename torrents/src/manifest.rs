@@ -22,6 +22,24 @@ pub struct Manifest {
     pub split_id: String,
     pub source: SourceModel,
     pub shards: Vec<ShardEntry>,
+    /// The vocabulary file (`vocab.gguf`: the source's metadata, tokenizer and chat template,
+    /// no weights), so that whoever needs only the tokens (the coordinator) fetches that, never
+    /// a weight shard; absent from splits made before it existed and from safetensors sets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vocab: Option<VocabEntry>,
+}
+
+/// The vocabulary file of a split.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VocabEntry {
+    /// File name inside the shard directory.
+    pub file: String,
+    pub size: u64,
+    pub sha256: String,
+    /// v1 info hash, filled in by whoever makes the torrent (the seeder).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub info_hash: Option<String>,
 }
 
 /// What the shards were cut from.

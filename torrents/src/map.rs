@@ -279,6 +279,7 @@ pub fn map_safetensors(
             files,
         },
         shards: entries,
+        vocab: None,
     };
     manifest.store(target)?;
     Ok(manifest)

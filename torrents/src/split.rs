@@ -22,7 +22,7 @@ use crate::arch::{self, StageRules};
 use crate::error::{Error, Result};
 use crate::gguf::{align_up, copy_range, GgufModel, TensorInfo, Value};
 use crate::hashing::HashingWriter;
-use crate::manifest::{LayerRange, Manifest, ShardEntry, SourceModel, FORMAT_VERSION};
+use crate::manifest::{LayerRange, Manifest, ShardEntry, SourceModel, VocabEntry, FORMAT_VERSION};
 
 /// Metadata keys we add to each stage file, so a stage can be checked without its manifest.
 pub const KEY_STAGE_INDEX: &str = "shardswarm.stage.index";
@@ -30,6 +30,10 @@ pub const KEY_STAGE_COUNT: &str = "shardswarm.stage.count";
 pub const KEY_FIRST_LAYER: &str = "shardswarm.stage.first_layer";
 pub const KEY_LAST_LAYER: &str = "shardswarm.stage.last_layer";
 pub const KEY_SOURCE_LAYERS: &str = "shardswarm.source.block_count";
+/// Set (true) in the vocabulary file: it carries no tensors and runs no layers.
+pub const KEY_VOCAB_ONLY: &str = "shardswarm.vocab_only";
+/// The vocabulary file's name in a split's directory.
+pub const VOCAB_FILE: &str = "vocab.gguf";
 
 /// Name of stage file K.
 pub fn shard_file_name(index: usize, extension: &str) -> String {
@@ -323,6 +327,50 @@ fn plan_stage(
     Ok(StagePlan { kvs, tensors })
 }
 
+/// The vocabulary file: every key of the source (its hyperparameters, tokenizer and chat
+/// template, which llama.cpp reads for a vocabulary-only load) and no tensors: megabytes
+/// where shard 0 of a big model is gigabytes.
+fn plan_vocab(model: &GgufModel) -> StagePlan {
+    let mut kvs: Vec<(String, Value)> = model
+        .kvs
+        .iter()
+        .filter(|(k, _)| !k.starts_with("split."))
+        .cloned()
+        .collect();
+    kvs.push((KEY_VOCAB_ONLY.into(), Value::Bool(true)));
+    StagePlan {
+        kvs,
+        tensors: Vec::new(),
+    }
+}
+
+/// Write `plan` to a temp file in `dir` that becomes `name` when persisted: (temp file,
+/// bytes, sha256). Nothing is left behind on failure.
+fn write_planned(
+    model: &GgufModel,
+    plan: &StagePlan,
+    sources: &mut [File],
+    dir: &Path,
+    name: &str,
+    progress: &dyn crate::progress::Progress,
+) -> Result<(tempfile::NamedTempFile, u64, String)> {
+    let mut tmp = crate::manifest::temp_file_builder()
+        .prefix(&format!(".{name}."))
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .map_err(|e| Error::io(dir, e))?;
+    let mut out = crate::progress::Counting {
+        inner: tmp.as_file_mut(),
+        progress,
+    };
+    let (size, sha256) =
+        write_stage(model, plan, sources, &mut out).map_err(|e| Error::io(&dir.join(name), e))?;
+    tmp.as_file()
+        .sync_all()
+        .map_err(|e| Error::io(tmp.path(), e))?;
+    Ok((tmp, size, sha256))
+}
+
 /// Write one stage to `out`, returning (bytes, sha256).
 fn write_stage(
     model: &GgufModel,
@@ -412,20 +460,8 @@ pub fn split_model(
     let mut entries = Vec::with_capacity(n);
     for ((index, range), plan) in ranges.iter().enumerate().zip(plans) {
         let name = shard_file_name(index, "gguf");
-        let mut tmp = crate::manifest::temp_file_builder()
-            .prefix(&format!(".{name}."))
-            .suffix(".tmp")
-            .tempfile_in(target_dir)
-            .map_err(|e| Error::io(target_dir, e))?;
-        let mut out = crate::progress::Counting {
-            inner: tmp.as_file_mut(),
-            progress,
-        };
-        let (size, sha256) = write_stage(model, &plan, &mut sources, &mut out)
-            .map_err(|e| Error::io(&target_dir.join(&name), e))?;
-        tmp.as_file()
-            .sync_all()
-            .map_err(|e| Error::io(tmp.path(), e))?;
+        let (tmp, size, sha256) =
+            write_planned(model, &plan, &mut sources, target_dir, &name, progress)?;
         progress.line(&format!(
             "{name}: layers {}-{} ({} tensors, {size} bytes)",
             range.first,
@@ -443,6 +479,24 @@ pub fn split_model(
         });
         written.push((tmp, target_dir.join(name)));
     }
+    let (tmp, size, sha256) = write_planned(
+        model,
+        &plan_vocab(model),
+        &mut sources,
+        target_dir,
+        VOCAB_FILE,
+        progress,
+    )?;
+    progress.line(&format!(
+        "{VOCAB_FILE}: vocabulary and metadata, no weights ({size} bytes)"
+    ));
+    let vocab = VocabEntry {
+        file: VOCAB_FILE.into(),
+        size,
+        sha256,
+        info_hash: None,
+    };
+    written.push((tmp, target_dir.join(VOCAB_FILE)));
     progress.finish();
     let old = Manifest::load(target_dir).ok();
     for (tmp, path) in written {
@@ -454,6 +508,7 @@ pub fn split_model(
         split_id: Manifest::compute_split_id(&entries),
         source,
         shards: entries,
+        vocab: Some(vocab),
     };
     manifest.store(target_dir)?;
     Ok(manifest)

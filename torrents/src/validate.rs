@@ -165,6 +165,9 @@ pub fn validate_with(
             p.1.extend(r.1);
         }
         check_layer_ranges(m, &mut p);
+        if let Some(vocab) = &m.vocab {
+            check_vocab(dir, vocab, &mut p);
+        }
     }
     let ok = p.0.is_empty();
     Ok(Report {
@@ -177,6 +180,42 @@ pub fn validate_with(
         warnings: p.1,
         ok,
     })
+}
+
+/// The vocabulary file the manifest lists: there, of its size and sha256, and a GGUF without
+/// tensors.
+fn check_vocab(dir: &Path, vocab: &crate::manifest::VocabEntry, p: &mut Problems) {
+    let name = vocab.file.as_str();
+    if name != crate::split::VOCAB_FILE {
+        return p.file(
+            name,
+            format!("the vocabulary file must be {}", crate::split::VOCAB_FILE),
+        );
+    }
+    let path = dir.join(name);
+    match std::fs::metadata(&path) {
+        Err(_) => return p.file(name, "missing".into()),
+        Ok(m) if m.len() != vocab.size => {
+            return p.file(
+                name,
+                format!("{} bytes, manifest says {}", m.len(), vocab.size),
+            )
+        }
+        Ok(_) => {}
+    }
+    match crate::hashing::sha256_file(&path) {
+        Ok(h) if h == vocab.sha256 => {}
+        Ok(_) => return p.file(name, "sha256 differs from the manifest".into()),
+        Err(e) => return p.file(name, e.to_string()),
+    }
+    match crate::gguf::GgufModel::open(&path) {
+        Ok(model) if model.tensors.is_empty() => {}
+        Ok(model) => p.file(
+            name,
+            format!("{} tensors in a vocabulary file", model.tensors.len()),
+        ),
+        Err(e) => p.file(name, e.to_string()),
+    }
 }
 
 fn check_shard(
