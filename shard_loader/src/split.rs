@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Result};
 use torrents::gguf::GgufModel;
 use torrents::manifest::Manifest;
-use torrents::map::{find_split_set, gguf_source, map_gguf_split, map_safetensors, SplitSet};
-use torrents::split::split_model;
+use torrents::map::{find_split_set, map_gguf_split, map_safetensors, SplitSet};
+use torrents::split::split_gguf;
 
 use crate::cli::Exactness;
 
@@ -21,12 +21,10 @@ pub fn split(model: &Path, shards: usize, target_dir: &Path, exactness: &Exactne
         m.tensors.len(),
         target_dir.display()
     );
-    let source = gguf_source(&m)?;
-    let manifest = split_model(
+    let manifest = split_gguf(
         &m,
         shards,
         target_dir,
-        source,
         exactness.options(),
         &report::Reporter::new(),
     )?;

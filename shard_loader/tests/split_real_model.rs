@@ -195,6 +195,18 @@ fn split_writes_a_vocabulary_file_with_the_sources_keys_and_no_weights() {
     assert!(vocab.tensors.is_empty(), "weights in the vocabulary file");
     let source = GgufModel::open(&common::model()).unwrap();
     let mut keys = vocab.kvs.clone();
+    let (names_key, names) = keys.pop().unwrap();
+    assert_eq!(names_key, torrents::split::KEY_SOURCE_TENSORS);
+    let Value::Array(_, names) = names else {
+        panic!("{names:?}")
+    };
+    let source_names: Vec<Value> = GgufModel::open(&common::model())
+        .unwrap()
+        .tensors
+        .iter()
+        .map(|t| Value::string(&t.name))
+        .collect();
+    assert_eq!(names, source_names, "the source's tensor names in order");
     assert_eq!(
         keys.pop(),
         Some((

@@ -2,7 +2,7 @@
 (llama.cpp's own writer), so stage splitting is tested on architectures that have no small real
 model here.
 
-usage: make_synthetic_model.py ARCH OUT.gguf [--layers N] [--seed S]
+usage: make_synthetic_model.py ARCH OUT.gguf [--layers N] [--seed S] [--width W]
 ARCH: llama (GQA), qwen2, qwen3, qwen3moe, phi3, gemma2, gemma3, mistral3
 
 Shapes look like real ones where it matters for exactness: n_embd = 160 (sqrt(n_embd) is not a
@@ -40,7 +40,12 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--width", type=int, default=1,
+                    help="scale n_embd, heads and n_ff by this (16 with 32 layers: a 4 GB llama)")
     args = ap.parse_args()
+    global N_EMBD, N_HEAD, N_HEAD_KV, N_FF
+    N_EMBD, N_HEAD, N_HEAD_KV, N_FF = (N_EMBD * args.width, N_HEAD * args.width,
+                                       N_HEAD_KV * args.width, N_FF * args.width)
     arch, n_layer = args.arch, args.layers
     head_dim = HEAD_DIM_GEMMA if arch.startswith("gemma") else HEAD_DIM
     rng = np.random.default_rng(args.seed)

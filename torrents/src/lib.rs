@@ -7,6 +7,7 @@ pub mod bencode;
 pub mod error;
 pub mod gguf;
 pub mod hashing;
+pub mod join;
 pub mod magnet;
 pub mod manifest;
 pub mod map;

@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::gguf::{GgufModel, Value};
 use crate::hashing::sha256_file;
 use crate::manifest::{Manifest, ShardEntry, SourceFile, SourceModel, FORMAT_VERSION};
-use crate::split::{remove_stale_shards, shard_file_name, split_model, SplitOptions};
+use crate::split::{remove_stale_shards, shard_file_name, SplitOptions};
 
 /// What a source directory holds.
 #[derive(Debug)]
@@ -183,15 +183,7 @@ pub fn map_gguf_split(
     progress: &dyn crate::progress::Progress,
 ) -> Result<Manifest> {
     let model = open_gguf_split(parts)?;
-    let source = gguf_source(&model)?;
-    split_model(
-        &model,
-        n.unwrap_or(parts.len()),
-        target,
-        source,
-        options,
-        progress,
-    )
+    crate::split::split_gguf(&model, n.unwrap_or(parts.len()), target, options, progress)
 }
 
 /// Map safetensors parts to `shard-K.safetensors` (K from 0, in part order), checking them

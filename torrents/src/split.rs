@@ -32,6 +32,11 @@ pub const KEY_LAST_LAYER: &str = "shardswarm.stage.last_layer";
 pub const KEY_SOURCE_LAYERS: &str = "shardswarm.source.block_count";
 /// Set (true) in the vocabulary file: it carries no tensors and runs no layers.
 pub const KEY_VOCAB_ONLY: &str = "shardswarm.vocab_only";
+/// In the vocabulary file: the source's tensor names in its order, so that stages joined from
+/// layer blocks ([`crate::join`]) list their tensors as `split` does.
+pub const KEY_SOURCE_TENSORS: &str = "shardswarm.source.tensors";
+/// GGUF's type code of a string (an array's element type).
+const STRING_TYPE: u32 = 8;
 /// The vocabulary file's name in a split's directory.
 pub const VOCAB_FILE: &str = "vocab.gguf";
 
@@ -197,7 +202,7 @@ enum TensorData {
 }
 
 /// A stage file's contents before writing.
-struct StagePlan {
+pub(crate) struct StagePlan {
     kvs: Vec<(String, Value)>,
     tensors: Vec<(TensorInfo, TensorData)>,
 }
@@ -214,7 +219,7 @@ fn same_int_type(like: &Value, v: u64) -> Value {
     }
 }
 
-fn plan_stage(
+pub(crate) fn plan_stage(
     model: &GgufModel,
     index: usize,
     ranges: &[LayerRange],
@@ -338,6 +343,12 @@ fn plan_vocab(model: &GgufModel) -> StagePlan {
         .cloned()
         .collect();
     kvs.push((KEY_VOCAB_ONLY.into(), Value::Bool(true)));
+    let names = model
+        .tensors
+        .iter()
+        .map(|t| Value::string(&t.name))
+        .collect();
+    kvs.push((KEY_SOURCE_TENSORS.into(), Value::Array(STRING_TYPE, names)));
     StagePlan {
         kvs,
         tensors: Vec::new(),
@@ -346,7 +357,7 @@ fn plan_vocab(model: &GgufModel) -> StagePlan {
 
 /// Write `plan` to a temp file in `dir` that becomes `name` when persisted: (temp file,
 /// bytes, sha256). Nothing is left behind on failure.
-fn write_planned(
+pub(crate) fn write_planned(
     model: &GgufModel,
     plan: &StagePlan,
     sources: &mut [File],
@@ -427,13 +438,129 @@ pub fn split_model(
     options: SplitOptions,
     progress: &dyn crate::progress::Progress,
 ) -> Result<Manifest> {
-    let windowed = arch::windowed_layers(model)?;
-    let ranges = plan_stages(
-        &layer_bytes(model)?,
-        head_cost(model),
-        windowed.as_deref(),
+    split_model_with(model, n, target_dir, move || Ok(source), options, progress)
+}
+
+/// [`split_model`], describing the source ([`crate::map::gguf_source`]: its files' sha256s)
+/// on a second thread while the stages are written. Both read the same bytes, and the one
+/// behind finds them in the page cache: the model is read from disk once, where describing it
+/// first read it twice (`bench/split.sh`).
+pub fn split_gguf(
+    model: &GgufModel,
+    n: usize,
+    target_dir: &Path,
+    options: SplitOptions,
+    progress: &dyn crate::progress::Progress,
+) -> Result<Manifest> {
+    split_model_with(
+        model,
         n,
-    )?;
+        target_dir,
+        || crate::map::gguf_source(model),
+        options,
+        progress,
+    )
+}
+
+/// [`split_model`] with the source described by `describe`, on a thread of its own.
+fn split_model_with(
+    model: &GgufModel,
+    n: usize,
+    target_dir: &Path,
+    describe: impl FnOnce() -> Result<SourceModel> + Send,
+    options: SplitOptions,
+    progress: &dyn crate::progress::Progress,
+) -> Result<Manifest> {
+    std::thread::scope(|scope| {
+        let describing = scope.spawn(describe);
+        let written = write_split(model, Cut::Balanced(n), target_dir, options, progress);
+        let source = describing
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        // Persisted only now, with the source described: a failure of either leaves the
+        // directory as it was (the temp files are dropped).
+        finish_split(target_dir, written?, source?)
+    })
+}
+
+/// The stages and the vocabulary file, written to temp files in `target_dir`: (temp file,
+/// final path) each, and their manifest entries.
+struct Written {
+    files: Vec<(tempfile::NamedTempFile, PathBuf)>,
+    entries: Vec<ShardEntry>,
+    vocab: VocabEntry,
+}
+
+/// How a split's stages are cut: into `n` balanced by their work ([`plan_stages`]), or at
+/// given layer ranges.
+#[derive(Debug, Clone, Copy)]
+enum Cut<'a> {
+    Balanced(usize),
+    At(&'a [LayerRange]),
+}
+
+/// The layer ranges `cut` gives for `model`.
+fn ranges_of(model: &GgufModel, cut: Cut) -> Result<Vec<LayerRange>> {
+    match cut {
+        Cut::Balanced(n) => {
+            let windowed = arch::windowed_layers(model)?;
+            plan_stages(
+                &layer_bytes(model)?,
+                head_cost(model),
+                windowed.as_deref(),
+                n,
+            )
+        }
+        Cut::At(ranges) => {
+            let layers = model.block_count()?;
+            let mut next = 0;
+            for r in ranges {
+                if r.first != next || r.last < r.first {
+                    return Err(Error::Split(format!(
+                        "layer range {}-{} does not follow layer {next}'s predecessor (the ranges must cover 0-{} in order)",
+                        r.first,
+                        r.last,
+                        layers.saturating_sub(1)
+                    )));
+                }
+                next = r.last + 1;
+            }
+            if ranges.is_empty() || next != layers {
+                return Err(Error::Split(format!(
+                    "the ranges cover layers 0-{}, the model has {layers}",
+                    next.saturating_sub(1)
+                )));
+            }
+            Ok(ranges.to_vec())
+        }
+    }
+}
+
+/// Cut `model` at the layer ranges `ranges` (contiguous, from layer 0 to the last) into
+/// stage files in `target_dir`, as [`split_model`] does at the ranges it plans: what a
+/// [`crate::join`] of layer blocks must give byte for byte.
+pub fn split_model_at(
+    model: &GgufModel,
+    ranges: &[LayerRange],
+    target_dir: &Path,
+    source: SourceModel,
+    options: SplitOptions,
+    progress: &dyn crate::progress::Progress,
+) -> Result<Manifest> {
+    let written = write_split(model, Cut::At(ranges), target_dir, options, progress)?;
+    finish_split(target_dir, written, source)
+}
+
+/// Cut `model` into stage files and the vocabulary file, as temp files.
+fn write_split(
+    model: &GgufModel,
+    cut: Cut,
+    target_dir: &Path,
+    options: SplitOptions,
+    progress: &dyn crate::progress::Progress,
+) -> Result<Written> {
+    let ranges = ranges_of(model, cut)?;
+    let n = ranges.len();
     let rules = arch::stage_rules(model, &ranges, options.allow_unverified)?;
     if rules.unverified {
         tracing::warn!(
@@ -498,17 +625,27 @@ pub fn split_model(
     };
     written.push((tmp, target_dir.join(VOCAB_FILE)));
     progress.finish();
+    Ok(Written {
+        files: written,
+        entries,
+        vocab,
+    })
+}
+
+/// Rename the written files into place, remove what an older split left, and write the
+/// manifest.
+fn finish_split(target_dir: &Path, written: Written, source: SourceModel) -> Result<Manifest> {
     let old = Manifest::load(target_dir).ok();
-    for (tmp, path) in written {
+    for (tmp, path) in written.files {
         tmp.persist(&path).map_err(|e| Error::io(&path, e.error))?;
     }
-    remove_stale_shards(target_dir, old.as_ref(), &entries);
+    remove_stale_shards(target_dir, old.as_ref(), &written.entries);
     let manifest = Manifest {
         format_version: FORMAT_VERSION,
-        split_id: Manifest::compute_split_id(&entries),
+        split_id: Manifest::compute_split_id(&written.entries),
         source,
-        shards: entries,
-        vocab: Some(vocab),
+        shards: written.entries,
+        vocab: Some(written.vocab),
     };
     manifest.store(target_dir)?;
     Ok(manifest)
