@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use torrents::manifest::LayerRange;
 use torrents::split::SplitOptions;
 
 use crate::watch;
@@ -57,6 +58,26 @@ pub enum Command {
         #[command(flatten)]
         exactness: Exactness,
     },
+    /// Write one stage of a plan from layer blocks (the shards of a finer split) and that
+    /// split's vocab.gguf, without the whole model: byte for byte the file `split` writes for
+    /// that stage of that plan. Prints its size and sha256.
+    Join {
+        /// Directory of the block split (shard-K.gguf, vocab.gguf and shards.json).
+        #[arg(long)]
+        blocks_dir: PathBuf,
+        /// The plan: every stage's layer range, in order, e.g. 0-8,9-20,21-29. Each stage's
+        /// range must be a run of whole blocks.
+        #[arg(long, value_delimiter = ',', value_parser = parse_layer_range, required = true)]
+        ranges: Vec<LayerRange>,
+        /// Which stage of the plan to write (0 is the first).
+        #[arg(long)]
+        stage: usize,
+        /// Where to write the stage file (whole or not at all).
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        exactness: Exactness,
+    },
     /// List the model architectures split and map accept (stages verified to compute exactly
     /// what the whole model computes) and those they refuse, with the reason.
     Architectures,
@@ -99,6 +120,23 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `A-B` (inclusive source layers, A <= B).
+fn parse_layer_range(text: &str) -> Result<LayerRange, String> {
+    let (a, b) = text
+        .split_once('-')
+        .ok_or_else(|| format!("{text:?}: a layer range is FIRST-LAST, e.g. 0-9"))?;
+    let number = |s: &str| {
+        s.trim()
+            .parse::<u64>()
+            .map_err(|_| format!("{text:?}: {s:?} is not a layer number"))
+    };
+    let (first, last) = (number(a)?, number(b)?);
+    if last < first {
+        return Err(format!("{text:?}: the last layer comes before the first"));
+    }
+    Ok(LayerRange { first, last })
 }
 
 /// Whether to cut architectures that are not verified to split exactly.

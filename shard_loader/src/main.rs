@@ -76,6 +76,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }) => torrent::edit(file, announce, web_seed, comment, output)?,
         Command::Torrent(TorrentCommand::Show { file, json }) => torrent::show(&file, json)?,
         Command::Inspect { file, json } => inspect::inspect(&file, json)?,
+        Command::Join {
+            blocks_dir,
+            ranges,
+            stage,
+            out,
+            exactness,
+        } => split::join(&blocks_dir, &ranges, stage, &out, &exactness)?,
         Command::Architectures => print!("{}", torrents::arch::markdown_table()),
     }
     Ok(ExitCode::SUCCESS)

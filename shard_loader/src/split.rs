@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 use torrents::gguf::GgufModel;
-use torrents::manifest::Manifest;
+use torrents::manifest::{LayerRange, Manifest};
 use torrents::map::{find_split_set, map_gguf_split, map_safetensors, SplitSet};
 use torrents::split::split_gguf;
 
@@ -29,6 +29,53 @@ pub fn split(model: &Path, shards: usize, target_dir: &Path, exactness: &Exactne
         &report::Reporter::new(),
     )?;
     print_manifest_summary(&manifest, target_dir);
+    Ok(())
+}
+
+/// `join`: stage `stage` of the plan `ranges`, from the blocks in `blocks_dir` that make up
+/// its range (found by their layers in its shards.json) and its vocab.gguf, written to `out`.
+pub fn join(
+    blocks_dir: &Path,
+    ranges: &[LayerRange],
+    stage: usize,
+    out: &Path,
+    exactness: &Exactness,
+) -> Result<()> {
+    let Some(range) = ranges.get(stage) else {
+        bail!("--stage {stage}: the plan has {} stages", ranges.len());
+    };
+    let manifest = Manifest::load(blocks_dir)?;
+    let Some(vocab) = &manifest.vocab else {
+        bail!(
+            "{}: the split has no vocabulary file (made by an older split): split the model again",
+            blocks_dir.display()
+        );
+    };
+    let blocks: Vec<PathBuf> = manifest
+        .shards
+        .iter()
+        .filter(|s| {
+            s.layers
+                .is_some_and(|l| l.first >= range.first && l.last <= range.last)
+        })
+        .map(|s| blocks_dir.join(&s.file))
+        .collect();
+    let (size, sha256) = torrents::join::join_stage(
+        &blocks_dir.join(&vocab.file),
+        &blocks,
+        ranges,
+        stage,
+        exactness.options(),
+        out,
+    )?;
+    println!(
+        "{}: stage {stage} of {}, layers {}-{}, from {} blocks: {size} bytes, sha256 {sha256}",
+        out.display(),
+        ranges.len(),
+        range.first,
+        range.last,
+        blocks.len()
+    );
     Ok(())
 }
 

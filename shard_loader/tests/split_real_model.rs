@@ -244,3 +244,65 @@ fn split_writes_a_vocabulary_file_with_the_sources_keys_and_no_weights() {
         common::stdout(&out)
     );
 }
+
+/// `join` writes a stage of a coarser plan from the blocks of a finer split, byte for byte
+/// the stage `split` writes for that plan; a range that is not a run of whole blocks is
+/// refused with the layer that was due, and nothing is written.
+#[test]
+fn join_writes_a_coarser_plans_stage_from_the_blocks() {
+    let blocks = tempfile::tempdir().unwrap();
+    let manifest = split(10, blocks.path());
+    let starts: Vec<u64> = manifest
+        .shards
+        .iter()
+        .map(|s| s.layers.unwrap().first)
+        .collect();
+    // A plan of three stages cut at block boundaries.
+    let (a, b) = (starts[3], starts[7]);
+    let plan = format!("0-{},{a}-{},{b}-29", a - 1, b - 1);
+    let out = blocks.path().join("stage-1.gguf");
+    let run = |ranges: &str, out: &Path| {
+        common::shard_loader([
+            "join",
+            "--blocks-dir",
+            blocks.path().to_str().unwrap(),
+            "--ranges",
+            ranges,
+            "--stage",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+    };
+    let done = run(&plan, &out);
+    assert!(done.status.success(), "{}", common::stderr(&done));
+    let model = GgufModel::open(&common::model()).unwrap();
+    let reference = tempfile::tempdir().unwrap();
+    let ranges = [(0, a - 1), (a, b - 1), (b, 29)]
+        .map(|(first, last)| torrents::manifest::LayerRange { first, last });
+    torrents::split::split_model_at(
+        &model,
+        &ranges,
+        reference.path(),
+        torrents::map::gguf_source(&model).unwrap(),
+        Default::default(),
+        &torrents::progress::Quiet,
+    )
+    .unwrap();
+    assert!(
+        std::fs::read(&out).unwrap()
+            == std::fs::read(reference.path().join("shard-1.gguf")).unwrap(),
+        "joined stage 1 of {plan} differs from split's"
+    );
+    assert!(common::stdout(&done).contains(&torrents::hashing::sha256_file(&out).unwrap()));
+    // Layer a+1 starts no block: stage 1 cannot be made of whole blocks.
+    let bad = format!("0-{a},{}-{},{b}-29", a + 1, b - 1);
+    let refused = run(&bad, &blocks.path().join("bad.gguf"));
+    assert!(!refused.status.success());
+    assert!(
+        common::stderr(&refused).contains("was due"),
+        "{}",
+        common::stderr(&refused)
+    );
+    assert!(!blocks.path().join("bad.gguf").exists());
+}
