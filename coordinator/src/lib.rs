@@ -131,7 +131,8 @@ pub struct Config {
     pub queue: usize,
     /// Micro-batches in the pipeline at once: the running requests are split into this many
     /// groups, so that stages on different machines work at the same time (0: one per machine
-    /// the route's stages run on; stages sharing a machine share its cores).
+    /// the route's stages run on, since stages sharing a machine share its cores; more where
+    /// the route's hops are slow against its compute, as across a WAN).
     #[arg(
         long,
         default_value_t = 0,

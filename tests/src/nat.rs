@@ -158,6 +158,16 @@ pub fn nat_swarm(udp_between_homes: bool, delayed: bool) -> NatSwarm {
 }
 
 impl NatSwarm {
+    /// One short request: the lanes carry traffic (and their paths are measured) while a
+    /// test looks at them.
+    pub fn exercise(&self, client: &reqwest::blocking::Client) {
+        let asked = client
+            .post(format!("http://{}/v1/completions", self.http))
+            .json(&serde_json::json!({"prompt": PROMPTS[0], "max_tokens": 4}))
+            .send();
+        assert!(asked.is_ok_and(|r| r.status().is_success()));
+    }
+
     pub fn status(&self) -> Value {
         get_json(&format!("http://{}/status", self.http))
     }
@@ -192,12 +202,7 @@ impl NatSwarm {
         );
         let mut last = Value::Null;
         let seen = (0..60).find_map(|_| {
-            // Keep the lanes busy so that the paths are exercised while we look.
-            let asked = client
-                .post(format!("{base}/v1/completions"))
-                .json(&serde_json::json!({"prompt": PROMPTS[0], "max_tokens": 4}))
-                .send();
-            assert!(asked.is_ok_and(|r| r.status().is_success()));
+            self.exercise(&client);
             last = self.status();
             let edges = self.edges(&last);
             let want = self.expected(&last, udp_between_homes);

@@ -105,11 +105,7 @@ fn homes_behind_a_wan_delay_serve_exact_text_and_their_edges_measure_the_delay()
     let base = format!("http://{}", swarm.http);
     let mut last = Vec::new();
     let measured = (0..60).any(|_| {
-        let asked = client
-            .post(format!("{base}/v1/completions"))
-            .json(&serde_json::json!({"prompt": PROMPTS[0], "max_tokens": 4}))
-            .send();
-        assert!(asked.is_ok_and(|r| r.status().is_success()));
+        swarm.exercise(&client);
         let status = swarm.status();
         let crossings = swarm.delayed_links_crossed(&status);
         last = tests::route_edges(&status)
