@@ -19,16 +19,22 @@ fn files_manifest_torrents_metadata_and_pieces_agree() {
     let files = server.get_json("/files");
     let manifest = server.get_json("/manifest");
     let work = tempfile::tempdir().unwrap();
-    for (k, f) in files["files"].as_array().unwrap().iter().enumerate() {
+    let listed = files["files"].as_array().unwrap();
+    // The four shards, then the vocabulary file (no shard: it runs no layers).
+    assert_eq!(listed.len(), 5);
+    for (k, f) in listed.iter().enumerate() {
         let name = f["name"].as_str().unwrap();
         let hash = f["info_hash"].as_str().unwrap();
-        assert_eq!(f["shard"], k);
-        assert_eq!(manifest["shards"][k]["file"], name);
-        assert_eq!(
-            manifest["shards"][k]["info_hash"], hash,
-            "manifest and /files disagree"
-        );
-        assert_eq!(manifest["shards"][k]["sha256"], f["sha256"]);
+        let entry = if k < 4 {
+            assert_eq!(f["shard"], k);
+            &manifest["shards"][k]
+        } else {
+            assert_eq!(f["shard"], serde_json::Value::Null);
+            &manifest["vocab"]
+        };
+        assert_eq!(entry["file"], name);
+        assert_eq!(entry["info_hash"], hash, "manifest and /files disagree");
+        assert_eq!(entry["sha256"], f["sha256"]);
         let torrent_url = f["torrent_url"].as_str().unwrap();
         assert_eq!(
             torrent_url,
@@ -93,7 +99,7 @@ fn files_manifest_torrents_metadata_and_pieces_agree() {
         assert_eq!(v["error"]["code"], code, "{path}");
         assert!(v["error"]["message"].is_string());
     }
-    assert_eq!(server.get_json("/healthz")["files"], 4);
+    assert_eq!(server.get_json("/healthz")["files"], 5);
 }
 
 #[test]
@@ -167,7 +173,8 @@ fn web_seed_ranges_and_no_path_traversal() {
             "shard-0.gguf",
             "shard-1.gguf",
             "shard-2.gguf",
-            "shard-3.gguf"
+            "shard-3.gguf",
+            "vocab.gguf"
         ]
     );
     assert!(
@@ -260,7 +267,8 @@ fn tracker_announce_and_scrape_by_hand() {
         .value
         .clone()
     {
-        torrents::bencode::Bencode::Dict(items) => assert_eq!(items.len(), 4),
+        // The four shards' torrents and the vocabulary file's.
+        torrents::bencode::Bencode::Dict(items) => assert_eq!(items.len(), 5),
         _ => panic!(),
     }
 

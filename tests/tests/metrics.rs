@@ -160,7 +160,11 @@ fn coordinator_and_node_metrics_count_the_served_requests() {
     let size: u64 = std::fs::read_dir(bed.seed.path())
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| torrents::split::parse_shard_file_name(n.to_str()?))
+                .is_some()
+        })
         .map(|p| p.metadata().unwrap().len())
         .sum();
     assert!(fetched >= size as f64, "fetched {fetched} of {size} bytes");
@@ -169,7 +173,8 @@ fn coordinator_and_node_metrics_count_the_served_requests() {
         "http://{}/metrics",
         bed.seeder.field("http")
     )));
-    assert_eq!(value(&seeded, "shardswarm_seeder_files", &[]), 4.0);
+    // The four shards and the vocabulary file.
+    assert_eq!(value(&seeded, "shardswarm_seeder_files", &[]), 5.0);
     let uploaded = value(&seeded, "shardswarm_seeder_uploaded_bytes_total", &[]);
     assert!(
         uploaded >= size as f64,
