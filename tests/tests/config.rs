@@ -105,5 +105,6 @@ fn a_seeder_runs_from_its_config_file_alone() {
         &["--config".to_owned(), file],
     );
     let files = get_json(&format!("http://{}/files", seeder.field("http")));
-    assert_eq!(files["files"].as_array().map(Vec::len), Some(2), "{files}");
+    // The two shards and the vocabulary file.
+    assert_eq!(files["files"].as_array().map(Vec::len), Some(3), "{files}");
 }

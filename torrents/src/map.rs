@@ -12,7 +12,10 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 use crate::gguf::{GgufModel, Value};
 use crate::hashing::sha256_file;
-use crate::manifest::{Manifest, ShardEntry, SourceFile, SourceModel, FORMAT_VERSION};
+use crate::manifest::{Manifest, ShardEntry, SourceModel, FORMAT_VERSION};
+// Where a split's source is described (`split` describes it while it writes the stages);
+// re-exported here, where callers that map sets have always found them.
+pub use crate::split::{describe_sources, gguf_source};
 use crate::split::{remove_stale_shards, shard_file_name, SplitOptions};
 
 /// What a source directory holds.
@@ -139,39 +142,6 @@ pub fn open_gguf_split(parts: &[PathBuf]) -> Result<GgufModel> {
     }
     model.kvs.retain(|(k, _)| !k.starts_with("split."));
     Ok(model)
-}
-
-/// Describe input files for the manifest (hashing each).
-pub fn describe_sources(files: &[PathBuf]) -> Result<Vec<SourceFile>> {
-    files
-        .iter()
-        .map(|p| {
-            Ok(SourceFile {
-                name: p
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default(),
-                size: std::fs::metadata(p).map_err(|e| Error::io(p, e))?.len(),
-                sha256: sha256_file(p)?,
-            })
-        })
-        .collect()
-}
-
-/// The manifest's description of a GGUF source.
-pub fn gguf_source(model: &GgufModel) -> Result<SourceModel> {
-    let files = describe_sources(&model.files)?;
-    Ok(SourceModel {
-        name: model
-            .get("general.name")
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-            .unwrap_or_else(|| files[0].name.clone()),
-        architecture: Some(model.architecture()?),
-        sha256: (files.len() == 1).then(|| files[0].sha256.clone()),
-        layer_count: Some(model.block_count()?),
-        files,
-    })
 }
 
 /// Map gguf-split parts to `n` stage shards (default: as many as there are parts).

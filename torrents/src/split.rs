@@ -21,8 +21,10 @@ use std::path::{Path, PathBuf};
 use crate::arch::{self, StageRules};
 use crate::error::{Error, Result};
 use crate::gguf::{align_up, copy_range, GgufModel, TensorInfo, Value};
-use crate::hashing::HashingWriter;
-use crate::manifest::{LayerRange, Manifest, ShardEntry, SourceModel, VocabEntry, FORMAT_VERSION};
+use crate::hashing::{sha256_file, HashingWriter};
+use crate::manifest::{
+    LayerRange, Manifest, ShardEntry, SourceFile, SourceModel, VocabEntry, FORMAT_VERSION,
+};
 
 /// Metadata keys we add to each stage file, so a stage can be checked without its manifest.
 pub const KEY_STAGE_INDEX: &str = "shardswarm.stage.index";
@@ -456,7 +458,7 @@ pub fn split_gguf(
         model,
         n,
         target_dir,
-        || crate::map::gguf_source(model),
+        || gguf_source(model),
         options,
         progress,
     )
@@ -677,6 +679,39 @@ pub fn parse_shard_file_name(name: &str) -> Option<(u32, &str)> {
 
 fn is_shard_file_name(name: &str) -> bool {
     parse_shard_file_name(name).is_some()
+}
+
+/// Describe input files for the manifest (hashing each).
+pub fn describe_sources(files: &[PathBuf]) -> Result<Vec<SourceFile>> {
+    files
+        .iter()
+        .map(|p| {
+            Ok(SourceFile {
+                name: p
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                size: std::fs::metadata(p).map_err(|e| Error::io(p, e))?.len(),
+                sha256: sha256_file(p)?,
+            })
+        })
+        .collect()
+}
+
+/// The manifest's description of a GGUF source.
+pub fn gguf_source(model: &GgufModel) -> Result<SourceModel> {
+    let files = describe_sources(&model.files)?;
+    Ok(SourceModel {
+        name: model
+            .get("general.name")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .unwrap_or_else(|| files[0].name.clone()),
+        architecture: Some(model.architecture()?),
+        sha256: (files.len() == 1).then(|| files[0].sha256.clone()),
+        layer_count: Some(model.block_count()?),
+        files,
+    })
 }
 
 #[cfg(test)]
